@@ -1,0 +1,196 @@
+//! The board store: the one place that decides what a box's value is.
+//!
+//! # Layout
+//! - [`Store`]: the operations the worker needs, dispatched to a backend.
+//! - [`memory`]: the Memory backend, the embedded default: the board in process,
+//!   persisted to a data directory at least every second and on close.
+//! - (later) `redis`: the same semantics as Lua scripts in `lua/*.lua`.
+//!
+//! # Semantics every backend shares
+//! - **Set, not flip**: `set(i, v)` on a box that already has `v` is accepted
+//!   and changes nothing (seq 0). Retries are harmless.
+//! - The index is validated against the board's size here, whatever the caller did.
+//! - A frozen box refuses every set (`Refusal::Frozen`).
+//! - With `max_checked`, checking a box on a board that already has that many
+//!   checked refuses (`Refusal::BoardFull`).
+//! - Freezing (the seed's sunset rule, off when `freeze_after_ms` is 0): a box
+//!   checked for at least `freeze_after_ms` cannot be unchecked. Trying to
+//!   freezes it (a change with its own seq) and refuses with `Refusal::Frozen`;
+//!   [`Store::sweep`] freezes such boxes nobody touched.
+//! - Every accepted change gets the next seq (1, 2, ...), and appears in the
+//!   change feed in seq order, with no holes.
+//! - A board has a random non-zero epoch, chosen when it is created, and a new
+//!   one whenever acknowledged changes may have been lost.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use omcb_proto::{Board, Change, Op};
+
+pub mod memory;
+
+/// A board's fixed settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoardConfig {
+    /// Number of boxes.
+    pub size: u32,
+    /// Refuse checking once this many boxes are checked; `None` = no limit.
+    pub max_checked: Option<u32>,
+    /// A box checked at least this long freezes; 0 = freezing off.
+    pub freeze_after_ms: u64,
+}
+
+impl Default for BoardConfig {
+    fn default() -> Self {
+        Self {
+            size: 1_000_000,
+            max_checked: None,
+            freeze_after_ms: 0,
+        }
+    }
+}
+
+/// Why a set was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// `index >= size`.
+    OutOfRange,
+    /// The box is frozen (or froze now, on this attempt to uncheck it).
+    Frozen,
+    /// `max_checked` boxes are already checked.
+    BoardFull,
+}
+
+/// The answer to a set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetOutcome {
+    /// The box changed; the change has this seq.
+    Changed {
+        /// Seq of the change.
+        seq: u64,
+        /// The box's value now.
+        checked: bool,
+    },
+    /// The box already had the value: accepted, nothing changed, no seq.
+    Unchanged {
+        /// The box's value.
+        checked: bool,
+    },
+    /// Refused; `checked` is the box's current value (false when out of range).
+    Refused {
+        /// Why.
+        reason: Refusal,
+        /// The box's value now.
+        checked: bool,
+    },
+}
+
+/// What the change feed yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeedEvent {
+    /// The next changes, in seq order, continuing exactly where the feed was.
+    Changes(Vec<Change>),
+    /// Continuity is lost (the feed was trimmed past our position, or the board
+    /// has a new epoch): here is the whole board; continue after its seq.
+    Reset(Box<Board>),
+}
+
+/// A store operation that could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached now; the caller answers `REASON_UNAVAILABLE`.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Persisted data exists but does not fit this configuration or is damaged.
+    #[error("store data: {0}")]
+    Data(String),
+    /// Reading or writing the data directory failed.
+    #[error("store I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Milliseconds since the Unix epoch, the store's clock for check times.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A random non-zero epoch.
+pub fn new_epoch() -> u64 {
+    loop {
+        let e: u64 = rand::random();
+        if e != 0 {
+            return e;
+        }
+    }
+}
+
+/// The board store, whichever backend holds the board.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// In process (the embedded default).
+    Memory(memory::MemoryStore),
+}
+
+impl Store {
+    /// The board's settings.
+    pub fn config(&self) -> BoardConfig {
+        match self {
+            Store::Memory(m) => m.config(),
+        }
+    }
+
+    /// Sets box `index` to `checked` (see the crate docs for the rules).
+    pub async fn set(&self, index: u32, checked: bool) -> Result<SetOutcome, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.set(index, checked)),
+        }
+    }
+
+    /// The whole board, atomically, with its seq and epoch.
+    pub async fn snapshot(&self) -> Result<Board, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.snapshot()),
+        }
+    }
+
+    /// The ordered change feed, starting after `seq` of board `epoch`.
+    pub fn feed(&self, epoch: u64, seq: u64) -> ChangeFeed {
+        match self {
+            Store::Memory(m) => ChangeFeed::Memory(m.feed(epoch, seq)),
+        }
+    }
+
+    /// Freezes up to `limit` boxes whose check is older than `freeze_after_ms`;
+    /// returns how many froze. A no-op when freezing is off.
+    pub async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.sweep(limit)),
+        }
+    }
+
+    /// Persists what is not yet persisted and stops background work; call once
+    /// on shutdown.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => m.close().await,
+        }
+    }
+}
+
+/// A reader of the store's change feed.
+#[derive(Debug)]
+pub enum ChangeFeed {
+    /// From the Memory backend.
+    Memory(memory::MemoryFeed),
+}
+
+impl ChangeFeed {
+    /// Waits for the next changes (or a reset). Cancel-safe: dropping the future
+    /// loses nothing.
+    pub async fn next(&mut self) -> Result<FeedEvent, StoreError> {
+        match self {
+            ChangeFeed::Memory(f) => Ok(f.next().await),
+        }
+    }
+}
