@@ -1,0 +1,146 @@
+//! The worker's configuration: one struct, built by clap from flags and `OMCB_*` variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything `omcb serve` can be told. Each flag has an `OMCB_*` environment
+/// variable (the systemd unit's environment file uses them).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address for HTTP and WebSocket clients (port 0 picks a free port).
+    #[arg(long, env = "OMCB_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Address for Prometheus `/metrics`; off when not given. Keep it private.
+    #[arg(long, env = "OMCB_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Where the embedded store keeps the board; without it the board lives
+    /// only in memory and is lost on exit.
+    #[arg(long, env = "OMCB_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Number of boxes on the board (fixed once the board exists).
+    #[arg(long, env = "OMCB_BOARD_SIZE", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+    pub board_size: u32,
+
+    /// A box checked for this long can no longer be unchecked and freezes
+    /// (e.g. `90s`, `10m`, `1h`); off when not given.
+    #[arg(long, env = "OMCB_FREEZE_AFTER", value_parser = parse_duration)]
+    pub freeze_after: Option<Duration>,
+
+    /// Refuse checking when this many boxes are checked.
+    #[arg(long, env = "OMCB_MAX_CHECKED")]
+    pub max_checked: Option<u32>,
+
+    /// Fan-out tick: changes are coalesced into one Batch per tick.
+    #[arg(long, env = "OMCB_BATCH_MS", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub batch_ms: u64,
+
+    /// Sustained toggles per second allowed per connection.
+    #[arg(long, env = "OMCB_TOGGLE_RATE", default_value_t = 20.0)]
+    pub toggle_rate: f64,
+
+    /// Toggles a connection may send at once before the rate applies.
+    #[arg(long, env = "OMCB_TOGGLE_BURST", default_value_t = 40.0)]
+    pub toggle_burst: f64,
+
+    /// Rate-limited toggles a connection may send (beyond its burst) before it
+    /// is closed with 1008 as abusive; refills at the toggle rate.
+    #[arg(long, env = "OMCB_ABUSE_BURST", default_value_t = 200.0)]
+    pub abuse_burst: f64,
+
+    /// WebSocket connections this worker holds at most; more get close 1013.
+    #[arg(long, env = "OMCB_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Largest client frame (or fragmented message) accepted; larger closes with 1009.
+    #[arg(long, env = "OMCB_MAX_FRAME", default_value_t = 1024)]
+    pub max_frame: usize,
+
+    /// Batches a socket may fall behind before it gets a Snapshot instead.
+    #[arg(long, env = "OMCB_SEND_QUEUE", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub send_queue: u64,
+
+    /// A socket whose single write takes longer than this cannot keep up and is closed.
+    #[arg(long, env = "OMCB_SEND_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub send_timeout: Duration,
+
+    /// Server pings this often; a client silent for three intervals is closed.
+    /// Well inside nginx's default 60 s proxy_read_timeout.
+    #[arg(long, env = "OMCB_PING_INTERVAL", default_value = "20s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+
+    /// Recent batches kept so a reconnecting client resumes with `?since=`
+    /// instead of a snapshot (1200 x 50 ms = one minute of changes).
+    #[arg(long, env = "OMCB_RESUME_BATCHES", default_value_t = 1200)]
+    pub resume_batches: usize,
+
+    /// Serve the web client from this directory instead of the copy built into the binary.
+    #[arg(long, env = "OMCB_WEB_DIR")]
+    pub web_dir: Option<PathBuf>,
+
+    /// How long shutdown waits for sockets to take their close frame.
+    #[arg(long, env = "OMCB_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Parses `250ms`, `20s`, `10m`, `2h`, or bare seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 500ms, 20s, 10m, 1h"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m, h, d)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("`{s}` is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl Config {
+    /// The board settings this config asks the store for.
+    pub fn board(&self) -> omcb_store::BoardConfig {
+        omcb_store::BoardConfig {
+            size: self.board_size,
+            max_checked: self.max_checked,
+            freeze_after_ms: self.freeze_after.map_or(0, |d| d.as_millis() as u64),
+        }
+    }
+
+    /// The fan-out tick.
+    pub fn batch_interval(&self) -> Duration {
+        Duration::from_millis(self.batch_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("20s").unwrap(), Duration::from_secs(20));
+        assert_eq!(parse_duration("20").unwrap(), Duration::from_secs(20));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+}

@@ -1,0 +1,175 @@
+//! HTTP routes of PROTOCOL.md. Every route answers from memory: page loads and
+//! `/api/state` never touch the store.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+
+use crate::App;
+use crate::conn::{self, SocketSlot};
+
+/// The body type of every response.
+pub type Body = Full<Bytes>;
+
+/// Routes one request.
+pub async fn handle(
+    app: Arc<App>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path();
+    let method = req.method();
+    if path == "/ws" {
+        return Ok(websocket(app, &mut req));
+    }
+    if method != Method::GET && method != Method::HEAD {
+        return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n"));
+    }
+    let head = method == Method::HEAD;
+    let mut resp = match path {
+        "/api/state" => state(&app, &req),
+        "/api/stats" => stats(&app),
+        "/healthz" => plain(StatusCode::OK, "ok\n"),
+        "/readyz" if app.hub.is_ready() => plain(StatusCode::OK, "ready\n"),
+        "/readyz" => plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: store unreachable or catching up\n",
+        ),
+        _ => static_file(&app, &req).await,
+    };
+    if head {
+        *resp.body_mut() = Full::default();
+    }
+    Ok(resp)
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn if_none_match(req: &Request<Incoming>, etag: &str) -> bool {
+    req.headers()
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            let t = t.trim();
+            t == "*" || t == etag || t.strip_prefix("W/") == Some(etag)
+        })
+}
+
+/// `GET /api/state`: the bare Snapshot, encoded once per seq, with `ETag: "<epoch>-<seq>"`.
+fn state(app: &App, req: &Request<Incoming>) -> Response<Body> {
+    let (epoch, seq) = app.hub.position();
+    let current = format!("\"{epoch}-{seq}\"");
+    let mut resp = if if_none_match(req, &current) {
+        app.metrics.api_state_not_modified.increment(1);
+        let mut r = Response::new(Full::default());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r.headers_mut().insert(header::ETAG, header_value(&current));
+        r
+    } else {
+        let snapshot = app.hub.snapshot();
+        app.metrics.api_state_full.increment(1);
+        let mut r = Response::new(Full::new(snapshot.bare.clone()));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-protobuf"),
+        );
+        // The snapshot may be newer than the position read above: the ETag
+        // describes the body actually sent.
+        let etag = format!("\"{}-{}\"", snapshot.epoch, snapshot.seq);
+        r.headers_mut().insert(header::ETAG, header_value(&etag));
+        r
+    };
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("\"invalid\""))
+}
+
+/// `GET /api/stats`: the board's numbers as JSON.
+fn stats(app: &App) -> Response<Body> {
+    let body = app.hub.with_board(|b| {
+        serde_json::json!({
+            "epoch": b.epoch,
+            "seq": b.seq,
+            "size": b.size,
+            "checked_count": b.checked_count,
+            "frozen_count": b.frozen_count,
+            "freeze_after_ms": b.freeze_after_ms,
+        })
+    });
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+async fn static_file(app: &App, req: &Request<Incoming>) -> Response<Body> {
+    let Some(asset) = app.assets.get(req.uri().path()).await else {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let mut r = if if_none_match(req, &asset.etag) {
+        let mut r = Response::new(Full::default());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        let mut r = Response::new(Full::new(asset.body));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(asset.content_type),
+        );
+        r
+    };
+    r.headers_mut()
+        .insert(header::ETAG, header_value(&asset.etag));
+    // Revalidate every time: the files are small and an ETag hit costs a 304.
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// `GET /ws`: upgrades and hands the socket to [`conn::serve`].
+fn websocket(app: Arc<App>, req: &mut Request<Incoming>) -> Response<Body> {
+    if !fastwebsockets::upgrade::is_upgrade_request(req) {
+        return plain(StatusCode::UPGRADE_REQUIRED, "WebSocket upgrade required\n");
+    }
+    let resume = conn::parse_resume(req.uri().query());
+    let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut *req) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!(error = %e, "bad upgrade request");
+            return plain(StatusCode::BAD_REQUEST, "bad WebSocket upgrade request\n");
+        }
+    };
+    let slot = SocketSlot::take(app.clone());
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(ws) => conn::serve(app, slot, ws, resume).await,
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    let (parts, _) = resp.into_parts();
+    Response::from_parts(parts, Full::default())
+}

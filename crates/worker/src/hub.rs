@@ -1,0 +1,355 @@
+//! The fan-out hub: the worker's replica of the board, the one reader of the
+//! store's change feed, and the tick that turns changes into one encoded Batch
+//! that every socket sends as it is.
+//!
+//! **Invariant:** the replica, the ring of recent batches and the broadcast
+//! channel change together under one write lock, so a socket that subscribes
+//! under the read lock sees every batch exactly once: either inside the
+//! snapshot or ring it starts from, or through its receiver.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use omcb_proto::v1::server_message::Msg;
+use omcb_proto::{BatchBuilder, Board, Change};
+use omcb_store::{ChangeFeed, FeedEvent, Store};
+use prost::Message;
+use tokio::sync::broadcast;
+
+use crate::metrics::Metrics;
+
+/// What the hub hands to every socket.
+#[derive(Debug, Clone)]
+pub enum Published {
+    /// One coalesced batch, encoded once as a `ServerMessage`.
+    Batch(EncodedBatch),
+    /// The replica was replaced (new epoch, or the feed lost continuity):
+    /// every socket must send a fresh Snapshot before any later batch.
+    Reset,
+}
+
+/// A batch encoded as a `ServerMessage` frame, shared by every socket.
+#[derive(Debug, Clone)]
+pub struct EncodedBatch {
+    /// First seq the batch covers.
+    pub from_seq: u64,
+    /// Last seq the batch covers.
+    pub to_seq: u64,
+    /// The encoded `ServerMessage{batch}`.
+    pub frame: Bytes,
+}
+
+/// A snapshot encoded once per seq, for sockets and for `GET /api/state`.
+#[derive(Debug)]
+pub struct EncodedSnapshot {
+    /// Board epoch.
+    pub epoch: u64,
+    /// Seq the snapshot is at.
+    pub seq: u64,
+    /// `ServerMessage{snapshot}`, for sockets.
+    pub frame: Bytes,
+    /// The bare `Snapshot`, for `/api/state`.
+    pub bare: Bytes,
+}
+
+/// Where a new socket starts.
+#[derive(Debug)]
+pub enum Start {
+    /// Send this snapshot first.
+    Snapshot(Arc<EncodedSnapshot>),
+    /// Resume: send these batches (all after the client's seq), then go on.
+    Resume {
+        /// Batches after the client's `since`, oldest first.
+        batches: Vec<EncodedBatch>,
+        /// Seq the client will be at after them.
+        seq: u64,
+    },
+}
+
+/// A socket's subscription to the hub.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Everything published after the start point.
+    pub rx: broadcast::Receiver<Published>,
+    /// What to send first.
+    pub start: Start,
+}
+
+/// The replica and what must change with it atomically.
+#[derive(Debug)]
+struct State {
+    /// The board as of the last published batch.
+    board: Board,
+    /// Recent batches, oldest first, contiguous, for `?since=` resumes.
+    ring: VecDeque<EncodedBatch>,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct Hub {
+    /// Replica + ring; write-locked only to publish or reset.
+    state: RwLock<State>,
+    /// The fan-out channel; its capacity is the per-socket queue bound.
+    tx: broadcast::Sender<Published>,
+    /// The last encoded snapshot; re-encoded only when the seq moved.
+    snapshot: Mutex<Option<Arc<EncodedSnapshot>>>,
+    /// Whether the replica is caught up with a reachable store (`/readyz`).
+    ready: AtomicBool,
+    /// Batches kept for resumes.
+    resume_batches: usize,
+    metrics: Metrics,
+}
+
+impl Hub {
+    /// A hub starting from `board` (the store's snapshot), with a per-socket
+    /// queue of `send_queue` batches.
+    pub fn new(board: Board, send_queue: usize, resume_batches: usize, metrics: Metrics) -> Self {
+        let (tx, _) = broadcast::channel(send_queue.max(1));
+        metrics.seq.set(board.seq as f64);
+        Self {
+            state: RwLock::new(State {
+                board,
+                ring: VecDeque::new(),
+            }),
+            tx,
+            snapshot: Mutex::new(None),
+            ready: AtomicBool::new(true),
+            resume_batches,
+            metrics,
+        }
+    }
+
+    /// Whether the replica is caught up with its store.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// `(epoch, seq)` of the replica.
+    pub fn position(&self) -> (u64, u64) {
+        let s = self.read();
+        (s.board.epoch, s.board.seq)
+    }
+
+    /// Board size.
+    pub fn size(&self) -> u32 {
+        self.read().board.size
+    }
+
+    /// The replica's value of box `index` (false outside the board).
+    pub fn is_checked(&self, index: u32) -> bool {
+        self.read().board.is_checked(index)
+    }
+
+    /// Runs `f` on the replica under the read lock.
+    pub fn with_board<T>(&self, f: impl FnOnce(&Board) -> T) -> T {
+        f(&self.read().board)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // A panic while holding the lock cannot leave the replica half-written:
+        // publish applies changes that were validated by the store. Recover.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current snapshot, encoded at most once per seq.
+    pub fn snapshot(&self) -> Arc<EncodedSnapshot> {
+        let state = self.read();
+        self.snapshot_of(&state)
+    }
+
+    fn snapshot_of(&self, state: &State) -> Arc<EncodedSnapshot> {
+        let mut cache = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = cache.as_ref()
+            && s.epoch == state.board.epoch
+            && s.seq == state.board.seq
+        {
+            return s.clone();
+        }
+        let snapshot = state.board.to_snapshot(omcb_store::now_ms());
+        let bare = Bytes::from(snapshot.encode_to_vec());
+        let frame = Bytes::from(omcb_proto::encode_server(Msg::Snapshot(snapshot)));
+        self.metrics.snapshot_encodes.increment(1);
+        let encoded = Arc::new(EncodedSnapshot {
+            epoch: state.board.epoch,
+            seq: state.board.seq,
+            frame,
+            bare,
+        });
+        *cache = Some(encoded.clone());
+        encoded
+    }
+
+    /// Subscribes a new socket. With `resume = Some((epoch, since))` and every
+    /// batch after `since` still in the ring, it starts from those batches;
+    /// otherwise from a snapshot.
+    pub fn subscribe(&self, resume: Option<(u64, u64)>) -> Subscription {
+        let state = self.read();
+        let rx = self.tx.subscribe();
+        if let Some((epoch, since)) = resume
+            && let Some(batches) = Self::resume_from(&state, epoch, since)
+        {
+            return Subscription {
+                rx,
+                start: Start::Resume {
+                    batches,
+                    seq: state.board.seq,
+                },
+            };
+        }
+        Subscription {
+            rx,
+            start: Start::Snapshot(self.snapshot_of(&state)),
+        }
+    }
+
+    fn resume_from(state: &State, epoch: u64, since: u64) -> Option<Vec<EncodedBatch>> {
+        let board = &state.board;
+        if epoch != board.epoch || since > board.seq {
+            return None;
+        }
+        if since == board.seq {
+            return Some(Vec::new());
+        }
+        // The ring must reach back to the change right after `since`.
+        let first = state.ring.front()?;
+        if first.from_seq > since + 1 {
+            return None;
+        }
+        Some(
+            state
+                .ring
+                .iter()
+                .filter(|b| b.to_seq > since)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// Reads the store's feed and publishes one batch per tick until the feed
+    /// ends or `stop` fires.
+    pub async fn run(
+        self: Arc<Self>,
+        store: Store,
+        mut feed: ChangeFeed,
+        tick: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut pending = Pending::default();
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = crate::until_set(&mut stop) => break,
+                event = feed.next() => match event {
+                    Ok(FeedEvent::Changes(changes)) => {
+                        self.ready.store(true, Ordering::Relaxed);
+                        if let Err(e) = pending.push(&changes) {
+                            tracing::error!(error = %e, "store feed out of order; reloading the board");
+                            pending = Pending::default();
+                            match store.snapshot().await {
+                                Ok(board) => self.reset(board),
+                                Err(e) => tracing::warn!(error = %e, "reload failed"),
+                            }
+                        }
+                    }
+                    Ok(FeedEvent::Reset(board)) => {
+                        self.ready.store(true, Ordering::Relaxed);
+                        pending = Pending::default();
+                        self.reset(*board);
+                    }
+                    Err(e) => {
+                        self.ready.store(false, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "store feed failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
+                _ = ticker.tick() => self.publish(&mut pending),
+            }
+        }
+        // Publish what was accepted before the stop so it is not lost to clients
+        // still connected during the grace period.
+        self.publish(&mut pending);
+    }
+
+    /// Publishes the pending changes as one batch.
+    fn publish(&self, pending: &mut Pending) {
+        let Some(batch) = pending.builder.finish() else {
+            return;
+        };
+        let changes = std::mem::take(&mut pending.changes);
+        let since = pending.first_arrival.take();
+        let encoded = EncodedBatch {
+            from_seq: batch.from_seq,
+            to_seq: batch.to_seq,
+            frame: Bytes::from(omcb_proto::encode_server(Msg::Batch(batch))),
+        };
+        let mut state = self.write();
+        for change in &changes {
+            if let Err(e) = state.board.apply_change(change) {
+                // The store promised contiguous, valid changes; if it broke that
+                // promise the replica is wrong and only a reload can fix it.
+                tracing::error!(error = %e, "replica rejected a change");
+            }
+        }
+        if state.ring.len() >= self.resume_batches {
+            state.ring.pop_front();
+        }
+        if self.resume_batches > 0 {
+            state.ring.push_back(encoded.clone());
+        }
+        // An error only means no socket is subscribed right now.
+        let _ = self.tx.send(Published::Batch(encoded));
+        let seq = state.board.seq;
+        drop(state);
+        self.metrics.batches_published.increment(1);
+        self.metrics.batch_changes.record(changes.len() as f64);
+        self.metrics.seq.set(seq as f64);
+        if let Some(t) = since {
+            self.metrics
+                .toggle_to_send
+                .record(t.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Replaces the replica (a new epoch, or continuity lost) and tells every
+    /// socket to start over from a snapshot.
+    pub fn reset(&self, board: Board) {
+        let mut state = self.write();
+        tracing::info!(epoch = board.epoch, seq = board.seq, "replica reset");
+        state.board = board;
+        state.ring.clear();
+        let _ = self.tx.send(Published::Reset);
+        drop(state);
+        self.metrics.feed_resets.increment(1);
+    }
+}
+
+/// Changes received since the last tick.
+#[derive(Debug, Default)]
+struct Pending {
+    builder: BatchBuilder,
+    changes: Vec<Change>,
+    /// When the oldest pending change reached the hub (for the lag histogram).
+    first_arrival: Option<Instant>,
+}
+
+impl Pending {
+    fn push(&mut self, changes: &[Change]) -> Result<(), omcb_proto::batch::OutOfOrder> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.first_arrival.get_or_insert_with(Instant::now);
+        for c in changes {
+            self.builder.push(c)?;
+        }
+        self.changes.extend_from_slice(changes);
+        Ok(())
+    }
+}

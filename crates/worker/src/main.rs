@@ -1,0 +1,71 @@
+//! `omcb`: parses the command line and runs the worker library.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use omcb_worker::{Config, Server};
+use std::io::Write as _;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "omcb",
+    version,
+    about = "One shared board of a million checkboxes, live."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the board (embedded store: no other service needed).
+    Serve(Config),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OMCB_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Serve(config) => runtime.block_on(serve(config)),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let prometheus = match config.metrics_listen {
+        Some(_) => {
+            Some(omcb_worker::metrics::install().context("installing the metrics recorder")?)
+        }
+        None => None,
+    };
+    let server = Server::bind(config, prometheus).await?;
+    // Tests and scripts read these lines to find the ports (`--listen 127.0.0.1:0`).
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "listening on http://{}", server.local_addr())?;
+    if let Some(addr) = server.metrics_addr() {
+        writeln!(out, "metrics on http://{addr}/metrics")?;
+    }
+    out.flush()?;
+    drop(out);
+    server.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}

@@ -1,0 +1,404 @@
+//! Test harness: the real `omcb` binary on port 0, a real WebSocket client
+//! (tokio-tungstenite, a different implementation from the server's), and a
+//! minimal HTTP/1.1 client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use omcb_proto::v1::{ClientMessage, ServerMessage, Toggle, client_message, server_message::Msg};
+use omcb_proto::{Applied, Board};
+use prost::Message as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A running `omcb serve`, killed on drop.
+pub struct Worker {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+    pub data_dir: PathBuf,
+    pub stderr_path: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Worker {
+    /// Starts a worker with its own temp data dir and extra flags.
+    pub fn start(args: &[&str]) -> Worker {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut w = Worker::start_in(&dir, args);
+        w._tmp = Some(tmp);
+        w
+    }
+
+    /// Starts a worker on an existing data dir (restarts).
+    pub fn start_in(data_dir: &Path, args: &[&str]) -> Worker {
+        let stderr_path = data_dir.join(format!("worker-{}.log", std::process::id()));
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&stderr_path)
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_omcb"))
+            .arg("serve")
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(args)
+            .env("OMCB_LOG", "info,omcb_worker=debug")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn omcb");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addr = None;
+        let mut metrics = None;
+        while addr.is_none() || metrics.is_none() {
+            let Some(Ok(line)) = lines.next() else {
+                let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                panic!("omcb exited before listening; its log:\n{log}");
+            };
+            if let Some(a) = line.strip_prefix("listening on http://") {
+                addr = Some(a.parse().unwrap());
+            } else if let Some(a) = line.strip_prefix("metrics on http://") {
+                metrics = Some(a.trim_end_matches("/metrics").parse().unwrap());
+            }
+        }
+        // Keep draining stdout so the worker never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Worker {
+            child,
+            addr: addr.unwrap(),
+            metrics: metrics.unwrap(),
+            data_dir: data_dir.to_path_buf(),
+            stderr_path,
+            _tmp: None,
+        }
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws{}", self.addr, query)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.wait_exit()
+    }
+
+    /// SIGKILL, like a crash.
+    pub fn kill9(&mut self) -> ExitStatus {
+        self.child.kill().unwrap();
+        self.wait_exit()
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker did not exit; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Resident memory of the worker, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    pub async fn stats(&self) -> serde_json::Value {
+        let r = http_get(self.addr, "/api/stats", &[]).await;
+        assert_eq!(r.status, 200);
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        String::from_utf8(http_get(self.metrics, "/metrics", &[]).await.body).unwrap()
+    }
+
+    /// The value of one metric series (`name{labels}` exactly as rendered), 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics_text().await;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- worker log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Polls `f` until it returns Some, failing after [`WAIT`].
+pub async fn poll<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// GET over a fresh connection (`Connection: close`), enough for tests.
+pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    HttpResponse {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+type Ws = tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>;
+
+/// What a client saw end its connection.
+#[derive(Debug, PartialEq)]
+pub enum Ended {
+    Closed(Option<u16>),
+    Eof,
+}
+
+/// A WebSocket client that keeps a board by the convergence rule.
+pub struct Client<S = Ws> {
+    pub ws: tokio_tungstenite::WebSocketStream<S>,
+    pub board: Option<Board>,
+    /// Batches seen, for gap checks: (from, to).
+    pub batches: Vec<(u64, u64)>,
+    pub snapshots: usize,
+    pub gaps: usize,
+    next_request: u32,
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .unwrap()
+        .unwrap();
+    Client::new(ws)
+}
+
+/// A client with a tiny receive buffer, so the server's writes back up quickly.
+pub async fn connect_small_buffer(addr: SocketAddr, path: &str) -> Client<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}{path}"), stream)
+        .await
+        .unwrap();
+    Client::new(ws)
+}
+
+impl<S> Client<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    fn new(ws: tokio_tungstenite::WebSocketStream<S>) -> Self {
+        Client {
+            ws,
+            board: None,
+            batches: Vec::new(),
+            snapshots: 0,
+            gaps: 0,
+            next_request: 1,
+        }
+    }
+
+    /// The next server message (skipping pings), or how the connection ended.
+    pub async fn next(&mut self) -> Result<Msg, Ended> {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("server message in time");
+            match m {
+                None => return Err(Ended::Eof),
+                Some(Err(_)) => return Err(Ended::Eof),
+                Some(Ok(Message::Binary(b))) => {
+                    let msg = ServerMessage::decode(b.as_ref())
+                        .expect("valid ServerMessage")
+                        .msg
+                        .expect("msg set");
+                    self.observe(&msg);
+                    return Ok(msg);
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(Ended::Closed(frame.map(|f: CloseFrame| u16::from(f.code))));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Msg {
+        self.next().await.expect("connection open")
+    }
+
+    /// Applies snapshots and batches to the board by the convergence rule.
+    fn observe(&mut self, msg: &Msg) {
+        match msg {
+            Msg::Snapshot(s) => {
+                self.snapshots += 1;
+                self.board = Some(Board::from_snapshot(s).expect("valid snapshot"));
+            }
+            Msg::Batch(b) => {
+                self.batches.push((b.from_seq, b.to_seq));
+                if let Some(board) = self.board.as_mut() {
+                    match board.apply_batch(b).expect("valid batch") {
+                        Applied::Gap => self.gaps += 1,
+                        Applied::Stale | Applied::Applied => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub async fn send_msg(&mut self, msg: client_message::Msg) {
+        let bytes = ClientMessage { msg: Some(msg) }.encode_to_vec();
+        self.ws.send(Message::Binary(bytes.into())).await.unwrap();
+    }
+
+    /// Sends a toggle; returns its request id.
+    pub async fn toggle(&mut self, index: u32, checked: bool) -> u32 {
+        let id = self.next_request;
+        self.next_request += 1;
+        self.send_msg(client_message::Msg::Toggle(Toggle {
+            index,
+            checked,
+            request_id: id,
+        }))
+        .await;
+        id
+    }
+
+    /// Reads until the ToggleResult for `id` (applying everything on the way).
+    pub async fn result_for(&mut self, id: u32) -> omcb_proto::v1::ToggleResult {
+        loop {
+            if let Msg::ToggleResult(r) = self.recv().await
+                && r.request_id == id
+            {
+                return r;
+            }
+        }
+    }
+
+    /// Toggle and wait for the answer.
+    pub async fn set(&mut self, index: u32, checked: bool) -> omcb_proto::v1::ToggleResult {
+        let id = self.toggle(index, checked).await;
+        self.result_for(id).await
+    }
+
+    /// Reads until the board is at `seq` or later.
+    pub async fn until_seq(&mut self, seq: u64) {
+        while self.board.as_ref().is_none_or(|b| b.seq < seq) {
+            self.recv().await;
+        }
+    }
+
+    /// Reads until the connection ends; returns the close code.
+    pub async fn until_closed(&mut self) -> Ended {
+        loop {
+            if let Err(e) = self.next().await {
+                return e;
+            }
+        }
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.board.as_ref().map_or(0, |b| b.seq)
+    }
+}
+
+/// The bare Snapshot of `GET /api/state`.
+pub async fn api_state(addr: SocketAddr) -> (omcb_proto::v1::Snapshot, HttpResponse) {
+    let r = http_get(addr, "/api/state", &[]).await;
+    assert_eq!(r.status, 200);
+    (
+        omcb_proto::v1::Snapshot::decode(r.body.as_slice()).unwrap(),
+        r,
+    )
+}

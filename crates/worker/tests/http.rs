@@ -1,0 +1,196 @@
+//! HTTP routes of PROTOCOL.md, persistence across restarts, metrics.
+
+mod common;
+
+use common::*;
+use omcb_proto::v1::server_message::Msg;
+
+#[tokio::test]
+async fn api_state_is_a_bare_snapshot_with_etag_and_304() {
+    let w = Worker::start(&[]);
+    let (s, r) = api_state(w.addr).await;
+    assert_eq!(r.header("content-type"), Some("application/x-protobuf"));
+    assert_eq!(s.size, 1_000_000);
+    assert_eq!((s.checked.len(), s.frozen.len()), (125_000, 125_000));
+    assert_ne!(s.epoch, 0);
+    let etag0 = r.header("etag").unwrap().to_string();
+    assert_eq!(etag0, format!("\"{}-{}\"", s.epoch, s.seq));
+
+    let not_modified = http_get(w.addr, "/api/state", &[("If-None-Match", &etag0)]).await;
+    assert_eq!(not_modified.status, 304);
+    assert!(not_modified.body.is_empty());
+
+    let mut c = connect(&w.ws_url("")).await;
+    c.recv().await;
+    let mut etags = vec![etag0.clone()];
+    for i in 0..3 {
+        let seq = c.set(i * 1000, true).await.seq;
+        // The replica publishes on its tick: poll until the state shows the change.
+        let etag = poll("the new state", || async {
+            let (s, r) = api_state(w.addr).await;
+            (s.seq >= seq).then(|| r.header("etag").unwrap().to_string())
+        })
+        .await;
+        assert!(!etags.contains(&etag), "ETag changes with each change");
+        etags.push(etag);
+    }
+    // The old ETag no longer matches.
+    assert_eq!(
+        http_get(w.addr, "/api/state", &[("If-None-Match", &etag0)])
+            .await
+            .status,
+        200
+    );
+    let (s, _) = api_state(w.addr).await;
+    assert_eq!(s.checked_count, 3);
+    assert_eq!(
+        s.checked[0], 0x80,
+        "box 0 is the top bit of byte 0 (Redis bit order)"
+    );
+}
+
+#[tokio::test]
+async fn stats_health_ready_page_and_metrics() {
+    let w = Worker::start(&["--board-size", "5000", "--freeze-after", "10m"]);
+    let stats = w.stats().await;
+    assert_eq!(stats["size"], 5000);
+    assert_eq!(stats["freeze_after_ms"], 600_000);
+    assert_eq!(stats["seq"], 0);
+    assert!(stats["epoch"].as_u64().unwrap() > 0);
+    assert_eq!(http_get(w.addr, "/healthz", &[]).await.status, 200);
+    assert_eq!(http_get(w.addr, "/readyz", &[]).await.status, 200);
+    let page = http_get(w.addr, "/", &[]).await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.header("content-type")
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let etag = page.header("etag").unwrap().to_string();
+    assert_eq!(
+        http_get(w.addr, "/", &[("If-None-Match", &etag)])
+            .await
+            .status,
+        304
+    );
+    assert_eq!(http_get(w.addr, "/no-such-file.js", &[]).await.status, 404);
+    assert_eq!(http_get(w.addr, "/../Cargo.toml", &[]).await.status, 404);
+    assert_eq!(http_get(w.addr, "/ws", &[]).await.status, 426);
+
+    let mut c = connect(&w.ws_url("")).await;
+    c.recv().await;
+    c.set(1, true).await;
+    c.set(1, true).await;
+    c.set(7000, true).await;
+    let page_loads_before = w.metric("omcb_api_state_total{status=\"200\"}").await;
+    api_state(w.addr).await;
+    let text = w.metrics_text().await;
+    for name in [
+        "omcb_connections ",
+        "omcb_toggles_total{outcome=\"changed\"} 1",
+        "omcb_toggles_total{outcome=\"unchanged\"} 1",
+        "omcb_toggles_total{outcome=\"out_of_range\"} 1",
+        "omcb_snapshots_sent_total{reason=\"connect\"} 1",
+        "# TYPE omcb_toggle_to_send_seconds histogram",
+        "omcb_bytes_sent_total",
+        "omcb_batches_published_total",
+    ] {
+        assert!(text.contains(name), "metrics lack `{name}`:\n{text}");
+    }
+    assert_eq!(
+        w.metric("omcb_api_state_total{status=\"200\"}").await,
+        page_loads_before + 1.0
+    );
+    // The metrics listener is separate: the public one has no /metrics.
+    assert_eq!(http_get(w.addr, "/metrics", &[]).await.status, 404);
+}
+
+#[tokio::test]
+async fn sigterm_closes_with_1012_persists_and_restarts_with_the_same_board() {
+    let mut w = Worker::start(&["--board-size", "2000"]);
+    let mut c = connect(&w.ws_url("")).await;
+    let Msg::Snapshot(first) = c.recv().await else {
+        panic!()
+    };
+    let mut seq = 0;
+    for i in [0, 5, 1999] {
+        seq = c.set(i, true).await.seq;
+    }
+    c.set(5, false).await;
+    let status = w.terminate();
+    assert!(status.success(), "SIGTERM exits 0, got {status}");
+    assert_eq!(c.until_closed().await, Ended::Closed(Some(1012)));
+
+    let dir = w.data_dir.clone();
+    let w2 = Worker::start_in(&dir, &["--board-size", "2000"]);
+    let (s, _) = api_state(w2.addr).await;
+    assert_eq!(s.epoch, first.epoch, "a clean restart keeps the epoch");
+    assert_eq!(s.seq, seq + 1);
+    let board = omcb_proto::Board::from_snapshot(&s).unwrap();
+    assert!(board.is_checked(0) && !board.is_checked(5) && board.is_checked(1999));
+    assert_eq!(s.checked_count, 2);
+    drop(w);
+}
+
+#[tokio::test]
+async fn kill_9_loses_at_most_the_last_second_and_changes_the_epoch() {
+    let mut w = Worker::start(&["--board-size", "2000"]);
+    let mut c = connect(&w.ws_url("")).await;
+    let Msg::Snapshot(first) = c.recv().await else {
+        panic!()
+    };
+    let before = std::time::SystemTime::now();
+    assert!(c.set(42, true).await.accepted);
+    // Wait for the periodic persist (at least every second) to write the change.
+    let dir = w.data_dir.clone();
+    poll("the board file to be rewritten", || {
+        let dir = dir.clone();
+        async move {
+            std::fs::read_dir(&dir)
+                .ok()?
+                .filter_map(Result::ok)
+                .find(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    !name.ends_with(".log")
+                        && !name.contains("tmp")
+                        && e.metadata()
+                            .and_then(|m| m.modified())
+                            .is_ok_and(|m| m > before)
+                })
+        }
+    })
+    .await;
+    w.kill9();
+    let w2 = Worker::start_in(&dir, &["--board-size", "2000"]);
+    let (s, _) = api_state(w2.addr).await;
+    assert!(omcb_proto::Board::from_snapshot(&s).unwrap().is_checked(42));
+    assert_ne!(
+        s.epoch, first.epoch,
+        "acknowledged changes may be lost: a new epoch"
+    );
+    drop(w);
+}
+
+#[tokio::test]
+async fn refuses_to_resize_a_persisted_board() {
+    let mut w = Worker::start(&["--board-size", "2000"]);
+    assert!(w.terminate().success());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_omcb"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--board-size",
+            "3000",
+            "--data-dir",
+        ])
+        .arg(&w.data_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("2000") && err.contains("3000"),
+        "clear error, got: {err}"
+    );
+}
