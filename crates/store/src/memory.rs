@@ -1,42 +1,598 @@
-//! The Memory backend (placeholder: being written).
-#![allow(clippy::todo, unused_variables, missing_docs)]
-use crate::*;
+//! The Memory backend: the embedded default. The board lives in this process
+//! behind one mutex (every operation is microseconds and never awaits under
+//! it) and is persisted to `--data-dir` at least every second while it changes
+//! and on [`MemoryStore::close`], as temp file + fsync + rename.
+//!
+//! A crash (kill -9) loses at most the last second; because acknowledged
+//! changes may then be gone, a board loaded from a file that was not written by
+//! a clean close gets a new epoch (PROTOCOL.md: a board that lost writes comes
+//! back as a new incarnation).
 
-#[derive(Debug, Clone)]
-pub struct MemoryStore {}
+use std::collections::{BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-#[derive(Debug)]
-pub struct MemoryFeed {}
+use omcb_proto::bits;
+use tokio::sync::{Notify, watch};
 
-impl MemoryStore {
-    pub async fn open(
-        config: BoardConfig,
-        data_dir: Option<std::path::PathBuf>,
-    ) -> Result<Self, StoreError> {
-        todo!()
-    }
-    pub fn config(&self) -> BoardConfig {
-        todo!()
-    }
-    pub fn set(&self, index: u32, checked: bool) -> SetOutcome {
-        todo!()
-    }
-    pub fn snapshot(&self) -> Board {
-        todo!()
-    }
-    pub fn feed(&self, epoch: u64, seq: u64) -> MemoryFeed {
-        todo!()
-    }
-    pub fn sweep(&self, limit: usize) -> usize {
-        todo!()
-    }
-    pub async fn close(&self) -> Result<(), StoreError> {
-        todo!()
+use crate::{Board, BoardConfig, Change, FeedEvent, Op, Refusal, SetOutcome, StoreError};
+
+/// Changes kept for the feed; a reader further behind gets a `Reset`.
+pub const LOG_CAPACITY: usize = 100_000;
+/// Most changes one `MemoryFeed::next` returns.
+pub const FEED_CHUNK: usize = 4096;
+/// The board file inside the data directory.
+pub const FILE_NAME: &str = "board.omcb";
+/// How often the persister checks for unsaved changes.
+pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// The store's clock: milliseconds since the Unix epoch. Replaceable in tests.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The embedded store. Cheap to clone: clones share one board.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("config", &self.inner.config)
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
     }
 }
 
+struct Inner {
+    /// The settings this run was started with.
+    config: BoardConfig,
+    /// The board and what changes with it.
+    state: Mutex<State>,
+    /// Woken after every accepted change, for feed readers.
+    changed: Notify,
+    /// Time source for check times and the freeze rule.
+    clock: Clock,
+    /// The board file, when persisting.
+    path: Option<PathBuf>,
+    /// Tells the persister to stop (on close).
+    stop: watch::Sender<bool>,
+    /// The persister task, taken by close.
+    persister: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Everything one mutex guards.
+struct State {
+    /// Bits, counts, seq, epoch.
+    board: Board,
+    /// When each checked box was last checked (ms); 0 for unchecked boxes.
+    checked_at: Vec<u64>,
+    /// `(checked_at, index)` of checked, unfrozen boxes, oldest first, so the
+    /// sweep costs O(log n + due) instead of a scan of the board. Kept only
+    /// while freezing is on.
+    due: Option<BTreeSet<(u64, u32)>>,
+    /// Recent changes, oldest first, contiguous, ending at `board.seq`.
+    log: VecDeque<Change>,
+    /// Changed since the last write to disk.
+    dirty: bool,
+}
+
+impl State {
+    fn new(board: Board, checked_at: Vec<u64>, freeze_after_ms: u64) -> Self {
+        let due = (freeze_after_ms > 0).then(|| {
+            checked_at
+                .iter()
+                .enumerate()
+                .filter(|&(i, &at)| at > 0 && !board.is_frozen(i as u32))
+                .map(|(i, &at)| (at, i as u32))
+                .collect()
+        });
+        Self {
+            board,
+            checked_at,
+            due,
+            log: VecDeque::new(),
+            dirty: false,
+        }
+    }
+
+    /// Records one accepted change: next seq, new counts, the log.
+    fn push(&mut self, index: u32, op: Op) -> u64 {
+        let b = &self.board;
+        let (checked_count, frozen_count) = match op {
+            Op::Set(true) => (b.checked_count + 1, b.frozen_count),
+            Op::Set(false) => (b.checked_count - 1, b.frozen_count),
+            Op::Freeze => (b.checked_count, b.frozen_count + 1),
+        };
+        let change = Change {
+            seq: b.seq + 1,
+            index,
+            op,
+            checked_count,
+            frozen_count,
+        };
+        self.board
+            .apply_change(&change)
+            .expect("the store only makes valid, next changes");
+        if self.log.len() == LOG_CAPACITY {
+            self.log.pop_front();
+        }
+        self.log.push_back(change);
+        self.dirty = true;
+        change.seq
+    }
+
+    fn freeze(&mut self, index: u32) -> u64 {
+        if let Some(due) = self.due.as_mut() {
+            due.remove(&(self.checked_at[index as usize], index));
+        }
+        self.push(index, Op::Freeze)
+    }
+}
+
+impl MemoryStore {
+    /// Opens the board: loads `data_dir/board.omcb` when there is one, else
+    /// creates a new board with a random epoch. With a data dir, starts the
+    /// persister (call [`close`](Self::close) on shutdown).
+    pub async fn open(config: BoardConfig, data_dir: Option<PathBuf>) -> Result<Self, StoreError> {
+        Self::open_with_clock(config, data_dir, Arc::new(crate::now_ms)).await
+    }
+
+    /// [`open`](Self::open) with a given clock (tests control time with it).
+    pub async fn open_with_clock(
+        config: BoardConfig,
+        data_dir: Option<PathBuf>,
+        clock: Clock,
+    ) -> Result<Self, StoreError> {
+        let path = match data_dir {
+            Some(dir) => {
+                tokio::fs::create_dir_all(&dir).await?;
+                Some(dir.join(FILE_NAME))
+            }
+            None => None,
+        };
+        let loaded = match &path {
+            Some(p) => {
+                let p = p.clone();
+                tokio::task::spawn_blocking(move || file::load(&p))
+                    .await
+                    .map_err(|e| StoreError::Data(format!("loading the board: {e}")))??
+            }
+            None => None,
+        };
+        let state = match loaded {
+            Some(saved) => {
+                if saved.board.size != config.size {
+                    return Err(StoreError::Data(format!(
+                        "the data dir holds a board of {} boxes but --board-size is {}: refusing to resize \
+                         (use another --data-dir for a new board)",
+                        saved.board.size, config.size
+                    )));
+                }
+                let mut board = saved.board;
+                board.freeze_after_ms = config.freeze_after_ms;
+                if !saved.clean {
+                    let old = board.epoch;
+                    board.epoch = crate::new_epoch();
+                    tracing::warn!(
+                        old_epoch = old,
+                        new_epoch = board.epoch,
+                        seq = board.seq,
+                        "the board was not closed cleanly: up to a second of changes may be lost; new epoch"
+                    );
+                }
+                let mut s = State::new(board, saved.checked_at, config.freeze_after_ms);
+                // Record the (possibly new) epoch promptly.
+                s.dirty = !saved.clean;
+                s
+            }
+            None => State::new(
+                Board::new(config.size, crate::new_epoch(), config.freeze_after_ms),
+                vec![0; config.size as usize],
+                config.freeze_after_ms,
+            ),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let store = Self {
+            inner: Arc::new(Inner {
+                config,
+                state: Mutex::new(state),
+                changed: Notify::new(),
+                clock,
+                path,
+                stop,
+                persister: Mutex::new(None),
+            }),
+        };
+        if store.inner.path.is_some() {
+            let task = tokio::spawn(store.clone().persist_loop(stop_rx));
+            *lock(&store.inner.persister) = Some(task);
+        }
+        Ok(store)
+    }
+
+    /// The settings this store was opened with.
+    pub fn config(&self) -> BoardConfig {
+        self.inner.config
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.inner.state)
+    }
+
+    /// Sets box `index` to `checked`: see the crate docs for every rule.
+    pub fn set(&self, index: u32, checked: bool) -> SetOutcome {
+        let now = (self.inner.clock)();
+        let freeze_after = self.inner.config.freeze_after_ms;
+        let mut s = self.state();
+        if index >= s.board.size {
+            return SetOutcome::Refused {
+                reason: Refusal::OutOfRange,
+                checked: false,
+            };
+        }
+        let current = s.board.is_checked(index);
+        if s.board.is_frozen(index) {
+            return SetOutcome::Refused {
+                reason: Refusal::Frozen,
+                checked: current,
+            };
+        }
+        if current == checked {
+            return SetOutcome::Unchanged { checked };
+        }
+        let outcome = if checked {
+            if self
+                .inner
+                .config
+                .max_checked
+                .is_some_and(|max| s.board.checked_count >= max)
+            {
+                return SetOutcome::Refused {
+                    reason: Refusal::BoardFull,
+                    checked: false,
+                };
+            }
+            s.checked_at[index as usize] = now.max(1);
+            if let Some(due) = s.due.as_mut() {
+                due.insert((now.max(1), index));
+            }
+            SetOutcome::Changed {
+                seq: s.push(index, Op::Set(true)),
+                checked: true,
+            }
+        } else {
+            let since = s.checked_at[index as usize];
+            if freeze_after > 0 && now.saturating_sub(since) >= freeze_after {
+                // The seed's sunset rule: too late to uncheck; it freezes instead.
+                s.freeze(index);
+                SetOutcome::Refused {
+                    reason: Refusal::Frozen,
+                    checked: true,
+                }
+            } else {
+                if let Some(due) = s.due.as_mut() {
+                    due.remove(&(since, index));
+                }
+                s.checked_at[index as usize] = 0;
+                SetOutcome::Changed {
+                    seq: s.push(index, Op::Set(false)),
+                    checked: false,
+                }
+            }
+        };
+        drop(s);
+        self.inner.changed.notify_waiters();
+        outcome
+    }
+
+    /// The whole board (a copy: two bitsets of `size/8` bytes).
+    pub fn snapshot(&self) -> Board {
+        self.state().board.clone()
+    }
+
+    /// A feed of changes after `seq` of board `epoch`.
+    pub fn feed(&self, epoch: u64, seq: u64) -> MemoryFeed {
+        MemoryFeed {
+            store: self.clone(),
+            epoch,
+            seq,
+        }
+    }
+
+    /// Freezes up to `limit` boxes checked at least `freeze_after_ms` ago.
+    pub fn sweep(&self, limit: usize) -> usize {
+        let freeze_after = self.inner.config.freeze_after_ms;
+        if freeze_after == 0 {
+            return 0;
+        }
+        let cutoff = (self.inner.clock)().saturating_sub(freeze_after);
+        let mut s = self.state();
+        let Some(due) = s.due.as_ref() else { return 0 };
+        let expired: Vec<u32> = due
+            .iter()
+            .take_while(|&&(at, _)| at <= cutoff)
+            .take(limit)
+            .map(|&(_, i)| i)
+            .collect();
+        for &index in &expired {
+            s.freeze(index);
+        }
+        drop(s);
+        if !expired.is_empty() {
+            self.inner.changed.notify_waiters();
+        }
+        expired.len()
+    }
+
+    /// Stops the persister and writes the board one last time, marked clean.
+    /// Idempotent.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let _ = self.inner.stop.send(true);
+        let task = lock(&self.inner.persister).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        self.write(true).await
+    }
+
+    /// Writes the board when it changed since the last write (or always, for a clean close).
+    async fn write(&self, clean: bool) -> Result<(), StoreError> {
+        let Some(path) = self.inner.path.clone() else {
+            return Ok(());
+        };
+        let bytes = {
+            let mut s = self.state();
+            if !s.dirty && !clean {
+                return Ok(());
+            }
+            s.dirty = false;
+            file::encode(&s.board, &s.checked_at, clean)
+        };
+        let result = tokio::task::spawn_blocking(move || file::write_atomic(&path, &bytes))
+            .await
+            .map_err(|e| StoreError::Data(format!("writing the board: {e}")))?;
+        if result.is_err() {
+            // Try again on the next tick.
+            self.state().dirty = true;
+        }
+        Ok(result?)
+    }
+
+    async fn persist_loop(self, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(PERSIST_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tick.tick() => {
+                    if let Err(e) = self.write(false).await {
+                        tracing::error!(error = %e, "persisting the board failed; will retry");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the state consistent before anything that
+    // could panic, so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A reader of the Memory store's change log.
+#[derive(Debug)]
+pub struct MemoryFeed {
+    store: MemoryStore,
+    /// The board incarnation the reader follows.
+    epoch: u64,
+    /// The last seq the reader has.
+    seq: u64,
+}
+
 impl MemoryFeed {
+    /// The next changes after the reader's position, waiting for some; a
+    /// `Reset` when the position is gone from the log or of another epoch.
+    /// Cancel-safe: the position only moves when a value is returned.
     pub async fn next(&mut self) -> FeedEvent {
-        todo!()
+        let inner = self.store.inner.clone();
+        loop {
+            let notified = inner.changed.notified();
+            tokio::pin!(notified);
+            // Register before looking, so a change between the look and the
+            // wait still wakes us.
+            notified.as_mut().enable();
+            if let Some(event) = self.poll_log() {
+                return event;
+            }
+            notified.await;
+        }
+    }
+
+    fn poll_log(&mut self) -> Option<FeedEvent> {
+        let s = self.store.state();
+        let board = &s.board;
+        let first_in_log = board.seq + 1 - s.log.len() as u64;
+        if self.epoch != board.epoch || self.seq > board.seq || self.seq + 1 < first_in_log {
+            self.epoch = board.epoch;
+            self.seq = board.seq;
+            return Some(FeedEvent::Reset(Box::new(board.clone())));
+        }
+        if self.seq == board.seq {
+            return None;
+        }
+        let start = (self.seq + 1 - first_in_log) as usize;
+        let changes: Vec<Change> = s.log.range(start..).take(FEED_CHUNK).copied().collect();
+        self.seq = changes.last().map_or(self.seq, |c| c.seq);
+        Some(FeedEvent::Changes(changes))
+    }
+}
+
+/// The board file: a small versioned binary format with a checksum.
+mod file {
+    use super::*;
+    use std::io::Write;
+
+    const MAGIC: &[u8; 8] = b"OMCBRD01";
+
+    /// What a board file holds.
+    pub(super) struct Saved {
+        pub board: Board,
+        pub checked_at: Vec<u64>,
+        /// Written by a clean close (nothing acknowledged can be missing).
+        pub clean: bool,
+    }
+
+    /// Layout (little-endian): magic, clean u8, size u32, epoch u64, seq u64,
+    /// checked_count u32, frozen_count u32, checked bits, frozen bits, n u32,
+    /// n x (index u32, checked_at u64), FNV-1a-64 of all before.
+    pub(super) fn encode(board: &Board, checked_at: &[u64], clean: bool) -> Vec<u8> {
+        let n = bits::byte_len(board.size);
+        let mut out = Vec::with_capacity(64 + 2 * n + board.checked_count as usize * 12);
+        out.extend_from_slice(MAGIC);
+        out.push(u8::from(clean));
+        out.extend_from_slice(&board.size.to_le_bytes());
+        out.extend_from_slice(&board.epoch.to_le_bytes());
+        out.extend_from_slice(&board.seq.to_le_bytes());
+        out.extend_from_slice(&board.checked_count.to_le_bytes());
+        out.extend_from_slice(&board.frozen_count.to_le_bytes());
+        out.extend_from_slice(bits::as_bytes(&board.checked));
+        out.extend_from_slice(bits::as_bytes(&board.frozen));
+        let times: Vec<(u32, u64)> = checked_at
+            .iter()
+            .enumerate()
+            .filter(|&(_, &t)| t > 0)
+            .map(|(i, &t)| (i as u32, t))
+            .collect();
+        out.extend_from_slice(&(times.len() as u32).to_le_bytes());
+        for (i, t) in times {
+            out.extend_from_slice(&i.to_le_bytes());
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+        let sum = fnv1a(&out);
+        out.extend_from_slice(&sum.to_le_bytes());
+        out
+    }
+
+    pub(super) fn load(path: &Path) -> Result<Option<Saved>, StoreError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        decode(&bytes).map(Some).map_err(|why| {
+            StoreError::Data(format!(
+                "{} is damaged ({why}); refusing to start on a guess",
+                path.display()
+            ))
+        })
+    }
+
+    pub(super) fn decode(bytes: &[u8]) -> Result<Saved, String> {
+        if bytes.len() < MAGIC.len() + 8 || &bytes[..8] != MAGIC {
+            return Err("not an omcb board file".into());
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 8);
+        if fnv1a(body).to_le_bytes() != sum {
+            return Err("checksum mismatch".into());
+        }
+        let mut r = Reader { b: &body[8..] };
+        let clean = r.take(1)?[0] == 1;
+        let size = r.u32()?;
+        let epoch = r.u64()?;
+        let seq = r.u64()?;
+        let checked_count = r.u32()?;
+        let frozen_count = r.u32()?;
+        let n = bits::byte_len(size);
+        let checked = bits::from_exact_bytes(r.take(n)?, size).map_err(|e| e.to_string())?;
+        let frozen = bits::from_exact_bytes(r.take(n)?, size).map_err(|e| e.to_string())?;
+        if checked.count_ones() != checked_count as usize
+            || frozen.count_ones() != frozen_count as usize
+        {
+            return Err("counts do not match the bitsets".into());
+        }
+        let mut checked_at = vec![0u64; size as usize];
+        for _ in 0..r.u32()? {
+            let (i, t) = (r.u32()?, r.u64()?);
+            *checked_at
+                .get_mut(i as usize)
+                .ok_or("check time for a box outside the board")? = t;
+        }
+        if !r.b.is_empty() {
+            return Err("trailing bytes".into());
+        }
+        // A checked box with no recorded time (never written that way, but be
+        // safe) counts as checked now rather than never freezing.
+        for i in checked.iter_ones() {
+            if checked_at[i] == 0 {
+                checked_at[i] = crate::now_ms();
+            }
+        }
+        let board = Board {
+            epoch,
+            seq,
+            size,
+            checked,
+            frozen,
+            checked_count,
+            frozen_count,
+            freeze_after_ms: 0,
+        };
+        Ok(Saved {
+            board,
+            checked_at,
+            clean,
+        })
+    }
+
+    /// temp file + fsync + rename + fsync of the directory: a reader (or a
+    /// crash) sees the old file or the new one, never half of one.
+    pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        let tmp = path.with_extension("omcb.tmp");
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    fn fnv1a(bytes: &[u8]) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    }
+
+    struct Reader<'a> {
+        b: &'a [u8],
+    }
+
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+            if self.b.len() < n {
+                return Err("truncated".into());
+            }
+            let (head, rest) = self.b.split_at(n);
+            self.b = rest;
+            Ok(head)
+        }
+        fn u32(&mut self) -> Result<u32, String> {
+            Ok(u32::from_le_bytes(
+                self.take(4)?.try_into().expect("4 bytes"),
+            ))
+        }
+        fn u64(&mut self) -> Result<u64, String> {
+            Ok(u64::from_le_bytes(
+                self.take(8)?.try_into().expect("8 bytes"),
+            ))
+        }
     }
 }

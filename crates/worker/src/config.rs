@@ -75,6 +75,12 @@ pub struct Config {
     #[arg(long, env = "OMCB_PING_INTERVAL", default_value = "20s", value_parser = parse_duration)]
     pub ping_interval: Duration,
 
+    /// Kernel send buffer per client socket (SO_SNDBUF), bounding what a
+    /// stalled client can pin in kernel memory; 0 leaves the kernel's autotuning
+    /// (up to `net.ipv4.tcp_wmem`'s max, 4 MiB by default, per socket).
+    #[arg(long, env = "OMCB_SOCKET_SEND_BUFFER", default_value_t = 131_072)]
+    pub socket_send_buffer: usize,
+
     /// Recent batches kept so a reconnecting client resumes with `?since=`
     /// instead of a snapshot (1200 x 50 ms = one minute of changes).
     #[arg(long, env = "OMCB_RESUME_BATCHES", default_value_t = 1200)]

@@ -197,6 +197,10 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _peer)) => {
                         let _ = stream.set_nodelay(true);
+                        if app.config.socket_send_buffer > 0 {
+                            let sock = socket2::SockRef::from(&stream);
+                            let _ = sock.set_send_buffer_size(app.config.socket_send_buffer);
+                        }
                         tokio::spawn(serve_http(app.clone(), stream));
                     }
                     Err(e) => {

@@ -57,7 +57,7 @@ async fn repeat_is_accepted_without_a_seq() {
     assert_eq!(again.seq, 0, "a repeat changes nothing and gets no seq");
     let off = a.set(3, false).await;
     assert!(off.accepted && !off.checked && off.seq == 2);
-    assert_eq!(w.stats().await["checked_count"], 0);
+    assert_eq!(w.stats_at(2).await["checked_count"], 0);
 }
 
 #[tokio::test]
@@ -73,13 +73,14 @@ async fn out_of_range_is_refused_and_the_board_does_not_grow() {
     }
     // The connection stays and works.
     assert!(a.set(999, true).await.accepted);
+    w.stats_at(1).await;
     let (s, _) = api_state(w.addr).await;
     assert_eq!((s.size, s.checked.len(), s.checked_count), (1000, 125, 1));
 }
 
 #[tokio::test]
 async fn frozen_box_is_refused() {
-    let w = Worker::start(&["--board-size", "1000", "--freeze-after", "150ms"]);
+    let w = Worker::start(&flags("--board-size 1000 --freeze-after 150ms"));
     let mut a = connect(&w.ws_url("")).await;
     a.recv().await;
     assert!(a.set(5, true).await.accepted);
@@ -100,7 +101,7 @@ async fn frozen_box_is_refused() {
 
 #[tokio::test]
 async fn full_board_is_refused() {
-    let w = Worker::start(&["--board-size", "1000", "--max-checked", "2"]);
+    let w = Worker::start(&flags("--board-size 1000 --max-checked 2"));
     let mut a = connect(&w.ws_url("")).await;
     a.recv().await;
     assert!(a.set(1, true).await.accepted);
@@ -115,16 +116,9 @@ async fn full_board_is_refused() {
 
 #[tokio::test]
 async fn over_the_rate_is_refused_then_abuse_is_closed() {
-    let w = Worker::start(&[
-        "--board-size",
-        "1000",
-        "--toggle-rate",
-        "0.001",
-        "--toggle-burst",
-        "3",
-        "--abuse-burst",
-        "5",
-    ]);
+    let w = Worker::start(&flags(
+        "--board-size 1000 --toggle-rate 0.001 --toggle-burst 3 --abuse-burst 5",
+    ));
     let mut a = connect(&w.ws_url("")).await;
     a.recv().await;
     for i in 0..3 {
@@ -143,11 +137,12 @@ async fn over_the_rate_is_refused_then_abuse_is_closed() {
     };
     assert_eq!(e.code, Code::RateLimited as i32);
     assert_eq!(a.until_closed().await, Ended::Closed(Some(1008)));
+    let stats = w.stats_at(3).await;
     assert_eq!(
-        w.stats().await["checked_count"],
-        3,
+        stats["checked_count"], 3,
         "no refused toggle changed the board"
     );
+    assert_eq!(stats["seq"], 3);
 }
 
 async fn expect_bad_message(w: &Worker, msg: Message, close_code: u16) {
@@ -209,7 +204,7 @@ async fn oversized_frame_is_closed_with_1009() {
 
 #[tokio::test]
 async fn over_the_connection_limit_is_closed_with_1013() {
-    let w = Worker::start(&["--board-size", "1000", "--max-connections", "2"]);
+    let w = Worker::start(&flags("--board-size 1000 --max-connections 2"));
     let mut a = connect(&w.ws_url("")).await;
     let mut b = connect(&w.ws_url("")).await;
     a.recv().await;
@@ -247,6 +242,7 @@ async fn resume_with_since_sends_batches_not_a_snapshot() {
     assert!(a.set(1, true).await.accepted);
     a.until_seq(1).await;
     let (epoch, since) = (first.epoch, a.seq());
+    let mut board = a.board.clone().unwrap();
     drop(a);
     // Changes while the client is away.
     let mut b = connect(&w.ws_url("")).await;
@@ -264,20 +260,26 @@ async fn resume_with_since_sends_batches_not_a_snapshot() {
         batch.from_seq
     );
     // It converges to the board without a snapshot.
-    let mut board = omcb_proto::Board::from_snapshot(&first).unwrap();
-    board
-        .apply_batch(&omcb_proto::v1::Batch { ..batch.clone() })
-        .unwrap();
+    assert_eq!(
+        board.apply_batch(&batch).unwrap(),
+        omcb_proto::Applied::Applied
+    );
     let mut seen = batch.to_seq;
     while seen < 11 {
         let Msg::Batch(b) = back.recv().await else {
             panic!("expected batches")
         };
-        board.apply_batch(&b).unwrap();
+        assert_eq!(board.apply_batch(&b).unwrap(), omcb_proto::Applied::Applied);
         seen = b.to_seq;
     }
+    w.stats_at(11).await;
     let (s, _) = api_state(w.addr).await;
-    assert_eq!(board, omcb_proto::Board::from_snapshot(&s).unwrap());
+    let truth = omcb_proto::Board::from_snapshot(&s).unwrap();
+    assert_eq!(
+        (board.seq, board.checked_count),
+        (truth.seq, truth.checked_count)
+    );
+    assert!(board == truth, "resumed client converged");
     assert_eq!(w.metric("omcb_resumes_total").await, 1.0);
 
     // A wrong epoch, or a seq from the future, gets a snapshot.
@@ -289,22 +291,11 @@ async fn resume_with_since_sends_batches_not_a_snapshot() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_gets_a_snapshot_later_and_others_are_unaffected() {
-    let w = Worker::start(&[
-        "--board-size",
-        "100000",
-        "--batch-ms",
-        "2",
-        "--send-queue",
-        "4",
-        "--toggle-rate",
-        "1000000",
-        "--toggle-burst",
-        "1000000",
-        "--send-timeout",
-        "60s",
-    ]);
+    let w = Worker::start(&flags(
+        "--batch-ms 2 --send-queue 4 --socket-send-buffer 16384 --toggle-rate 1000000 --toggle-burst 1000000 --send-timeout 60s",
+    ));
+    // `slow` reads nothing, not even its first snapshot.
     let mut slow = connect_small_buffer(w.addr, "/ws").await;
-    slow.recv().await;
     let mut fast = connect(&w.ws_url("")).await;
     fast.recv().await;
     let rss_before = w.rss_kib();
@@ -314,7 +305,7 @@ async fn a_client_that_stops_reading_gets_a_snapshot_later_and_others_are_unaffe
     for round in 0..40u32 {
         let mut ids = Vec::new();
         for i in 0..200u32 {
-            ids.push(fast.toggle(round * 2000 + i * 7, true).await);
+            ids.push(fast.toggle((round * 200 + i) * 61 % 1_000_000, true).await);
         }
         for id in ids {
             let r = fast.result_for(id).await;
@@ -333,13 +324,6 @@ async fn a_client_that_stops_reading_gets_a_snapshot_later_and_others_are_unaffe
         rss_after < rss_before + 64 * 1024,
         "worker memory grew from {rss_before} KiB to {rss_after} KiB while a client stalled"
     );
-    poll("the stalled client to be marked lagged", || async {
-        (w.metric("omcb_snapshots_sent_total{reason=\"lagged\"}")
-            .await
-            >= 1.0)
-            .then_some(())
-    })
-    .await;
     // Now it reads again: it gets a snapshot (not the backlog) and converges.
     slow.until_seq(last).await;
     assert!(
@@ -351,20 +335,9 @@ async fn a_client_that_stops_reading_gets_a_snapshot_later_and_others_are_unaffe
 
 #[tokio::test]
 async fn a_client_that_cannot_keep_up_is_closed() {
-    let w = Worker::start(&[
-        "--board-size",
-        "100000",
-        "--batch-ms",
-        "2",
-        "--send-queue",
-        "2",
-        "--toggle-rate",
-        "1000000",
-        "--toggle-burst",
-        "1000000",
-        "--send-timeout",
-        "300ms",
-    ]);
+    let w = Worker::start(&flags(
+        "--batch-ms 2 --send-queue 2 --socket-send-buffer 16384 --toggle-rate 1000000 --toggle-burst 1000000 --send-timeout 300ms",
+    ));
     let _stuck = connect_small_buffer(w.addr, "/ws").await;
     let mut fast = connect(&w.ws_url("")).await;
     fast.recv().await;

@@ -19,6 +19,11 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Splits a flag string ("--board-size 1000 --batch-ms 2") into arguments.
+pub fn flags(s: &str) -> Vec<&str> {
+    s.split_whitespace().collect()
+}
+
 /// A running `omcb serve`, killed on drop.
 pub struct Worker {
     pub child: Child,
@@ -139,6 +144,16 @@ impl Worker {
         let r = http_get(self.addr, "/api/stats", &[]).await;
         assert_eq!(r.status, 200);
         serde_json::from_slice(&r.body).unwrap()
+    }
+
+    /// Polls `/api/stats` until the worker's replica has published `seq`
+    /// (batches go out on the tick, so the replica trails a ToggleResult).
+    pub async fn stats_at(&self, seq: u64) -> serde_json::Value {
+        poll("the replica to reach the seq", || async {
+            let s = self.stats().await;
+            (s["seq"].as_u64().unwrap() >= seq).then_some(s)
+        })
+        .await
     }
 
     pub async fn metrics_text(&self) -> String {
