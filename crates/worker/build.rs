@@ -8,9 +8,8 @@ fn main() {
     let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web");
     println!("cargo:rerun-if-changed={}", web.display());
     let mut table = String::from("&[\n");
-    let mut entries: Vec<_> = std::fs::read_dir(&web)
-        .map(|d| d.filter_map(Result::ok).collect())
-        .unwrap_or_default();
+    let mut entries: Vec<_> =
+        std::fs::read_dir(&web).map(|d| d.filter_map(Result::ok).collect()).unwrap_or_default();
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let path = entry.path();
@@ -23,11 +22,8 @@ fn main() {
         }
         println!("cargo:rerun-if-changed={}", path.display());
         let abs = path.canonicalize().expect("web file path");
-        writeln!(
-            table,
-            "    (\"/{name}\", \"{content_type}\", include_bytes!({abs:?}) as &[u8]),"
-        )
-        .expect("write to string");
+        writeln!(table, "    (\"/{name}\", \"{content_type}\", include_bytes!({abs:?}) as &[u8]),")
+            .expect("write to string");
     }
     table.push(']');
     let out = Path::new(&std::env::var("OUT_DIR").expect("OUT_DIR")).join("assets.rs");

@@ -74,11 +74,7 @@ fn asset(content_type: &'static str, body: Bytes) -> Asset {
     for &b in body.iter() {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
     }
-    Asset {
-        content_type,
-        body,
-        etag: format!("\"{h:016x}\""),
-    }
+    Asset { content_type, body, etag: format!("\"{h:016x}\"") }
 }
 
 include!("mime.rs");

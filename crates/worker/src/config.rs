@@ -98,13 +98,10 @@ pub struct Config {
 /// Parses `250ms`, `20s`, `10m`, `2h`, or bare seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 500ms, 20s, 10m, 1h"))?;
+    let n: f64 =
+        num.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 20s, 10m, 1h"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "" | "s" => n,

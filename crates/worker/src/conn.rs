@@ -116,11 +116,7 @@ pub async fn serve(app: Arc<App>, slot: SocketSlot, ws: WebSocket<Io>, resume: O
     // fastwebsockets refuses frames of at least this many bytes.
     ws.set_max_message_size(app.config.max_frame + 1);
     let (rd, wr) = ws.split(tokio::io::split);
-    let mut out = Out {
-        ws: wr,
-        timeout: app.config.send_timeout,
-        app: app.clone(),
-    };
+    let mut out = Out { ws: wr, timeout: app.config.send_timeout, app: app.clone() };
     if slot.over_limit {
         app.metrics.connections_over_limit.increment(1);
         let _ = out.close(close::TRY_AGAIN, "over capacity").await;
@@ -357,9 +353,7 @@ async fn read_loop(app: &App, mut rd: WebSocketRead<ReadHalf<Io>>, ctl: mpsc::Se
             }
             Ok(Err(WebSocketError::FrameTooLarge)) => {
                 bad(close::TOO_BIG, "frame too large");
-                let _ = ctl
-                    .send(Ctl::Close(close::TOO_BIG, "frame too large"))
-                    .await;
+                let _ = ctl.send(Ctl::Close(close::TOO_BIG, "frame too large")).await;
                 return;
             }
             Ok(Err(e)) => {
@@ -379,9 +373,7 @@ async fn read_loop(app: &App, mut rd: WebSocketRead<ReadHalf<Io>>, ctl: mpsc::Se
                         "text frames are not supported: send binary protobuf ClientMessage",
                     )))
                     .await;
-                let _ = ctl
-                    .send(Ctl::Close(close::UNSUPPORTED, "binary frames only"))
-                    .await;
+                let _ = ctl.send(Ctl::Close(close::UNSUPPORTED, "binary frames only")).await;
                 return;
             }
             (OpCode::Binary, true) if partial.is_none() => frame.payload.to_vec(),
@@ -393,9 +385,7 @@ async fn read_loop(app: &App, mut rd: WebSocketRead<ReadHalf<Io>>, ctl: mpsc::Se
                 let buf = partial.as_mut().expect("checked above");
                 if buf.len() + frame.payload.len() > max {
                     bad(close::TOO_BIG, "message too large");
-                    let _ = ctl
-                        .send(Ctl::Close(close::TOO_BIG, "message too large"))
-                        .await;
+                    let _ = ctl.send(Ctl::Close(close::TOO_BIG, "message too large")).await;
                     return;
                 }
                 buf.extend_from_slice(&frame.payload);
@@ -406,32 +396,30 @@ async fn read_loop(app: &App, mut rd: WebSocketRead<ReadHalf<Io>>, ctl: mpsc::Se
             }
             _ => {
                 bad(close::PROTOCOL, "bad fragmentation");
-                let _ = ctl
-                    .send(Ctl::Close(close::PROTOCOL, "bad fragmentation"))
-                    .await;
+                let _ = ctl.send(Ctl::Close(close::PROTOCOL, "bad fragmentation")).await;
                 return;
             }
         };
         let reply = match ClientMessage::decode(message.as_slice()) {
-            Ok(ClientMessage {
-                msg: Some(client_message::Msg::Toggle(t)),
-            }) => match toggle(app, &mut limits, t).await {
-                Ok(result) => Ctl::Send(server_frame(server_message::Msg::ToggleResult(result))),
-                Err(Abusive) => {
-                    bad(close::POLICY, "persistent rate abuse");
-                    let _ = ctl
-                        .send(Ctl::Send(error_frame(
-                            Code::RateLimited,
-                            "too many toggles; slow down",
-                        )))
-                        .await;
-                    let _ = ctl.send(Ctl::Close(close::POLICY, "rate limit")).await;
-                    return;
+            Ok(ClientMessage { msg: Some(client_message::Msg::Toggle(t)) }) => {
+                match toggle(app, &mut limits, t).await {
+                    Ok(result) => {
+                        Ctl::Send(server_frame(server_message::Msg::ToggleResult(result)))
+                    }
+                    Err(Abusive) => {
+                        bad(close::POLICY, "persistent rate abuse");
+                        let _ = ctl
+                            .send(Ctl::Send(error_frame(
+                                Code::RateLimited,
+                                "too many toggles; slow down",
+                            )))
+                            .await;
+                        let _ = ctl.send(Ctl::Close(close::POLICY, "rate limit")).await;
+                        return;
+                    }
                 }
-            },
-            Ok(ClientMessage {
-                msg: Some(client_message::Msg::Resync(_)),
-            }) => Ctl::Resync,
+            }
+            Ok(ClientMessage { msg: Some(client_message::Msg::Resync(_)) }) => Ctl::Resync,
             Ok(ClientMessage { msg: None }) | Err(_) => {
                 bad(close::INVALID, "undecodable message");
                 let _ = ctl
@@ -487,23 +475,11 @@ async fn toggle(app: &App, limits: &mut Limits, t: v1::Toggle) -> Result<ToggleR
     Ok(match app.store.set(t.index, t.checked).await {
         Ok(SetOutcome::Changed { seq, checked }) => {
             m.toggles_changed.increment(1);
-            ToggleResult {
-                request_id: t.request_id,
-                accepted: true,
-                checked,
-                reason: 0,
-                seq,
-            }
+            ToggleResult { request_id: t.request_id, accepted: true, checked, reason: 0, seq }
         }
         Ok(SetOutcome::Unchanged { checked }) => {
             m.toggles_unchanged.increment(1);
-            ToggleResult {
-                request_id: t.request_id,
-                accepted: true,
-                checked,
-                reason: 0,
-                seq: 0,
-            }
+            ToggleResult { request_id: t.request_id, accepted: true, checked, reason: 0, seq: 0 }
         }
         Ok(SetOutcome::Refused { reason, checked }) => {
             m.refused(reason).increment(1);

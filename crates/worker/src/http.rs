@@ -35,10 +35,9 @@ pub async fn handle(
         "/api/stats" => stats(&app),
         "/healthz" => plain(StatusCode::OK, "ok\n"),
         "/readyz" if app.hub.is_ready() => plain(StatusCode::OK, "ready\n"),
-        "/readyz" => plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: store unreachable or catching up\n",
-        ),
+        "/readyz" => {
+            plain(StatusCode::SERVICE_UNAVAILABLE, "not ready: store unreachable or catching up\n")
+        }
         _ => static_file(&app, &req).await,
     };
     if head {
@@ -50,12 +49,9 @@ pub async fn handle(
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
     r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 
@@ -71,7 +67,8 @@ fn if_none_match(req: &Request<Incoming>, etag: &str) -> bool {
         })
 }
 
-/// `GET /api/state`: the bare Snapshot, encoded once per seq, with `ETag: "<epoch>-<seq>"`.
+/// `GET /api/state`: the bare Snapshot, encoded once per seq (and gzipped once
+/// per seq for clients that accept it), with `ETag: "<epoch>-<seq>"`.
 fn state(app: &App, req: &Request<Incoming>) -> Response<Body> {
     let (epoch, seq) = app.hub.position();
     let current = format!("\"{epoch}-{seq}\"");
@@ -84,20 +81,43 @@ fn state(app: &App, req: &Request<Incoming>) -> Response<Body> {
     } else {
         let snapshot = app.hub.snapshot();
         app.metrics.api_state_full.increment(1);
-        let mut r = Response::new(Full::new(snapshot.bare.clone()));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/x-protobuf"),
-        );
+        let gzip = accepts_gzip(req);
+        let body = if gzip { snapshot.gzip().clone() } else { snapshot.bare.clone() };
+        let mut r = Response::new(Full::new(body));
+        let headers = r.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-protobuf"));
+        if gzip {
+            headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
         // The snapshot may be newer than the position read above: the ETag
         // describes the body actually sent.
-        let etag = format!("\"{}-{}\"", snapshot.epoch, snapshot.seq);
-        r.headers_mut().insert(header::ETAG, header_value(&etag));
+        headers.insert(
+            header::ETAG,
+            header_value(&format!("\"{}-{}\"", snapshot.epoch, snapshot.seq)),
+        );
         r
     };
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    let headers = resp.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
     resp
+}
+
+/// Whether the request accepts a gzip body (and does not refuse it with q=0).
+fn accepts_gzip(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| {
+                p.trim().strip_prefix("q=").and_then(|q| q.parse::<f32>().ok()) == Some(0.0)
+            });
+            name.eq_ignore_ascii_case("gzip") && !refused
+        })
 }
 
 fn header_value(s: &str) -> HeaderValue {
@@ -117,12 +137,8 @@ fn stats(app: &App) -> Response<Body> {
         })
     });
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
 }
 
@@ -136,17 +152,12 @@ async fn static_file(app: &App, req: &Request<Incoming>) -> Response<Body> {
         r
     } else {
         let mut r = Response::new(Full::new(asset.body));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(asset.content_type),
-        );
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type));
         r
     };
-    r.headers_mut()
-        .insert(header::ETAG, header_value(&asset.etag));
+    r.headers_mut().insert(header::ETAG, header_value(&asset.etag));
     // Revalidate every time: the files are small and an ETag hit costs a 304.
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
 }
 

@@ -53,6 +53,24 @@ pub struct EncodedSnapshot {
     pub frame: Bytes,
     /// The bare `Snapshot`, for `/api/state`.
     pub bare: Bytes,
+    /// `bare` gzipped, made on first request: a mostly empty million-box board
+    /// is 250 KB bare and about a kilobyte compressed.
+    gzip: std::sync::OnceLock<Bytes>,
+}
+
+impl EncodedSnapshot {
+    /// The bare snapshot, gzipped once.
+    pub fn gzip(&self) -> &Bytes {
+        self.gzip.get_or_init(|| {
+            use std::io::Write as _;
+            let mut enc = flate2::write::GzEncoder::new(
+                Vec::with_capacity(self.bare.len() / 8),
+                flate2::Compression::fast(),
+            );
+            enc.write_all(&self.bare).expect("writing to a Vec cannot fail");
+            Bytes::from(enc.finish().expect("writing to a Vec cannot fail"))
+        })
+    }
 }
 
 /// Where a new socket starts.
@@ -110,10 +128,7 @@ impl Hub {
         let (tx, _) = broadcast::channel(send_queue.max(1));
         metrics.seq.set(board.seq as f64);
         Self {
-            state: RwLock::new(State {
-                board,
-                ring: VecDeque::new(),
-            }),
+            state: RwLock::new(State { board, ring: VecDeque::new() }),
             tx,
             snapshot: Mutex::new(None),
             ready: AtomicBool::new(true),
@@ -181,6 +196,7 @@ impl Hub {
             seq: state.board.seq,
             frame,
             bare,
+            gzip: std::sync::OnceLock::new(),
         });
         *cache = Some(encoded.clone());
         encoded
@@ -195,18 +211,9 @@ impl Hub {
         if let Some((epoch, since)) = resume
             && let Some(batches) = Self::resume_from(&state, epoch, since)
         {
-            return Subscription {
-                rx,
-                start: Start::Resume {
-                    batches,
-                    seq: state.board.seq,
-                },
-            };
+            return Subscription { rx, start: Start::Resume { batches, seq: state.board.seq } };
         }
-        Subscription {
-            rx,
-            start: Start::Snapshot(self.snapshot_of(&state)),
-        }
+        Subscription { rx, start: Start::Snapshot(self.snapshot_of(&state)) }
     }
 
     fn resume_from(state: &State, epoch: u64, since: u64) -> Option<Vec<EncodedBatch>> {
@@ -222,14 +229,7 @@ impl Hub {
         if first.from_seq > since + 1 {
             return None;
         }
-        Some(
-            state
-                .ring
-                .iter()
-                .filter(|b| b.to_seq > since)
-                .cloned()
-                .collect(),
-        )
+        Some(state.ring.iter().filter(|b| b.to_seq > since).cloned().collect())
     }
 
     /// Reads the store's feed and publishes one batch per tick until the feed
@@ -312,9 +312,7 @@ impl Hub {
         self.metrics.batch_changes.record(changes.len() as f64);
         self.metrics.seq.set(seq as f64);
         if let Some(t) = since {
-            self.metrics
-                .toggle_to_send
-                .record(t.elapsed().as_secs_f64());
+            self.metrics.toggle_to_send.record(t.elapsed().as_secs_f64());
         }
     }
 

@@ -95,9 +95,7 @@ pub struct Server {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })
+    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
 }
 
 impl Server {
@@ -110,12 +108,7 @@ impl Server {
         let store =
             Store::Memory(MemoryStore::open(config.board(), config.data_dir.clone()).await?);
         let board = store.snapshot().await?;
-        tracing::info!(
-            epoch = board.epoch,
-            seq = board.seq,
-            size = board.size,
-            "board loaded"
-        );
+        tracing::info!(epoch = board.epoch, seq = board.seq, size = board.size, "board loaded");
         let feed = store.feed(board.epoch, board.seq);
         let metrics = metrics::Metrics::new();
         let hub = Arc::new(Hub::new(
@@ -140,41 +133,23 @@ impl Server {
             sockets: AtomicUsize::new(0),
             sockets_gone: Notify::new(),
         });
-        Ok(Self {
-            app,
-            listener,
-            metrics_listener,
-            prometheus,
-            shutdown_tx,
-            feed,
-        })
+        Ok(Self { app, listener, metrics_listener, prometheus, shutdown_tx, feed })
     }
 
     /// The address clients connect to.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.listener.local_addr().expect("bound listener has an address")
     }
 
     /// The metrics listener's address, when there is one.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Serves until `shutdown` resolves; then closes every socket with 1012,
     /// waits up to `--shutdown-grace` for them, and persists the board.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
-        let Server {
-            app,
-            listener,
-            metrics_listener,
-            prometheus,
-            shutdown_tx,
-            feed,
-        } = self;
+        let Server { app, listener, metrics_listener, prometheus, shutdown_tx, feed } = self;
         let (hub_stop_tx, hub_stop) = watch::channel(false);
         let hub_task = tokio::spawn(app.hub.clone().run(
             app.store.clone(),
@@ -211,10 +186,7 @@ impl Server {
                 },
             }
         }
-        tracing::info!(
-            sockets = app.sockets.load(Ordering::SeqCst),
-            "shutting down"
-        );
+        tracing::info!(sockets = app.sockets.load(Ordering::SeqCst), "shutting down");
         drop(listener);
         let _ = shutdown_tx.send(true);
         let drained = async {
@@ -226,10 +198,7 @@ impl Server {
                 gone.await;
             }
         };
-        if tokio::time::timeout(app.config.shutdown_grace, drained)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(app.config.shutdown_grace, drained).await.is_err() {
             tracing::warn!(
                 left = app.sockets.load(Ordering::SeqCst),
                 "sockets still open after the grace period"
@@ -321,9 +290,7 @@ async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }

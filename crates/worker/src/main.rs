@@ -6,11 +6,7 @@ use omcb_worker::{Config, Server};
 use std::io::Write as _;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "omcb",
-    version,
-    about = "One shared board of a million checkboxes, live."
-)]
+#[command(name = "omcb", version, about = "One shared board of a million checkboxes, live.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,9 +27,7 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Serve(config) => runtime.block_on(serve(config)),
     }

@@ -10,14 +10,9 @@ use omcb_store::Refusal;
 /// Installs the process-wide Prometheus recorder. Call before [`Metrics::new`];
 /// handles made earlier record nothing.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
-    let latency = [
-        0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
-    ];
+    let latency = [0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5];
     PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full("omcb_toggle_to_send_seconds".into()),
-            &latency,
-        )?
+        .set_buckets_for_metric(Matcher::Full("omcb_toggle_to_send_seconds".into()), &latency)?
         .set_buckets_for_metric(
             Matcher::Full("omcb_batch_changes".into()),
             &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0],

@@ -19,12 +19,7 @@ impl TokenBucket {
     /// A full bucket.
     pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
         let burst = burst.max(1.0);
-        Self {
-            rate: rate.max(0.0),
-            burst,
-            tokens: burst,
-            last: now,
-        }
+        Self { rate: rate.max(0.0), burst, tokens: burst, last: now }
     }
 
     /// Takes one token if there is one.

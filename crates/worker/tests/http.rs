@@ -35,18 +35,10 @@ async fn api_state_is_a_bare_snapshot_with_etag_and_304() {
         etags.push(etag);
     }
     // The old ETag no longer matches.
-    assert_eq!(
-        http_get(w.addr, "/api/state", &[("If-None-Match", &etag0)])
-            .await
-            .status,
-        200
-    );
+    assert_eq!(http_get(w.addr, "/api/state", &[("If-None-Match", &etag0)]).await.status, 200);
     let (s, _) = api_state(w.addr).await;
     assert_eq!(s.checked_count, 3);
-    assert_eq!(
-        s.checked[0], 0x80,
-        "box 0 is the top bit of byte 0 (Redis bit order)"
-    );
+    assert_eq!(s.checked[0], 0x80, "box 0 is the top bit of byte 0 (Redis bit order)");
 }
 
 #[tokio::test]
@@ -61,18 +53,9 @@ async fn stats_health_ready_page_and_metrics() {
     assert_eq!(http_get(w.addr, "/readyz", &[]).await.status, 200);
     let page = http_get(w.addr, "/", &[]).await;
     assert_eq!(page.status, 200);
-    assert!(
-        page.header("content-type")
-            .unwrap()
-            .starts_with("text/html")
-    );
+    assert!(page.header("content-type").unwrap().starts_with("text/html"));
     let etag = page.header("etag").unwrap().to_string();
-    assert_eq!(
-        http_get(w.addr, "/", &[("If-None-Match", &etag)])
-            .await
-            .status,
-        304
-    );
+    assert_eq!(http_get(w.addr, "/", &[("If-None-Match", &etag)]).await.status, 304);
     assert_eq!(http_get(w.addr, "/no-such-file.js", &[]).await.status, 404);
     assert_eq!(http_get(w.addr, "/../Cargo.toml", &[]).await.status, 404);
     assert_eq!(http_get(w.addr, "/ws", &[]).await.status, 426);
@@ -97,10 +80,7 @@ async fn stats_health_ready_page_and_metrics() {
     ] {
         assert!(text.contains(name), "metrics lack `{name}`:\n{text}");
     }
-    assert_eq!(
-        w.metric("omcb_api_state_total{status=\"200\"}").await,
-        page_loads_before + 1.0
-    );
+    assert_eq!(w.metric("omcb_api_state_total{status=\"200\"}").await, page_loads_before + 1.0);
     // The metrics listener is separate: the public one has no /metrics.
     assert_eq!(http_get(w.addr, "/metrics", &[]).await.status, 404);
 }
@@ -109,9 +89,7 @@ async fn stats_health_ready_page_and_metrics() {
 async fn sigterm_closes_with_1012_persists_and_restarts_with_the_same_board() {
     let mut w = Worker::start(&["--board-size", "2000"]);
     let mut c = connect(&w.ws_url("")).await;
-    let Msg::Snapshot(first) = c.recv().await else {
-        panic!()
-    };
+    let Msg::Snapshot(first) = c.recv().await else { panic!() };
     let mut seq = 0;
     for i in [0, 5, 1999] {
         seq = c.set(i, true).await.seq;
@@ -136,9 +114,7 @@ async fn sigterm_closes_with_1012_persists_and_restarts_with_the_same_board() {
 async fn kill_9_loses_at_most_the_last_second_and_changes_the_epoch() {
     let mut w = Worker::start(&["--board-size", "2000"]);
     let mut c = connect(&w.ws_url("")).await;
-    let Msg::Snapshot(first) = c.recv().await else {
-        panic!()
-    };
+    let Msg::Snapshot(first) = c.recv().await else { panic!() };
     assert!(c.set(42, true).await.accepted);
     // Wait for the periodic persist (at least every second) to write the change:
     // a new board has no file until its first change is persisted.
@@ -146,13 +122,10 @@ async fn kill_9_loses_at_most_the_last_second_and_changes_the_epoch() {
     poll("the board file to be rewritten", || {
         let dir = dir.clone();
         async move {
-            std::fs::read_dir(&dir)
-                .ok()?
-                .filter_map(Result::ok)
-                .find(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    !name.ends_with(".log") && !name.contains("tmp")
-                })
+            std::fs::read_dir(&dir).ok()?.filter_map(Result::ok).find(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                !name.ends_with(".log") && !name.contains("tmp")
+            })
         }
     })
     .await;
@@ -160,10 +133,7 @@ async fn kill_9_loses_at_most_the_last_second_and_changes_the_epoch() {
     let w2 = Worker::start_in(&dir, &["--board-size", "2000"]);
     let (s, _) = api_state(w2.addr).await;
     assert!(omcb_proto::Board::from_snapshot(&s).unwrap().is_checked(42));
-    assert_ne!(
-        s.epoch, first.epoch,
-        "acknowledged changes may be lost: a new epoch"
-    );
+    assert_ne!(s.epoch, first.epoch, "acknowledged changes may be lost: a new epoch");
     drop(w);
 }
 
@@ -172,21 +142,34 @@ async fn refuses_to_resize_a_persisted_board() {
     let mut w = Worker::start(&["--board-size", "2000"]);
     assert!(w.terminate().success());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_omcb"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--board-size",
-            "3000",
-            "--data-dir",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--board-size", "3000", "--data-dir"])
         .arg(&w.data_dir)
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("2000") && err.contains("3000"), "clear error, got: {err}");
+}
+
+#[tokio::test]
+async fn api_state_is_gzipped_when_asked() {
+    let w = Worker::start(&[]);
+    let plain = http_get(w.addr, "/api/state", &[]).await;
+    let gz = http_get(w.addr, "/api/state", &[("Accept-Encoding", "br, gzip")]).await;
+    assert_eq!(gz.header("content-encoding"), Some("gzip"));
+    assert!(plain.header("content-encoding").is_none());
     assert!(
-        err.contains("2000") && err.contains("3000"),
-        "clear error, got: {err}"
+        gz.body.len() * 20 < plain.body.len(),
+        "an empty board compresses well: {} bytes",
+        gz.body.len()
     );
+    let mut unzipped = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(gz.body.as_slice()),
+        &mut unzipped,
+    )
+    .unwrap();
+    assert_eq!(unzipped, plain.body);
+    let refused = http_get(w.addr, "/api/state", &[("Accept-Encoding", "gzip;q=0")]).await;
+    assert!(refused.header("content-encoding").is_none());
 }

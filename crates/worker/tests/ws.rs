@@ -16,9 +16,7 @@ const SMALL: &[&str] = &["--board-size", "1000"];
 async fn snapshot_comes_first() {
     let w = Worker::start(&[]);
     let mut c = connect(&w.ws_url("")).await;
-    let Msg::Snapshot(s) = c.recv().await else {
-        panic!("first message must be a Snapshot")
-    };
+    let Msg::Snapshot(s) = c.recv().await else { panic!("first message must be a Snapshot") };
     assert_eq!(s.size, 1_000_000);
     assert_eq!(s.checked.len(), 125_000);
     assert_eq!(s.frozen.len(), 125_000);
@@ -36,9 +34,7 @@ async fn toggle_reaches_another_client_as_a_batch() {
     let r = a.set(7, true).await;
     assert!(r.accepted && r.checked);
     assert_eq!(r.seq, 1);
-    let Msg::Batch(batch) = b.recv().await else {
-        panic!("expected a Batch")
-    };
+    let Msg::Batch(batch) = b.recv().await else { panic!("expected a Batch") };
     assert!(batch.from_seq <= 1 && batch.to_seq >= 1);
     assert_eq!(delta::decode(&batch.checked).unwrap(), vec![7]);
     assert_eq!(batch.checked_count, 1);
@@ -85,17 +81,12 @@ async fn frozen_box_is_refused() {
     a.recv().await;
     assert!(a.set(5, true).await.accepted);
     // The sweep freezes it once it has been checked for 150 ms.
-    poll("box 5 to freeze", || async {
-        (w.stats().await["frozen_count"] == 1).then_some(())
-    })
-    .await;
+    poll("box 5 to freeze", || async { (w.stats().await["frozen_count"] == 1).then_some(()) })
+        .await;
     let r = a.set(5, false).await;
     assert!(!r.accepted);
     assert_eq!(r.reason, Reason::Frozen as i32);
-    assert!(
-        r.checked,
-        "a refused toggle reports the box's current value"
-    );
+    assert!(r.checked, "a refused toggle reports the box's current value");
     assert!(a.set(6, true).await.accepted, "the connection stays");
 }
 
@@ -132,16 +123,11 @@ async fn over_the_rate_is_refused_then_abuse_is_closed() {
     }
     // Persistent abuse: Error{CODE_RATE_LIMITED} then close 1008.
     a.toggle(9, true).await;
-    let Msg::Error(e) = a.recv().await else {
-        panic!("expected an Error")
-    };
+    let Msg::Error(e) = a.recv().await else { panic!("expected an Error") };
     assert_eq!(e.code, Code::RateLimited as i32);
     assert_eq!(a.until_closed().await, Ended::Closed(Some(1008)));
     let stats = w.stats_at(3).await;
-    assert_eq!(
-        stats["checked_count"], 3,
-        "no refused toggle changed the board"
-    );
+    assert_eq!(stats["checked_count"], 3, "no refused toggle changed the board");
     assert_eq!(stats["seq"], 3);
 }
 
@@ -149,9 +135,7 @@ async fn expect_bad_message(w: &Worker, msg: Message, close_code: u16) {
     let mut a = connect(&w.ws_url("")).await;
     a.recv().await;
     a.ws.send(msg).await.unwrap();
-    let Msg::Error(e) = a.recv().await else {
-        panic!("expected an Error before the close")
-    };
+    let Msg::Error(e) = a.recv().await else { panic!("expected an Error before the close") };
     assert_eq!(e.code, Code::BadMessage as i32);
     assert!(!e.message.is_empty());
     assert_eq!(a.until_closed().await, Ended::Closed(Some(close_code)));
@@ -182,9 +166,7 @@ async fn oversized_frame_is_closed_with_1009() {
     let w = Worker::start(SMALL);
     let mut a = connect(&w.ws_url("")).await;
     a.recv().await;
-    a.ws.send(Message::Binary(vec![0u8; 1025].into()))
-        .await
-        .unwrap();
+    a.ws.send(Message::Binary(vec![0u8; 1025].into())).await.unwrap();
     assert_eq!(a.until_closed().await, Ended::Closed(Some(1009)));
     // Exactly at the limit is a normal (here undecodable) message, not a 1009.
     let mut b = connect(&w.ws_url("")).await;
@@ -193,12 +175,8 @@ async fn oversized_frame_is_closed_with_1009() {
         msg: Some(client_message::Msg::Resync(omcb_proto::v1::Resync {})),
     };
     let _ = &mut ok;
-    b.ws.send(Message::Binary(vec![0u8; 1024].into()))
-        .await
-        .unwrap();
-    let Msg::Error(_) = b.recv().await else {
-        panic!("expected an Error")
-    };
+    b.ws.send(Message::Binary(vec![0u8; 1024].into())).await.unwrap();
+    let Msg::Error(_) = b.recv().await else { panic!("expected an Error") };
     assert_eq!(b.until_closed().await, Ended::Closed(Some(1007)));
 }
 
@@ -225,20 +203,15 @@ async fn resync_sends_a_snapshot() {
     let w = Worker::start(SMALL);
     let mut a = connect(&w.ws_url("")).await;
     a.recv().await;
-    a.send_msg(client_message::Msg::Resync(omcb_proto::v1::Resync {}))
-        .await;
-    let Msg::Snapshot(_) = a.recv().await else {
-        panic!("expected a Snapshot")
-    };
+    a.send_msg(client_message::Msg::Resync(omcb_proto::v1::Resync {})).await;
+    let Msg::Snapshot(_) = a.recv().await else { panic!("expected a Snapshot") };
 }
 
 #[tokio::test]
 async fn resume_with_since_sends_batches_not_a_snapshot() {
     let w = Worker::start(SMALL);
     let mut a = connect(&w.ws_url("")).await;
-    let Msg::Snapshot(first) = a.recv().await else {
-        panic!()
-    };
+    let Msg::Snapshot(first) = a.recv().await else { panic!() };
     assert!(a.set(1, true).await.accepted);
     a.until_seq(1).await;
     let (epoch, since) = (first.epoch, a.seq());
@@ -251,34 +224,20 @@ async fn resume_with_since_sends_batches_not_a_snapshot() {
         assert!(b.set(i, true).await.accepted);
     }
     let mut back = connect(&w.ws_url(&format!("?since={since}&epoch={epoch}"))).await;
-    let Msg::Batch(batch) = back.recv().await else {
-        panic!("a resume starts with batches")
-    };
-    assert!(
-        batch.from_seq <= since + 1,
-        "no gap: from {} after {since}",
-        batch.from_seq
-    );
+    let Msg::Batch(batch) = back.recv().await else { panic!("a resume starts with batches") };
+    assert!(batch.from_seq <= since + 1, "no gap: from {} after {since}", batch.from_seq);
     // It converges to the board without a snapshot.
-    assert_eq!(
-        board.apply_batch(&batch).unwrap(),
-        omcb_proto::Applied::Applied
-    );
+    assert_eq!(board.apply_batch(&batch).unwrap(), omcb_proto::Applied::Applied);
     let mut seen = batch.to_seq;
     while seen < 11 {
-        let Msg::Batch(b) = back.recv().await else {
-            panic!("expected batches")
-        };
+        let Msg::Batch(b) = back.recv().await else { panic!("expected batches") };
         assert_eq!(board.apply_batch(&b).unwrap(), omcb_proto::Applied::Applied);
         seen = b.to_seq;
     }
     w.stats_at(11).await;
     let (s, _) = api_state(w.addr).await;
     let truth = omcb_proto::Board::from_snapshot(&s).unwrap();
-    assert_eq!(
-        (board.seq, board.checked_count),
-        (truth.seq, truth.checked_count)
-    );
+    assert_eq!((board.seq, board.checked_count), (truth.seq, truth.checked_count));
     assert!(board == truth, "resumed client converged");
     assert_eq!(w.metric("omcb_resumes_total").await, 1.0);
 
@@ -315,10 +274,7 @@ async fn a_client_that_stops_reading_gets_a_snapshot_later_and_others_are_unaffe
     }
     fast.until_seq(last).await;
     assert_eq!(fast.gaps, 0, "a reading client never sees a gap");
-    assert_eq!(
-        fast.snapshots, 1,
-        "a reading client never needs a second snapshot"
-    );
+    assert_eq!(fast.snapshots, 1, "a reading client never needs a second snapshot");
     let rss_after = w.rss_kib();
     assert!(
         rss_after < rss_before + 64 * 1024,
@@ -326,10 +282,7 @@ async fn a_client_that_stops_reading_gets_a_snapshot_later_and_others_are_unaffe
     );
     // Now it reads again: it gets a snapshot (not the backlog) and converges.
     slow.until_seq(last).await;
-    assert!(
-        slow.snapshots >= 2,
-        "the lagging client got a fresh Snapshot"
-    );
+    assert!(slow.snapshots >= 2, "the lagging client got a fresh Snapshot");
     assert_eq!(slow.board, fast.board);
 }
 
@@ -346,10 +299,7 @@ async fn a_client_that_cannot_keep_up_is_closed() {
     for round in 0u32.. {
         let mut ids = Vec::new();
         for i in 0..100u32 {
-            ids.push(
-                fast.toggle((round * 100 + i) % 100_000, round % 2 == 0)
-                    .await,
-            );
+            ids.push(fast.toggle((round * 100 + i) % 100_000, round % 2 == 0).await);
         }
         for id in ids {
             fast.result_for(id).await;
@@ -357,10 +307,7 @@ async fn a_client_that_cannot_keep_up_is_closed() {
         if w.metric("omcb_slow_clients_closed_total").await >= 1.0 {
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stuck client was never closed"
-        );
+        assert!(std::time::Instant::now() < deadline, "the stuck client was never closed");
     }
     assert_eq!(fast.gaps, 0);
 }

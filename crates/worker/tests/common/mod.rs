@@ -47,20 +47,11 @@ impl Worker {
     /// Starts a worker on an existing data dir (restarts).
     pub fn start_in(data_dir: &Path, args: &[&str]) -> Worker {
         let stderr_path = data_dir.join(format!("worker-{}.log", std::process::id()));
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&stderr_path)
-            .unwrap();
+        let stderr =
+            std::fs::OpenOptions::new().create(true).append(true).open(&stderr_path).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_omcb"))
             .arg("serve")
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(args)
             .env("OMCB_LOG", "info,omcb_worker=debug")
@@ -121,11 +112,7 @@ impl Worker {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(
-                Instant::now() < deadline,
-                "worker did not exit; log:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "worker did not exit; log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -164,10 +151,7 @@ impl Worker {
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.metrics_text().await;
         text.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
             .map_or(0.0, |v| v.trim().parse().unwrap())
     }
 }
@@ -206,10 +190,7 @@ pub struct HttpResponse {
 
 impl HttpResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -224,29 +205,15 @@ pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) ->
     s.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await.unwrap();
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("header end");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("header end");
     let head = String::from_utf8(raw[..split].to_vec()).unwrap();
     let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
-    HttpResponse {
-        status,
-        headers,
-        body: raw[split + 4..].to_vec(),
-    }
+    HttpResponse { status, headers, body: raw[split + 4..].to_vec() }
 }
 
 type Ws = tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>;
@@ -270,10 +237,8 @@ pub struct Client<S = Ws> {
 }
 
 pub async fn connect(url: &str) -> Client {
-    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
-        .await
-        .unwrap()
-        .unwrap();
+    let (ws, _) =
+        tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await.unwrap().unwrap();
     Client::new(ws)
 }
 
@@ -282,9 +247,8 @@ pub async fn connect_small_buffer(addr: SocketAddr, path: &str) -> Client<tokio:
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(addr).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}{path}"), stream)
-        .await
-        .unwrap();
+    let (ws, _) =
+        tokio_tungstenite::client_async(format!("ws://{addr}{path}"), stream).await.unwrap();
     Client::new(ws)
 }
 
@@ -293,22 +257,14 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     fn new(ws: tokio_tungstenite::WebSocketStream<S>) -> Self {
-        Client {
-            ws,
-            board: None,
-            batches: Vec::new(),
-            snapshots: 0,
-            gaps: 0,
-            next_request: 1,
-        }
+        Client { ws, board: None, batches: Vec::new(), snapshots: 0, gaps: 0, next_request: 1 }
     }
 
     /// The next server message (skipping pings), or how the connection ended.
     pub async fn next(&mut self) -> Result<Msg, Ended> {
         loop {
-            let m = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("server message in time");
+            let m =
+                tokio::time::timeout(WAIT, self.ws.next()).await.expect("server message in time");
             match m {
                 None => return Err(Ended::Eof),
                 Some(Err(_)) => return Err(Ended::Eof),
@@ -361,12 +317,7 @@ where
     pub async fn toggle(&mut self, index: u32, checked: bool) -> u32 {
         let id = self.next_request;
         self.next_request += 1;
-        self.send_msg(client_message::Msg::Toggle(Toggle {
-            index,
-            checked,
-            request_id: id,
-        }))
-        .await;
+        self.send_msg(client_message::Msg::Toggle(Toggle { index, checked, request_id: id })).await;
         id
     }
 
@@ -412,8 +363,5 @@ where
 pub async fn api_state(addr: SocketAddr) -> (omcb_proto::v1::Snapshot, HttpResponse) {
     let r = http_get(addr, "/api/state", &[]).await;
     assert_eq!(r.status, 200);
-    (
-        omcb_proto::v1::Snapshot::decode(r.body.as_slice()).unwrap(),
-        r,
-    )
+    (omcb_proto::v1::Snapshot::decode(r.body.as_slice()).unwrap(), r)
 }
