@@ -48,11 +48,7 @@ impl BatchBuilder {
 
     /// Number of changes pushed since the last finish.
     pub fn len(&self) -> usize {
-        if self.is_empty() {
-            0
-        } else {
-            (self.to_seq - self.from_seq + 1) as usize
-        }
+        if self.is_empty() { 0 } else { (self.to_seq - self.from_seq + 1) as usize }
     }
 
     /// Seq of the last change pushed, 0 when empty.
@@ -65,10 +61,7 @@ impl BatchBuilder {
         if self.is_empty() {
             self.from_seq = change.seq;
         } else if change.seq != self.to_seq + 1 {
-            return Err(OutOfOrder {
-                after: self.to_seq,
-                got: change.seq,
-            });
+            return Err(OutOfOrder { after: self.to_seq, got: change.seq });
         }
         self.to_seq = change.seq;
         match change.op {
@@ -129,34 +122,17 @@ mod tests {
     use super::*;
 
     fn set(seq: u64, index: u32, v: bool, c: u32) -> Change {
-        Change {
-            seq,
-            index,
-            op: Op::Set(v),
-            checked_count: c,
-            frozen_count: 0,
-        }
+        Change { seq, index, op: Op::Set(v), checked_count: c, frozen_count: 0 }
     }
 
     #[test]
     fn final_value_per_box_and_counts_of_last_change() {
         let mut b = BatchBuilder::new();
-        for c in [
-            set(5, 7, true, 1),
-            set(6, 3, true, 2),
-            set(7, 7, false, 1),
-            set(8, 9, true, 2),
-        ] {
+        for c in [set(5, 7, true, 1), set(6, 3, true, 2), set(7, 7, false, 1), set(8, 9, true, 2)] {
             b.push(&c).unwrap();
         }
-        b.push(&Change {
-            seq: 9,
-            index: 3,
-            op: Op::Freeze,
-            checked_count: 2,
-            frozen_count: 1,
-        })
-        .unwrap();
+        b.push(&Change { seq: 9, index: 3, op: Op::Freeze, checked_count: 2, frozen_count: 1 })
+            .unwrap();
         assert_eq!(b.len(), 5);
         let batch = b.finish().unwrap();
         assert_eq!((batch.from_seq, batch.to_seq), (5, 9));
@@ -172,9 +148,6 @@ mod tests {
     fn refuses_holes() {
         let mut b = BatchBuilder::new();
         b.push(&set(1, 0, true, 1)).unwrap();
-        assert_eq!(
-            b.push(&set(3, 0, true, 1)),
-            Err(OutOfOrder { after: 1, got: 3 })
-        );
+        assert_eq!(b.push(&set(3, 0, true, 1)), Err(OutOfOrder { after: 1, got: 3 }));
     }
 }

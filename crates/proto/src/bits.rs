@@ -45,11 +45,7 @@ pub enum BitsError {
 pub fn from_bytes(bytes: &[u8], size: u32) -> Result<Bits, BitsError> {
     let want = byte_len(size);
     if bytes.len() > want {
-        return Err(BitsError::WrongLength {
-            got: bytes.len(),
-            want,
-            size,
-        });
+        return Err(BitsError::WrongLength { got: bytes.len(), want, size });
     }
     let mut raw = Vec::with_capacity(want);
     raw.extend_from_slice(bytes);
@@ -66,11 +62,7 @@ pub fn from_bytes(bytes: &[u8], size: u32) -> Result<Bits, BitsError> {
 pub fn from_exact_bytes(bytes: &[u8], size: u32) -> Result<Bits, BitsError> {
     let want = byte_len(size);
     if bytes.len() != want {
-        return Err(BitsError::WrongLength {
-            got: bytes.len(),
-            want,
-            size,
-        });
+        return Err(BitsError::WrongLength { got: bytes.len(), want, size });
     }
     from_bytes(bytes, size)
 }
@@ -102,15 +94,9 @@ mod tests {
         assert_eq!(bits.len(), 20);
         assert!(bits[0]);
         assert_eq!(as_bytes(&bits), &[0x80, 0, 0]);
-        assert!(matches!(
-            from_bytes(&[0, 0, 0, 0], 20),
-            Err(BitsError::WrongLength { .. })
-        ));
+        assert!(matches!(from_bytes(&[0, 0, 0, 0], 20), Err(BitsError::WrongLength { .. })));
         // Bit 20 is past a 20-box board (byte 2, mask 0x08).
-        assert_eq!(
-            from_bytes(&[0, 0, 0x08], 20),
-            Err(BitsError::PaddingSet { size: 20 })
-        );
+        assert_eq!(from_bytes(&[0, 0, 0x08], 20), Err(BitsError::PaddingSet { size: 20 }));
         assert!(from_exact_bytes(&[0x80], 20).is_err());
     }
 }

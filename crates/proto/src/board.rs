@@ -132,20 +132,14 @@ impl Board {
         if index < self.size {
             Ok(())
         } else {
-            Err(BoardError::OutOfRange {
-                index,
-                size: self.size,
-            })
+            Err(BoardError::OutOfRange { index, size: self.size })
         }
     }
 
     /// Applies the next change of the store's feed (`seq` must be `self.seq + 1`).
     pub fn apply_change(&mut self, c: &Change) -> Result<(), BoardError> {
         if c.seq != self.seq + 1 {
-            return Err(BoardError::NotNext {
-                seq: self.seq,
-                got: c.seq,
-            });
+            return Err(BoardError::NotNext { seq: self.seq, got: c.seq });
         }
         self.check_index(c.index)?;
         match c.op {
@@ -162,10 +156,7 @@ impl Board {
     /// an index outside the board) is refused whole and changes nothing.
     pub fn apply_batch(&mut self, b: &Batch) -> Result<Applied, BoardError> {
         if b.from_seq > b.to_seq {
-            return Err(BoardError::BadRange {
-                from: b.from_seq,
-                to: b.to_seq,
-            });
+            return Err(BoardError::BadRange { from: b.from_seq, to: b.to_seq });
         }
         if b.to_seq <= self.seq {
             return Ok(Applied::Stale);
@@ -232,29 +223,14 @@ mod tests {
             checked_count: 2,
             frozen_count: 0,
         };
-        assert_eq!(
-            b.apply_batch(&bad),
-            Err(BoardError::OutOfRange {
-                index: 23,
-                size: 10
-            })
-        );
+        assert_eq!(b.apply_batch(&bad), Err(BoardError::OutOfRange { index: 23, size: 10 }));
         assert_eq!(b, before);
     }
 
     #[test]
     fn change_must_be_next() {
         let mut b = Board::new(10, 1, 0);
-        let c = Change {
-            seq: 2,
-            index: 0,
-            op: Op::Set(true),
-            checked_count: 1,
-            frozen_count: 0,
-        };
-        assert_eq!(
-            b.apply_change(&c),
-            Err(BoardError::NotNext { seq: 0, got: 2 })
-        );
+        let c = Change { seq: 2, index: 0, op: Op::Set(true), checked_count: 1, frozen_count: 0 };
+        assert_eq!(b.apply_change(&c), Err(BoardError::NotNext { seq: 0, got: 2 }));
     }
 }

@@ -27,10 +27,7 @@ pub fn encode_into(sorted: &[u32], out: &mut Vec<u32>) {
     out.reserve(sorted.len());
     let mut prev = 0u32;
     for (i, &index) in sorted.iter().enumerate() {
-        debug_assert!(
-            i == 0 || index > prev,
-            "delta::encode_into needs ascending input"
-        );
+        debug_assert!(i == 0 || index > prev, "delta::encode_into needs ascending input");
         out.push(index - prev);
         prev = index;
     }
@@ -70,24 +67,15 @@ mod tests {
     #[test]
     fn known_values() {
         assert_eq!(encode(&[3, 4, 10, 999_999]), vec![3, 1, 6, 999_989]);
-        assert_eq!(
-            decode(&[3, 1, 6, 999_989]).unwrap(),
-            vec![3, 4, 10, 999_999]
-        );
+        assert_eq!(decode(&[3, 1, 6, 999_989]).unwrap(), vec![3, 4, 10, 999_999]);
         assert_eq!(encode(&[]), Vec::<u32>::new());
         assert_eq!(decode(&[0, 1]).unwrap(), vec![0, 1]);
     }
 
     #[test]
     fn rejects_zero_delta_and_overflow() {
-        assert_eq!(
-            decode(&[5, 0]),
-            Err(DeltaError::NotAscending { position: 1 })
-        );
-        assert_eq!(
-            decode(&[u32::MAX, 1]),
-            Err(DeltaError::Overflow { position: 1 })
-        );
+        assert_eq!(decode(&[5, 0]), Err(DeltaError::NotAscending { position: 1 }));
+        assert_eq!(decode(&[u32::MAX, 1]), Err(DeltaError::Overflow { position: 1 }));
     }
 
     proptest! {

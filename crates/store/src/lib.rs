@@ -4,7 +4,8 @@
 //! - [`Store`]: the operations the worker needs, dispatched to a backend.
 //! - [`memory`]: the Memory backend, the embedded default: the board in process,
 //!   persisted to a data directory at least every second and on close.
-//! - (later) `redis`: the same semantics as Lua scripts in `lua/*.lua`.
+//! - [`redis`]: the Redis backend, the same semantics as Lua scripts in
+//!   `lua/*.lua`, for a fleet of workers sharing one board.
 //!
 //! # Semantics every backend shares
 //! - **Set, not flip**: `set(i, v)` on a box that already has `v` is accepted
@@ -27,6 +28,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use omcb_proto::{Board, Change, Op};
 
 pub mod memory;
+pub mod redis;
 
 /// A board's fixed settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,11 +43,7 @@ pub struct BoardConfig {
 
 impl Default for BoardConfig {
     fn default() -> Self {
-        Self {
-            size: 1_000_000,
-            max_checked: None,
-            freeze_after_ms: 0,
-        }
+        Self { size: 1_000_000, max_checked: None, freeze_after_ms: 0 }
     }
 }
 
@@ -110,9 +108,7 @@ pub enum StoreError {
 
 /// Milliseconds since the Unix epoch, the store's clock for check times.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A random non-zero epoch.
@@ -130,6 +126,8 @@ pub fn new_epoch() -> u64 {
 pub enum Store {
     /// In process (the embedded default).
     Memory(memory::MemoryStore),
+    /// In Redis, shared by a fleet of workers.
+    Redis(redis::RedisStore),
 }
 
 impl Store {
@@ -137,6 +135,7 @@ impl Store {
     pub fn config(&self) -> BoardConfig {
         match self {
             Store::Memory(m) => m.config(),
+            Store::Redis(r) => r.config(),
         }
     }
 
@@ -144,6 +143,7 @@ impl Store {
     pub async fn set(&self, index: u32, checked: bool) -> Result<SetOutcome, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.set(index, checked)),
+            Store::Redis(r) => r.set(index, checked).await,
         }
     }
 
@@ -151,6 +151,7 @@ impl Store {
     pub async fn snapshot(&self) -> Result<Board, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.snapshot()),
+            Store::Redis(r) => r.snapshot().await,
         }
     }
 
@@ -158,6 +159,7 @@ impl Store {
     pub fn feed(&self, epoch: u64, seq: u64) -> ChangeFeed {
         match self {
             Store::Memory(m) => ChangeFeed::Memory(m.feed(epoch, seq)),
+            Store::Redis(r) => ChangeFeed::Redis(r.feed(epoch, seq)),
         }
     }
 
@@ -166,6 +168,7 @@ impl Store {
     pub async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.sweep(limit)),
+            Store::Redis(r) => r.sweep(limit).await,
         }
     }
 
@@ -174,6 +177,15 @@ impl Store {
     pub async fn close(&self) -> Result<(), StoreError> {
         match self {
             Store::Memory(m) => m.close().await,
+            Store::Redis(r) => r.close().await,
+        }
+    }
+
+    /// Redis commands this worker issued, by purpose (`None` for the Memory backend).
+    pub fn commands(&self) -> Option<&redis::CommandCounts> {
+        match self {
+            Store::Memory(_) => None,
+            Store::Redis(r) => Some(r.commands()),
         }
     }
 }
@@ -183,6 +195,8 @@ impl Store {
 pub enum ChangeFeed {
     /// From the Memory backend.
     Memory(memory::MemoryFeed),
+    /// From the Redis backend's change stream.
+    Redis(redis::RedisFeed),
 }
 
 impl ChangeFeed {
@@ -191,6 +205,7 @@ impl ChangeFeed {
     pub async fn next(&mut self) -> Result<FeedEvent, StoreError> {
         match self {
             ChangeFeed::Memory(f) => Ok(f.next().await),
+            ChangeFeed::Redis(f) => f.next().await,
         }
     }
 }

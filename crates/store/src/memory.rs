@@ -88,13 +88,7 @@ impl State {
                 .map(|(i, &at)| (at, i as u32))
                 .collect()
         });
-        Self {
-            board,
-            checked_at,
-            due,
-            log: VecDeque::new(),
-            dirty: false,
-        }
+        Self { board, checked_at, due, log: VecDeque::new(), dirty: false }
     }
 
     /// Records one accepted change: next seq, new counts, the log.
@@ -105,16 +99,8 @@ impl State {
             Op::Set(false) => (b.checked_count - 1, b.frozen_count),
             Op::Freeze => (b.checked_count, b.frozen_count + 1),
         };
-        let change = Change {
-            seq: b.seq + 1,
-            index,
-            op,
-            checked_count,
-            frozen_count,
-        };
-        self.board
-            .apply_change(&change)
-            .expect("the store only makes valid, next changes");
+        let change = Change { seq: b.seq + 1, index, op, checked_count, frozen_count };
+        self.board.apply_change(&change).expect("the store only makes valid, next changes");
         if self.log.len() == LOG_CAPACITY {
             self.log.pop_front();
         }
@@ -227,59 +213,36 @@ impl MemoryStore {
         let freeze_after = self.inner.config.freeze_after_ms;
         let mut s = self.state();
         if index >= s.board.size {
-            return SetOutcome::Refused {
-                reason: Refusal::OutOfRange,
-                checked: false,
-            };
+            return SetOutcome::Refused { reason: Refusal::OutOfRange, checked: false };
         }
         let current = s.board.is_checked(index);
         if s.board.is_frozen(index) {
-            return SetOutcome::Refused {
-                reason: Refusal::Frozen,
-                checked: current,
-            };
+            return SetOutcome::Refused { reason: Refusal::Frozen, checked: current };
         }
         if current == checked {
             return SetOutcome::Unchanged { checked };
         }
         let outcome = if checked {
-            if self
-                .inner
-                .config
-                .max_checked
-                .is_some_and(|max| s.board.checked_count >= max)
-            {
-                return SetOutcome::Refused {
-                    reason: Refusal::BoardFull,
-                    checked: false,
-                };
+            if self.inner.config.max_checked.is_some_and(|max| s.board.checked_count >= max) {
+                return SetOutcome::Refused { reason: Refusal::BoardFull, checked: false };
             }
             s.checked_at[index as usize] = now.max(1);
             if let Some(due) = s.due.as_mut() {
                 due.insert((now.max(1), index));
             }
-            SetOutcome::Changed {
-                seq: s.push(index, Op::Set(true)),
-                checked: true,
-            }
+            SetOutcome::Changed { seq: s.push(index, Op::Set(true)), checked: true }
         } else {
             let since = s.checked_at[index as usize];
             if freeze_after > 0 && now.saturating_sub(since) >= freeze_after {
                 // The seed's sunset rule: too late to uncheck; it freezes instead.
                 s.freeze(index);
-                SetOutcome::Refused {
-                    reason: Refusal::Frozen,
-                    checked: true,
-                }
+                SetOutcome::Refused { reason: Refusal::Frozen, checked: true }
             } else {
                 if let Some(due) = s.due.as_mut() {
                     due.remove(&(since, index));
                 }
                 s.checked_at[index as usize] = 0;
-                SetOutcome::Changed {
-                    seq: s.push(index, Op::Set(false)),
-                    checked: false,
-                }
+                SetOutcome::Changed { seq: s.push(index, Op::Set(false)), checked: false }
             }
         };
         drop(s);
@@ -294,11 +257,7 @@ impl MemoryStore {
 
     /// A feed of changes after `seq` of board `epoch`.
     pub fn feed(&self, epoch: u64, seq: u64) -> MemoryFeed {
-        MemoryFeed {
-            store: self.clone(),
-            epoch,
-            seq,
-        }
+        MemoryFeed { store: self.clone(), epoch, seq }
     }
 
     /// Freezes up to `limit` boxes checked at least `freeze_after_ms` ago.
@@ -310,12 +269,8 @@ impl MemoryStore {
         let cutoff = (self.inner.clock)().saturating_sub(freeze_after);
         let mut s = self.state();
         let Some(due) = s.due.as_ref() else { return 0 };
-        let expired: Vec<u32> = due
-            .iter()
-            .take_while(|&&(at, _)| at <= cutoff)
-            .take(limit)
-            .map(|&(_, i)| i)
-            .collect();
+        let expired: Vec<u32> =
+            due.iter().take_while(|&&(at, _)| at <= cutoff).take(limit).map(|&(_, i)| i).collect();
         for &index in &expired {
             s.freeze(index);
         }
@@ -516,9 +471,7 @@ mod file {
         let mut checked_at = vec![0u64; size as usize];
         for _ in 0..r.u32()? {
             let (i, t) = (r.u32()?, r.u64()?);
-            *checked_at
-                .get_mut(i as usize)
-                .ok_or("check time for a box outside the board")? = t;
+            *checked_at.get_mut(i as usize).ok_or("check time for a box outside the board")? = t;
         }
         if !r.b.is_empty() {
             return Err("trailing bytes".into());
@@ -540,11 +493,7 @@ mod file {
             frozen_count,
             freeze_after_ms: 0,
         };
-        Ok(Saved {
-            board,
-            checked_at,
-            clean,
-        })
+        Ok(Saved { board, checked_at, clean })
     }
 
     /// temp file + fsync + rename + fsync of the directory: a reader (or a
@@ -585,14 +534,10 @@ mod file {
             Ok(head)
         }
         fn u32(&mut self) -> Result<u32, String> {
-            Ok(u32::from_le_bytes(
-                self.take(4)?.try_into().expect("4 bytes"),
-            ))
+            Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
         }
         fn u64(&mut self) -> Result<u64, String> {
-            Ok(u64::from_le_bytes(
-                self.take(8)?.try_into().expect("8 bytes"),
-            ))
+            Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
         }
     }
 }

@@ -16,6 +16,15 @@ pub struct Config {
     #[arg(long, env = "OMCB_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Fleet mode: keep the board in this Redis (`redis://HOST:PORT`), shared by
+    /// every worker pointed at it. Without it the board is embedded in this process.
+    #[arg(long, env = "OMCB_REDIS")]
+    pub redis: Option<String>,
+
+    /// Name of the board in Redis (its keys are `{NAME}:bits`, ...).
+    #[arg(long, env = "OMCB_BOARD", default_value = "main")]
+    pub board: String,
+
     /// Where the embedded store keeps the board; without it the board lives
     /// only in memory and is lost on exit.
     #[arg(long, env = "OMCB_DATA_DIR")]

@@ -270,7 +270,10 @@ impl Hub {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 },
-                _ = ticker.tick() => self.publish(&mut pending),
+                _ = ticker.tick() => {
+                    self.publish(&mut pending);
+                    self.metrics.record_store_commands(&store);
+                }
             }
         }
         // Publish what was accepted before the stop so it is not lost to clients

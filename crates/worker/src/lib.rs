@@ -39,7 +39,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
-use omcb_store::{ChangeFeed, Store, StoreError, memory::MemoryStore};
+use omcb_store::{ChangeFeed, Store, StoreError, memory::MemoryStore, redis::RedisStore};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
@@ -105,8 +105,15 @@ impl Server {
         config: Config,
         prometheus: Option<PrometheusHandle>,
     ) -> Result<Self, ServeError> {
-        let store =
-            Store::Memory(MemoryStore::open(config.board(), config.data_dir.clone()).await?);
+        let store = match &config.redis {
+            Some(url) => {
+                tracing::info!(url, board = config.board, "fleet mode: connecting to Redis");
+                Store::Redis(RedisStore::connect(url, &config.board, config.board()).await?)
+            }
+            None => {
+                Store::Memory(MemoryStore::open(config.board(), config.data_dir.clone()).await?)
+            }
+        };
         let board = store.snapshot().await?;
         tracing::info!(epoch = board.epoch, seq = board.seq, size = board.size, "board loaded");
         let feed = store.feed(board.epoch, board.seq);

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub seq: Gauge,
     /// Store feed resets (trimmed past, new epoch).
     pub feed_resets: Counter,
+    /// Redis commands by purpose: toggle, snapshot, feed, sweep (fleet mode).
+    pub store_commands: [Counter; 4],
 }
 
 impl Metrics {
@@ -101,6 +103,19 @@ impl Metrics {
             toggle_to_send: histogram!("omcb_toggle_to_send_seconds"),
             seq: gauge!("omcb_seq"),
             feed_resets: counter!("omcb_feed_resets_total"),
+            store_commands: ["toggle", "snapshot", "feed", "sweep"]
+                .map(|purpose| counter!("omcb_store_commands_total", "purpose" => purpose)),
+        }
+    }
+
+    /// Copies the store's command counts into the metrics.
+    pub fn record_store_commands(&self, store: &omcb_store::Store) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(c) = store.commands() {
+            let counts = [&c.toggle, &c.snapshot, &c.feed, &c.sweep];
+            for (counter, n) in self.store_commands.iter().zip(counts) {
+                counter.absolute(n.load(Relaxed));
+            }
         }
     }
 
