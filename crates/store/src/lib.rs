@@ -86,6 +86,7 @@ pub enum SetOutcome {
 #[derive(Debug, Clone, PartialEq)]
 pub enum FeedEvent {
     /// The next changes, in seq order, continuing exactly where the feed was.
+    /// Empty means "caught up, nothing new" (a backend's heartbeat).
     Changes(Vec<Change>),
     /// Continuity is lost (the feed was trimmed past our position, or the board
     /// has a new epoch): here is the whole board; continue after its seq.

@@ -474,11 +474,13 @@ impl RedisFeed {
                 self.last = changes.last().copied();
                 return Ok(FeedEvent::Changes(changes));
             }
-            // Idle for a block: is this still the same board?
-            match self.store.epoch_now(&client).await? {
-                Some(e) if e == self.epoch => {}
-                _ => return self.reset().await,
-            }
+            // Idle for a block: is this still the same board? If so, say that
+            // we are caught up (an empty batch of changes is the heartbeat
+            // that tells the worker its store is back after an outage).
+            return match self.store.epoch_now(&client).await? {
+                Some(e) if e == self.epoch => Ok(FeedEvent::Changes(Vec::new())),
+                _ => self.reset().await,
+            };
         }
     }
 
