@@ -237,37 +237,48 @@ impl Hub {
     pub async fn run(
         self: Arc<Self>,
         store: Store,
-        mut feed: ChangeFeed,
+        feed: ChangeFeed,
         tick: Duration,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut pending = Pending::default();
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut events, mut reader) = spawn_feed(feed);
         loop {
             tokio::select! {
                 () = crate::until_set(&mut stop) => break,
-                event = feed.next() => match event {
-                    Ok(FeedEvent::Changes(changes)) => {
+                event = events.recv() => match event {
+                    None => break,
+                    Some(Ok(FeedEvent::Changes(changes))) => {
                         self.ready.store(true, Ordering::Relaxed);
                         if let Err(e) = pending.push(&changes) {
+                            // The store promised contiguous changes; if that ever
+                            // breaks, start over from a snapshot and a new feed.
                             tracing::error!(error = %e, "store feed out of order; reloading the board");
                             pending = Pending::default();
+                            reader.abort();
                             match store.snapshot().await {
-                                Ok(board) => self.reset(board),
-                                Err(e) => tracing::warn!(error = %e, "reload failed"),
+                                Ok(board) => {
+                                    (events, reader) = spawn_feed(store.feed(board.epoch, board.seq));
+                                    self.reset(board);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "reload failed; retrying from the replica's position");
+                                    let (epoch, seq) = self.position();
+                                    (events, reader) = spawn_feed(store.feed(epoch, seq));
+                                }
                             }
                         }
                     }
-                    Ok(FeedEvent::Reset(board)) => {
+                    Some(Ok(FeedEvent::Reset(board))) => {
                         self.ready.store(true, Ordering::Relaxed);
                         pending = Pending::default();
                         self.reset(*board);
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         self.ready.store(false, Ordering::Relaxed);
                         tracing::warn!(error = %e, "store feed failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 },
                 _ = ticker.tick() => {
@@ -276,6 +287,7 @@ impl Hub {
                 }
             }
         }
+        reader.abort();
         // Publish what was accepted before the stop so it is not lost to clients
         // still connected during the grace period.
         self.publish(&mut pending);
@@ -330,6 +342,31 @@ impl Hub {
         drop(state);
         self.metrics.feed_resets.increment(1);
     }
+}
+
+/// Reads the feed in its own task, so the hub's `select!` never cancels a
+/// read in flight (an `XREAD BLOCK` dropped every tick would never finish).
+fn spawn_feed(
+    mut feed: ChangeFeed,
+) -> (
+    tokio::sync::mpsc::Receiver<Result<FeedEvent, omcb_store::StoreError>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        loop {
+            let event = feed.next().await;
+            let failed = event.is_err();
+            if tx.send(event).await.is_err() {
+                return;
+            }
+            if failed {
+                // The backend reconnects by itself; don't spin meanwhile.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    (rx, task)
 }
 
 /// Changes received since the last tick.

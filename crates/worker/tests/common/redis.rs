@@ -1,0 +1,210 @@
+//! A real redis-server on a free port in a temp dir, killed on drop.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Default)]
+pub struct RedisOptions {
+    pub aof: bool,
+}
+
+pub struct RedisServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    opts: RedisOptions,
+    child: Option<Child>,
+}
+
+/// A RESP reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Resp>>),
+}
+
+impl Resp {
+    pub fn as_bytes(&self) -> Option<&[u8]> {
+        match self {
+            Resp::Bulk(Some(b)) => Some(b),
+            Resp::Simple(s) => Some(s.as_bytes()),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        self.as_bytes().and_then(|b| std::str::from_utf8(b).ok())
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl RedisServer {
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(RedisOptions::default())
+    }
+
+    pub fn start_with(opts: RedisOptions) -> anyhow::Result<Self> {
+        let mut s = RedisServer { port: 0, dir: tempfile::tempdir()?, opts, child: None };
+        for _ in 0..5 {
+            s.port = free_port();
+            if s.spawn().is_ok() {
+                return Ok(s);
+            }
+        }
+        anyhow::bail!("redis-server did not start; log:\n{}", s.log())
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let bin = std::env::var("OMCB_REDIS_BIN").unwrap_or_else(|_| "redis-server".into());
+        let child = Command::new(bin)
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+            ])
+            .args([
+                "--protected-mode",
+                "no",
+                "--appendonly",
+                if self.opts.aof { "yes" } else { "no" },
+            ])
+            .args(["--appendfsync", "everysec", "--logfile", "redis.log", "--dir"])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Resp::Simple(p)) = self.command(&["PING"])
+                && p == "PONG"
+            {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut()
+                && c.try_wait()?.is_some()
+            {
+                anyhow::bail!("redis-server exited");
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("redis-server did not answer PING");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    fn stop(&mut self, signal: &str) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args([signal, &c.id().to_string()]).status();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM (Redis flushes its AOF), then start on the same port and dir.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop("-TERM");
+        self.spawn()
+    }
+
+    /// Stop, delete the data, start on the same port: an empty Redis.
+    pub fn restart_empty(&mut self) -> anyhow::Result<()> {
+        self.stop("-TERM");
+        for entry in std::fs::read_dir(self.dir.path())? {
+            let path: PathBuf = entry?.path();
+            if path.file_name().is_some_and(|n| n != "redis.log") {
+                if path.is_dir() {
+                    std::fs::remove_dir_all(&path)?
+                } else {
+                    std::fs::remove_file(&path)?
+                }
+            }
+        }
+        self.spawn()
+    }
+
+    /// SIGKILL: down until `start_again`.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.stop("-KILL");
+        Ok(())
+    }
+
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        self.spawn()
+    }
+
+    /// One command over a fresh connection.
+    pub fn command(&self, args: &[&str]) -> anyhow::Result<Resp> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut req = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a.as_bytes());
+            req.extend_from_slice(b"\r\n");
+        }
+        s.write_all(&req)?;
+        read_resp(&mut BufReader::new(s))
+    }
+}
+
+fn read_resp(r: &mut impl BufRead) -> anyhow::Result<Resp> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let line = line.trim_end_matches("\r\n");
+    anyhow::ensure!(!line.is_empty(), "connection closed");
+    let (kind, rest) = line.split_at(1);
+    Ok(match kind {
+        "+" => Resp::Simple(rest.into()),
+        "-" => Resp::Error(rest.into()),
+        ":" => Resp::Int(rest.parse()?),
+        "$" => {
+            let n: i64 = rest.parse()?;
+            if n < 0 {
+                Resp::Bulk(None)
+            } else {
+                let mut buf = vec![0; n as usize + 2];
+                r.read_exact(&mut buf)?;
+                buf.truncate(n as usize);
+                Resp::Bulk(Some(buf))
+            }
+        }
+        "*" => {
+            let n: i64 = rest.parse()?;
+            if n < 0 {
+                Resp::Array(None)
+            } else {
+                Resp::Array(Some((0..n).map(|_| read_resp(r)).collect::<Result<_, _>>()?))
+            }
+        }
+        _ => anyhow::bail!("bad RESP line {line:?}"),
+    })
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- redis log ---\n{}", self.log());
+        }
+        self.stop("-KILL");
+    }
+}
