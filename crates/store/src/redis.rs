@@ -439,48 +439,49 @@ impl RedisFeed {
     }
 
     /// The next changes, a `Reset` when continuity is lost (trimmed log, new
-    /// epoch, Redis lost writes), or `Unavailable` while Redis is away.
-    /// Cancel-safe: the position moves only when a value is returned.
+    /// epoch, Redis lost writes), an empty `Changes` after a quiet block (the
+    /// heartbeat), or `Unavailable` while Redis is away. Run it in a task of its
+    /// own: a dropped call loses nothing, but wastes a blocking read.
     pub async fn next(&mut self) -> Result<FeedEvent, StoreError> {
-        loop {
-            let client = self.client().await?;
-            if std::mem::take(&mut self.verify) && !self.still_continuous(&client).await? {
+        let client = self.client().await?;
+        if self.verify {
+            if !self.still_continuous(&client).await? {
                 return self.reset().await;
             }
-            let reply: Value = client
-                .with_options(&Options {
-                    timeout: Some(Duration::from_millis(FEED_BLOCK_MS) + COMMAND_TIMEOUT),
-                    ..Default::default()
-                })
-                .xread(
-                    Some(FEED_CHUNK),
-                    Some(FEED_BLOCK_MS),
-                    &self.store.inner.keys.log,
-                    format!("{}-0", self.seq),
-                )
-                .await
-                .map_err(|e| {
-                    self.verify = true;
-                    unavailable(e)
-                })?;
-            self.store.inner.commands.feed.fetch_add(1, Ordering::Relaxed);
-            let changes = parse_xread(reply)?;
-            if let Some(first) = changes.first() {
-                if first.seq != self.seq + 1 {
-                    // The log was trimmed past us (or seqs jumped): start over from a snapshot.
-                    return self.reset().await;
-                }
-                self.seq = changes.last().map_or(self.seq, |c| c.seq);
-                self.last = changes.last().copied();
-                return Ok(FeedEvent::Changes(changes));
+            self.verify = false;
+        }
+        let read = client
+            .with_options(&Options {
+                timeout: Some(Duration::from_millis(FEED_BLOCK_MS) + COMMAND_TIMEOUT),
+                ..Default::default()
+            })
+            .xread::<Value, _, _>(
+                Some(FEED_CHUNK),
+                Some(FEED_BLOCK_MS),
+                &self.store.inner.keys.log,
+                format!("{}-0", self.seq),
+            )
+            .await;
+        self.store.inner.commands.feed.fetch_add(1, Ordering::Relaxed);
+        let reply = read.map_err(|e| {
+            self.verify = true;
+            unavailable(e)
+        })?;
+        let changes = parse_xread(reply)?;
+        if let Some(first) = changes.first() {
+            if first.seq != self.seq + 1 {
+                // The log was trimmed past us (or seqs jumped): start over from a snapshot.
+                return self.reset().await;
             }
-            // Idle for a block: is this still the same board? If so, say that
-            // we are caught up (an empty batch of changes is the heartbeat
-            // that tells the worker its store is back after an outage).
-            return match self.store.epoch_now(&client).await? {
-                Some(e) if e == self.epoch => Ok(FeedEvent::Changes(Vec::new())),
-                _ => self.reset().await,
-            };
+            self.seq = changes.last().map_or(self.seq, |c| c.seq);
+            self.last = changes.last().copied();
+            return Ok(FeedEvent::Changes(changes));
+        }
+        // Quiet for a whole block: is this still the same board? If so, say we
+        // are caught up (the heartbeat that turns /readyz back to 200 after an outage).
+        match self.store.epoch_now(&client).await? {
+            Some(e) if e == self.epoch => Ok(FeedEvent::Changes(Vec::new())),
+            _ => self.reset().await,
         }
     }
 
