@@ -41,7 +41,7 @@ async fn hammer(
         let mut ids = Vec::new();
         for _ in 0..50.min(n - sent) {
             let index = (rng.next() % u64::from(hot)) as u32;
-            ids.push((index, c.toggle(index, rng.next() % 2 == 0).await));
+            ids.push((index, c.toggle(index, rng.next().is_multiple_of(2)).await));
             sent += 1;
         }
         for (index, id) in ids {
@@ -200,7 +200,7 @@ async fn a_killed_worker_s_clients_resume_elsewhere_and_it_catches_up_on_restart
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarts_with_aof_and_workers_recover_on_their_own() {
     let mut redis =
-        RedisServer::start_with(RedisOptions { aof: true, ..Default::default() }).unwrap();
+        RedisServer::start_with(RedisOptions { aof: true }).unwrap();
     let f = fleet_flags(&redis);
     let workers: Vec<Worker> = (0..2).map(|_| Worker::start(&flags(&f))).collect();
     let mut clients = clients_on(&workers, 1).await;
