@@ -1,0 +1,136 @@
+// Wires the page together: the board state, the socket, the grid, and the
+// optimistic clicks that make a toggle feel instant.
+import { Board } from './board.js';
+import { Connection } from './conn.js';
+import { Grid } from './grid.js';
+import { Reason } from './proto.js';
+
+const $ = (id) => document.getElementById(id);
+const board = new Board();
+const fmt = new Intl.NumberFormat();
+
+// Optimistic values shown over the board until the server's answer (and, for
+// an accepted change, the batch that carries it) has arrived:
+// index -> {checked, requestId, seq}.
+const pending = new Map();
+const byRequest = new Map(); // requestId -> index
+let nextRequest = 1;
+
+function view(i) {
+  const p = pending.get(i);
+  return { checked: p ? p.checked : board.isChecked(i), frozen: board.isFrozen(i) };
+}
+
+const grid = new Grid($('grid'), {
+  size: 1_000_000,
+  view,
+  onToggle(index, checked) {
+    if (board.isFrozen(index)) {
+      grid.update([index]);
+      return;
+    }
+    const requestId = nextRequest;
+    nextRequest = nextRequest >= 0xffffffff ? 1 : nextRequest + 1;
+    if (!conn.sendToggle(index, checked, requestId)) {
+      toast('Not connected: your click was not sent.');
+      grid.update([index]);
+      return;
+    }
+    pending.set(index, { checked, requestId, seq: null });
+    byRequest.set(requestId, index);
+    grid.update([index]);
+  },
+});
+
+const reasonText = {
+  [Reason.OUT_OF_RANGE]: 'That box is not on the board.',
+  [Reason.FROZEN]: 'That box is frozen.',
+  [Reason.RATE_LIMITED]: 'Slow down a little!',
+  [Reason.BOARD_FULL]: 'The board is full.',
+  [Reason.UNAVAILABLE]: 'The server cannot save clicks right now; try again in a moment.',
+};
+
+function onToggleResult(r) {
+  const index = byRequest.get(r.requestId);
+  byRequest.delete(r.requestId);
+  if (index === undefined) return;
+  const p = pending.get(index);
+  if (!p || p.requestId !== r.requestId) return; // a later click on the same box owns it now
+  if (r.accepted && r.seq > board.seq) {
+    p.seq = r.seq; // keep showing it until the batch with this seq arrives
+    return;
+  }
+  // Refused, or already in the board: show the board's value again.
+  pending.delete(index);
+  if (!r.accepted) toast(reasonText[r.reason] ?? 'Your click was refused.');
+  grid.update([index]);
+}
+
+// Drops optimistic values the board has caught up with.
+function settle() {
+  const done = [];
+  for (const [i, p] of pending) if (p.seq !== null && board.seq >= p.seq) done.push(i);
+  for (const i of done) pending.delete(i);
+  return done;
+}
+
+function onMessage(msg) {
+  switch (msg.kind) {
+    case 'snapshot': {
+      const epochChanged = board.ready && board.epoch !== msg.epoch;
+      if (!board.applySnapshot(msg)) return;
+      if (epochChanged) pending.clear(); // seqs of the old board mean nothing now
+      settle();
+      grid.setSize(board.size);
+      grid.refresh();
+      break;
+    }
+    case 'batch': {
+      const r = board.applyBatch(msg);
+      if (r.result === 'gap') conn.resync();
+      if (r.result === 'applied') grid.update(r.changed.concat(settle()));
+      break;
+    }
+    case 'toggleResult':
+      onToggleResult(msg);
+      break;
+    case 'error':
+      console.warn('server error', msg.code, msg.message);
+      toast(msg.message);
+      break;
+  }
+  counts();
+}
+
+function counts() {
+  $('checked-count').textContent = fmt.format(board.checkedCount);
+  $('frozen-count').textContent = fmt.format(board.frozenCount);
+}
+
+const stateText = { connecting: 'connecting…', live: 'live', reconnecting: 'reconnecting', offline: 'offline' };
+function onState(state, { inMs }) {
+  const el = $('conn-state');
+  el.dataset.state = state;
+  el.textContent = inMs ? `reconnecting in ${Math.ceil(inMs / 1000)} s` : stateText[state];
+}
+
+let toastTimer = 0;
+function toast(text) {
+  const el = $('toast');
+  el.textContent = text;
+  el.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { el.hidden = true; }, 2500);
+}
+
+$('jump-form').addEventListener('submit', (e) => {
+  e.preventDefault();
+  const n = Number($('jump').value);
+  if (!Number.isInteger(n) || !grid.jumpTo(n)) toast(`Pick a box from 0 to ${fmt.format(board.size - 1)}.`);
+});
+
+const wsUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
+const conn = new Connection({ url: wsUrl, board, onMessage, onState });
+conn.start();
+// For tests and the curious: the state behind the page.
+window.omcb = { board, conn, grid, pending };

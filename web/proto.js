@@ -1,0 +1,199 @@
+// Protobuf codec for exactly the omcb.v1 messages (proto/omcb.proto), by hand:
+// the wire format is small and a generated runtime would be the biggest file
+// on the page. uint64 fields (seq, epoch, times) are BigInt: epochs are random
+// 64-bit numbers and would lose digits as Number. uint32 fields are Number.
+
+export const Reason = Object.freeze({
+  UNSPECIFIED: 0, OUT_OF_RANGE: 1, FROZEN: 2, RATE_LIMITED: 3, BOARD_FULL: 4, UNAVAILABLE: 5,
+});
+export const Code = Object.freeze({
+  UNSPECIFIED: 0, BAD_MESSAGE: 1, TOO_LARGE: 2, RATE_LIMITED: 3, OVERLOADED: 4, INTERNAL: 5,
+});
+
+export class DecodeError extends Error {}
+
+class Reader {
+  constructor(bytes) {
+    this.buf = bytes;
+    this.pos = 0;
+  }
+  done() { return this.pos >= this.buf.length; }
+  varint() {
+    // Read as BigInt only when needed: most varints here fit in 28 bits.
+    let result = 0n;
+    let shift = 0n;
+    for (let i = 0; i < 10; i++) {
+      if (this.pos >= this.buf.length) throw new DecodeError('truncated varint');
+      const b = this.buf[this.pos++];
+      result |= BigInt(b & 0x7f) << shift;
+      if ((b & 0x80) === 0) return result & 0xffffffffffffffffn;
+      shift += 7n;
+    }
+    throw new DecodeError('varint longer than 10 bytes');
+  }
+  uint32() { return Number(this.varint() & 0xffffffffn); }
+  bytes() {
+    const len = Number(this.varint());
+    if (this.pos + len > this.buf.length) throw new DecodeError('truncated field');
+    const out = this.buf.subarray(this.pos, this.pos + len);
+    this.pos += len;
+    return out;
+  }
+  skip(wireType) {
+    switch (wireType) {
+      case 0: this.varint(); break;
+      case 1: this.need(8); this.pos += 8; break;
+      case 2: this.bytes(); break;
+      case 5: this.need(4); this.pos += 4; break;
+      default: throw new DecodeError(`unsupported wire type ${wireType}`);
+    }
+  }
+  need(n) { if (this.pos + n > this.buf.length) throw new DecodeError('truncated field'); }
+  // A repeated uint32, packed (wire type 2) or not (wire type 0): both are legal.
+  repeatedUint32(wireType, into) {
+    if (wireType === 0) { into.push(this.uint32()); return; }
+    const sub = new Reader(this.bytes());
+    while (!sub.done()) into.push(sub.uint32());
+  }
+}
+
+// Calls fn(fieldNumber, wireType, reader) for each field of a message.
+function fields(bytes, fn) {
+  const r = new Reader(bytes);
+  while (!r.done()) {
+    const key = Number(r.varint());
+    const field = key >>> 3;
+    const wire = key & 7;
+    if (field === 0) throw new DecodeError('field number 0');
+    if (!fn(field, wire, r)) r.skip(wire);
+  }
+}
+
+export function decodeSnapshot(bytes) {
+  const s = {
+    seq: 0n, size: 0, checked: new Uint8Array(0), frozen: new Uint8Array(0),
+    checkedCount: 0, frozenCount: 0, freezeAfterMs: 0n, serverTimeMs: 0n, epoch: 0n,
+  };
+  fields(bytes, (f, w, r) => {
+    switch (f) {
+      case 1: if (w !== 0) return false; s.seq = r.varint(); return true;
+      case 2: if (w !== 0) return false; s.size = r.uint32(); return true;
+      case 3: if (w !== 2) return false; s.checked = r.bytes(); return true;
+      case 4: if (w !== 2) return false; s.frozen = r.bytes(); return true;
+      case 5: if (w !== 0) return false; s.checkedCount = r.uint32(); return true;
+      case 6: if (w !== 0) return false; s.frozenCount = r.uint32(); return true;
+      case 7: if (w !== 0) return false; s.freezeAfterMs = r.varint(); return true;
+      case 8: if (w !== 0) return false; s.serverTimeMs = r.varint(); return true;
+      case 9: if (w !== 0) return false; s.epoch = r.varint(); return true;
+      default: return false;
+    }
+  });
+  return s;
+}
+
+function decodeBatch(bytes) {
+  const b = { fromSeq: 0n, toSeq: 0n, checked: [], unchecked: [], frozen: [], checkedCount: 0, frozenCount: 0 };
+  fields(bytes, (f, w, r) => {
+    switch (f) {
+      case 1: if (w !== 0) return false; b.fromSeq = r.varint(); return true;
+      case 2: if (w !== 0) return false; b.toSeq = r.varint(); return true;
+      case 3: r.repeatedUint32(w, b.checked); return true;
+      case 4: r.repeatedUint32(w, b.unchecked); return true;
+      case 5: r.repeatedUint32(w, b.frozen); return true;
+      case 6: if (w !== 0) return false; b.checkedCount = r.uint32(); return true;
+      case 7: if (w !== 0) return false; b.frozenCount = r.uint32(); return true;
+      default: return false;
+    }
+  });
+  return b;
+}
+
+function decodeToggleResult(bytes) {
+  const t = { requestId: 0, accepted: false, checked: false, reason: 0, seq: 0n };
+  fields(bytes, (f, w, r) => {
+    if (w !== 0) return false;
+    switch (f) {
+      case 1: t.requestId = r.uint32(); return true;
+      case 2: t.accepted = r.varint() !== 0n; return true;
+      case 3: t.checked = r.varint() !== 0n; return true;
+      case 4: t.reason = r.uint32(); return true;
+      case 5: t.seq = r.varint(); return true;
+      default: return false;
+    }
+  });
+  return t;
+}
+
+function decodeError(bytes) {
+  const e = { code: 0, message: '' };
+  fields(bytes, (f, w, r) => {
+    if (f === 1 && w === 0) { e.code = r.uint32(); return true; }
+    if (f === 2 && w === 2) { e.message = new TextDecoder().decode(r.bytes()); return true; }
+    return false;
+  });
+  return e;
+}
+
+// Decodes a ServerMessage into {kind: 'snapshot'|'batch'|'toggleResult'|'error', ...fields}.
+// The last oneof field on the wire wins, as protobuf specifies.
+export function decodeServerMessage(bytes) {
+  let msg = null;
+  fields(bytes, (f, w, r) => {
+    if (w !== 2) return false;
+    switch (f) {
+      case 1: msg = { kind: 'snapshot', ...decodeSnapshot(r.bytes()) }; return true;
+      case 2: msg = { kind: 'batch', ...decodeBatch(r.bytes()) }; return true;
+      case 3: msg = { kind: 'toggleResult', ...decodeToggleResult(r.bytes()) }; return true;
+      case 4: msg = { kind: 'error', ...decodeError(r.bytes()) }; return true;
+      default: return false;
+    }
+  });
+  if (!msg) throw new DecodeError('ServerMessage without a known msg');
+  return msg;
+}
+
+class Writer {
+  constructor() { this.out = []; }
+  varint(v) {
+    let n = BigInt(v);
+    do {
+      let b = Number(n & 0x7fn);
+      n >>= 7n;
+      if (n) b |= 0x80;
+      this.out.push(b);
+    } while (n);
+  }
+  key(field, wire) { this.varint((field << 3) | wire); }
+  bytes(field, b) { this.key(field, 2); this.varint(b.length); for (const x of b) this.out.push(x); }
+  finish() { return Uint8Array.from(this.out); }
+}
+
+// Proto3 encoding: fields with default values are omitted, as prost does, so
+// the bytes equal the Rust side's byte for byte.
+export function encodeToggle(index, checked, requestId) {
+  const t = new Writer();
+  if (index) { t.key(1, 0); t.varint(index); }
+  if (checked) { t.key(2, 0); t.varint(1); }
+  if (requestId) { t.key(3, 0); t.varint(requestId); }
+  const m = new Writer();
+  m.bytes(1, t.finish());
+  return m.finish();
+}
+
+export function encodeResync() {
+  const m = new Writer();
+  m.bytes(2, new Uint8Array(0));
+  return m.finish();
+}
+
+// Delta-coded index lists (first value absolute, then differences >= 1).
+export function* deltaDecode(deltas) {
+  let prev = 0;
+  for (let i = 0; i < deltas.length; i++) {
+    const d = deltas[i];
+    if (i > 0 && d === 0) throw new DecodeError('delta list is not strictly ascending');
+    prev = i === 0 ? d : prev + d;
+    if (prev > 0xffffffff) throw new DecodeError('delta list overflows u32');
+    yield prev;
+  }
+}
