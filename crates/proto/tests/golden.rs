@@ -50,12 +50,24 @@ fn board(size: u32, epoch: u64, boxes: &[u32], frozen: &[u32]) -> Board {
     let mut seq = 0;
     for &i in boxes {
         seq += 1;
-        let c = Change { seq, index: i, op: Op::Set(true), checked_count: b.checked_count + 1, frozen_count: b.frozen_count };
+        let c = Change {
+            seq,
+            index: i,
+            op: Op::Set(true),
+            checked_count: b.checked_count + 1,
+            frozen_count: b.frozen_count,
+        };
         b.apply_change(&c).unwrap();
     }
     for &i in frozen {
         seq += 1;
-        let c = Change { seq, index: i, op: Op::Freeze, checked_count: b.checked_count, frozen_count: b.frozen_count + 1 };
+        let c = Change {
+            seq,
+            index: i,
+            op: Op::Freeze,
+            checked_count: b.checked_count,
+            frozen_count: b.frozen_count + 1,
+        };
         b.apply_change(&c).unwrap();
     }
     b
@@ -65,29 +77,55 @@ fn vectors() -> Value {
     let mut out = Vec::new();
     let mut server = |name: &str, msg: Msg| {
         let bytes = ServerMessage { msg: Some(msg.clone()) }.encode_to_vec();
-        out.push(json!({"name": name, "kind": "server", "hex": hex(&bytes), "expected": expected(&msg)}));
+        out.push(
+            json!({"name": name, "kind": "server", "hex": hex(&bytes), "expected": expected(&msg)}),
+        );
     };
     server("snapshot, empty 20-box board", Msg::Snapshot(Board::new(20, 1, 0).to_snapshot(0)));
     server(
         "snapshot, 1003 boxes, first/last/frozen, u64 epoch above 2^63",
-        Msg::Snapshot(board(1003, u64::MAX - 12_345, &[0, 7, 8, 1002], &[7]).to_snapshot(1_780_000_000_123)),
+        Msg::Snapshot(
+            board(1003, u64::MAX - 12_345, &[0, 7, 8, 1002], &[7]).to_snapshot(1_780_000_000_123),
+        ),
     );
     server(
         "snapshot, 100000 boxes",
-        Msg::Snapshot(board(100_000, 0x0123_4567_89ab_cdef, &[1, 99_999, 65_536], &[]).to_snapshot(42)),
+        Msg::Snapshot(
+            board(100_000, 0x0123_4567_89ab_cdef, &[1, 99_999, 65_536], &[]).to_snapshot(42),
+        ),
     );
     let mut builder = BatchBuilder::new();
-    let changes = [(5, 999_999, true), (6, 3, true), (7, 3, false), (8, 500_000, true), (9, 0, true)];
+    let changes =
+        [(5, 999_999, true), (6, 3, true), (7, 3, false), (8, 500_000, true), (9, 0, true)];
     for (i, &(seq, index, v)) in changes.iter().enumerate() {
         builder
-            .push(&Change { seq, index, op: Op::Set(v), checked_count: i as u32 + 1, frozen_count: 0 })
+            .push(&Change {
+                seq,
+                index,
+                op: Op::Set(v),
+                checked_count: i as u32 + 1,
+                frozen_count: 0,
+            })
             .unwrap();
     }
-    builder.push(&Change { seq: 10, index: 500_000, op: Op::Freeze, checked_count: 5, frozen_count: 1 }).unwrap();
+    builder
+        .push(&Change {
+            seq: 10,
+            index: 500_000,
+            op: Op::Freeze,
+            checked_count: 5,
+            frozen_count: 1,
+        })
+        .unwrap();
     server("batch, coalesced, large deltas, a freeze", Msg::Batch(builder.finish().unwrap()));
     server(
         "batch, empty lists, seqs above 2^53",
-        Msg::Batch(v1::Batch { from_seq: (1 << 53) + 1, to_seq: (1 << 53) + 9, checked_count: 7, ..Default::default() }),
+        Msg::Batch(v1::Batch {
+            from_seq: (1 << 53) + 1,
+            to_seq: (1 << 53) + 9,
+            checked_count: 7,
+            ..Default::default()
+        }),
     );
     for reason in 0..=5 {
         server(
@@ -102,7 +140,10 @@ fn vectors() -> Value {
         );
     }
     for code in 0..=5 {
-        server(&format!("error, code {code}"), Msg::Error(v1::Error { code, message: format!("bad thing ü {code}") }));
+        server(
+            &format!("error, code {code}"),
+            Msg::Error(v1::Error { code, message: format!("bad thing ü {code}") }),
+        );
     }
     // Bare snapshot, as GET /api/state serves it.
     let bare = board(64, 77, &[63], &[]).to_snapshot(5);
@@ -110,7 +151,9 @@ fn vectors() -> Value {
     // Client messages: the browser must produce exactly these bytes.
     let toggles = [(0, false, 0), (0, true, 1), (999_999, true, 7), (u32::MAX, false, u32::MAX)];
     for (index, checked, request_id) in toggles {
-        let msg = ClientMessage { msg: Some(client_message::Msg::Toggle(v1::Toggle { index, checked, request_id })) };
+        let msg = ClientMessage {
+            msg: Some(client_message::Msg::Toggle(v1::Toggle { index, checked, request_id })),
+        };
         out.push(json!({
             "name": format!("toggle {index} {checked} {request_id}"), "kind": "client", "hex": hex(&msg.encode_to_vec()),
             "expected": {"toggle": {"index": index, "checked": checked, "requestId": request_id}},
@@ -123,7 +166,8 @@ fn vectors() -> Value {
 
 #[test]
 fn golden_vectors_match_the_committed_file() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web/test/golden/vectors.json");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web/test/golden/vectors.json");
     let now = serde_json::to_string_pretty(&vectors()).unwrap() + "\n";
     if std::env::var_os("OMCB_UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, &now).unwrap();
