@@ -370,17 +370,20 @@ impl RedisStore {
         Ok(frozen.as_i64().unwrap_or(0) as usize)
     }
 
-    /// The board's epoch in Redis, `None` when the board does not exist.
-    async fn epoch_now(&self, client: &Client) -> Result<Option<u64>, StoreError> {
-        self.inner.commands.feed.fetch_add(1, Ordering::Relaxed);
-        let v: Option<String> =
+    /// The board's `(epoch, seq)` in Redis; epoch `None` when the board does not exist.
+    async fn position_now(&self, client: &Client) -> Result<(Option<u64>, u64), StoreError> {
+        self.inner.commands.feed.fetch_add(2, Ordering::Relaxed);
+        let epoch: Option<String> =
             client.hget(&self.inner.keys.config, "epoch").await.map_err(unavailable)?;
-        Ok(v.and_then(|s| s.parse().ok()))
+        let seq: Option<u64> = client.get(&self.inner.keys.seq).await.map_err(unavailable)?;
+        Ok((epoch.and_then(|s| s.parse().ok()), seq.unwrap_or(0)))
     }
 
     /// A reader of the change stream after `seq` of `epoch`, on its own connection.
     pub fn feed(&self, epoch: u64, seq: u64) -> RedisFeed {
-        RedisFeed { store: self.clone(), client: None, epoch, seq, last: None, verify: false }
+        // Verify before the first read: the caller's position may be of another
+        // epoch, or ahead of the board.
+        RedisFeed { store: self.clone(), client: None, epoch, seq, last: None, verify: true }
     }
 
     /// Closes the connections.
@@ -479,16 +482,20 @@ impl RedisFeed {
         }
         // Quiet for a whole block: is this still the same board? If so, say we
         // are caught up (the heartbeat that turns /readyz back to 200 after an outage).
-        match self.store.epoch_now(&client).await? {
-            Some(e) if e == self.epoch => Ok(FeedEvent::Changes(Vec::new())),
+        match self.store.position_now(&client).await? {
+            (Some(e), seq) if e == self.epoch && seq >= self.seq => {
+                Ok(FeedEvent::Changes(Vec::new()))
+            }
+            // Another board, or this one went back in time (lost writes).
             _ => self.reset().await,
         }
     }
 
     /// Whether Redis still holds the change we applied last, at its seq.
     async fn still_continuous(&self, client: &Client) -> Result<bool, StoreError> {
-        if self.store.epoch_now(client).await? != Some(self.epoch) {
-            return Ok(false);
+        match self.store.position_now(client).await? {
+            (Some(e), seq) if e == self.epoch && seq >= self.seq => {}
+            _ => return Ok(false),
         }
         let Some(last) = self.last else { return Ok(true) };
         let id = format!("{}-0", last.seq);

@@ -6,9 +6,9 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::redis::{RedisOptions, RedisServer};
 use common::*;
 use omcb_proto::v1::{Reason, ToggleResult, server_message::Msg};
+use omcb_testkit::{RedisOptions, RedisServer};
 
 const OPEN: &str = "--board-size 1000 --toggle-rate 1000000 --toggle-burst 1000000 --batch-ms 20";
 

@@ -17,8 +17,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
-pub mod redis;
-
 pub const WAIT: Duration = Duration::from_secs(10);
 
 /// Splits a flag string ("--board-size 1000 --batch-ms 2") into arguments.

@@ -1,4 +1,13 @@
-//! A real redis-server on a free port in a temp dir, killed on drop.
+//! Real servers for tests: nothing here is a mock.
+//!
+//! # Layout
+//! - [`RedisServer`]: a real `redis-server` (from `PATH`, or `OMCB_REDIS_BIN`)
+//!   on a free port in its own temp dir, polled until it answers `PING`,
+//!   restartable on the same port (with or without its AOF), killed and waited
+//!   for on drop, its log printed when a test panics.
+//! - [`Resp`]: a tiny RESP client for the few commands tests send, so the kit
+//!   needs no Redis client crate and depends on nothing of ours.
+#![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -6,29 +15,43 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// How to run a [`RedisServer`].
 #[derive(Debug, Clone, Default)]
 pub struct RedisOptions {
+    /// Append-only file with `appendfsync everysec` (what production runs), so
+    /// a restart keeps the data.
     pub aof: bool,
 }
 
+/// A real redis-server process; see the crate docs.
+#[derive(Debug)]
 pub struct RedisServer {
+    /// Its port on 127.0.0.1, kept across restarts.
     port: u16,
+    /// Its `--dir`: AOF, RDB and `redis.log`.
     dir: tempfile::TempDir,
     opts: RedisOptions,
+    /// The process while it runs.
     child: Option<Child>,
 }
 
 /// A RESP reply.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resp {
+    /// `+OK`
     Simple(String),
+    /// `-ERR ...`
     Error(String),
+    /// `:42`
     Int(i64),
+    /// `$3 foo`, or nil.
     Bulk(Option<Vec<u8>>),
+    /// `*2 ...`, or nil.
     Array(Option<Vec<Resp>>),
 }
 
 impl Resp {
+    /// The bytes of a bulk or simple string.
     pub fn as_bytes(&self) -> Option<&[u8]> {
         match self {
             Resp::Bulk(Some(b)) => Some(b),
@@ -36,20 +59,24 @@ impl Resp {
             _ => None,
         }
     }
+    /// The text of a bulk or simple string.
     pub fn as_str(&self) -> Option<&str> {
         self.as_bytes().and_then(|b| std::str::from_utf8(b).ok())
     }
 }
 
-fn free_port() -> u16 {
+/// A port that was free a moment ago (bind port 0, read it, release it).
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl RedisServer {
+    /// Starts a server without persistence.
     pub fn start() -> anyhow::Result<Self> {
         Self::start_with(RedisOptions::default())
     }
 
+    /// Starts a server; retries another port if the chosen one was taken meanwhile.
     pub fn start_with(opts: RedisOptions) -> anyhow::Result<Self> {
         let mut s = RedisServer { port: 0, dir: tempfile::tempdir()?, opts, child: None };
         for _ in 0..5 {
@@ -58,7 +85,10 @@ impl RedisServer {
                 return Ok(s);
             }
         }
-        anyhow::bail!("redis-server did not start; log:\n{}", s.log())
+        anyhow::bail!(
+            "redis-server did not start (is it installed? scripts/test installs it); log:\n{}",
+            s.log()
+        )
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
@@ -105,10 +135,17 @@ impl RedisServer {
         }
     }
 
+    /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }
@@ -148,6 +185,7 @@ impl RedisServer {
         Ok(())
     }
 
+    /// Starts it again after [`kill`](Self::kill), same port and dir.
     pub fn start_again(&mut self) -> anyhow::Result<()> {
         self.spawn()
     }

@@ -1,0 +1,256 @@
+//! One suite of store semantics, run against every backend: the Memory store
+//! (the embedded default) and the Redis store against a real redis-server.
+//! A behaviour is written once, as a function over `&Store`; the macro at the
+//! bottom instantiates every function for each backend.
+
+use std::time::{Duration, Instant};
+
+use omcb_proto::{Board, Op};
+use omcb_store::{BoardConfig, FeedEvent, Refusal, SetOutcome, Store};
+use omcb_testkit::RedisServer;
+
+const SMALL: BoardConfig = BoardConfig { size: 1000, max_checked: None, freeze_after_ms: 0 };
+
+/// Keeps whatever backs a store alive for the test.
+#[allow(dead_code)]
+enum Guard {
+    None,
+    Redis(RedisServer),
+}
+
+async fn memory(config: BoardConfig) -> (Store, Guard) {
+    let store = omcb_store::memory::MemoryStore::open(config, None).await.unwrap();
+    (Store::Memory(store), Guard::None)
+}
+
+async fn redis(config: BoardConfig) -> (Store, Guard) {
+    let server = RedisServer::start().unwrap();
+    let store =
+        omcb_store::redis::RedisStore::connect(&server.url(), "main", config).await.unwrap();
+    (Store::Redis(store), Guard::Redis(server))
+}
+
+async fn set(store: &Store, index: u32, checked: bool) -> SetOutcome {
+    store.set(index, checked).await.unwrap()
+}
+
+/// Polls `f` until true; time-based rules need real time to pass.
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads the feed until it reaches `seq`, returning every change.
+async fn drain(feed: &mut omcb_store::ChangeFeed, seq: u64) -> Vec<omcb_proto::Change> {
+    let mut out = Vec::new();
+    while out.last().is_none_or(|c: &omcb_proto::Change| c.seq < seq) {
+        match tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap() {
+            FeedEvent::Changes(cs) => out.extend(cs),
+            FeedEvent::Reset(b) => panic!("unexpected reset at seq {}", b.seq),
+        }
+    }
+    out
+}
+
+mod suite {
+    use super::*;
+
+    pub async fn new_board_is_empty_with_an_epoch(store: Store) {
+        let b = store.snapshot().await.unwrap();
+        assert_ne!(b.epoch, 0);
+        assert_eq!((b.seq, b.size, b.checked_count, b.frozen_count), (0, 1000, 0, 0));
+        assert_eq!(b.checked.len(), 1000);
+    }
+
+    pub async fn set_not_flip(store: Store) {
+        assert_eq!(set(&store, 5, true).await, SetOutcome::Changed { seq: 1, checked: true });
+        assert_eq!(set(&store, 5, true).await, SetOutcome::Unchanged { checked: true });
+        assert_eq!(set(&store, 6, false).await, SetOutcome::Unchanged { checked: false });
+        assert_eq!(set(&store, 5, false).await, SetOutcome::Changed { seq: 2, checked: false });
+        let b = store.snapshot().await.unwrap();
+        assert_eq!((b.seq, b.checked_count), (2, 0));
+    }
+
+    pub async fn index_is_validated_and_the_board_never_grows(store: Store) {
+        for index in [1000, 1001, 1 << 20, u32::MAX] {
+            let r = set(&store, index, true).await;
+            assert_eq!(r, SetOutcome::Refused { reason: Refusal::OutOfRange, checked: false });
+        }
+        assert_eq!(set(&store, 999, true).await, SetOutcome::Changed { seq: 1, checked: true });
+        let b = store.snapshot().await.unwrap();
+        assert_eq!((b.seq, b.size, b.checked.len(), b.checked_count), (1, 1000, 1000, 1));
+        assert!(b.checked[999]);
+    }
+
+    pub async fn full_board_refuses_checks_but_not_unchecks(store: Store) {
+        assert!(matches!(set(&store, 1, true).await, SetOutcome::Changed { .. }));
+        assert!(matches!(set(&store, 2, true).await, SetOutcome::Changed { .. }));
+        assert_eq!(
+            set(&store, 3, true).await,
+            SetOutcome::Refused { reason: Refusal::BoardFull, checked: false }
+        );
+        assert!(matches!(set(&store, 1, false).await, SetOutcome::Changed { checked: false, .. }));
+        assert!(matches!(set(&store, 3, true).await, SetOutcome::Changed { checked: true, .. }));
+        assert_eq!(store.snapshot().await.unwrap().checked_count, 2);
+    }
+
+    pub async fn unchecking_a_box_checked_too_long_freezes_it(store: Store) {
+        set(&store, 7, true).await;
+        set(&store, 8, true).await;
+        // Freshly checked boxes can still be unchecked.
+        assert!(matches!(set(&store, 8, false).await, SetOutcome::Changed { .. }));
+        let since = Instant::now();
+        eventually("freeze_after to pass", async || since.elapsed() >= Duration::from_millis(80))
+            .await;
+        assert_eq!(
+            set(&store, 7, false).await,
+            SetOutcome::Refused { reason: Refusal::Frozen, checked: true }
+        );
+        let b = store.snapshot().await.unwrap();
+        assert!(b.frozen[7] && b.checked[7]);
+        assert_eq!(
+            (b.frozen_count, b.checked_count, b.seq),
+            (1, 1, 4),
+            "the freeze is a change with its own seq"
+        );
+        // Frozen is final: both directions refuse, nothing changes.
+        assert_eq!(
+            set(&store, 7, true).await,
+            SetOutcome::Refused { reason: Refusal::Frozen, checked: true }
+        );
+        assert_eq!(
+            set(&store, 7, false).await,
+            SetOutcome::Refused { reason: Refusal::Frozen, checked: true }
+        );
+        assert_eq!(store.snapshot().await.unwrap().seq, 4);
+    }
+
+    pub async fn sweep_freezes_due_boxes_bounded_per_call(store: Store) {
+        for i in 0..5 {
+            set(&store, i * 10, true).await;
+        }
+        let since = Instant::now();
+        eventually("freeze_after to pass", async || since.elapsed() >= Duration::from_millis(80))
+            .await;
+        set(&store, 999, true).await; // not due yet
+        assert_eq!(store.sweep(2).await.unwrap(), 2);
+        assert_eq!(store.sweep(10).await.unwrap(), 3);
+        assert_eq!(store.sweep(10).await.unwrap(), 0);
+        let b = store.snapshot().await.unwrap();
+        assert_eq!((b.frozen_count, b.checked_count, b.seq), (5, 6, 11));
+        assert!((0..5).all(|i| b.frozen[i * 10]) && !b.frozen[999]);
+    }
+
+    pub async fn sweep_is_a_no_op_when_freezing_is_off(store: Store) {
+        set(&store, 1, true).await;
+        assert_eq!(store.sweep(100).await.unwrap(), 0);
+        assert_eq!(store.snapshot().await.unwrap().frozen_count, 0);
+    }
+
+    pub async fn feed_yields_every_change_once_in_order(store: Store) {
+        let start = store.snapshot().await.unwrap();
+        let mut feed = store.feed(start.epoch, 0);
+        let mut expected = Vec::new();
+        for i in 0..60u32 {
+            let index = (i * 37) % 50;
+            if let SetOutcome::Changed { seq, checked } = set(&store, index, i % 3 != 0).await {
+                expected.push((seq, index, Op::Set(checked)));
+            }
+        }
+        let last = expected.last().unwrap().0;
+        let got = drain(&mut feed, last).await;
+        let got: Vec<_> = got.iter().map(|c| (c.seq, c.index, c.op)).collect();
+        assert_eq!(got, expected);
+        // Replaying the feed onto an empty board gives the snapshot.
+        let mut replay = Board::new(1000, start.epoch, 0);
+        for c in drain(&mut store.feed(start.epoch, 0), last).await {
+            replay.apply_change(&c).unwrap();
+        }
+        assert_eq!(replay, store.snapshot().await.unwrap());
+    }
+
+    pub async fn feed_from_a_wrong_epoch_or_the_future_resets(store: Store) {
+        set(&store, 1, true).await;
+        let b = store.snapshot().await.unwrap();
+        for (epoch, seq) in [(b.epoch ^ 1, 0), (b.epoch, 99)] {
+            let mut feed = store.feed(epoch, seq);
+            // A backend may first report that it is caught up; a reset must follow.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let event = loop {
+                assert!(Instant::now() < deadline, "no reset for ({epoch}, {seq})");
+                match tokio::time::timeout(Duration::from_secs(5), feed.next())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                {
+                    FeedEvent::Changes(c) if c.is_empty() => continue,
+                    other => break other,
+                }
+            };
+            match event {
+                FeedEvent::Reset(board) => assert_eq!(*board, b),
+                other => panic!("expected a reset, got {other:?}"),
+            }
+        }
+    }
+}
+
+macro_rules! conformance {
+    ($backend:ident) => {
+        mod $backend {
+            use super::*;
+
+            #[tokio::test]
+            async fn new_board_is_empty_with_an_epoch() {
+                let (s, _g) = super::$backend(SMALL).await;
+                suite::new_board_is_empty_with_an_epoch(s).await;
+            }
+            #[tokio::test]
+            async fn set_not_flip() {
+                let (s, _g) = super::$backend(SMALL).await;
+                suite::set_not_flip(s).await;
+            }
+            #[tokio::test]
+            async fn index_is_validated_and_the_board_never_grows() {
+                let (s, _g) = super::$backend(SMALL).await;
+                suite::index_is_validated_and_the_board_never_grows(s).await;
+            }
+            #[tokio::test]
+            async fn full_board_refuses_checks_but_not_unchecks() {
+                let (s, _g) = super::$backend(BoardConfig { max_checked: Some(2), ..SMALL }).await;
+                suite::full_board_refuses_checks_but_not_unchecks(s).await;
+            }
+            #[tokio::test]
+            async fn unchecking_a_box_checked_too_long_freezes_it() {
+                let (s, _g) = super::$backend(BoardConfig { freeze_after_ms: 60, ..SMALL }).await;
+                suite::unchecking_a_box_checked_too_long_freezes_it(s).await;
+            }
+            #[tokio::test]
+            async fn sweep_freezes_due_boxes_bounded_per_call() {
+                let (s, _g) = super::$backend(BoardConfig { freeze_after_ms: 60, ..SMALL }).await;
+                suite::sweep_freezes_due_boxes_bounded_per_call(s).await;
+            }
+            #[tokio::test]
+            async fn sweep_is_a_no_op_when_freezing_is_off() {
+                let (s, _g) = super::$backend(SMALL).await;
+                suite::sweep_is_a_no_op_when_freezing_is_off(s).await;
+            }
+            #[tokio::test]
+            async fn feed_yields_every_change_once_in_order() {
+                let (s, _g) = super::$backend(SMALL).await;
+                suite::feed_yields_every_change_once_in_order(s).await;
+            }
+            #[tokio::test]
+            async fn feed_from_a_wrong_epoch_or_the_future_resets() {
+                let (s, _g) = super::$backend(SMALL).await;
+                suite::feed_from_a_wrong_epoch_or_the_future_resets(s).await;
+            }
+        }
+    };
+}
+
+conformance!(memory);
+conformance!(redis);
