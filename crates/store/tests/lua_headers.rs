@@ -1,0 +1,145 @@
+//! Each Lua script's header (`-- KEYS[n]`, `-- ARGV[n]`, `-- Returns:`) must
+//! match what the script does, checked against a real redis-server: the keys
+//! and arguments it reads are exactly the documented ones, and a call with the
+//! documented keys and arguments returns the documented shape.
+
+use omcb_store::redis::lua;
+use omcb_testkit::{RedisServer, Resp};
+
+struct Header {
+    keys: usize,
+    args: usize,
+    /// Items in a `Returns: {a, b, c}` array, or `None` for a number.
+    returns: Option<usize>,
+}
+
+fn header(src: &str) -> Header {
+    let lines: Vec<&str> = src.lines().take_while(|l| l.starts_with("--")).collect();
+    let count = |prefix: &str| lines.iter().filter(|l| l.starts_with(prefix)).count();
+    let returns = lines.iter().find_map(|l| l.strip_prefix("-- Returns: ")).expect("a Returns line");
+    // Count the top-level items of `{a, b (note, with commas), c}`.
+    let returns = returns.strip_prefix('{').map(|r| {
+        let mut depth = 0;
+        let mut items = 1;
+        for ch in r.chars().take_while(|&c| c != '}') {
+            match ch {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => items += 1,
+                _ => {}
+            }
+        }
+        items
+    });
+    Header { keys: count("-- KEYS["), args: count("-- ARGV["), returns }
+}
+
+/// The highest `KEYS[n]` / `ARGV[n]` the body uses.
+fn used(src: &str, name: &str) -> usize {
+    let body: String = src.lines().filter(|l| !l.starts_with("--")).collect::<Vec<_>>().join("\n");
+    let mut max = 0;
+    let pat = format!("{name}[");
+    let mut rest = body.as_str();
+    while let Some(i) = rest.find(&pat) {
+        rest = &rest[i + pat.len()..];
+        let n: usize = rest[..rest.find(']').unwrap()].parse().unwrap();
+        max = max.max(n);
+    }
+    max
+}
+
+const BOARD_KEYS: [&str; 8] = [
+    "{t}:config",
+    "{t}:bits",
+    "{t}:frozen",
+    "{t}:count",
+    "{t}:frozen_count",
+    "{t}:seq",
+    "{t}:log",
+    "{t}:checked_at",
+];
+
+fn eval(redis: &RedisServer, src: &str, keys: &[&str], args: &[&str]) -> Resp {
+    let n = keys.len().to_string();
+    let mut cmd = vec!["EVAL", src, n.as_str()];
+    cmd.extend_from_slice(keys);
+    cmd.extend_from_slice(args);
+    let reply = redis.command(&cmd).unwrap();
+    assert!(!matches!(reply, Resp::Error(_)), "script failed: {reply:?}");
+    reply
+}
+
+fn check_shape(name: &str, h: &Header, reply: &Resp) {
+    match (h.returns, reply) {
+        (Some(n), Resp::Array(Some(items))) => assert_eq!(items.len(), n, "{name}: documented {n} return items"),
+        (None, Resp::Int(_)) => {}
+        other => panic!("{name}: reply {reply:?} does not match the documented shape ({:?})", other.0),
+    }
+}
+
+#[test]
+fn headers_name_exactly_the_keys_and_arguments_used() {
+    for (name, src) in
+        [("init", lua::INIT), ("set", lua::SET), ("snapshot", lua::SNAPSHOT), ("sweep", lua::SWEEP), ("lease", lua::LEASE)]
+    {
+        let h = header(src);
+        assert_eq!(used(src, "KEYS"), h.keys, "{name}.lua: KEYS documented vs used");
+        assert_eq!(used(src, "ARGV"), h.args, "{name}.lua: ARGV documented vs used");
+    }
+}
+
+#[test]
+fn scripts_called_as_documented_answer_as_documented() {
+    let redis = RedisServer::start().unwrap();
+    // init: creates once; the existing board wins; refuses to resize.
+    let h = header(lua::INIT);
+    let args = ["1000", "0", "50", "12345678901234567890"];
+    let reply = eval(&redis, lua::INIT, &BOARD_KEYS[..h.keys], &args[..h.args]);
+    check_shape("init", &h, &reply);
+    let Resp::Array(Some(items)) = &reply else { unreachable!() };
+    assert_eq!(items[0], Resp::Int(1), "created");
+    assert_eq!(items[4].as_str(), Some("12345678901234567890"), "the epoch keeps all its digits");
+    let again = eval(&redis, lua::INIT, &BOARD_KEYS, &["1000", "5", "0", "1"]);
+    let Resp::Array(Some(items)) = again else { unreachable!() };
+    assert_eq!((items[0].clone(), items[2].clone()), (Resp::Int(0), Resp::Int(0)), "existing board wins");
+    let n = BOARD_KEYS.len().to_string();
+    let mut resize = vec!["EVAL", lua::INIT, n.as_str()];
+    resize.extend_from_slice(&BOARD_KEYS);
+    resize.extend_from_slice(&["2000", "0", "0", "1"]);
+    assert!(matches!(redis.command(&resize).unwrap(), Resp::Error(e) if e.contains("BOARDSIZE")));
+
+    // set: status, value, seq, counts; a retried call (same op key) answers the same.
+    let h = header(lua::SET);
+    let mut keys = BOARD_KEYS.to_vec();
+    keys.push("{t}:op:test:1");
+    let reply = eval(&redis, lua::SET, &keys[..h.keys], &["5", "1", "1000", "60000"][..h.args]);
+    check_shape("set", &h, &reply);
+    assert_eq!(reply, eval(&redis, lua::SET, &keys, &["5", "1", "1000", "60000"]), "a retry answers the same");
+    let Resp::Array(Some(items)) = &reply else { unreachable!() };
+    assert_eq!(&items[..3], &[Resp::Int(1), Resp::Int(1), Resp::Int(1)]);
+    keys[8] = "{t}:op:test:2";
+    let Resp::Array(Some(items)) = eval(&redis, lua::SET, &keys, &["1000", "1", "1000", "60000"]) else {
+        unreachable!()
+    };
+    assert_eq!(items[0], Resp::Int(-1), "out of range");
+    assert_eq!(redis.command(&["STRLEN", "{t}:bits"]).unwrap(), Resp::Int(1), "the bitset did not grow");
+
+    // snapshot
+    let h = header(lua::SNAPSHOT);
+    let reply = eval(&redis, lua::SNAPSHOT, &BOARD_KEYS[..h.keys], &[]);
+    check_shape("snapshot", &h, &reply);
+
+    // sweep: a number
+    let h = header(lua::SWEEP);
+    let keys = ["{t}:config", "{t}:frozen", "{t}:count", "{t}:frozen_count", "{t}:seq", "{t}:log", "{t}:checked_at"];
+    let reply = eval(&redis, lua::SWEEP, &keys[..h.keys], &["10", "1000"][..h.args]);
+    check_shape("sweep", &h, &reply);
+
+    // lease: 1 for the holder, 0 for anyone else
+    let h = header(lua::LEASE);
+    let reply = eval(&redis, lua::LEASE, &["{t}:sweep_lease"][..h.keys], &["me", "10000"][..h.args]);
+    check_shape("lease", &h, &reply);
+    assert_eq!(reply, Resp::Int(1));
+    assert_eq!(eval(&redis, lua::LEASE, &["{t}:sweep_lease"], &["other", "10000"]), Resp::Int(0));
+    assert_eq!(eval(&redis, lua::LEASE, &["{t}:sweep_lease"], &["me", "10000"]), Resp::Int(1));
+}
