@@ -18,7 +18,8 @@ fn main() {
     let seconds: u64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(5);
     let in_flight: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(64);
     let redis = RedisServer::start().expect("redis-server");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let config = BoardConfig { size: 1_000_000, ..Default::default() };
 
     let ours = rt.block_on(async {
@@ -63,8 +64,17 @@ fn main() {
     let total = (ours as u64 * seconds).max(100_000).to_string();
     let port = redis.port().to_string();
     let out = std::process::Command::new("redis-benchmark")
-        .args(["-p", &port, "-n", &total, "-P", "16", "-c", "16", "-r", "1000000", "-q", "EVALSHA", &sha, "9"])
-        .args(["{main}:config", "{main}:bits", "{main}:frozen", "{main}:count", "{main}:frozen_count"])
+        .args([
+            "-p", &port, "-n", &total, "-P", "16", "-c", "16", "-r", "1000000", "-q", "EVALSHA",
+            &sha, "9",
+        ])
+        .args([
+            "{main}:config",
+            "{main}:bits",
+            "{main}:frozen",
+            "{main}:count",
+            "{main}:frozen_count",
+        ])
         .args(["{main}:seq", "{main}:log", "{main}:checked_at", "{main}:op:bench:__rand_int__"])
         .args(["__rand_int__", "1", "100000", "60000"])
         .output()

@@ -16,7 +16,8 @@ struct Header {
 fn header(src: &str) -> Header {
     let lines: Vec<&str> = src.lines().take_while(|l| l.starts_with("--")).collect();
     let count = |prefix: &str| lines.iter().filter(|l| l.starts_with(prefix)).count();
-    let returns = lines.iter().find_map(|l| l.strip_prefix("-- Returns: ")).expect("a Returns line");
+    let returns =
+        lines.iter().find_map(|l| l.strip_prefix("-- Returns: ")).expect("a Returns line");
     // Count the top-level items of `{a, b (note, with commas), c}`.
     let returns = returns.strip_prefix('{').map(|r| {
         let mut depth = 0;
@@ -71,17 +72,25 @@ fn eval(redis: &RedisServer, src: &str, keys: &[&str], args: &[&str]) -> Resp {
 
 fn check_shape(name: &str, h: &Header, reply: &Resp) {
     match (h.returns, reply) {
-        (Some(n), Resp::Array(Some(items))) => assert_eq!(items.len(), n, "{name}: documented {n} return items"),
+        (Some(n), Resp::Array(Some(items))) => {
+            assert_eq!(items.len(), n, "{name}: documented {n} return items")
+        }
         (None, Resp::Int(_)) => {}
-        other => panic!("{name}: reply {reply:?} does not match the documented shape ({:?})", other.0),
+        other => {
+            panic!("{name}: reply {reply:?} does not match the documented shape ({:?})", other.0)
+        }
     }
 }
 
 #[test]
 fn headers_name_exactly_the_keys_and_arguments_used() {
-    for (name, src) in
-        [("init", lua::INIT), ("set", lua::SET), ("snapshot", lua::SNAPSHOT), ("sweep", lua::SWEEP), ("lease", lua::LEASE)]
-    {
+    for (name, src) in [
+        ("init", lua::INIT),
+        ("set", lua::SET),
+        ("snapshot", lua::SNAPSHOT),
+        ("sweep", lua::SWEEP),
+        ("lease", lua::LEASE),
+    ] {
         let h = header(src);
         assert_eq!(used(src, "KEYS"), h.keys, "{name}.lua: KEYS documented vs used");
         assert_eq!(used(src, "ARGV"), h.args, "{name}.lua: ARGV documented vs used");
@@ -101,7 +110,11 @@ fn scripts_called_as_documented_answer_as_documented() {
     assert_eq!(items[4].as_str(), Some("12345678901234567890"), "the epoch keeps all its digits");
     let again = eval(&redis, lua::INIT, &BOARD_KEYS, &["1000", "5", "0", "1"]);
     let Resp::Array(Some(items)) = again else { unreachable!() };
-    assert_eq!((items[0].clone(), items[2].clone()), (Resp::Int(0), Resp::Int(0)), "existing board wins");
+    assert_eq!(
+        (items[0].clone(), items[2].clone()),
+        (Resp::Int(0), Resp::Int(0)),
+        "existing board wins"
+    );
     let n = BOARD_KEYS.len().to_string();
     let mut resize = vec!["EVAL", lua::INIT, n.as_str()];
     resize.extend_from_slice(&BOARD_KEYS);
@@ -114,15 +127,24 @@ fn scripts_called_as_documented_answer_as_documented() {
     keys.push("{t}:op:test:1");
     let reply = eval(&redis, lua::SET, &keys[..h.keys], &["5", "1", "1000", "60000"][..h.args]);
     check_shape("set", &h, &reply);
-    assert_eq!(reply, eval(&redis, lua::SET, &keys, &["5", "1", "1000", "60000"]), "a retry answers the same");
+    assert_eq!(
+        reply,
+        eval(&redis, lua::SET, &keys, &["5", "1", "1000", "60000"]),
+        "a retry answers the same"
+    );
     let Resp::Array(Some(items)) = &reply else { unreachable!() };
     assert_eq!(&items[..3], &[Resp::Int(1), Resp::Int(1), Resp::Int(1)]);
     keys[8] = "{t}:op:test:2";
-    let Resp::Array(Some(items)) = eval(&redis, lua::SET, &keys, &["1000", "1", "1000", "60000"]) else {
+    let Resp::Array(Some(items)) = eval(&redis, lua::SET, &keys, &["1000", "1", "1000", "60000"])
+    else {
         unreachable!()
     };
     assert_eq!(items[0], Resp::Int(-1), "out of range");
-    assert_eq!(redis.command(&["STRLEN", "{t}:bits"]).unwrap(), Resp::Int(1), "the bitset did not grow");
+    assert_eq!(
+        redis.command(&["STRLEN", "{t}:bits"]).unwrap(),
+        Resp::Int(1),
+        "the bitset did not grow"
+    );
 
     // snapshot
     let h = header(lua::SNAPSHOT);
@@ -131,13 +153,22 @@ fn scripts_called_as_documented_answer_as_documented() {
 
     // sweep: a number
     let h = header(lua::SWEEP);
-    let keys = ["{t}:config", "{t}:frozen", "{t}:count", "{t}:frozen_count", "{t}:seq", "{t}:log", "{t}:checked_at"];
+    let keys = [
+        "{t}:config",
+        "{t}:frozen",
+        "{t}:count",
+        "{t}:frozen_count",
+        "{t}:seq",
+        "{t}:log",
+        "{t}:checked_at",
+    ];
     let reply = eval(&redis, lua::SWEEP, &keys[..h.keys], &["10", "1000"][..h.args]);
     check_shape("sweep", &h, &reply);
 
     // lease: 1 for the holder, 0 for anyone else
     let h = header(lua::LEASE);
-    let reply = eval(&redis, lua::LEASE, &["{t}:sweep_lease"][..h.keys], &["me", "10000"][..h.args]);
+    let reply =
+        eval(&redis, lua::LEASE, &["{t}:sweep_lease"][..h.keys], &["me", "10000"][..h.args]);
     check_shape("lease", &h, &reply);
     assert_eq!(reply, Resp::Int(1));
     assert_eq!(eval(&redis, lua::LEASE, &["{t}:sweep_lease"], &["other", "10000"]), Resp::Int(0));

@@ -5,9 +5,14 @@
 //!   on a free port in its own temp dir, polled until it answers `PING`,
 //!   restartable on the same port (with or without its AOF), killed and waited
 //!   for on drop, its log printed when a test panics.
+//! - [`WorkerProcess`]: the built `omcb` binary as a child process on free
+//!   ports, its addresses read from its stdout, killed on drop.
 //! - [`Resp`]: a tiny RESP client for the few commands tests send, so the kit
 //!   needs no Redis client crate and depends on nothing of ours.
 #![forbid(unsafe_code)]
+
+mod worker;
+pub use worker::WorkerProcess;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;

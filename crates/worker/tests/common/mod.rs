@@ -3,15 +3,14 @@
 //! minimal HTTP/1.1 client.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use omcb_proto::v1::{ClientMessage, ServerMessage, Toggle, client_message, server_message::Msg};
 use omcb_proto::{Applied, Board};
+pub use omcb_testkit::WorkerProcess;
 use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -24,107 +23,36 @@ pub fn flags(s: &str) -> Vec<&str> {
     s.split_whitespace().collect()
 }
 
-/// A running `omcb serve`, killed on drop.
-pub struct Worker {
-    pub child: Child,
-    pub addr: SocketAddr,
-    pub metrics: SocketAddr,
-    pub data_dir: PathBuf,
-    pub stderr_path: PathBuf,
-    _tmp: Option<tempfile::TempDir>,
+/// A running `omcb serve` (omcb-testkit's process harness) plus the HTTP
+/// helpers these tests use.
+pub struct Worker(pub WorkerProcess);
+
+impl std::ops::Deref for Worker {
+    type Target = WorkerProcess;
+    fn deref(&self) -> &WorkerProcess {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Worker {
+    fn deref_mut(&mut self) -> &mut WorkerProcess {
+        &mut self.0
+    }
 }
 
 impl Worker {
     /// Starts a worker with its own temp data dir and extra flags.
     pub fn start(args: &[&str]) -> Worker {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_path_buf();
-        let mut w = Worker::start_in(&dir, args);
-        w._tmp = Some(tmp);
-        w
+        Worker(WorkerProcess::start(env!("CARGO_BIN_EXE_omcb"), None, args).unwrap())
     }
 
     /// Starts a worker on an existing data dir (restarts).
     pub fn start_in(data_dir: &Path, args: &[&str]) -> Worker {
-        let stderr_path = data_dir.join(format!("worker-{}.log", std::process::id()));
-        let stderr =
-            std::fs::OpenOptions::new().create(true).append(true).open(&stderr_path).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_omcb"))
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(args)
-            .env("OMCB_LOG", "info,omcb_worker=debug")
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn omcb");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut addr = None;
-        let mut metrics = None;
-        while addr.is_none() || metrics.is_none() {
-            let Some(Ok(line)) = lines.next() else {
-                let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                panic!("omcb exited before listening; its log:\n{log}");
-            };
-            if let Some(a) = line.strip_prefix("listening on http://") {
-                addr = Some(a.parse().unwrap());
-            } else if let Some(a) = line.strip_prefix("metrics on http://") {
-                metrics = Some(a.trim_end_matches("/metrics").parse().unwrap());
-            }
-        }
-        // Keep draining stdout so the worker never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Worker {
-            child,
-            addr: addr.unwrap(),
-            metrics: metrics.unwrap(),
-            data_dir: data_dir.to_path_buf(),
-            stderr_path,
-            _tmp: None,
-        }
+        Worker(WorkerProcess::start(env!("CARGO_BIN_EXE_omcb"), Some(data_dir), args).unwrap())
     }
 
     pub fn ws_url(&self, query: &str) -> String {
         format!("ws://{}/ws{}", self.addr, query)
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// Sends SIGTERM and waits for the exit.
-    pub fn terminate(&mut self) -> ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        self.wait_exit()
-    }
-
-    /// SIGKILL, like a crash.
-    pub fn kill9(&mut self) -> ExitStatus {
-        self.child.kill().unwrap();
-        self.wait_exit()
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "worker did not exit; log:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Resident memory of the worker, from /proc.
-    pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
     }
 
     pub async fn stats(&self) -> serde_json::Value {
@@ -153,16 +81,6 @@ impl Worker {
         text.lines()
             .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
             .map_or(0.0, |v| v.trim().parse().unwrap())
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- worker log ---\n{}", self.log());
-        }
     }
 }
 
