@@ -66,6 +66,17 @@ pub struct Config {
     #[arg(long, env = "OMCB_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
 
+    /// WebSocket connections one client address may hold on this worker (a
+    /// second line behind nginx's `limit_conn`); more get close 1013. 0 = no cap.
+    #[arg(long, env = "OMCB_MAX_CONNECTIONS_PER_IP", default_value_t = 64)]
+    pub max_connections_per_ip: usize,
+
+    /// Addresses of proxies (nginx) whose `X-Forwarded-For` is believed; from
+    /// anyone else the header is ignored and the peer address is the client.
+    /// Repeat the flag or separate with commas.
+    #[arg(long, env = "OMCB_TRUSTED_PROXY", value_delimiter = ',')]
+    pub trusted_proxy: Vec<std::net::IpAddr>,
+
     /// Largest client frame (or fragmented message) accepted; larger closes with 1009.
     #[arg(long, env = "OMCB_MAX_FRAME", default_value_t = 1024)]
     pub max_frame: usize,

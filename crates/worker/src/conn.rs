@@ -5,6 +5,7 @@
 //! frame is not cancel-safe (it cannot sit in a `select!` beside the fan-out)
 //! and a socket that stops reading must never stall the toggles of others.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -77,23 +78,33 @@ pub fn parse_resume(query: Option<&str>) -> Option<(u64, u64)> {
     Some((epoch?, since?))
 }
 
-/// Counts a socket for `--max-connections` and the shutdown drain; uncounts on drop.
+/// Counts a socket for `--max-connections`, `--max-connections-per-ip` and
+/// the shutdown drain; uncounts on drop.
 #[derive(Debug)]
 pub struct SocketSlot {
     app: Arc<App>,
-    /// Whether this socket was over the limit when it arrived.
+    /// The client's address (after trusted `X-Forwarded-For`).
+    ip: IpAddr,
+    /// Whether this socket was over a limit when it arrived (it still needs its 1013).
     pub over_limit: bool,
 }
 
 impl SocketSlot {
-    /// Takes a slot (even over the limit: the socket still needs its 1013).
-    pub fn take(app: Arc<App>) -> Self {
+    /// Takes a slot, even over a limit: the socket still needs its 1013.
+    pub fn take(app: Arc<App>, ip: IpAddr) -> Self {
         let before = app.sockets.fetch_add(1, Ordering::SeqCst);
-        let over_limit = before >= app.config.max_connections;
+        let per_ip = {
+            let mut map = app.sockets_per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let n = map.entry(ip).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let cap = app.config.max_connections_per_ip;
+        let over_limit = before >= app.config.max_connections || (cap > 0 && per_ip > cap);
         if !over_limit {
             app.metrics.connections.increment(1.0);
         }
-        Self { app, over_limit }
+        Self { app, ip, over_limit }
     }
 }
 
@@ -101,6 +112,15 @@ impl Drop for SocketSlot {
     fn drop(&mut self) {
         if !self.over_limit {
             self.app.metrics.connections.decrement(1.0);
+        }
+        {
+            let mut map = self.app.sockets_per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = map.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&self.ip);
+                }
+            }
         }
         if self.app.sockets.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.app.sockets_gone.notify_waiters();

@@ -2,6 +2,7 @@
 //! `/api/state` never touch the store.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,11 +21,13 @@ pub type Body = Full<Bytes>;
 pub async fn handle(
     app: Arc<App>,
     mut req: Request<Incoming>,
+    peer: IpAddr,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
     let method = req.method();
     if path == "/ws" {
-        return Ok(websocket(app, &mut req));
+        let client = client_ip(&app.config.trusted_proxy, peer, &req);
+        return Ok(websocket(app, &mut req, client));
     }
     if method != Method::GET && method != Method::HEAD {
         return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n"));
@@ -162,7 +165,7 @@ async fn static_file(app: &App, req: &Request<Incoming>) -> Response<Body> {
 }
 
 /// `GET /ws`: upgrades and hands the socket to [`conn::serve`].
-fn websocket(app: Arc<App>, req: &mut Request<Incoming>) -> Response<Body> {
+fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(req) {
         return plain(StatusCode::UPGRADE_REQUIRED, "WebSocket upgrade required\n");
     }
@@ -174,7 +177,7 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>) -> Response<Body> {
             return plain(StatusCode::BAD_REQUEST, "bad WebSocket upgrade request\n");
         }
     };
-    let slot = SocketSlot::take(app.clone());
+    let slot = SocketSlot::take(app.clone(), client);
     tokio::spawn(async move {
         match upgrade.await {
             Ok(ws) => conn::serve(app, slot, ws, resume).await,
@@ -183,4 +186,50 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>) -> Response<Body> {
     });
     let (parts, _) = resp.into_parts();
     Response::from_parts(parts, Full::default())
+}
+
+/// The client's address: the peer, or, when the peer is a trusted proxy, the
+/// last address in `X-Forwarded-For` that is not itself a trusted proxy.
+/// An untrusted peer's header is ignored: anyone can write one.
+pub fn client_ip(trusted: &[IpAddr], peer: IpAddr, req: &Request<Incoming>) -> IpAddr {
+    forwarded_client(
+        trusted,
+        peer,
+        req.headers().get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()),
+    )
+}
+
+fn forwarded_client<'a>(
+    trusted: &[IpAddr],
+    peer: IpAddr,
+    headers: impl Iterator<Item = &'a str>,
+) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let hops: Vec<IpAddr> =
+        headers.flat_map(|v| v.split(',')).filter_map(|h| h.trim().parse().ok()).collect();
+    hops.into_iter().rev().find(|ip| !trusted.contains(ip)).unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let client: IpAddr = "203.0.113.7".parse().unwrap();
+        let trusted = [proxy];
+        // From the proxy: the last untrusted hop (a client can prepend lies, not append).
+        let h = ["198.51.100.1, 203.0.113.7"];
+        assert_eq!(forwarded_client(&trusted, proxy, h.into_iter()), client);
+        let h = ["203.0.113.7, 10.0.0.1"];
+        assert_eq!(forwarded_client(&trusted, proxy, h.into_iter()), client);
+        // From anyone else: the header is ignored.
+        let h = ["198.51.100.1"];
+        assert_eq!(forwarded_client(&trusted, client, h.into_iter()), client);
+        // No usable header: the peer.
+        assert_eq!(forwarded_client(&trusted, proxy, ["garbage"].into_iter()), proxy);
+    }
 }

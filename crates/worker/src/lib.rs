@@ -65,6 +65,8 @@ pub struct App {
     pub sockets: AtomicUsize,
     /// Notified when `sockets` drops to zero (shutdown waits on it).
     pub sockets_gone: Notify,
+    /// WebSockets per client address, for `--max-connections-per-ip`.
+    pub sockets_per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
 /// Why the worker could not start or stop cleanly.
@@ -139,6 +141,7 @@ impl Server {
             shutdown,
             sockets: AtomicUsize::new(0),
             sockets_gone: Notify::new(),
+            sockets_per_ip: Default::default(),
         });
         Ok(Self { app, listener, metrics_listener, prometheus, shutdown_tx, feed })
     }
@@ -177,13 +180,13 @@ impl Server {
             tokio::select! {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _peer)) => {
+                    Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
                         if app.config.socket_send_buffer > 0 {
                             let sock = socket2::SockRef::from(&stream);
                             let _ = sock.set_send_buffer_size(app.config.socket_send_buffer);
                         }
-                        tokio::spawn(serve_http(app.clone(), stream));
+                        tokio::spawn(serve_http(app.clone(), stream, peer));
                     }
                     Err(e) => {
                         // Usually EMFILE: back off instead of spinning.
@@ -223,9 +226,9 @@ impl Server {
 }
 
 /// One HTTP/1.1 connection (keep-alive, upgrades), closed gracefully on shutdown.
-async fn serve_http(app: Arc<App>, stream: tokio::net::TcpStream) {
+async fn serve_http(app: Arc<App>, stream: tokio::net::TcpStream, peer: SocketAddr) {
     let mut shutdown = app.shutdown.clone();
-    let svc = service_fn(move |req| http::handle(app.clone(), req));
+    let svc = service_fn(move |req| http::handle(app.clone(), req, peer.ip()));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))

@@ -311,3 +311,32 @@ async fn a_client_that_cannot_keep_up_is_closed() {
     }
     assert_eq!(fast.gaps, 0);
 }
+
+async fn connect_as(w: &Worker, forwarded_for: &str) -> Client {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = w.ws_url("").into_client_request().unwrap();
+    req.headers_mut().insert("X-Forwarded-For", forwarded_for.parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    Client::new(ws)
+}
+
+#[tokio::test]
+async fn per_address_cap_counts_forwarded_clients_only_from_trusted_proxies() {
+    // Trusted proxy: each forwarded client has its own allowance.
+    let w = Worker::start(&flags(
+        "--board-size 1000 --max-connections-per-ip 1 --trusted-proxy 127.0.0.1",
+    ));
+    let mut a = connect_as(&w, "198.51.100.1").await;
+    let mut b = connect_as(&w, "198.51.100.2").await;
+    assert!(matches!(a.recv().await, Msg::Snapshot(_)));
+    assert!(matches!(b.recv().await, Msg::Snapshot(_)));
+    let mut again = connect_as(&w, "203.0.113.9, 198.51.100.1").await;
+    assert_eq!(again.until_closed().await, Ended::Closed(Some(1013)), "same client, second socket");
+
+    // Untrusted peer: the header is ignored, the peer address counts.
+    let w = Worker::start(&flags("--board-size 1000 --max-connections-per-ip 1"));
+    let mut a = connect_as(&w, "198.51.100.1").await;
+    assert!(matches!(a.recv().await, Msg::Snapshot(_)));
+    let mut b = connect_as(&w, "198.51.100.2").await;
+    assert_eq!(b.until_closed().await, Ended::Closed(Some(1013)), "a forged header buys nothing");
+}

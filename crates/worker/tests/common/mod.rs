@@ -174,7 +174,7 @@ impl<S> Client<S>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    fn new(ws: tokio_tungstenite::WebSocketStream<S>) -> Self {
+    pub fn new(ws: tokio_tungstenite::WebSocketStream<S>) -> Self {
         Client { ws, board: None, batches: Vec::new(), snapshots: 0, gaps: 0, next_request: 1 }
     }
 
