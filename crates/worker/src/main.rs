@@ -28,9 +28,13 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    match cli.command {
+    let result = match cli.command {
         Command::Serve(config) => runtime.block_on(serve(config)),
-    }
+    };
+    // Everything worth waiting for (sockets closed, board persisted) is done;
+    // don't wait for a blocking read on a store connection to time out.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    result
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
