@@ -1,0 +1,390 @@
+//! The deploy/ files and scripts/provision: checked with the real tools where
+//! the machine has them (systemd-analyze, tc in network namespaces, iperf3),
+//! and against a fake `doctl` for the cloud API (outside this machine).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn systemd_unit_verifies_clean() {
+    if !have("systemd-analyze") {
+        eprintln!("SKIPPED: systemd-analyze is not installed here; the unit was not verified");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(repo().join("deploy/systemd/omcb-worker.service")).unwrap();
+    // verify checks that ExecStart exists: point it at the binary under test.
+    let unit = unit.replace("/usr/local/bin/omcb", env!("CARGO_BIN_EXE_omcb"));
+    let path = dir.path().join("omcb-worker.service");
+    std::fs::write(&path, &unit).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify: {stderr}");
+    for must in [
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "RestrictAddressFamilies=",
+        "LimitNOFILE=",
+        "Restart=always",
+        "RestartSec=",
+        "StartLimitIntervalSec=0",
+        "EnvironmentFile=",
+    ] {
+        assert!(unit.contains(must), "the unit lacks {must}");
+    }
+}
+
+/// Renders the cloud-init user data the way scripts/provision does.
+fn rendered_user_data() -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let (bin, log) = fake_doctl(dir.path());
+    let out = Command::new(repo().join("scripts/provision"))
+        .args(["up", "1"])
+        .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()))
+        .env("FAKE_DOCTL_LOG", &log)
+        .env("FAKE_DOCTL_STATE", dir.path().join("state"))
+        .env("OMCB_REDIS_URL", "redis://10.0.0.5:6379")
+        .env("OMCB_UPSTREAM_FILE", dir.path().join("upstream.conf"))
+        .env("OMCB_NGINX_RELOAD", "true")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read_to_string(log.with_extension("userdata")).unwrap()
+}
+
+#[test]
+fn cloud_init_user_data_has_the_shape_of_a_worker() {
+    let text = rendered_user_data();
+    assert!(text.starts_with("#cloud-config\n"));
+    if have("cloud-init") {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("user-data.yaml");
+        std::fs::write(&f, &text).unwrap();
+        let out =
+            Command::new("cloud-init").args(["schema", "--config-file"]).arg(&f).output().unwrap();
+        assert!(
+            out.status.success(),
+            "cloud-init schema: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!("NOTE: cloud-init is not installed here; checking the YAML shape instead");
+    }
+    let docs = yaml_rust2::YamlLoader::load_from_str(&text).unwrap();
+    let doc = &docs[0];
+    let files: Vec<&str> =
+        doc["write_files"].as_vec().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
+    for path in [
+        "/etc/systemd/system/omcb-worker.service",
+        "/etc/omcb/worker.env",
+        "/etc/sysctl.d/60-omcb.conf",
+        "/usr/local/sbin/cap-egress",
+    ] {
+        assert!(files.contains(&path), "user data writes {path}");
+    }
+    let runcmd = format!("{:?}", doc["runcmd"]);
+    assert!(
+        runcmd.contains("omcb-worker.service") && runcmd.contains("enable"),
+        "it enables the worker"
+    );
+    assert!(runcmd.contains("omcb-egress-cap.service"), "it applies the egress cap");
+    let env = doc["write_files"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"].as_str() == Some("/etc/omcb/worker.env"))
+        .unwrap();
+    assert!(env["content"].as_str().unwrap().contains("OMCB_REDIS=redis://10.0.0.5:6379"));
+    // The unit travels base64-encoded and decodes to the repo's unit.
+    let unit = doc["write_files"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"].as_str() == Some("/etc/systemd/system/omcb-worker.service"))
+        .unwrap();
+    let decoded = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(unit["content"].as_str().unwrap().as_bytes())?;
+            c.wait_with_output()
+        });
+    assert_eq!(
+        String::from_utf8(decoded.unwrap().stdout).unwrap(),
+        std::fs::read_to_string(repo().join("deploy/systemd/omcb-worker.service")).unwrap()
+    );
+}
+
+/// A fake `doctl` that records its calls and keeps droplets in a state file,
+/// answering `list` like the real one (`--format` columns, `--no-header`).
+fn fake_doctl(dir: &Path) -> (PathBuf, PathBuf) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = r#"#!/usr/bin/env bash
+set -euo pipefail
+echo "$*" >>"$FAKE_DOCTL_LOG"
+state=$FAKE_DOCTL_STATE
+touch "$state"
+case "$1 $2 $3" in
+  "compute droplet create")
+    shift 3
+    names=()
+    while (($#)) && [[ $1 != --* ]]; do names+=("$1"); shift; done
+    ud="" tag=""
+    while (($#)); do
+      case $1 in
+        --user-data-file) ud=$2; shift 2 ;;
+        --tag-name) tag=$2; shift 2 ;;
+        --wait|--enable-private-networking) shift ;;
+        *) shift 2 ;;
+      esac
+    done
+    [[ -f "$ud" ]] || { echo "Error: open $ud: no such file" >&2; exit 1; }
+    cp "$ud" "${FAKE_DOCTL_LOG%.*}.userdata"
+    echo "ID        Name    Public IPv4    Private IPv4    Status"
+    for n in "${names[@]}"; do
+      i=$(( $(wc -l <"$state") + 10 ))
+      echo "$n 10.10.0.$i active $tag" >>"$state"
+      echo "3$i    $n    203.0.113.$i    10.10.0.$i    active"
+    done ;;
+  "compute droplet list")
+    shift 3
+    tag="" format="ID,Name"
+    while (($#)); do
+      case $1 in
+        --tag-name) tag=$2; shift 2 ;;
+        --format) format=$2; shift 2 ;;
+        *) shift ;;
+      esac
+    done
+    while read -r name ip status t; do
+      [[ -z "$tag" || "$t" == "$tag" ]] || continue
+      row=()
+      IFS=, read -ra cols <<<"$format"
+      for c in "${cols[@]}"; do
+        case $c in Name) row+=("$name") ;; PrivateIPv4) row+=("$ip") ;; Status) row+=("$status") ;; *) row+=("?") ;; esac
+      done
+      echo "${row[*]}"
+    done <"$state" ;;
+  "compute droplet untag")
+    sed -i "s/^$4 \(.*\) $6\$/$4 \1 -/" "$state" ;;
+  "compute droplet delete")
+    grep -q "^$4 " "$state" || { echo "Error: droplet $4 not found" >&2; exit 1; }
+    sed -i "/^$4 /d" "$state" ;;
+  *) echo "fake doctl: unsupported: $*" >&2; exit 1 ;;
+esac
+"#;
+    let path = bin.join("doctl");
+    std::fs::write(&path, script).unwrap();
+    Command::new("chmod").arg("+x").arg(&path).status().unwrap();
+    (bin, dir.join("doctl.log"))
+}
+
+#[test]
+fn provision_adds_and_removes_tagged_droplets_and_keeps_the_upstream_in_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bin, log) = fake_doctl(dir.path());
+    let upstream = dir.path().join("upstream.conf");
+    let reloads = dir.path().join("reloads");
+    let provision = |args: &[&str]| {
+        let out = Command::new(repo().join("scripts/provision"))
+            .args(args)
+            .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()))
+            .env("FAKE_DOCTL_LOG", &log)
+            .env("FAKE_DOCTL_STATE", dir.path().join("state"))
+            .env("OMCB_REDIS_URL", "redis://10.0.0.5:6379")
+            .env("OMCB_UPSTREAM_FILE", &upstream)
+            .env("OMCB_NGINX_RELOAD", format!("echo reload >>{}", reloads.display()))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success(), stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let calls = || std::fs::read_to_string(&log).unwrap_or_default();
+    let servers = || {
+        std::fs::read_to_string(&upstream)
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("server "))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+
+    // --dry-run prints the commands and runs none.
+    let (ok, out, _) = provision(&["--dry-run", "up", "2"]);
+    assert!(ok);
+    assert!(
+        out.contains("doctl compute droplet create omcb-worker-")
+            && out.contains("--tag-name omcb-worker"),
+        "{out}"
+    );
+    assert!(calls().is_empty(), "dry run called doctl: {}", calls());
+    assert!(!upstream.exists());
+
+    let (ok, _, err) = provision(&["up", "2"]);
+    assert!(ok, "{err}");
+    assert!(calls().contains("compute droplet create"), "{}", calls());
+    assert_eq!(
+        servers(),
+        [
+            "server 10.10.0.10:8080 max_fails=2 fail_timeout=5s;",
+            "server 10.10.0.11:8080 max_fails=2 fail_timeout=5s;"
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(&reloads).unwrap().lines().count(),
+        1,
+        "nginx reloaded once"
+    );
+
+    let (ok, list, _) = provision(&["list"]);
+    assert!(ok);
+    assert_eq!(list.lines().count(), 2);
+    let victim = list.lines().next().unwrap().split_whitespace().next().unwrap().to_string();
+
+    let (ok, _, err) = provision(&["down", &victim]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        servers(),
+        ["server 10.10.0.11:8080 max_fails=2 fail_timeout=5s;"],
+        "it left the upstream"
+    );
+    let log_text = calls();
+    let untag = log_text.find(&format!("untag {victim}")).expect("untagged first");
+    let delete = log_text.find(&format!("delete {victim}")).expect("then deleted");
+    assert!(untag < delete, "out of the upstream before it is deleted");
+    assert_eq!(std::fs::read_to_string(&reloads).unwrap().lines().count(), 2);
+
+    // Guard rails: not ours, or the last one.
+    let (ok, _, err) = provision(&["down", "some-database"]);
+    assert!(!ok && err.contains("not an omcb-worker droplet"), "{err}");
+    let last = provision(&["list"]).1.split_whitespace().next().unwrap().to_string();
+    let (ok, _, err) = provision(&["down", &last]);
+    assert!(!ok && err.contains("last worker"), "{err}");
+}
+
+/// Two network namespaces joined by a veth pair, removed on drop.
+struct NetPair {
+    a: String,
+    b: String,
+}
+
+impl NetPair {
+    fn new() -> Option<NetPair> {
+        let id = std::process::id() % 100_000;
+        let pair = NetPair { a: format!("omcb-a{id}"), b: format!("omcb-b{id}") };
+        let sh = |c: &str| Command::new("sh").args(["-c", c]).status().is_ok_and(|s| s.success());
+        let ok = sh(&format!("ip netns add {}", pair.a))
+            && sh(&format!("ip netns add {}", pair.b))
+            && sh(&format!(
+                "ip link add va{id} netns {} type veth peer name vb{id} netns {}",
+                pair.a, pair.b
+            ))
+            && sh(&format!(
+                "ip -n {} addr add 10.77.0.1/24 dev va{id} && ip -n {} link set va{id} up && ip -n {} link set lo up",
+                pair.a, pair.a, pair.a
+            ))
+            && sh(&format!(
+                "ip -n {} addr add 10.77.0.2/24 dev vb{id} && ip -n {} link set vb{id} up && ip -n {} link set lo up",
+                pair.b, pair.b, pair.b
+            ));
+        ok.then_some(pair)
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.a]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.b]).status();
+    }
+}
+
+#[test]
+fn egress_cap_holds_throughput_within_ten_percent() {
+    if !have("iperf3") || !have("tc") {
+        eprintln!("SKIPPED: iperf3 or tc is not installed here; the egress cap was not measured");
+        return;
+    }
+    let Some(net) = NetPair::new() else {
+        eprintln!(
+            "SKIPPED: network namespaces cannot be created here (need root and CAP_NET_ADMIN)"
+        );
+        return;
+    };
+    let id = std::process::id() % 100_000;
+    let cap = repo().join("deploy/tc/cap-egress");
+    let in_a = |args: &[&str]| {
+        Command::new("ip").args(["netns", "exec", &net.a]).args(args).output().unwrap()
+    };
+    let out = in_a(&[cap.to_str().unwrap(), "set", &format!("va{id}"), "20mbit"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let show = in_a(&[cap.to_str().unwrap(), "show", &format!("va{id}")]);
+    assert!(String::from_utf8_lossy(&show.stdout).contains("htb"));
+
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &net.b, "iperf3", "-s", "-1", "-B", "10.77.0.2"])
+        .spawn()
+        .unwrap();
+    // Poll until the server listens, then connect with a short timeout (a SYN
+    // sent before the veth carrier is up would otherwise wait minutes).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let ss = Command::new("ip")
+            .args(["netns", "exec", &net.b, "ss", "-Hltn", "sport = :5201"])
+            .output()
+            .unwrap();
+        if !ss.stdout.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "iperf3 server never listened");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let report = loop {
+        let out = in_a(&[
+            "iperf3",
+            "-c",
+            "10.77.0.2",
+            "--connect-timeout",
+            "1000",
+            "-t",
+            "4",
+            "-O",
+            "1",
+            "-J",
+        ]);
+        if out.status.success() {
+            break String::from_utf8(out.stdout).unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "iperf3 never connected");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = server.wait();
+    let json: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let bps = json["end"]["sum_received"]["bits_per_second"].as_f64().unwrap();
+    eprintln!("measured {:.2} Mbit/s through a 20 Mbit/s cap", bps / 1e6);
+    assert!(
+        (bps - 20e6).abs() <= 2e6,
+        "throughput {:.2} Mbit/s is not within 10% of 20 Mbit/s",
+        bps / 1e6
+    );
+
+    let out = in_a(&[cap.to_str().unwrap(), "clear", &format!("va{id}")]);
+    assert!(out.status.success());
+    let show = in_a(&["tc", "qdisc", "show", "dev", &format!("va{id}")]);
+    assert!(!String::from_utf8_lossy(&show.stdout).contains("htb"), "cleared");
+}
