@@ -1,0 +1,212 @@
+//! What a run measured, mergeable across processes, as a table and as JSON.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::Args;
+use crate::client::Shared;
+
+/// One process's (or the merged) results. Histograms travel as
+/// `(microseconds, count)` pairs so children can send them to the parent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub clients: usize,
+    pub clients_connected: u64,
+    pub ramp_s: f64,
+    pub traffic_s: f64,
+    pub toggles_sent: u64,
+    pub toggles_accepted: u64,
+    pub refusals: HashMap<String, u64>,
+    pub reconnects: u64,
+    pub snapshots: u64,
+    pub errors: u64,
+    pub rx_bytes: u64,
+    pub rx_frames: u64,
+    /// Toggle sent -> a sampled receiver applied the batch with it, µs.
+    pub delivery_us: Vec<(u64, u64)>,
+    /// Toggle sent -> its ToggleResult, µs.
+    pub result_us: Vec<(u64, u64)>,
+    pub converged: bool,
+    pub convergence_detail: String,
+}
+
+const REASONS: [&str; 6] =
+    ["unspecified", "out_of_range", "frozen", "rate_limited", "board_full", "unavailable"];
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds")
+}
+
+fn pairs(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    h.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect()
+}
+
+fn from_pairs(p: &[(u64, u64)]) -> Histogram<u64> {
+    let mut h = histogram();
+    for &(v, n) in p {
+        let _ = h.record_n(v.max(1), n);
+    }
+    h
+}
+
+impl Report {
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        args: &Args,
+        s: &Shared,
+        clients: usize,
+        ramp_s: f64,
+        traffic_s: f64,
+        rx_bytes: u64,
+        rx_frames: u64,
+        converged: bool,
+        convergence_detail: String,
+    ) -> Report {
+        let _ = args;
+        // Delivery latency: for each sampled toggle and each receiving client,
+        // the first batch that client applied reaching the toggle's seq.
+        let mut delivery = histogram();
+        let samples = s.samples.lock().expect("lock").clone();
+        let mut receipts: HashMap<usize, Vec<(u64, std::time::Instant)>> = HashMap::new();
+        for (id, seq, at) in s.receipts.lock().expect("lock").iter() {
+            receipts.entry(*id).or_default().push((*seq, *at));
+        }
+        for list in receipts.values() {
+            for &(seq, sent) in &samples {
+                let i = list.partition_point(|&(s, _)| s < seq);
+                if let Some(&(_, at)) = list.get(i)
+                    && at >= sent
+                {
+                    let _ = delivery.record((at - sent).as_micros() as u64);
+                }
+            }
+        }
+        let refusals = REASONS
+            .iter()
+            .zip(&s.refused)
+            .filter(|(_, c)| c.load(Ordering::Relaxed) > 0)
+            .map(|(r, c)| ((*r).to_string(), c.load(Ordering::Relaxed)))
+            .collect();
+        Report {
+            clients,
+            clients_connected: s.connected.load(Ordering::Relaxed),
+            ramp_s,
+            traffic_s,
+            toggles_sent: s.sent.load(Ordering::Relaxed),
+            toggles_accepted: s.accepted.load(Ordering::Relaxed),
+            refusals,
+            reconnects: s.reconnects.load(Ordering::Relaxed),
+            snapshots: s.snapshots.load(Ordering::Relaxed),
+            errors: s.errors.load(Ordering::Relaxed),
+            rx_bytes,
+            rx_frames,
+            delivery_us: pairs(&delivery),
+            result_us: pairs(&s.result_latency.lock().expect("lock")),
+            converged,
+            convergence_detail,
+        }
+    }
+
+    /// Combines two processes' reports.
+    pub fn merge(mut self, o: Report) -> Report {
+        self.clients += o.clients;
+        self.clients_connected += o.clients_connected;
+        self.ramp_s = self.ramp_s.max(o.ramp_s);
+        self.traffic_s = self.traffic_s.max(o.traffic_s);
+        self.toggles_sent += o.toggles_sent;
+        self.toggles_accepted += o.toggles_accepted;
+        for (k, v) in o.refusals {
+            *self.refusals.entry(k).or_default() += v;
+        }
+        self.reconnects += o.reconnects;
+        self.snapshots += o.snapshots;
+        self.errors += o.errors;
+        self.rx_bytes += o.rx_bytes;
+        self.rx_frames += o.rx_frames;
+        let mut d = from_pairs(&self.delivery_us);
+        let _ = d.add(from_pairs(&o.delivery_us));
+        self.delivery_us = pairs(&d);
+        let mut r = from_pairs(&self.result_us);
+        let _ = r.add(from_pairs(&o.result_us));
+        self.result_us = pairs(&r);
+        self.converged &= o.converged;
+        if !o.converged {
+            self.convergence_detail = o.convergence_detail;
+        }
+        self
+    }
+
+    fn per_client_per_s(&self, total: u64) -> f64 {
+        total as f64 / self.clients.max(1) as f64 / self.traffic_s.max(1e-9)
+    }
+
+    fn percentiles_ms(p: &[(u64, u64)]) -> serde_json::Value {
+        let h = from_pairs(p);
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        serde_json::json!({
+            "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": h.max() as f64 / 1000.0, "samples": h.len(),
+        })
+    }
+
+    /// The JSON summary (the last stdout line with `--json`).
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "clients": self.clients,
+            "clients_connected": self.clients_connected,
+            "ramp_s": self.ramp_s,
+            "duration_s": self.traffic_s,
+            "toggles_sent": self.toggles_sent,
+            "toggles_accepted": self.toggles_accepted,
+            "toggles_per_s": self.toggles_sent as f64 / self.traffic_s.max(1e-9),
+            "refusals": self.refusals,
+            "latency_ms": Self::percentiles_ms(&self.delivery_us),
+            "toggle_result_ms": Self::percentiles_ms(&self.result_us),
+            "bytes_per_client_per_s": self.per_client_per_s(self.rx_bytes),
+            "frames_per_client_per_s": self.per_client_per_s(self.rx_frames),
+            "delivered_toggle_events_per_s": self.toggles_accepted as f64 * self.clients as f64 / self.traffic_s.max(1e-9),
+            "reconnects": self.reconnects,
+            "snapshots": self.snapshots,
+            "errors": self.errors,
+            "converged": self.converged,
+            "convergence": self.convergence_detail,
+        })
+    }
+
+    /// A human table.
+    pub fn table(&self) -> String {
+        let s = self.summary();
+        let lat = |k: &str| {
+            let v = &s[k];
+            format!(
+                "p50 {:.1} / p90 {:.1} / p99 {:.1} / max {:.1} ms ({} samples)",
+                v["p50"].as_f64().unwrap_or(0.0),
+                v["p90"].as_f64().unwrap_or(0.0),
+                v["p99"].as_f64().unwrap_or(0.0),
+                v["max"].as_f64().unwrap_or(0.0),
+                v["samples"]
+            )
+        };
+        format!(
+            "\n  clients connected       {} / {}\n  traffic                 {:.1} s, {} toggles sent ({:.0}/s), {} accepted, refused {:?}\n  toggle -> other clients {}\n  toggle -> its result    {}\n  received per client     {:.0} B/s in {:.1} frames/s\n  reconnects / snapshots  {} / {}\n  errors                  {}\n  converged               {} ({})\n",
+            self.clients_connected,
+            self.clients,
+            self.traffic_s,
+            self.toggles_sent,
+            s["toggles_per_s"].as_f64().unwrap_or(0.0),
+            self.toggles_accepted,
+            self.refusals,
+            lat("latency_ms"),
+            lat("toggle_result_ms"),
+            s["bytes_per_client_per_s"].as_f64().unwrap_or(0.0),
+            s["frames_per_client_per_s"].as_f64().unwrap_or(0.0),
+            self.reconnects,
+            self.snapshots,
+            self.errors,
+            if self.converged { "yes" } else { "NO" },
+            self.convergence_detail,
+        )
+    }
+}
