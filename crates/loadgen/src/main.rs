@@ -68,6 +68,10 @@ pub struct Args {
     /// Seconds to wait for convergence at the end.
     #[arg(long, default_value_t = 30.0)]
     pub converge_timeout: f64,
+    /// Seed for the toggle targets (default: from the clock, so repeated runs
+    /// against one board keep changing it instead of repeating no-op sets).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Print one JSON object as the last line of stdout (after the table).
     #[arg(long)]
     pub json: bool,
@@ -193,7 +197,10 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     shared.reset_traffic_counters();
     let traffic_start = Instant::now();
     let end = traffic_start + Duration::from_secs_f64(args.duration);
-    let mut picker = client::Picker::new(args.pattern, args.region, 0x9e37_79b9 ^ child as u64);
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    let mut picker = client::Picker::new(args.pattern, args.region, seed ^ (child as u64).wrapping_mul(0x9e37_79b9));
     let per = Duration::from_secs_f64(1.0 / args.rate.max(1e-9));
     let mut n: u64 = 0;
     let mut next = traffic_start;

@@ -174,8 +174,19 @@ impl RedisStore {
                 commands: CommandCounts::default(),
             }),
         };
-        store.init().await?;
-        Ok(store)
+        // Redis may be up but still loading its AOF (`LOADING`): wait for it
+        // rather than exit, within reason.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match store.init().await {
+                Ok(_) => return Ok(store),
+                Err(StoreError::Unavailable(why)) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(why, "Redis is not ready yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The board's settings (as stored in Redis).
