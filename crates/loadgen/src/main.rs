@@ -198,9 +198,15 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     let traffic_start = Instant::now();
     let end = traffic_start + Duration::from_secs_f64(args.duration);
     let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
     });
-    let mut picker = client::Picker::new(args.pattern, args.region, seed ^ (child as u64).wrapping_mul(0x9e37_79b9));
+    let mut picker = client::Picker::new(
+        args.pattern,
+        args.region,
+        seed ^ (child as u64).wrapping_mul(0x9e37_79b9),
+    );
     let per = Duration::from_secs_f64(1.0 / args.rate.max(1e-9));
     let mut n: u64 = 0;
     let mut next = traffic_start;

@@ -17,12 +17,19 @@ fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let matrix: Vec<&Value> = rows.iter().filter(|r| r["scenario"] == "matrix").collect();
     let out = std::path::Path::new(&args[2]);
-    plot(&matrix, &out.join("latency.svg"), "p99 toggle -> every client (ms)", |r| r["latency_ms"]["p99"].as_f64())?;
+    plot(&matrix, &out.join("latency.svg"), "p99 toggle -> every client (ms)", |r| {
+        r["latency_ms"]["p99"].as_f64()
+    })?;
     plot(&matrix, &out.join("cpu.svg"), "worker CPU (cores)", |r| r["worker_cpu_cores"].as_f64())?;
     Ok(())
 }
 
-fn plot(rows: &[&Value], path: &std::path::Path, y_label: &str, y: impl Fn(&Value) -> Option<f64>) -> anyhow::Result<()> {
+fn plot(
+    rows: &[&Value],
+    path: &std::path::Path,
+    y_label: &str,
+    y: impl Fn(&Value) -> Option<f64>,
+) -> anyhow::Result<()> {
     let mut rates: Vec<u64> = rows.iter().filter_map(|r| r["rate"].as_u64()).collect();
     rates.sort_unstable();
     rates.dedup();
@@ -48,7 +55,9 @@ fn plot(rows: &[&Value], path: &std::path::Path, y_label: &str, y: impl Fn(&Valu
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
             .label(format!("{rate} toggles/s"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
         chart.draw_series(pts.iter().map(|&(x, y)| Circle::new((x, y), 4, color.filled())))?;
     }
     chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
