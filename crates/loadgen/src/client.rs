@@ -336,24 +336,17 @@ pub fn board_hash(b: &Board) -> u64 {
 pub struct Picker {
     pattern: Pattern,
     region: u32,
-    x: u64,
+    rng: omcb_proto::rng::XorShift64,
 }
 
 impl Picker {
     pub fn new(pattern: Pattern, region: u32, seed: u64) -> Self {
-        Self { pattern, region: region.max(1), x: seed | 1 }
-    }
-
-    fn rand(&mut self) -> u64 {
-        self.x ^= self.x << 13;
-        self.x ^= self.x >> 7;
-        self.x ^= self.x << 17;
-        self.x
+        Self { pattern, region: region.max(1), rng: omcb_proto::rng::XorShift64::new(seed) }
     }
 
     /// The next `(index, value)` on a board of `size` boxes.
     pub fn next(&mut self, size: u32, elapsed: Duration) -> (u32, bool) {
-        let r = self.rand();
+        let r = self.rng.next_u64();
         let size64 = u64::from(size);
         let index = match self.pattern {
             Pattern::Uniform => r % size64,

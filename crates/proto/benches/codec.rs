@@ -3,30 +3,21 @@
 //! per seq). Results and the machine: docs/BENCHMARKS.md.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use omcb_proto::rng::XorShift64 as Rng;
 use omcb_proto::v1::server_message::Msg;
 use omcb_proto::{BatchBuilder, Board, Change, Op, delta, encode_server};
 use std::hint::black_box;
 
 const SIZE: u32 = 1_000_000;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// `n` changes on random boxes of a million-box board, three checks to one uncheck.
 fn changes(n: usize) -> Vec<Change> {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     (0..n)
         .map(|i| Change {
             seq: i as u64 + 1,
-            index: (rng.next() % u64::from(SIZE)) as u32,
-            op: Op::Set(!rng.next().is_multiple_of(4)),
+            index: (rng.next_u64() % u64::from(SIZE)) as u32,
+            op: Op::Set(!rng.next_u64().is_multiple_of(4)),
             checked_count: i as u32,
             frozen_count: 0,
         })
@@ -70,9 +61,9 @@ fn batch(c: &mut Criterion) {
 
 fn snapshot(c: &mut Criterion) {
     let mut board = Board::new(SIZE, 1, 0);
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     for i in 0..SIZE as usize {
-        board.checked.set(i, rng.next() & 1 == 1);
+        board.checked.set(i, rng.next_u64() & 1 == 1);
     }
     board.checked_count = board.checked.count_ones() as u32;
     let mut g = c.benchmark_group("snapshot");

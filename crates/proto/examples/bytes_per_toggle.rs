@@ -8,20 +8,11 @@
 //!
 //! `cargo run --release -p omcb-proto --example bytes_per_toggle`
 
+use omcb_proto::rng::XorShift64 as Rng;
 use omcb_proto::v1::server_message::Msg;
 use omcb_proto::{BatchBuilder, Change, Op, encode_server};
 
 const SIZE: u64 = 1_000_000;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// log2(C(n, k)) / k, by summing logs.
 fn entropy_bits_per_box(n: u64, k: u64) -> f64 {
@@ -38,15 +29,17 @@ fn main() {
     /// (name, how a toggle picks its box, how many boxes k toggles range over)
     type Pattern = (&'static str, Pick, fn(u64) -> u64);
     let patterns: [Pattern; 3] = [
-        ("uniform", Box::new(|r, _| r.next() % SIZE), |_| SIZE),
-        ("hot 1,000 boxes", Box::new(|r, _| r.next() % 1_000), |_| 1_000),
-        ("scrolling window of 2,000", Box::new(|r, i| (i * 40 + r.next() % 2_000) % SIZE), |k| {
-            (k * 40 + 2_000).min(SIZE)
-        }),
+        ("uniform", Box::new(|r, _| r.next_u64() % SIZE), |_| SIZE),
+        ("hot 1,000 boxes", Box::new(|r, _| r.next_u64() % 1_000), |_| 1_000),
+        (
+            "scrolling window of 2,000",
+            Box::new(|r, i| (i * 40 + r.next_u64() % 2_000) % SIZE),
+            |k| (k * 40 + 2_000).min(SIZE),
+        ),
     ];
     for (name, pick, range) in patterns {
         for k in [10u64, 100, 1_000, 10_000] {
-            let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+            let mut rng = Rng::new(0x2545_f491_4f6c_dd1d);
             let mut b = BatchBuilder::new();
             let mut distinct = std::collections::HashSet::new();
             for i in 0..k {

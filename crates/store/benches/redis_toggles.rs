@@ -30,11 +30,10 @@ fn main() {
             .map(|t| {
                 let (store, done) = (store.clone(), done.clone());
                 tokio::spawn(async move {
-                    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ t as u64;
+                    let mut rng =
+                        omcb_proto::rng::XorShift64::new(0x9e37_79b9_7f4a_7c15u64 ^ t as u64);
                     while Instant::now() < stop {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
+                        let x = rng.next_u64();
                         store.set((x % 1_000_000) as u32, x & 1 == 1).await.unwrap();
                         done.fetch_add(1, Ordering::Relaxed);
                     }

@@ -67,6 +67,21 @@ impl Keys {
         }
     }
 
+    /// The eight keys of the board's state, in the order `init.lua` and
+    /// `set.lua` take them (KEYS[1..8]).
+    fn board(&self) -> Vec<&str> {
+        vec![
+            &self.config,
+            &self.bits,
+            &self.frozen,
+            &self.count,
+            &self.frozen_count,
+            &self.seq,
+            &self.log,
+            &self.checked_at,
+        ]
+    }
+
     /// The bits key (for tests and tools that read Redis directly).
     pub fn bits(&self) -> &str {
         &self.bits
@@ -230,16 +245,7 @@ impl RedisStore {
         let reply = self
             .eval(
                 &self.inner.scripts.init,
-                vec![
-                    &k.config,
-                    &k.bits,
-                    &k.frozen,
-                    &k.count,
-                    &k.frozen_count,
-                    &k.seq,
-                    &k.log,
-                    &k.checked_at,
-                ],
+                k.board(),
                 vec![
                     w.size.to_string(),
                     w.max_checked.unwrap_or(0).to_string(),
@@ -277,17 +283,8 @@ impl RedisStore {
         let op = self.inner.ops.fetch_add(1, Ordering::Relaxed);
         let k = &self.inner.keys;
         let op_key = format!("{}{}:{op}", k.op_prefix, self.inner.owner);
-        let keys = vec![
-            k.config.as_str(),
-            &k.bits,
-            &k.frozen,
-            &k.count,
-            &k.frozen_count,
-            &k.seq,
-            &k.log,
-            &k.checked_at,
-            &op_key,
-        ];
+        let mut keys = k.board();
+        keys.push(&op_key);
         let args = vec![
             index.to_string(),
             u8::from(checked).to_string(),
@@ -318,7 +315,8 @@ impl RedisStore {
     /// The whole board, read atomically.
     pub async fn snapshot(&self) -> Result<Board, StoreError> {
         let k = &self.inner.keys;
-        let keys = vec![k.config.as_str(), &k.bits, &k.frozen, &k.count, &k.frozen_count, &k.seq];
+        // snapshot.lua takes the first six.
+        let keys = k.board()[..6].to_vec();
         let reply = match self.eval(&self.inner.scripts.snapshot, keys.clone(), vec![]).await {
             Err(e) if e.details().contains("NOBOARD") => {
                 self.init().await?;

@@ -16,17 +16,6 @@ fn fleet_flags(redis: &RedisServer) -> String {
     format!("--redis {} {OPEN}", redis.url())
 }
 
-/// A small deterministic generator, so a failure replays.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// Sends `n` toggles on boxes `0..hot` in windows of 50 and returns every answer.
 async fn hammer(
     mut c: Client,
@@ -34,14 +23,15 @@ async fn hammer(
     n: usize,
     hot: u32,
 ) -> (Client, Vec<(u32, ToggleResult)>) {
-    let mut rng = Rng(seed | 1);
+    // Deterministic, so a failure replays.
+    let mut rng = omcb_proto::rng::XorShift64::new(seed);
     let mut results = Vec::new();
     let mut sent = 0;
     while sent < n {
         let mut ids = Vec::new();
         for _ in 0..50.min(n - sent) {
-            let index = (rng.next() % u64::from(hot)) as u32;
-            ids.push((index, c.toggle(index, rng.next().is_multiple_of(2)).await));
+            let index = (rng.next_u64() % u64::from(hot)) as u32;
+            ids.push((index, c.toggle(index, rng.next_u64().is_multiple_of(2)).await));
             sent += 1;
         }
         for (index, id) in ids {

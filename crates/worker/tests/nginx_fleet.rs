@@ -148,14 +148,12 @@ async fn traffic(
     seed: u64,
     n: usize,
 ) -> (Client, Vec<(u32, ToggleResult)>, usize) {
-    let mut x = seed | 1;
+    let mut rng = omcb_proto::rng::XorShift64::new(seed);
     let mut results = Vec::new();
     let mut reconnects = 0;
     let mut i = 0;
     while i < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = rng.next_u64();
         let index = (x % 64) as u32;
         let id = c.toggle(index, x & 2 == 2).await;
         loop {
