@@ -235,7 +235,18 @@ impl RedisStore {
             &self.inner.commands.sweep
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        script.evalsha_with_reload(&self.inner.client, keys, args).await
+        let client = &self.inner.client;
+        match client.evalsha(script.sha1().clone(), keys.clone(), args.clone()).await {
+            // Redis forgot the script (restart, failover, SCRIPT FLUSH). EVAL
+            // runs it and caches it in one command; a SCRIPT LOAD + EVALSHA
+            // pair (fred's evalsha_with_reload) fails when a second flush
+            // lands between the two.
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                let lua = script.lua().expect("scripts are built from their source").clone();
+                client.eval(lua, keys, args).await
+            }
+            result => result,
+        }
     }
 
     /// Creates the board if it does not exist (with a new epoch); learns its settings.

@@ -254,3 +254,38 @@ macro_rules! conformance {
 
 conformance!(memory);
 conformance!(redis);
+
+/// Redis forgets its scripts on a restart, a failover or `SCRIPT FLUSH`; a set
+/// must still succeed, even when flushes come faster than a load-and-retry
+/// round trip (fred's `evalsha_with_reload` loses that race).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sets_survive_script_flushes_in_a_tight_loop() {
+    let (store, guard) = redis(SMALL).await;
+    let Guard::Redis(server) = &guard else { unreachable!() };
+    let port = server.port();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flusher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            let conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let mut reply = std::io::BufReader::new(conn.try_clone().unwrap());
+            let (mut conn, mut line, mut n) = (conn, String::new(), 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                conn.write_all(b"*2\r\n$6\r\nSCRIPT\r\n$5\r\nFLUSH\r\n").unwrap();
+                line.clear();
+                reply.read_line(&mut line).unwrap();
+                assert_eq!(line, "+OK\r\n");
+                n += 1;
+            }
+            n
+        })
+    };
+    for i in 0..400u32 {
+        let out = set(&store, i % 1000, i % 2 == 0).await;
+        assert!(!matches!(out, SetOutcome::Refused { .. }), "set {i} beside flushes: {out:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flushes = flusher.join().unwrap();
+    assert!(flushes > 10, "only {flushes} flushes ran beside the sets");
+}

@@ -52,6 +52,11 @@ pub mod close {
     pub const TOO_SLOW: u16 = 1013;
 }
 
+/// How long a resuming client that is ahead of this worker's replica (it came
+/// from another worker of the fleet) waits for the replica before it gets a
+/// snapshot instead. Replicas trail each other by one feed read, milliseconds.
+const RESUME_PATIENCE: Duration = Duration::from_millis(500);
+
 /// What the reader asks the writer to do.
 #[derive(Debug)]
 enum Ctl {
@@ -223,6 +228,9 @@ async fn write_loop_inner(
     ctl: &mut mpsc::Receiver<Ctl>,
     resume: Option<(u64, u64)>,
 ) -> Result<(), End> {
+    if let Some((epoch, since)) = resume {
+        app.hub.catch_up_to(epoch, since, RESUME_PATIENCE).await;
+    }
     let sub = app.hub.subscribe(resume);
     let mut rx = sub.rx;
     let mut cur = match sub.start {

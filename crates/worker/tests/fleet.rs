@@ -281,10 +281,8 @@ async fn script_flush_under_traffic_keeps_toggles_succeeding() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let (c1, results) = traffic.await.unwrap();
-    assert!(
-        results.iter().all(|(_, r)| r.accepted),
-        "a flushed script is reloaded, never an UNAVAILABLE"
-    );
+    let refused: Vec<_> = results.iter().filter(|(_, r)| !r.accepted).collect();
+    assert!(refused.is_empty(), "a flushed script is reloaded, never refused: {refused:?}");
     clients.push(c1);
     assert_converged(&redis, &mut clients).await;
 }
