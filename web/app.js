@@ -107,11 +107,35 @@ function counts() {
   $('frozen-count').textContent = fmt.format(board.frozenCount);
 }
 
-const stateText = { connecting: 'connecting…', live: 'live', reconnecting: 'reconnecting', offline: 'offline' };
-function onState(state, { inMs }) {
+// Toggles sent on a socket that closed before answering may or may not have
+// been applied: stop showing them, and let the next Snapshot (or the resumed
+// batches) say what happened. Accepted ones keep waiting for their seq.
+function onClose(code) {
+  const lost = [];
+  for (const [i, p] of pending) if (p.seq === null) lost.push(i);
+  for (const i of lost) pending.delete(i);
+  byRequest.clear();
+  grid.update(lost);
+  if (code === 1008) toast('Too many clicks: disconnected for a little while.');
+  if (code === 1013) toast('The server is busy; trying again shortly.');
+}
+
+const stateText = { connecting: 'connecting…', live: 'live', reconnecting: 'reconnecting…', offline: 'offline' };
+let countdown = 0;
+function onState(state, { retryAt }) {
   const el = $('conn-state');
   el.dataset.state = state;
-  el.textContent = inMs ? `reconnecting in ${Math.ceil(inMs / 1000)} s` : stateText[state];
+  clearInterval(countdown);
+  const show = () => {
+    const s = Math.max(0, Math.ceil((retryAt - Date.now()) / 1000));
+    el.textContent = `reconnecting in ${s} s`;
+  };
+  if (retryAt) {
+    show();
+    countdown = setInterval(show, 1000);
+  } else {
+    el.textContent = stateText[state];
+  }
 }
 
 let toastTimer = 0;
@@ -130,7 +154,7 @@ $('jump-form').addEventListener('submit', (e) => {
 });
 
 const wsUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
-const conn = new Connection({ url: wsUrl, board, onMessage, onState });
+const conn = new Connection({ url: wsUrl, board, onMessage, onState, onClose });
 conn.start();
 // For tests and the curious: the state behind the page.
 window.omcb = { board, conn, grid, pending };

@@ -1,24 +1,62 @@
 // The WebSocket to the worker: reconnects with exponential backoff and full
 // jitter, resumes with ?since=<seq>&epoch=<epoch> so a short outage costs a few
-// batches instead of a 250 KB snapshot, and reports its state for the UI.
+// batches instead of a 250 KB snapshot (two 125 KB bitsets), and reports its state for the UI.
 import { decodeServerMessage, encodeResync, encodeToggle } from './proto.js';
 
 const BASE_DELAY_MS = 500;
 const MAX_DELAY_MS = 30_000;
 
+// How long to wait before reconnect attempt `attempt` (1, 2, ...) after a
+// close with `code`. Full jitter (a uniform pick below the ceiling) spreads a
+// whole crowd's reconnects after a worker restart instead of synchronizing
+// them into waves; the floors keep a refused client from hammering.
+export function retryDelay(attempt, code, random = Math.random) {
+  let ceiling = Math.min(MAX_DELAY_MS, BASE_DELAY_MS * 2 ** Math.min(attempt, 10));
+  let floor = 0;
+  switch (code) {
+    case 1012: // Service restart: another worker (or this one, back up) is ready soon.
+      if (attempt === 1) ceiling = 1000;
+      break;
+    case 1013: // Try again later: the worker is at its connection limit.
+      floor = 2000;
+      ceiling = Math.max(ceiling, 8000);
+      break;
+    case 1008: // Closed as abusive (rate limits): stay away for a while.
+      floor = 15_000;
+      break;
+    case 1003: // Text frame, undecodable message, frame too large: the server
+    case 1007: // rejected what we sent. That is a client bug; retrying fast
+    case 1009: // would only repeat it, so back off as if overloaded.
+      floor = 5000;
+      break;
+  }
+  return floor + random() * ceiling;
+}
+
 export class Connection {
   // onMessage(msg) for every decoded ServerMessage; onState(state, detail)
-  // with state 'connecting' | 'live' | 'reconnecting' | 'offline'.
-  constructor({ url, board, onMessage, onState }) {
+  // with state 'connecting' | 'live' | 'reconnecting' | 'offline' and detail
+  // {retryAt (ms since epoch, when a retry is scheduled), code (close code)};
+  // onClose(code) when an open socket is lost (toggles in flight are unknown).
+  constructor({ url, board, onMessage, onState, onClose = () => {} }) {
     this.url = url;
     this.board = board;
     this.onMessage = onMessage;
     this.onState = onState;
+    this.onClose = onClose;
     this.ws = null;
     this.attempt = 0;
     this.timer = null;
     this.stopped = false;
     this.resyncRequested = false;
+    this.lastCloseCode = null; // for the curious and for tests
+    // Without a network there is nothing to retry: wait for it to come back.
+    this.waitingForNetwork = false;
+    addEventListener('online', () => {
+      if (!this.waitingForNetwork || this.stopped) return;
+      this.waitingForNetwork = false;
+      this.#open();
+    });
   }
 
   start() {
@@ -33,8 +71,10 @@ export class Connection {
   }
 
   #open() {
+    clearTimeout(this.timer);
     const board = this.board;
-    const resume = board.ready ? `?since=${board.seq}&epoch=${board.epoch}` : '';
+    // After a gap our seq is not a state worth resuming from: ask for a Snapshot.
+    const resume = board.ready && !board.awaitingSnapshot ? `?since=${board.seq}&epoch=${board.epoch}` : '';
     this.onState(this.attempt === 0 ? 'connecting' : 'reconnecting', {});
     const ws = new WebSocket(this.url + resume);
     ws.binaryType = 'arraybuffer';
@@ -50,6 +90,8 @@ export class Connection {
       try {
         msg = decodeServerMessage(new Uint8Array(ev.data));
       } catch (e) {
+        // One bad message must not take the page down; the convergence rule
+        // notices any batch we could not read (a gap) and resyncs.
         console.error('undecodable server message', e);
         return;
       }
@@ -59,26 +101,27 @@ export class Connection {
     ws.onclose = (ev) => {
       if (this.ws !== ws) return;
       this.ws = null;
+      this.lastCloseCode = ev.code;
+      this.onClose(ev.code);
       if (this.stopped) {
-        this.onState('offline', {});
+        this.onState('offline', { code: ev.code });
         return;
       }
+      if ([1003, 1007, 1009].includes(ev.code)) console.error(`server rejected our message: close ${ev.code} ${ev.reason}`);
       this.#schedule(ev.code);
     };
     // onerror is always followed by onclose, where the retry happens.
   }
 
-  // Backoff: the server restarting (1012) is worth a quick retry; "try again
-  // later" (1013) and rate abuse (1008) ask us to stay away longer.
   #schedule(code) {
+    if (navigator.onLine === false) {
+      this.waitingForNetwork = true;
+      this.onState('offline', { code });
+      return;
+    }
     this.attempt += 1;
-    let ceiling = Math.min(MAX_DELAY_MS, BASE_DELAY_MS * 2 ** Math.min(this.attempt, 10));
-    let floor = 0;
-    if (code === 1012 && this.attempt === 1) ceiling = 1000;
-    if (code === 1013) floor = 2000;
-    if (code === 1008) floor = 15_000;
-    const delay = floor + Math.random() * ceiling; // full jitter spreads a reconnect storm
-    this.onState('reconnecting', { inMs: delay, code });
+    const delay = retryDelay(this.attempt, code);
+    this.onState('reconnecting', { retryAt: Date.now() + delay, code });
     this.timer = setTimeout(() => this.#open(), delay);
   }
 

@@ -5,6 +5,10 @@
 
 const CELL = 28; // px per box, both ways
 const OVERSCAN = 4; // rows kept beyond each edge of the view
+// Past this many boxes waiting for a repaint (a hidden tab gets no animation
+// frames but keeps receiving batches), repainting the view is cheaper than
+// remembering them.
+const MAX_DIRTY = 4096;
 
 export class Grid {
   // view(index) -> {checked, frozen}; onToggle(index, checked) on user input.
@@ -20,6 +24,8 @@ export class Grid {
     this.free = []; // detached row elements to reuse
     this.cols = 1;
     this.frame = 0;
+    this.dirty = new Set(); // boxes to repaint on the next frame
+    this.allDirty = false; // repaint every row on the next frame
     scroller.addEventListener('scroll', () => this.schedule(), { passive: true });
     new ResizeObserver(() => this.layout()).observe(scroller);
     scroller.addEventListener('change', (e) => {
@@ -59,6 +65,7 @@ export class Grid {
   }
 
   render() {
+    this.#paintDirty();
     const rowCount = Math.ceil(this.size / this.cols);
     const first = Math.max(0, Math.floor(this.scroller.scrollTop / CELL) - OVERSCAN);
     const last = Math.min(rowCount - 1, Math.ceil((this.scroller.scrollTop + this.scroller.clientHeight) / CELL) + OVERSCAN);
@@ -116,17 +123,33 @@ export class Grid {
     box.classList.toggle('frozen', frozen);
   }
 
-  // Repaints the given boxes if they are on screen (a batch touched them).
+  // Repaints the given boxes on the next frame, if they are on screen then
+  // (a batch touched them). Many batches between two frames cost one repaint.
   update(indices) {
-    for (const i of indices) {
-      const el = this.rows.get(Math.floor(i / this.cols));
-      if (el) this.#paint(el.children[i % this.cols], i);
-    }
+    if (this.allDirty) return;
+    for (const i of indices) this.dirty.add(i);
+    if (this.dirty.size > MAX_DIRTY) this.refresh();
+    else this.schedule();
   }
 
-  // Repaints every box on screen (after a snapshot).
+  // Repaints every box on screen on the next frame (after a snapshot).
   refresh() {
-    for (const [r, el] of this.rows) this.#fill(el, r);
+    this.allDirty = true;
+    this.dirty.clear();
+    this.schedule();
+  }
+
+  #paintDirty() {
+    if (this.allDirty) {
+      for (const [r, el] of this.rows) this.#fill(el, r);
+    } else {
+      for (const i of this.dirty) {
+        const el = this.rows.get(Math.floor(i / this.cols));
+        if (el && i < this.size) this.#paint(el.children[i % this.cols], i);
+      }
+    }
+    this.allDirty = false;
+    this.dirty.clear();
   }
 
   // Scrolls box `i` into view and focuses it.

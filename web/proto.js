@@ -18,8 +18,8 @@ class Reader {
     this.pos = 0;
   }
   done() { return this.pos >= this.buf.length; }
+  // A 64-bit varint as BigInt (seq, epoch, times).
   varint() {
-    // Read as BigInt only when needed: most varints here fit in 28 bits.
     let result = 0n;
     let shift = 0n;
     for (let i = 0; i < 10; i++) {
@@ -31,9 +31,29 @@ class Reader {
     }
     throw new DecodeError('varint longer than 10 bytes');
   }
-  uint32() { return Number(this.varint() & 0xffffffffn); }
+  // A varint read as uint32, in Number arithmetic: batch index lists are
+  // thousands of these, and BigInt per value would dominate decoding. Like
+  // protobuf, a wider value is truncated to its low 32 bits.
+  uint32() {
+    let result = 0;
+    for (let i = 0; i < 10; i++) {
+      if (this.pos >= this.buf.length) throw new DecodeError('truncated varint');
+      const b = this.buf[this.pos++];
+      // Bytes past the fifth only carry bits above 32: skip them.
+      if (i < 5) result += (b & 0x7f) * 2 ** (7 * i);
+      if ((b & 0x80) === 0) return result % 0x1_0000_0000;
+    }
+    throw new DecodeError('varint longer than 10 bytes');
+  }
+  bool() { return this.varint() !== 0n; }
+  // A length prefix, exact (not truncated): a wrapped length would misparse.
+  length() {
+    const n = this.varint();
+    if (n > 0x7fffffffn) throw new DecodeError('length out of range');
+    return Number(n);
+  }
   bytes() {
-    const len = Number(this.varint());
+    const len = this.length();
     if (this.pos + len > this.buf.length) throw new DecodeError('truncated field');
     const out = this.buf.subarray(this.pos, this.pos + len);
     this.pos += len;
@@ -49,11 +69,17 @@ class Reader {
     }
   }
   need(n) { if (this.pos + n > this.buf.length) throw new DecodeError('truncated field'); }
-  // A repeated uint32, packed (wire type 2) or not (wire type 0): both are legal.
+  // A repeated uint32, packed (wire type 2) or not (wire type 0): both are
+  // legal. Returns false for any other wire type, so the caller skips it.
   repeatedUint32(wireType, into) {
-    if (wireType === 0) { into.push(this.uint32()); return; }
+    if (wireType === 0) {
+      into.push(this.uint32());
+      return true;
+    }
+    if (wireType !== 2) return false;
     const sub = new Reader(this.bytes());
     while (!sub.done()) into.push(sub.uint32());
+    return true;
   }
 }
 
@@ -61,7 +87,7 @@ class Reader {
 function fields(bytes, fn) {
   const r = new Reader(bytes);
   while (!r.done()) {
-    const key = Number(r.varint());
+    const key = r.uint32();
     const field = key >>> 3;
     const wire = key & 7;
     if (field === 0) throw new DecodeError('field number 0');
@@ -97,9 +123,9 @@ function decodeBatch(bytes) {
     switch (f) {
       case 1: if (w !== 0) return false; b.fromSeq = r.varint(); return true;
       case 2: if (w !== 0) return false; b.toSeq = r.varint(); return true;
-      case 3: r.repeatedUint32(w, b.checked); return true;
-      case 4: r.repeatedUint32(w, b.unchecked); return true;
-      case 5: r.repeatedUint32(w, b.frozen); return true;
+      case 3: return r.repeatedUint32(w, b.checked);
+      case 4: return r.repeatedUint32(w, b.unchecked);
+      case 5: return r.repeatedUint32(w, b.frozen);
       case 6: if (w !== 0) return false; b.checkedCount = r.uint32(); return true;
       case 7: if (w !== 0) return false; b.frozenCount = r.uint32(); return true;
       default: return false;
@@ -114,8 +140,8 @@ function decodeToggleResult(bytes) {
     if (w !== 0) return false;
     switch (f) {
       case 1: t.requestId = r.uint32(); return true;
-      case 2: t.accepted = r.varint() !== 0n; return true;
-      case 3: t.checked = r.varint() !== 0n; return true;
+      case 2: t.accepted = r.bool(); return true;
+      case 3: t.checked = r.bool(); return true;
       case 4: t.reason = r.uint32(); return true;
       case 5: t.seq = r.varint(); return true;
       default: return false;

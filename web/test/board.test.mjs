@@ -56,3 +56,22 @@ test('frozen boxes', () => {
   b.applyBatch(batch(1, 1, { frozen: [3], count: 1 }));
   assert.ok(b.isFrozen(3) && b.isChecked(3));
 });
+
+test('before any snapshot every batch is a gap; a bad seq range is invalid', () => {
+  const b = new Board();
+  assert.equal(b.applyBatch(batch(1, 1, { on: [1] })).result, 'gap');
+  b.applySnapshot(snapshot(3, 10));
+  assert.equal(b.applyBatch(batch(5, 4)).result, 'invalid');
+  assert.equal(b.seq, 3n);
+});
+
+test('a batch of 100,000 boxes across a million-box board', () => {
+  const b = new Board();
+  b.applySnapshot(snapshot(0, 1_000_000));
+  const on = Array.from({ length: 100_000 }, (_, k) => k * 10 + 9);
+  const r = b.applyBatch(batch(1, 100_000, { on, count: on.length }));
+  assert.equal(r.result, 'applied');
+  assert.equal(r.changed.length, 100_000);
+  assert.ok(b.isChecked(999_999) && b.isChecked(9) && !b.isChecked(10));
+  assert.equal(b.checkedCount, 100_000);
+});

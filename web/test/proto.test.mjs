@@ -58,3 +58,44 @@ test('delta decoding', () => {
   assert.throws(() => [...deltaDecode([5, 0])], DecodeError);
   assert.throws(() => [...deltaDecode([0xffffffff, 1])], DecodeError);
 });
+
+test('repeated fields: unpacked and packed are both read, in order', () => {
+  // Batch{checked: [5] unpacked, checked: [1, 2] packed, checked: [3] unpacked}.
+  const batch = Uint8Array.of(0x18, 0x05, 0x1a, 0x02, 0x01, 0x02, 0x18, 0x03);
+  const msg = decodeServerMessage(Uint8Array.of(0x12, batch.length, ...batch));
+  assert.deepEqual(msg.checked, [5, 1, 2, 3]);
+  // A repeated field with an unexpected wire type (fixed32) is skipped.
+  const odd = Uint8Array.of(0x1d, 1, 2, 3, 4, 0x30, 0x07);
+  const m2 = decodeServerMessage(Uint8Array.of(0x12, odd.length, ...odd));
+  assert.deepEqual([m2.checked, m2.checkedCount], [[], 7]);
+});
+
+test('uint32 fields are truncated like protobuf does; uint64 fields keep all bits', () => {
+  // ToggleResult{request_id: 2^32 + 7 (a 64-bit varint), seq: 2^64 - 1}.
+  const t = Uint8Array.of(0x08, 0x87, 0x80, 0x80, 0x80, 0x10, 0x28, ...Array(9).fill(0xff), 0x01);
+  const msg = decodeServerMessage(Uint8Array.of(0x1a, t.length, ...t));
+  assert.equal(msg.requestId, 7);
+  assert.equal(msg.seq, 2n ** 64n - 1n);
+  assert.throws(() => decodeServerMessage(Uint8Array.of(0x1a, 11, 0x08, ...Array(10).fill(0xff))), DecodeError, '11-byte varint');
+});
+
+test('lengths past the buffer or past 2^31 are errors', () => {
+  assert.throws(() => decodeServerMessage(Uint8Array.of(0x0a, 0x05, 0x08)), DecodeError);
+  assert.throws(() => decodeServerMessage(Uint8Array.of(0x0a, 0x83, 0x80, 0x80, 0x80, 0x10)), DecodeError);
+  assert.throws(() => decodeServerMessage(Uint8Array.of(0x0b)), DecodeError, 'group wire types are not ours');
+});
+
+test('a big batch decodes fast (Number arithmetic, not BigInt, per index)', () => {
+  // 100,000 boxes one apart: the densest batch a busy second could bring.
+  const packed = [0x00, ...Array(99_999).fill(0x01)];
+  const len = [0xa0, 0x8d, 0x06]; // 100,000 as a varint
+  const batch = Uint8Array.of(0x1a, ...len, ...packed);
+  const outerLen = [0xa4, 0x8d, 0x06]; // 100,004
+  const bytes = Uint8Array.of(0x12, ...outerLen, ...batch);
+  const started = performance.now();
+  const msg = decodeServerMessage(bytes);
+  const ms = performance.now() - started;
+  assert.equal(msg.checked.length, 100_000);
+  assert.equal([...deltaDecode(msg.checked)].at(-1), 99_999);
+  assert.ok(ms < 200, `${ms.toFixed(1)} ms`);
+});
