@@ -258,8 +258,19 @@ where
 
     /// Reads until the board is at `seq` or later.
     pub async fn until_seq(&mut self, seq: u64) {
+        let deadline = Instant::now() + WAIT;
         while self.board.as_ref().is_none_or(|b| b.seq < seq) {
-            self.recv().await;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.next()).await {
+                Ok(Ok(_)) => {}
+                outcome => panic!(
+                    "client stuck at seq {} short of {seq} ({outcome:?}; {} snapshots, {} gaps, last batches {:?})",
+                    self.seq(),
+                    self.snapshots,
+                    self.gaps,
+                    &self.batches[self.batches.len().saturating_sub(5)..],
+                ),
+            }
         }
     }
 
