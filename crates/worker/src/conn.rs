@@ -248,6 +248,10 @@ async fn write_loop_inner(
         }
     };
     let mut shutdown = app.shutdown.clone();
+    // Made once, not per loop: at 20 batches a second per socket, rebuilding
+    // this watch future each time was 3.5% of the worker's CPU.
+    let shutdown = crate::until_set(&mut shutdown);
+    tokio::pin!(shutdown);
     let ping_every = app.config.ping_interval;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     // Snapshots are 250 KB per million boxes: a client asking for them in a loop
@@ -263,7 +267,7 @@ async fn write_loop_inner(
         };
         tokio::select! {
             biased;
-            () = crate::until_set(&mut shutdown) => {
+            () = &mut shutdown => {
                 out.close(close::RESTART, "server restarting").await?;
                 return Ok(());
             }
