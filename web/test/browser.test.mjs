@@ -129,9 +129,17 @@ test('a server restart: close 1012, reconnecting, live again with the board inta
   const page = await openBoard(first.url);
   await box(page, 5).click();
   await page.waitForFunction(() => window.omcb.board.isChecked(5) && window.omcb.pending.size === 0);
+  // Every close the page sees, in order: after the restart's 1012 the page
+  // retries at once, and those attempts fail (1006) until the server is back.
+  await page.evaluate(() => {
+    const conn = window.omcb.conn;
+    const onClose = conn.onClose;
+    window.closeCodes = [];
+    conn.onClose = (code) => { window.closeCodes.push(code); onClose(code); };
+  });
   await first.stop({ keepData: true });
   await page.waitForSelector('#conn-state:not([data-state="live"])');
-  assert.equal(await page.evaluate(() => window.omcb.conn.lastCloseCode), 1012, 'a restart closes with 1012');
+  assert.equal(await page.evaluate(() => window.closeCodes[0]), 1012, 'a restart closes with 1012');
   assert.match(await page.locator('#conn-state').textContent(), /reconnecting/);
   // The same address and data dir: the board must come back as it was.
   const second = await startServer({ listen: new URL(first.url).host, dataDir: first.dataDir });

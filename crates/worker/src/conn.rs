@@ -57,6 +57,9 @@ pub mod close {
 /// snapshot instead. Replicas trail each other by one feed read, milliseconds.
 const RESUME_PATIENCE: Duration = Duration::from_millis(500);
 
+/// How long a closing socket waits for the client's close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
 /// What the reader asks the writer to do.
 #[derive(Debug)]
 enum Ctl {
@@ -140,7 +143,7 @@ pub async fn serve(app: Arc<App>, slot: SocketSlot, ws: WebSocket<Io>, resume: O
     ws.set_auto_pong(true);
     // fastwebsockets refuses frames of at least this many bytes.
     ws.set_max_message_size(app.config.max_frame + 1);
-    let (rd, wr) = ws.split(tokio::io::split);
+    let (mut rd, wr) = ws.split(tokio::io::split);
     let mut out = Out { ws: wr, timeout: app.config.send_timeout, app: app.clone() };
     if slot.over_limit {
         app.metrics.connections_over_limit.increment(1);
@@ -151,7 +154,7 @@ pub async fn serve(app: Arc<App>, slot: SocketSlot, ws: WebSocket<Io>, resume: O
     let (ctl_tx, ctl_rx) = mpsc::channel(32);
     let mut writer = tokio::spawn(write_loop(app.clone(), out, ctl_rx, resume));
     tokio::select! {
-        () = read_loop(&app, rd, ctl_tx) => {
+        () = read_loop(&app, &mut rd, ctl_tx) => {
             // The reader queued whatever must still go out (an Error, a close);
             // give the writer a moment to send it.
             let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
@@ -159,7 +162,25 @@ pub async fn serve(app: Arc<App>, slot: SocketSlot, ws: WebSocket<Io>, resume: O
         }
         _ = &mut writer => {}
     }
+    linger(&mut rd).await;
     drop(slot);
+}
+
+/// After our close frame the client answers with its own (RFC 6455 5.5.1).
+/// Closing the TCP connection before reading that answer makes the kernel
+/// reset it, and a reset can make the client drop our close frame unread (a
+/// browser then reports 1006 instead of, say, 1012). So read, and discard,
+/// until the client's close, an error, or `CLOSE_LINGER`.
+async fn linger(rd: &mut WebSocketRead<ReadHalf<Io>>) {
+    let mut discard = |_: Frame<'_>| std::future::ready(Ok::<(), std::io::Error>(()));
+    let until_close = async {
+        while let Ok(frame) = rd.read_frame(&mut discard).await {
+            if frame.opcode == OpCode::Close {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_LINGER, until_close).await;
 }
 
 /// Why a writer stopped.
@@ -357,7 +378,7 @@ fn error_frame(code: Code, message: &str) -> Bytes {
 
 /// Reads client frames until the client leaves or misbehaves; every answer goes
 /// through `ctl` to the writer, in order.
-async fn read_loop(app: &App, mut rd: WebSocketRead<ReadHalf<Io>>, ctl: mpsc::Sender<Ctl>) {
+async fn read_loop(app: &App, rd: &mut WebSocketRead<ReadHalf<Io>>, ctl: mpsc::Sender<Ctl>) {
     let idle = app.config.ping_interval * 3;
     let max = app.config.max_frame;
     let now = Instant::now();
