@@ -86,7 +86,7 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=65_536))]
     pub send_queue: u64,
 
-    /// A socket whose single write takes longer than this cannot keep up and is closed.
+    /// A socket whose queued bytes make no progress for this long cannot keep up and is closed (1013).
     #[arg(long, env = "OMCB_SEND_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub send_timeout: Duration,
 

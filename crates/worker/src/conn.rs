@@ -11,9 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fastwebsockets::{
-    Frame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead, WebSocketWrite,
-};
+use fastwebsockets::{Frame, OpCode, Role, WebSocket, WebSocketError, WebSocketRead};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use omcb_proto::v1::{
@@ -21,14 +19,14 @@ use omcb_proto::v1::{
 };
 use omcb_store::SetOutcome;
 use prost::Message;
-use tokio::io::{ReadHalf, WriteHalf};
-use tokio::sync::{broadcast, mpsc};
+use tokio::io::{AsyncReadExt as _, Chain};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
 
 use crate::App;
-use crate::hub::{Published, Start};
+use crate::hub::{SinkKey, Start};
 use crate::ratelimit::TokenBucket;
-
-type Io = TokioIo<Upgraded>;
+use crate::sink::{self, Drained, Sink};
 
 /// Close codes of PROTOCOL.md.
 pub mod close {
@@ -59,19 +57,6 @@ const RESUME_PATIENCE: Duration = Duration::from_millis(500);
 
 /// How long a closing socket waits for the client's close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
-
-/// What the reader asks the writer to do.
-#[derive(Debug)]
-enum Ctl {
-    /// Send this encoded `ServerMessage`.
-    Send(Bytes),
-    /// A control frame fastwebsockets obliges us to send (pong, close echo).
-    Raw(OpCode, Vec<u8>),
-    /// The client asked for a fresh snapshot.
-    Resync,
-    /// Send a close frame with this code and stop.
-    Close(u16, &'static str),
-}
 
 /// Where a client asked to resume from (`/ws?since=S&epoch=E`).
 pub fn parse_resume(query: Option<&str>) -> Option<(u64, u64)> {
@@ -137,26 +122,44 @@ impl Drop for SocketSlot {
 }
 
 /// Serves one upgraded connection to its end.
-pub async fn serve(app: Arc<App>, slot: SocketSlot, ws: WebSocket<Io>, resume: Option<(u64, u64)>) {
-    let mut ws = ws;
-    ws.set_auto_close(true);
-    ws.set_auto_pong(true);
+pub async fn serve(
+    app: Arc<App>,
+    slot: SocketSlot,
+    ws: WebSocket<TokioIo<Upgraded>>,
+    resume: Option<(u64, u64)>,
+) {
+    // Take the TCP stream back from hyper: writes go through the sink (shared
+    // with the hub's fan-out), reads through fastwebsockets' frame parser.
+    let parts = match ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => parts,
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream");
+            return;
+        }
+    };
+    let (read, write) = parts.io.into_inner().into_split();
+    // Bytes the client sent right behind its upgrade request come first.
+    let read = std::io::Cursor::new(parts.read_buf).chain(read);
+    let (mut rd, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
+    rd.set_auto_close(true);
+    rd.set_auto_pong(true);
     // fastwebsockets refuses frames of at least this many bytes.
-    ws.set_max_message_size(app.config.max_frame + 1);
-    let (mut rd, wr) = ws.split(tokio::io::split);
-    let mut out = Out { ws: wr, timeout: app.config.send_timeout, app: app.clone() };
+    rd.set_max_message_size(app.config.max_frame + 1);
+    let sink = Arc::new(Sink::new(write, app.config.send_queue as usize, app.metrics.sink()));
     if slot.over_limit {
         app.metrics.connections_over_limit.increment(1);
-        let _ = out.close(close::TRY_AGAIN, "over capacity").await;
+        sink.close(close::TRY_AGAIN, "over capacity");
+        let _ = tokio::time::timeout(app.config.send_timeout, flush(&sink)).await;
+        linger(&mut rd).await;
         return;
     }
     app.metrics.connections_opened.increment(1);
-    let (ctl_tx, ctl_rx) = mpsc::channel(32);
-    let mut writer = tokio::spawn(write_loop(app.clone(), out, ctl_rx, resume));
+    let mut writer = tokio::spawn(write_loop(app.clone(), sink.clone(), resume));
     tokio::select! {
-        () = read_loop(&app, &mut rd, ctl_tx) => {
-            // The reader queued whatever must still go out (an Error, a close);
-            // give the writer a moment to send it.
+        () = read_loop(&app, &mut rd, &sink) => {
+            // The reader queued whatever must still go out (an Error, a
+            // close); give the writer a moment to send it, then it stops.
+            sink.finish();
             let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
             writer.abort();
         }
@@ -166,12 +169,15 @@ pub async fn serve(app: Arc<App>, slot: SocketSlot, ws: WebSocket<Io>, resume: O
     drop(slot);
 }
 
+/// The read side of a socket.
+type Reader = WebSocketRead<Chain<std::io::Cursor<Bytes>, OwnedReadHalf>>;
+
 /// After our close frame the client answers with its own (RFC 6455 5.5.1).
 /// Closing the TCP connection before reading that answer makes the kernel
 /// reset it, and a reset can make the client drop our close frame unread (a
 /// browser then reports 1006 instead of, say, 1012). So read, and discard,
 /// until the client's close, an error, or `CLOSE_LINGER`.
-async fn linger(rd: &mut WebSocketRead<ReadHalf<Io>>) {
+async fn linger(rd: &mut Reader) {
     let mut discard = |_: Frame<'_>| std::future::ready(Ok::<(), std::io::Error>(()));
     let until_close = async {
         while let Ok(frame) = rd.read_frame(&mut discard).await {
@@ -183,94 +189,54 @@ async fn linger(rd: &mut WebSocketRead<ReadHalf<Io>>) {
     let _ = tokio::time::timeout(CLOSE_LINGER, until_close).await;
 }
 
-/// Why a writer stopped.
-#[derive(Debug)]
-enum End {
-    /// The socket failed.
-    Io,
-    /// A write did not finish within the send timeout.
-    TooSlow,
-}
-
-/// The write half, with the send timeout and accounting every write needs.
-struct Out {
-    ws: WebSocketWrite<WriteHalf<Io>>,
-    timeout: Duration,
-    app: Arc<App>,
-}
-
-impl Out {
-    async fn frame(&mut self, frame: Frame<'_>) -> Result<(), End> {
-        let len = frame.payload.len();
-        match tokio::time::timeout(self.timeout, self.ws.write_frame(frame)).await {
-            Ok(Ok(())) => {
-                self.app.metrics.frames_sent.increment(1);
-                self.app.metrics.bytes_sent.increment(len as u64);
-                Ok(())
-            }
-            Ok(Err(_)) => Err(End::Io),
-            Err(_) => {
-                self.app.metrics.slow_closed.increment(1);
-                Err(End::TooSlow)
+/// Writes what the sink holds until it is empty or done; never gives up by
+/// itself (callers bound it with a timeout).
+async fn flush(sink: &Sink) {
+    loop {
+        match sink.drain() {
+            Drained::Empty | Drained::Done => return,
+            Drained::Waiting(_) => {
+                if sink.writable().await.is_err() {
+                    return;
+                }
             }
         }
     }
-
-    async fn binary(&mut self, bytes: &[u8]) -> Result<(), End> {
-        self.frame(Frame::binary(Payload::Borrowed(bytes))).await
-    }
-
-    async fn close(&mut self, code: u16, reason: &str) -> Result<(), End> {
-        self.frame(Frame::close(code, reason.as_bytes())).await
-    }
 }
 
-/// Sends the start (snapshot or resumed batches), then everything the hub
-/// publishes, replies the reader queues, and pings.
-async fn write_loop(
-    app: Arc<App>,
-    mut out: Out,
-    mut ctl: mpsc::Receiver<Ctl>,
-    resume: Option<(u64, u64)>,
-) {
-    if let Err(end) = write_loop_inner(&app, &mut out, &mut ctl, resume).await {
-        tracing::debug!(?end, "socket writer ended");
-        if matches!(end, End::TooSlow) {
-            // Best effort: the socket is stuck, so this likely times out too.
-            out.timeout = Duration::from_millis(100);
-            let _ = out.close(close::TOO_SLOW, "too slow").await;
-        }
-    }
-}
-
-async fn write_loop_inner(
-    app: &App,
-    out: &mut Out,
-    ctl: &mut mpsc::Receiver<Ctl>,
-    resume: Option<(u64, u64)>,
-) -> Result<(), End> {
+/// The socket's own task, for what the fan-out does not do: it starts the
+/// socket (snapshot or resumed batches), sends snapshots when the socket
+/// lagged, the board was reset or the client asked, pings, drains a queue the
+/// kernel could not take at once, and closes a socket that stays stuck for
+/// `--send-timeout`.
+async fn write_loop(app: Arc<App>, sink: Arc<Sink>, resume: Option<(u64, u64)>) {
     if let Some((epoch, since)) = resume {
         app.hub.catch_up_to(epoch, since, RESUME_PATIENCE).await;
     }
-    let sub = app.hub.subscribe(resume);
-    let mut rx = sub.rx;
-    let mut cur = match sub.start {
-        Start::Snapshot(s) => {
-            app.metrics.snapshots_connect.increment(1);
-            out.binary(&s.frame).await?;
-            s.seq
-        }
-        Start::Resume { batches, seq } => {
-            app.metrics.resumes.increment(1);
-            for b in &batches {
-                out.binary(&b.frame).await?;
-            }
-            seq
-        }
-    };
+    let (key, start) = app.hub.subscribe(&sink, resume);
+    // Leaves the fan-out however this task ends, aborted included.
+    let _subscribed = Subscribed { app: &app, key };
+    match start {
+        Start::Snapshot => app.metrics.snapshots_connect.increment(1),
+        Start::Resume => app.metrics.resumes.increment(1),
+    }
+    write_loop_inner(&app, &sink).await;
+}
+
+/// A socket's membership in the hub's fan-out.
+struct Subscribed<'a> {
+    app: &'a App,
+    key: SinkKey,
+}
+
+impl Drop for Subscribed<'_> {
+    fn drop(&mut self) {
+        self.app.hub.unsubscribe(self.key);
+    }
+}
+
+async fn write_loop_inner(app: &App, sink: &Sink) {
     let mut shutdown = app.shutdown.clone();
-    // Made once, not per loop: at 20 batches a second per socket, rebuilding
-    // this watch future each time was 3.5% of the worker's CPU.
     let shutdown = crate::until_set(&mut shutdown);
     tokio::pin!(shutdown);
     let ping_every = app.config.ping_interval;
@@ -278,95 +244,59 @@ async fn write_loop_inner(
     // Snapshots are 250 KB per million boxes: a client asking for them in a loop
     // gets at most one a second.
     let mut last_snapshot = Instant::now();
-    let mut resync_due: Option<tokio::time::Instant> = None;
     loop {
-        let resync_timer = async {
-            match resync_due {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
+        let (needed, asked) = sink.snapshot_due();
+        let mut resync_at = None;
+        if needed {
+            app.hub.send_snapshot(sink);
+            last_snapshot = Instant::now();
+        } else if asked {
+            let earliest = last_snapshot + Duration::from_secs(1);
+            if Instant::now() >= earliest {
+                app.metrics.snapshots_resync.increment(1);
+                app.hub.send_snapshot(sink);
+                last_snapshot = Instant::now();
+            } else {
+                resync_at = Some(tokio::time::Instant::from_std(earliest));
+            }
+        }
+        let stuck_until = match sink.drain() {
+            Drained::Done => return,
+            Drained::Empty => None,
+            Drained::Waiting(since) => {
+                let deadline = since + app.config.send_timeout;
+                if Instant::now() >= deadline {
+                    // It cannot keep up even with snapshots: reconnect later.
+                    app.metrics.slow_closed.increment(1);
+                    sink.abandon(close::TOO_SLOW, "too slow");
+                    return;
+                }
+                Some(tokio::time::Instant::from_std(deadline))
             }
         };
         tokio::select! {
             biased;
             () = &mut shutdown => {
-                out.close(close::RESTART, "server restarting").await?;
-                return Ok(());
+                sink.close(close::RESTART, "server restarting");
+                let _ = tokio::time::timeout(app.config.send_timeout, flush(sink)).await;
+                return;
             }
-            msg = ctl.recv() => match msg {
-                None => return Ok(()),
-                Some(Ctl::Send(bytes)) => out.binary(&bytes).await?,
-                Some(Ctl::Raw(opcode, payload)) => {
-                    out.frame(Frame::new(true, opcode, None, Payload::Owned(payload))).await?;
-                    if opcode == OpCode::Close {
-                        return Ok(());
-                    }
+            () = sink.wake.notified() => {}
+            ready = sink.writable(), if stuck_until.is_some() => {
+                if ready.is_err() {
+                    return;
                 }
-                Some(Ctl::Resync) => {
-                    let earliest = last_snapshot + Duration::from_secs(1);
-                    if Instant::now() >= earliest {
-                        app.metrics.snapshots_resync.increment(1);
-                        cur = send_snapshot(app, out, &mut last_snapshot).await?;
-                    } else {
-                        resync_due.get_or_insert(tokio::time::Instant::from_std(earliest));
-                    }
-                }
-                Some(Ctl::Close(code, reason)) => {
-                    out.close(code, reason).await?;
-                    return Ok(());
-                }
-            },
-            () = resync_timer => {
-                resync_due = None;
-                app.metrics.snapshots_resync.increment(1);
-                cur = send_snapshot(app, out, &mut last_snapshot).await?;
             }
-            published = rx.recv() => match published {
-                Ok(Published::Batch(b)) => {
-                    if b.to_seq <= cur {
-                        continue;
-                    }
-                    if b.from_seq > cur + 1 {
-                        // Cannot happen while the hub's invariant holds; a
-                        // snapshot repairs it if it ever does.
-                        app.metrics.snapshots_lagged.increment(1);
-                        cur = send_snapshot(app, out, &mut last_snapshot).await?;
-                    } else {
-                        out.binary(&b.frame).await?;
-                        cur = b.to_seq;
-                    }
-                }
-                Ok(Published::Reset) => {
-                    app.metrics.snapshots_reset.increment(1);
-                    cur = send_snapshot(app, out, &mut last_snapshot).await?;
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    // This socket fell more than the queue behind: the backlog
-                    // is worth less than the state, so send the state.
-                    app.metrics.snapshots_lagged.increment(1);
-                    cur = send_snapshot(app, out, &mut last_snapshot).await?;
-                }
-                Err(broadcast::error::RecvError::Closed) => {
-                    out.close(close::RESTART, "server restarting").await?;
-                    return Ok(());
-                }
-            },
-            _ = ping.tick() => {
-                out.frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[]))).await?;
-            }
+            () = tokio::time::sleep_until(stuck_until.unwrap_or_else(tokio::time::Instant::now)), if stuck_until.is_some() => {}
+            () = tokio::time::sleep_until(resync_at.unwrap_or_else(tokio::time::Instant::now)), if resync_at.is_some() => {}
+            _ = ping.tick() => sink.send(sink::frame(sink::opcode::PING, &[])),
         }
     }
 }
 
-async fn send_snapshot(app: &App, out: &mut Out, last: &mut Instant) -> Result<u64, End> {
-    let s = app.hub.snapshot();
-    out.binary(&s.frame).await?;
-    *last = Instant::now();
-    Ok(s.seq)
-}
-
 /// Encodes a server message for one socket (toggle results, errors).
 fn server_frame(msg: server_message::Msg) -> Bytes {
-    Bytes::from(omcb_proto::encode_server(msg))
+    sink::frame(sink::opcode::BINARY, &omcb_proto::encode_server(msg))
 }
 
 fn error_frame(code: Code, message: &str) -> Bytes {
@@ -377,8 +307,8 @@ fn error_frame(code: Code, message: &str) -> Bytes {
 }
 
 /// Reads client frames until the client leaves or misbehaves; every answer goes
-/// through `ctl` to the writer, in order.
-async fn read_loop(app: &App, rd: &mut WebSocketRead<ReadHalf<Io>>, ctl: mpsc::Sender<Ctl>) {
+/// through the sink, in order.
+async fn read_loop(app: &App, rd: &mut Reader, sink: &Sink) {
     let idle = app.config.ping_interval * 3;
     let max = app.config.max_frame;
     let now = Instant::now();
@@ -388,11 +318,15 @@ async fn read_loop(app: &App, rd: &mut WebSocketRead<ReadHalf<Io>>, ctl: mpsc::S
     };
     // A fragmented message being assembled (binary only; text is refused at its first frame).
     let mut partial: Option<Vec<u8>> = None;
-    let obligated_tx = ctl.clone();
-    let mut obligated = move |frame: Frame<'_>| {
-        let tx = obligated_tx.clone();
-        let msg = Ctl::Raw(frame.opcode, frame.payload.to_vec());
-        async move { tx.send(msg).await.map_err(|_| "socket writer is gone") }
+    // Frames fastwebsockets obliges us to send: a pong, or the echo of the
+    // client's close (after which nothing more is sent).
+    let mut obligated = |frame: Frame<'_>| {
+        if frame.opcode == OpCode::Close {
+            sink.close_with(sink::frame(sink::opcode::CLOSE, &frame.payload));
+        } else {
+            sink.send(sink::frame(sink::opcode::PONG, &frame.payload));
+        }
+        std::future::ready(Ok::<(), std::io::Error>(()))
     };
     let bad = |code: u16, why: &'static str| {
         app.metrics.bad_input_closed.increment(1);
@@ -401,12 +335,12 @@ async fn read_loop(app: &App, rd: &mut WebSocketRead<ReadHalf<Io>>, ctl: mpsc::S
     loop {
         let frame = match tokio::time::timeout(idle, rd.read_frame(&mut obligated)).await {
             Err(_) => {
-                let _ = ctl.send(Ctl::Close(close::GOING_AWAY, "idle")).await;
+                sink.close(close::GOING_AWAY, "idle");
                 return;
             }
             Ok(Err(WebSocketError::FrameTooLarge)) => {
                 bad(close::TOO_BIG, "frame too large");
-                let _ = ctl.send(Ctl::Close(close::TOO_BIG, "frame too large")).await;
+                sink.close(close::TOO_BIG, "frame too large");
                 return;
             }
             Ok(Err(e)) => {
@@ -420,13 +354,11 @@ async fn read_loop(app: &App, rd: &mut WebSocketRead<ReadHalf<Io>>, ctl: mpsc::S
             (OpCode::Ping | OpCode::Pong, _) => continue,
             (OpCode::Text, _) => {
                 bad(close::UNSUPPORTED, "text frame");
-                let _ = ctl
-                    .send(Ctl::Send(error_frame(
-                        Code::BadMessage,
-                        "text frames are not supported: send binary protobuf ClientMessage",
-                    )))
-                    .await;
-                let _ = ctl.send(Ctl::Close(close::UNSUPPORTED, "binary frames only")).await;
+                sink.send(error_frame(
+                    Code::BadMessage,
+                    "text frames are not supported: send binary protobuf ClientMessage",
+                ));
+                sink.close(close::UNSUPPORTED, "binary frames only");
                 return;
             }
             (OpCode::Binary, true) if partial.is_none() => frame.payload.to_vec(),
@@ -438,7 +370,7 @@ async fn read_loop(app: &App, rd: &mut WebSocketRead<ReadHalf<Io>>, ctl: mpsc::S
                 let buf = partial.as_mut().expect("checked above");
                 if buf.len() + frame.payload.len() > max {
                     bad(close::TOO_BIG, "message too large");
-                    let _ = ctl.send(Ctl::Close(close::TOO_BIG, "message too large")).await;
+                    sink.close(close::TOO_BIG, "message too large");
                     return;
                 }
                 buf.extend_from_slice(&frame.payload);
@@ -449,11 +381,11 @@ async fn read_loop(app: &App, rd: &mut WebSocketRead<ReadHalf<Io>>, ctl: mpsc::S
             }
             _ => {
                 bad(close::PROTOCOL, "bad fragmentation");
-                let _ = ctl.send(Ctl::Close(close::PROTOCOL, "bad fragmentation")).await;
+                sink.close(close::PROTOCOL, "bad fragmentation");
                 return;
             }
         };
-        let reply = match ClientMessage::decode(message.as_slice()) {
+        match ClientMessage::decode(message.as_slice()) {
             Ok(ClientMessage { msg: Some(client_message::Msg::Toggle(t)) }) => {
                 // Boxed: the store's set future (fred's, in fleet mode) is
                 // ~5 KB, and inline it would size every idle socket's reader
@@ -461,36 +393,25 @@ async fn read_loop(app: &App, rd: &mut WebSocketRead<ReadHalf<Io>>, ctl: mpsc::S
                 // per socket (measured: 15.6 -> 11.2 KiB RSS per idle socket).
                 match Box::pin(toggle(app, &mut limits, t)).await {
                     Ok(result) => {
-                        Ctl::Send(server_frame(server_message::Msg::ToggleResult(result)))
+                        sink.send(server_frame(server_message::Msg::ToggleResult(result)))
                     }
                     Err(Abusive) => {
                         bad(close::POLICY, "persistent rate abuse");
-                        let _ = ctl
-                            .send(Ctl::Send(error_frame(
-                                Code::RateLimited,
-                                "too many toggles; slow down",
-                            )))
-                            .await;
-                        let _ = ctl.send(Ctl::Close(close::POLICY, "rate limit")).await;
+                        sink.send(error_frame(Code::RateLimited, "too many toggles; slow down"));
+                        sink.close(close::POLICY, "rate limit");
                         return;
                     }
                 }
             }
-            Ok(ClientMessage { msg: Some(client_message::Msg::Resync(_)) }) => Ctl::Resync,
+            Ok(ClientMessage { msg: Some(client_message::Msg::Resync(_)) }) => {
+                sink.request_snapshot();
+            }
             Ok(ClientMessage { msg: None }) | Err(_) => {
                 bad(close::INVALID, "undecodable message");
-                let _ = ctl
-                    .send(Ctl::Send(error_frame(
-                        Code::BadMessage,
-                        "not a ClientMessage with a known msg",
-                    )))
-                    .await;
-                let _ = ctl.send(Ctl::Close(close::INVALID, "bad message")).await;
+                sink.send(error_frame(Code::BadMessage, "not a ClientMessage with a known msg"));
+                sink.close(close::INVALID, "bad message");
                 return;
             }
-        };
-        if ctl.send(reply).await.is_err() {
-            return;
         }
     }
 }

@@ -2,13 +2,20 @@
 //! store's change feed, and the tick that turns changes into one encoded Batch
 //! that every socket sends as it is.
 //!
-//! **Invariant:** the replica, the ring of recent batches and the broadcast
-//! channel change together under one write lock, so a socket that subscribes
-//! under the read lock sees every batch exactly once: either inside the
-//! snapshot or ring it starts from, or through its receiver.
+//! The fan-out runs in one task per shard of sockets (one shard per core):
+//! each published batch goes to every shard in order, and a shard offers it to
+//! each of its sockets' [`Sink`]s, which write it straight into the socket
+//! (one non-blocking `write`; see [`crate::sink`]). No per-socket task wakes
+//! for a batch.
+//!
+//! **Invariant:** the replica and the ring of recent batches change under the
+//! write lock, and a batch is queued to the shards before that lock is
+//! released; a socket starts (snapshot or resumed batches) and joins its shard
+//! under the read lock. So every batch after a socket's start reaches its sink,
+//! in order, and every batch before it is inside the start.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -17,13 +24,15 @@ use omcb_proto::v1::server_message::Msg;
 use omcb_proto::{BatchBuilder, Board, Change};
 use omcb_store::{ChangeFeed, FeedEvent, Store};
 use prost::Message;
-use tokio::sync::{broadcast, watch};
+use slab::Slab;
+use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Metrics;
+use crate::sink::{self, Sink};
 
 /// What the hub hands to every socket.
 #[derive(Debug, Clone)]
-pub enum Published {
+enum Published {
     /// One coalesced batch, encoded once as a `ServerMessage`.
     Batch(EncodedBatch),
     /// The replica was replaced (new epoch, or the feed lost continuity):
@@ -31,14 +40,17 @@ pub enum Published {
     Reset,
 }
 
-/// A batch encoded as a `ServerMessage` frame, shared by every socket.
+/// A batch encoded once as a WebSocket frame of a `ServerMessage`, shared by
+/// every socket.
 #[derive(Debug, Clone)]
 pub struct EncodedBatch {
+    /// Board epoch.
+    pub epoch: u64,
     /// First seq the batch covers.
     pub from_seq: u64,
     /// Last seq the batch covers.
     pub to_seq: u64,
-    /// The encoded `ServerMessage{batch}`.
+    /// The binary WebSocket frame of `ServerMessage{batch}`.
     pub frame: Bytes,
 }
 
@@ -49,7 +61,7 @@ pub struct EncodedSnapshot {
     pub epoch: u64,
     /// Seq the snapshot is at.
     pub seq: u64,
-    /// `ServerMessage{snapshot}`, for sockets.
+    /// The binary WebSocket frame of `ServerMessage{snapshot}`, for sockets.
     pub frame: Bytes,
     /// The bare `Snapshot`, for `/api/state`.
     pub bare: Bytes,
@@ -73,27 +85,30 @@ impl EncodedSnapshot {
     }
 }
 
-/// Where a new socket starts.
-#[derive(Debug)]
+/// Sockets a fan-out task writes before it lets other tasks run.
+const FAN_OUT_CHUNK: usize = 256;
+
+/// How a socket started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
-    /// Send this snapshot first.
-    Snapshot(Arc<EncodedSnapshot>),
-    /// Resume: send these batches (all after the client's seq), then go on.
-    Resume {
-        /// Batches after the client's `since`, oldest first.
-        batches: Vec<EncodedBatch>,
-        /// Seq the client will be at after them.
-        seq: u64,
-    },
+    /// From a snapshot.
+    Snapshot,
+    /// From the batches after the client's `since`.
+    Resume,
 }
 
-/// A socket's subscription to the hub.
+/// A socket's place in the hub, for [`Hub::unsubscribe`].
+#[derive(Debug, Clone, Copy)]
+pub struct SinkKey {
+    shard: usize,
+    key: usize,
+}
+
+/// Some of the sockets, and the queue of what to hand them.
 #[derive(Debug)]
-pub struct Subscription {
-    /// Everything published after the start point.
-    pub rx: broadcast::Receiver<Published>,
-    /// What to send first.
-    pub start: Start,
+struct Shard {
+    sinks: Mutex<Slab<Arc<Sink>>>,
+    tx: mpsc::UnboundedSender<Published>,
 }
 
 /// The replica and what must change with it atomically.
@@ -110,8 +125,16 @@ struct State {
 pub struct Hub {
     /// Replica + ring; write-locked only to publish or reset.
     state: RwLock<State>,
-    /// The fan-out channel; its capacity is the per-socket queue bound.
-    tx: broadcast::Sender<Published>,
+    /// The sockets, sharded for a parallel fan-out.
+    shards: Vec<Shard>,
+    /// The shards' queues, until `run` starts their tasks.
+    shard_queues: Mutex<Vec<mpsc::UnboundedReceiver<Published>>>,
+    /// Which shard the next socket joins.
+    next_shard: AtomicUsize,
+    /// Shards still writing the last batch. A tick that finds the fan-out
+    /// busy publishes nothing and leaves its changes to the next one: under
+    /// overload batches grow instead of queueing up (latency stays bounded).
+    fanning_out: AtomicUsize,
     /// The last encoded snapshot; re-encoded only when the seq moved.
     snapshot: Mutex<Option<Arc<EncodedSnapshot>>>,
     /// Whether the replica is caught up with a reachable store (`/readyz`).
@@ -124,16 +147,24 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// A hub starting from `board` (the store's snapshot), with a per-socket
-    /// queue of `send_queue` batches.
-    pub fn new(board: Board, send_queue: usize, resume_batches: usize, metrics: Metrics) -> Self {
-        let (tx, _) = broadcast::channel(send_queue.max(1));
+    /// A hub starting from `board` (the store's snapshot), fanning out over
+    /// `shards` tasks.
+    pub fn new(board: Board, shards: usize, resume_batches: usize, metrics: Metrics) -> Self {
+        let (shards, shard_queues): (Vec<_>, Vec<_>) = (0..shards.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Shard { sinks: Mutex::new(Slab::new()), tx }, rx)
+            })
+            .unzip();
         metrics.seq.set(board.seq as f64);
         let position = watch::Sender::new((board.epoch, board.seq));
         Self {
             position,
             state: RwLock::new(State { board, ring: VecDeque::new() }),
-            tx,
+            shards,
+            shard_queues: Mutex::new(shard_queues),
+            next_shard: AtomicUsize::new(0),
+            fanning_out: AtomicUsize::new(0),
             snapshot: Mutex::new(None),
             ready: AtomicBool::new(true),
             resume_batches,
@@ -193,7 +224,8 @@ impl Hub {
         }
         let snapshot = state.board.to_snapshot(omcb_store::now_ms());
         let bare = Bytes::from(snapshot.encode_to_vec());
-        let frame = Bytes::from(omcb_proto::encode_server(Msg::Snapshot(snapshot)));
+        let frame =
+            sink::frame(sink::opcode::BINARY, &omcb_proto::encode_server(Msg::Snapshot(snapshot)));
         self.metrics.snapshot_encodes.increment(1);
         let encoded = Arc::new(EncodedSnapshot {
             epoch: state.board.epoch,
@@ -217,18 +249,40 @@ impl Hub {
         let _ = tokio::time::timeout(patience, rx.wait_for(reached)).await;
     }
 
-    /// Subscribes a new socket. With `resume = Some((epoch, since))` and every
-    /// batch after `since` still in the ring, it starts from those batches;
-    /// otherwise from a snapshot.
-    pub fn subscribe(&self, resume: Option<(u64, u64)>) -> Subscription {
+    /// Starts a new socket's sink and adds it to the fan-out. With
+    /// `resume = Some((epoch, since))` and every batch after `since` still in
+    /// the ring, it starts from those batches; otherwise from a snapshot.
+    pub fn subscribe(&self, sink: &Arc<Sink>, resume: Option<(u64, u64)>) -> (SinkKey, Start) {
         let state = self.read();
-        let rx = self.tx.subscribe();
-        if let Some((epoch, since)) = resume
-            && let Some(batches) = Self::resume_from(&state, epoch, since)
-        {
-            return Subscription { rx, start: Start::Resume { batches, seq: state.board.seq } };
-        }
-        Subscription { rx, start: Start::Snapshot(self.snapshot_of(&state)) }
+        let (epoch, seq) = (state.board.epoch, state.board.seq);
+        let start = match resume.and_then(|(e, since)| Self::resume_from(&state, e, since)) {
+            Some(batches) => {
+                sink.start(epoch, seq, batches.into_iter().map(|b| b.frame));
+                Start::Resume
+            }
+            None => {
+                sink.start(epoch, seq, [self.snapshot_of(&state).frame.clone()]);
+                Start::Snapshot
+            }
+        };
+        let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
+        let key = lock(&self.shards[shard].sinks).insert(sink.clone());
+        drop(state);
+        (SinkKey { shard, key }, start)
+    }
+
+    /// Removes a socket from the fan-out.
+    pub fn unsubscribe(&self, key: SinkKey) {
+        lock(&self.shards[key.shard].sinks).try_remove(key.key);
+    }
+
+    /// Queues the current snapshot into `sink`, in place of the batches it
+    /// skipped; under the read lock, so the next batch it is offered follows.
+    pub fn send_snapshot(&self, sink: &Sink) -> u64 {
+        let state = self.read();
+        let s = self.snapshot_of(&state);
+        sink.snapshot(s.epoch, s.seq, s.frame.clone());
+        s.seq
     }
 
     fn resume_from(state: &State, epoch: u64, since: u64) -> Option<Vec<EncodedBatch>> {
@@ -256,6 +310,12 @@ impl Hub {
         tick: Duration,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
+        let queues = std::mem::take(&mut *lock(&self.shard_queues));
+        let fan_out: Vec<_> = queues
+            .into_iter()
+            .enumerate()
+            .map(|(i, rx)| tokio::spawn(self.clone().fan_out(i, rx)))
+            .collect();
         let mut pending = Pending::default();
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -297,7 +357,11 @@ impl Hub {
                     }
                 },
                 _ = ticker.tick() => {
-                    self.publish(&mut pending);
+                    if self.fanning_out.load(Ordering::Acquire) == 0 {
+                        self.publish(&mut pending);
+                    } else {
+                        self.metrics.ticks_deferred.increment(1);
+                    }
                     self.metrics.record_store_commands(&store);
                 }
             }
@@ -306,6 +370,43 @@ impl Hub {
         // Publish what was accepted before the stop so it is not lost to clients
         // still connected during the grace period.
         self.publish(&mut pending);
+        for task in fan_out {
+            task.abort();
+        }
+    }
+
+    /// One shard's fan-out task: offers each published batch to every sink of
+    /// the shard, in publication order.
+    async fn fan_out(self: Arc<Self>, shard: usize, mut rx: mpsc::UnboundedReceiver<Published>) {
+        // The sinks are copied out of the lock (a few thousand pointers), so
+        // sockets can join and leave while this shard writes.
+        let mut sinks: Vec<Arc<Sink>> = Vec::new();
+        while let Some(published) = rx.recv().await {
+            sinks.extend(lock(&self.shards[shard].sinks).iter().map(|(_, s)| s.clone()));
+            for chunk in sinks.chunks(FAN_OUT_CHUNK) {
+                match &published {
+                    Published::Batch(b) => chunk.iter().for_each(|s| s.offer(b)),
+                    Published::Reset => chunk.iter().for_each(|s| s.reset()),
+                }
+                // Thousands of writes in a row would keep this runtime thread
+                // from the hub's tick, the readers and new connections.
+                tokio::task::yield_now().await;
+            }
+            sinks.clear();
+            if matches!(published, Published::Batch(_)) {
+                self.fanning_out.fetch_sub(1, Ordering::Release);
+            }
+        }
+    }
+
+    fn fan_out_all(&self, published: &Published) {
+        if matches!(published, Published::Batch(_)) {
+            self.fanning_out.fetch_add(self.shards.len(), Ordering::AcqRel);
+        }
+        for shard in &self.shards {
+            // An error only means the fan-out tasks are gone (shutting down).
+            let _ = shard.tx.send(published.clone());
+        }
     }
 
     /// Publishes the pending changes as one batch.
@@ -315,12 +416,13 @@ impl Hub {
         };
         let changes = std::mem::take(&mut pending.changes);
         let since = pending.first_arrival.take();
+        let mut state = self.write();
         let encoded = EncodedBatch {
+            epoch: state.board.epoch,
             from_seq: batch.from_seq,
             to_seq: batch.to_seq,
-            frame: Bytes::from(omcb_proto::encode_server(Msg::Batch(batch))),
+            frame: sink::frame(sink::opcode::BINARY, &omcb_proto::encode_server(Msg::Batch(batch))),
         };
-        let mut state = self.write();
         for change in &changes {
             if let Err(e) = state.board.apply_change(change) {
                 // The store promised contiguous, valid changes; if it broke that
@@ -334,8 +436,7 @@ impl Hub {
         if self.resume_batches > 0 {
             state.ring.push_back(encoded.clone());
         }
-        // An error only means no socket is subscribed right now.
-        let _ = self.tx.send(Published::Batch(encoded));
+        self.fan_out_all(&Published::Batch(encoded));
         let seq = state.board.seq;
         self.position.send_replace((state.board.epoch, seq));
         drop(state);
@@ -355,7 +456,7 @@ impl Hub {
         self.position.send_replace((board.epoch, board.seq));
         state.board = board;
         state.ring.clear();
-        let _ = self.tx.send(Published::Reset);
+        self.fan_out_all(&Published::Reset);
         drop(state);
         self.metrics.feed_resets.increment(1);
     }
@@ -407,4 +508,8 @@ impl Pending {
         self.changes.extend_from_slice(changes);
         Ok(())
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -26,6 +26,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod ratelimit;
+pub mod sink;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -120,12 +121,10 @@ impl Server {
         tracing::info!(epoch = board.epoch, seq = board.seq, size = board.size, "board loaded");
         let feed = store.feed(board.epoch, board.seq);
         let metrics = metrics::Metrics::new();
-        let hub = Arc::new(Hub::new(
-            board,
-            config.send_queue as usize,
-            config.resume_batches,
-            metrics.clone(),
-        ));
+        // One fan-out shard per core: each batch is written to the sockets of
+        // all shards in parallel.
+        let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let hub = Arc::new(Hub::new(board, shards, config.resume_batches, metrics.clone()));
         let listener = bind(config.listen).await?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(bind(addr).await?),

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub batch_changes: Histogram,
     /// Frames and payload bytes written to sockets (each socket counted).
     pub frames_sent: Counter,
+    /// Ticks that found the fan-out still writing the previous batch.
+    pub ticks_deferred: Counter,
     pub bytes_sent: Counter,
     /// Snapshots sent over sockets, by why.
     pub snapshots_connect: Counter,
@@ -89,6 +91,7 @@ impl Metrics {
             batches_published: counter!("omcb_batches_published_total"),
             batch_changes: histogram!("omcb_batch_changes"),
             frames_sent: counter!("omcb_frames_sent_total"),
+            ticks_deferred: counter!("omcb_ticks_deferred_total"),
             bytes_sent: counter!("omcb_bytes_sent_total"),
             snapshots_connect: snapshots("connect"),
             snapshots_lagged: snapshots("lagged"),
@@ -116,6 +119,16 @@ impl Metrics {
             for (counter, n) in self.store_commands.iter().zip(counts) {
                 counter.absolute(n.load(Relaxed));
             }
+        }
+    }
+
+    /// The handles a socket's sink writes through.
+    pub fn sink(&self) -> crate::sink::SinkMetrics {
+        crate::sink::SinkMetrics {
+            frames_sent: self.frames_sent.clone(),
+            bytes_sent: self.bytes_sent.clone(),
+            snapshots_lagged: self.snapshots_lagged.clone(),
+            snapshots_reset: self.snapshots_reset.clone(),
         }
     }
 
