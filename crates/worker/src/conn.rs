@@ -138,8 +138,12 @@ pub async fn serve(
         }
     };
     let (read, write) = parts.io.into_inner().into_split();
-    // Bytes the client sent right behind its upgrade request come first.
-    let read = std::io::Cursor::new(parts.read_buf).chain(read);
+    // Bytes the client sent right behind its upgrade request come first. The
+    // buffer is a view into hyper's 8 KiB read buffer: copy what is in it
+    // (usually nothing) so that buffer is freed, not kept for the socket's life.
+    let pre = Bytes::copy_from_slice(&parts.read_buf);
+    drop(parts.read_buf);
+    let read = std::io::Cursor::new(pre).chain(read);
     let (mut rd, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
     rd.set_auto_close(true);
     rd.set_auto_pong(true);
