@@ -375,6 +375,113 @@ impl Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn metrics() -> SinkMetrics {
+        SinkMetrics {
+            frames_sent: metrics::Counter::noop(),
+            bytes_sent: metrics::Counter::noop(),
+            snapshots_lagged: metrics::Counter::noop(),
+            snapshots_reset: metrics::Counter::noop(),
+        }
+    }
+
+    fn batch(epoch: u64, from_seq: u64, to_seq: u64, payload: &[u8]) -> EncodedBatch {
+        EncodedBatch { epoch, from_seq, to_seq, frame: frame(opcode::BINARY, payload) }
+    }
+
+    /// A sink over one end of a real loopback connection, and the other end.
+    async fn pair(max_batches: usize) -> (Sink, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (_, write) = accepted.unwrap().0.into_split();
+        (Sink::new(write, max_batches, metrics()), client.unwrap())
+    }
+
+    async fn read_frame(peer: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 2];
+        peer.read_exact(&mut head).await.unwrap();
+        let len = match head[1] {
+            126 => usize::from(peer.read_u16().await.unwrap()),
+            127 => peer.read_u64().await.unwrap() as usize,
+            n => usize::from(n),
+        };
+        let mut payload = vec![0; len];
+        peer.read_exact(&mut payload).await.unwrap();
+        (head[0] & 0x0f, payload)
+    }
+
+    #[tokio::test]
+    async fn batches_go_out_in_order_once_and_stale_or_foreign_ones_are_skipped() {
+        let (sink, mut peer) = pair(8).await;
+        sink.start(7, 10, [frame(opcode::BINARY, b"start")]);
+        assert_eq!(sink.drain(), Drained::Empty);
+        sink.offer(&batch(7, 9, 10, b"stale"));
+        sink.offer(&batch(6, 11, 11, b"other epoch"));
+        sink.offer(&batch(7, 11, 12, b"b1"));
+        sink.send(frame(opcode::BINARY, b"reply"));
+        sink.offer(&batch(7, 13, 13, b"b2"));
+        sink.offer(&batch(7, 13, 13, b"b2 again"));
+        sink.close(1012, "bye");
+        sink.offer(&batch(7, 14, 14, b"after close"));
+        assert_eq!(sink.drain(), Drained::Done);
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            got.push(read_frame(&mut peer).await);
+        }
+        let payloads: Vec<&[u8]> = got.iter().map(|(_, p)| p.as_slice()).collect();
+        assert_eq!(payloads[..4], [&b"start"[..], b"b1", b"reply", b"b2"]);
+        assert_eq!(got[4].0, opcode::CLOSE);
+        assert_eq!(&got[4].1[..2], &1012u16.to_be_bytes());
+    }
+
+    #[tokio::test]
+    async fn a_gap_or_a_backlog_becomes_one_snapshot() {
+        let (sink, mut peer) = pair(3).await;
+        sink.start(1, 0, []);
+        sink.offer(&batch(1, 3, 3, b"gap"));
+        assert_eq!(sink.snapshot_due(), (true, false), "a gap asks for a snapshot");
+        sink.offer(&batch(1, 4, 4, b"skipped until the snapshot"));
+        sink.snapshot(1, 4, frame(opcode::BINARY, b"snapshot@4"));
+        assert_eq!(sink.snapshot_due(), (false, false));
+        assert_eq!(sink.drain(), Drained::Empty);
+        assert_eq!(read_frame(&mut peer).await.1, b"snapshot@4");
+
+        // The peer stops reading: frames pile up in the kernel, then in the
+        // queue; past 3 queued batches they are dropped for a snapshot.
+        let big = vec![7u8; 64 * 1024];
+        let mut seq = 4;
+        while !sink.snapshot_due().0 {
+            seq += 1;
+            sink.offer(&batch(1, seq, seq, &big));
+            assert!(seq < 10_000, "the backlog never triggered a snapshot");
+        }
+        let lagged_at = seq;
+        sink.offer(&batch(1, seq + 1, seq + 1, b"skipped"));
+        sink.snapshot(1, seq + 1, frame(opcode::BINARY, b"snapshot@end"));
+        sink.offer(&batch(1, seq + 2, seq + 2, b"after the snapshot"));
+        // Drain while the peer reads everything: the last two frames are the
+        // snapshot and the batch after it, and no dropped batch is among the rest.
+        let reader = tokio::spawn(async move {
+            let mut last = Vec::new();
+            loop {
+                let (_, p) = read_frame(&mut peer).await;
+                let done = p == b"after the snapshot";
+                last.push(p);
+                if done {
+                    return last;
+                }
+            }
+        });
+        while sink.drain() != Drained::Empty {
+            sink.writable().await.unwrap();
+        }
+        let frames = reader.await.unwrap();
+        let n = frames.len();
+        assert_eq!(frames[n - 2], b"snapshot@end");
+        assert!(n - 2 < (lagged_at - 4) as usize, "queued batches were dropped, not sent");
+    }
 
     #[test]
     fn frame_headers_for_every_length_class() {
