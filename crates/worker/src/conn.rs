@@ -1,9 +1,14 @@
-//! One WebSocket connection: a reader that validates and answers client
-//! messages, and a writer that sends what the hub publishes.
+//! One WebSocket connection: a reader task that validates and answers client
+//! messages, and a writer task for what the hub's fan-out does not do.
 //!
-//! The two halves run as two tasks joined by a small channel, because reading a
-//! frame is not cancel-safe (it cannot sit in a `select!` beside the fan-out)
-//! and a socket that stops reading must never stall the toggles of others.
+//! Everything a socket sends goes through its [`Sink`]: the reader's replies,
+//! the hub's batches (written by the fan-out shards, see [`crate::hub`]) and the
+//! writer's snapshots and pings, in one order. The writer task starts the socket
+//! (snapshot or resumed batches), sends the snapshots a lagging, reset or
+//! resyncing socket needs, pings, drains a queue the kernel could not take at
+//! once, and closes a socket stuck for `--send-timeout`. Reading runs apart
+//! from all of it (a frame read is not cancel-safe), so a socket that stops
+//! reading never stalls anyone else.
 
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -3,9 +3,11 @@
 //! # Layout
 //! - [`config`]: [`Config`], every flag of `omcb serve` (with `OMCB_*` variables).
 //! - [`hub`]: the replica of the board, the one reader of the store's change
-//!   feed, and the tick that encodes one Batch for every socket.
+//!   feed, the tick that encodes one Batch for every socket, and the fan-out
+//!   shards that write it.
+//! - [`sink`]: a socket's ordered, non-blocking output (frames, lag rule).
 //! - [`conn`]: one WebSocket: reader (validation, rate limit, toggles) and
-//!   writer (snapshot or resume, batches, lag handling, pings).
+//!   writer (start, snapshots, pings, full buffers, slow clients).
 //! - [`http`]: the HTTP routes (`/`, static files, `/api/state`, `/api/stats`,
 //!   `/healthz`, `/readyz`).
 //! - [`assets`]: the web client, built into the binary or read from `--web-dir`.
