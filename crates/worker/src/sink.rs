@@ -101,6 +101,9 @@ struct State {
     needs_snapshot: bool,
     /// The client asked for a snapshot (`Resync`); the writer rate-limits these.
     resync: bool,
+    /// The start (snapshot or resumed batches) is queued: until then nothing
+    /// is written, so the client hears its start first (PROTOCOL.md).
+    started: bool,
     /// A close frame is queued or the socket failed: nothing more is accepted.
     closing: bool,
     /// The write side failed.
@@ -146,6 +149,7 @@ impl Sink {
                 seq: 0,
                 needs_snapshot: false,
                 resync: false,
+                started: false,
                 closing: false,
                 broken: false,
                 waiting_since: None,
@@ -208,7 +212,11 @@ impl Sink {
         let mut st = self.lock();
         st.epoch = epoch;
         st.seq = seq;
+        // Replies the reader queued meanwhile go after the start.
+        let early = std::mem::take(&mut st.queue);
         st.queue.extend(frames.into_iter().map(|f| (f, Kind::Other)));
+        st.queue.extend(early);
+        st.started = true;
         drop(st);
         self.wake.notify_one();
     }
@@ -299,7 +307,7 @@ impl Sink {
         }
         let was_empty = st.queue.is_empty();
         st.queue.push_back((frame, kind));
-        if was_empty {
+        if was_empty && st.started {
             self.write_queued(st);
             if !st.queue.is_empty() {
                 st.waiting_since = Some(Instant::now());
@@ -415,6 +423,7 @@ mod tests {
     #[tokio::test]
     async fn batches_go_out_in_order_once_and_stale_or_foreign_ones_are_skipped() {
         let (sink, mut peer) = pair(8).await;
+        sink.send(frame(opcode::BINARY, b"early reply"));
         sink.start(7, 10, [frame(opcode::BINARY, b"start")]);
         assert_eq!(sink.drain(), Drained::Empty);
         sink.offer(&batch(7, 9, 10, b"stale"));
@@ -427,13 +436,13 @@ mod tests {
         sink.offer(&batch(7, 14, 14, b"after close"));
         assert_eq!(sink.drain(), Drained::Done);
         let mut got = Vec::new();
-        for _ in 0..5 {
+        for _ in 0..6 {
             got.push(read_frame(&mut peer).await);
         }
         let payloads: Vec<&[u8]> = got.iter().map(|(_, p)| p.as_slice()).collect();
-        assert_eq!(payloads[..4], [&b"start"[..], b"b1", b"reply", b"b2"]);
-        assert_eq!(got[4].0, opcode::CLOSE);
-        assert_eq!(&got[4].1[..2], &1012u16.to_be_bytes());
+        assert_eq!(payloads[..5], [&b"start"[..], b"early reply", b"b1", b"reply", b"b2"]);
+        assert_eq!(got[5].0, opcode::CLOSE);
+        assert_eq!(&got[5].1[..2], &1012u16.to_be_bytes());
     }
 
     #[tokio::test]
