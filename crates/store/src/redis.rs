@@ -168,8 +168,25 @@ impl RedisStore {
     pub async fn connect(url: &str, name: &str, wanted: BoardConfig) -> Result<Self, StoreError> {
         let builder = builder(url)?;
         let client = builder.build().map_err(unavailable)?;
+        let mut errors = client.error_rx();
         client.connect();
-        client.wait_for_connect().await.map_err(unavailable)?;
+        // fred retries by itself; say why each attempt failed, or a worker
+        // that cannot reach Redis waits in silence.
+        {
+            let connected = client.wait_for_connect();
+            tokio::pin!(connected);
+            loop {
+                tokio::select! {
+                    result = &mut connected => {
+                        result.map_err(unavailable)?;
+                        break;
+                    }
+                    Ok((error, server)) = errors.recv() => {
+                        tracing::warn!(%error, ?server, "cannot reach Redis yet; retrying");
+                    }
+                }
+            }
+        }
         let store = Self {
             inner: Arc::new(Inner {
                 client,

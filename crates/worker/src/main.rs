@@ -38,6 +38,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM that arrives right after the "listening" line
+    // must start a graceful shutdown, not kill the process.
+    let shutdown = shutdown_signal()?;
     let prometheus = match config.metrics_listen {
         Some(_) => {
             Some(omcb_worker::metrics::install().context("installing the metrics recorder")?)
@@ -53,17 +56,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     out.flush()?;
     drop(out);
-    server.run(shutdown_signal()).await?;
+    server.run(shutdown).await?;
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on either.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-    }
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+    })
 }
