@@ -278,11 +278,10 @@ impl Hub {
 
     /// Queues the current snapshot into `sink`, in place of the batches it
     /// skipped; under the read lock, so the next batch it is offered follows.
-    pub fn send_snapshot(&self, sink: &Sink) -> u64 {
+    pub fn send_snapshot(&self, sink: &Sink) {
         let state = self.read();
         let s = self.snapshot_of(&state);
         sink.snapshot(s.epoch, s.seq, s.frame.clone());
-        s.seq
     }
 
     fn resume_from(state: &State, epoch: u64, since: u64) -> Option<Vec<EncodedBatch>> {

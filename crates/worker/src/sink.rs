@@ -175,17 +175,11 @@ impl Sink {
 
     /// Sends a close frame; nothing is sent after it.
     pub fn close(&self, code: u16, reason: &str) {
-        let mut st = self.lock();
-        if st.closing {
-            return;
-        }
-        self.push(&mut st, close_frame(code, reason), Kind::Other);
-        st.closing = true;
-        drop(st);
-        self.wake.notify_one();
+        self.close_with(close_frame(code, reason));
     }
 
-    /// Sends the echo of the client's close frame; nothing is sent after it.
+    /// Sends this close frame (ours, or the echo of the client's); nothing is
+    /// sent after it.
     pub fn close_with(&self, frame: Bytes) {
         let mut st = self.lock();
         if st.closing {

@@ -100,20 +100,19 @@ fn cloud_init_user_data_has_the_shape_of_a_worker() {
         "it enables the worker"
     );
     assert!(runcmd.contains("omcb-egress-cap.service"), "it applies the egress cap");
-    let env = doc["write_files"]
-        .as_vec()
-        .unwrap()
-        .iter()
-        .find(|f| f["path"].as_str() == Some("/etc/omcb/worker.env"))
-        .unwrap();
+    let written = |path: &str| {
+        doc["write_files"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|f| f["path"].as_str() == Some(path))
+            .unwrap_or_else(|| panic!("user data writes {path}"))
+            .clone()
+    };
+    let env = written("/etc/omcb/worker.env");
     assert!(env["content"].as_str().unwrap().contains("OMCB_REDIS=redis://10.0.0.5:6379"));
     // The unit travels base64-encoded and decodes to the repo's unit.
-    let unit = doc["write_files"]
-        .as_vec()
-        .unwrap()
-        .iter()
-        .find(|f| f["path"].as_str() == Some("/etc/systemd/system/omcb-worker.service"))
-        .unwrap();
+    let unit = written("/etc/systemd/system/omcb-worker.service");
     let decoded = Command::new("base64")
         .arg("-d")
         .stdin(std::process::Stdio::piped())
