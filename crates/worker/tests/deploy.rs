@@ -9,19 +9,19 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
+/// Fails the test when `tool` is missing: scripts/test installs every tool
+/// these tests use, so a missing one is a broken setup, never a reason to pass.
+fn require(tool: &str) {
+    let found = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
-        .is_ok_and(|o| o.status.success())
+        .is_ok_and(|o| o.status.success());
+    assert!(found, "{tool} is not installed: run scripts/test, which installs it");
 }
 
 #[test]
 fn systemd_unit_verifies_clean() {
-    if !have("systemd-analyze") {
-        eprintln!("SKIPPED: systemd-analyze is not installed here; the unit was not verified");
-        return;
-    }
+    require("systemd-analyze");
     let dir = tempfile::tempdir().unwrap();
     let unit = std::fs::read_to_string(repo().join("deploy/systemd/omcb-worker.service")).unwrap();
     // verify checks that ExecStart exists: point it at the binary under test.
@@ -68,20 +68,13 @@ fn rendered_user_data() -> String {
 fn cloud_init_user_data_has_the_shape_of_a_worker() {
     let text = rendered_user_data();
     assert!(text.starts_with("#cloud-config\n"));
-    if have("cloud-init") {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("user-data.yaml");
-        std::fs::write(&f, &text).unwrap();
-        let out =
-            Command::new("cloud-init").args(["schema", "--config-file"]).arg(&f).output().unwrap();
-        assert!(
-            out.status.success(),
-            "cloud-init schema: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    } else {
-        eprintln!("NOTE: cloud-init is not installed here; checking the YAML shape instead");
-    }
+    require("cloud-init");
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("user-data.yaml");
+    std::fs::write(&f, &text).unwrap();
+    let out =
+        Command::new("cloud-init").args(["schema", "--config-file"]).arg(&f).output().unwrap();
+    assert!(out.status.success(), "cloud-init schema: {}", String::from_utf8_lossy(&out.stderr));
     let docs = yaml_rust2::YamlLoader::load_from_str(&text).unwrap();
     let doc = &docs[0];
     let files: Vec<&str> =
@@ -315,16 +308,10 @@ impl Drop for NetPair {
 
 #[test]
 fn egress_cap_holds_throughput_within_ten_percent() {
-    if !have("iperf3") || !have("tc") {
-        eprintln!("SKIPPED: iperf3 or tc is not installed here; the egress cap was not measured");
-        return;
-    }
-    let Some(net) = NetPair::new() else {
-        eprintln!(
-            "SKIPPED: network namespaces cannot be created here (need root and CAP_NET_ADMIN)"
-        );
-        return;
-    };
+    require("iperf3");
+    require("tc");
+    let net = NetPair::new()
+        .expect("cannot create network namespaces (the test needs root and CAP_NET_ADMIN)");
     let id = std::process::id() % 100_000;
     let cap = repo().join("deploy/tc/cap-egress");
     let in_a = |args: &[&str]| {
