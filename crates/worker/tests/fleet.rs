@@ -383,8 +383,7 @@ async fn flushall_under_traffic_puts_every_client_on_the_new_board() {
         .enumerate()
         .map(|(i, c)| tokio::spawn(hammer(c, 31 + i as u64, 1500, 64)))
         .collect();
-    poll("traffic under way", || async { (redis_board(&redis, 1000).1 >= 60).then_some(()) })
-        .await;
+    poll("traffic under way", || async { (redis_board(&redis, 1000).1 >= 60).then_some(()) }).await;
     assert_eq!(redis.command(&["FLUSHALL"]).unwrap().as_str(), Some("OK"));
     let mut clients = vec![watcher];
     let mut results = Vec::new();
