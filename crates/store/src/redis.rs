@@ -22,8 +22,11 @@
 //! new epoch, a compare-and-set on the old one, so it moves once whichever
 //! worker notices first. The new epoch keeps what Redis still has and its seq;
 //! every worker resets its replica on it, so every client takes a Snapshot and
-//! no `?since=S&epoch=OLD` resumes across the loss.
+//! no `?since=S&epoch=OLD` resumes across the loss. An epoch the feed had left
+//! that shows up again (a backup from before a `FLUSHALL` or an earlier move)
+//! is a loss too.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -560,7 +563,15 @@ impl RedisStore {
     pub fn feed(&self, epoch: u64, seq: u64) -> RedisFeed {
         // Verify before the first read: the caller's position may be of another
         // epoch, or ahead of the board.
-        RedisFeed { store: self.clone(), client: None, epoch, seq, last: None, verify: true }
+        RedisFeed {
+            store: self.clone(),
+            client: None,
+            epoch,
+            seq,
+            last: None,
+            verify: true,
+            left: VecDeque::new(),
+        }
     }
 
     /// Closes the connections.
@@ -599,7 +610,13 @@ pub struct RedisFeed {
     last: Option<Entry>,
     /// Check continuity before reading on.
     verify: bool,
+    /// Epochs this feed moved away from, newest last: Redis showing one of
+    /// them again was restored from data older than the move.
+    left: VecDeque<u64>,
 }
+
+/// Epochs a feed remembers having left.
+const LEFT_EPOCHS: usize = 16;
 
 /// What a continuity check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -747,9 +764,19 @@ impl RedisFeed {
         // Read before the snapshot, as in `continuity`.
         let high = self.store.acked(self.epoch).map_or(self.seq, |a| a.seq.max(self.seq));
         let mut board = self.store.snapshot().await?;
-        if board.epoch == self.epoch && (lost || board.seq < high) {
-            self.store.rebirth(self.epoch).await?;
+        let behind = board.epoch == self.epoch && (lost || board.seq < high);
+        // An epoch we left is back: Redis went back past the move, and its
+        // clients may hold seqs of it the restored data does not have.
+        let returned = self.left.contains(&board.epoch);
+        if behind || returned {
+            self.store.rebirth(board.epoch).await?;
             board = self.store.snapshot().await?;
+        }
+        if board.epoch != self.epoch {
+            if self.left.len() == LEFT_EPOCHS {
+                self.left.pop_front();
+            }
+            self.left.push_back(self.epoch);
         }
         tracing::info!(
             from_epoch = self.epoch,

@@ -340,11 +340,11 @@ async fn redis_feed_never_takes_a_flushed_board_s_successor_for_its_own() {
 
 /// Plays a restore of older files: `SAVE`, `work`, then kill -9 and restart
 /// on the saved RDB.
-async fn roll_back(server: &mut RedisServer, work: impl AsyncFnOnce()) {
+async fn roll_back(server: &mut RedisServer, work: impl AsyncFnOnce(&RedisServer)) {
     server.command(&["SAVE"]).unwrap();
     let rdb = server.dir().join("dump.rdb");
     let saved = std::fs::read(&rdb).unwrap();
-    work().await;
+    work(server).await;
     server.kill().unwrap();
     std::fs::write(&rdb, saved).unwrap();
     server.start_again().unwrap();
@@ -379,7 +379,7 @@ async fn redis_rollback_moves_the_board_to_a_new_epoch_once() {
     let (mut fa, mut fb) = (a.feed(epoch, 0), b.feed(epoch, 0));
     drain(&mut fa, 10).await;
     drain(&mut fb, 10).await;
-    roll_back(&mut server, async || {
+    roll_back(&mut server, async |_| {
         for i in 10..15 {
             set(&a, i, true).await;
         }
@@ -420,7 +420,7 @@ async fn redis_losing_an_acknowledged_change_moves_the_board_to_a_new_epoch() {
     let epoch = a.snapshot().await.unwrap().epoch;
     let mut fa = a.feed(epoch, 0);
     drain(&mut fa, 10).await;
-    roll_back(&mut server, async || {
+    roll_back(&mut server, async |_| {
         // Acknowledged (seqs 11..15), never read by `fa`.
         for i in 10..15 {
             set(&a, i, true).await;
@@ -434,4 +434,32 @@ async fn redis_losing_an_acknowledged_change_moves_the_board_to_a_new_epoch() {
     let reset = next_reset(&mut fa).await;
     assert_ne!(reset.epoch, epoch, "acknowledged changes were lost under the same epoch");
     assert_eq!(reset, a.snapshot().await.unwrap());
+}
+
+/// A backup from before the board's last epoch change, restored: the old
+/// epoch shows up again, and its clients may hold seqs the backup lacks. A
+/// reader that left that epoch moves the board to a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_an_epoch_that_comes_back_from_a_backup_is_moved_on() {
+    let (store, guard) = redis(SMALL).await;
+    let Guard::Redis(mut server) = guard else { unreachable!() };
+    for i in 0..5 {
+        set(&store, i, true).await;
+    }
+    let old = store.snapshot().await.unwrap();
+    let mut feed = store.feed(old.epoch, 0);
+    drain(&mut feed, 5).await;
+    roll_back(&mut server, async |server| {
+        set(&store, 5, true).await;
+        drain(&mut feed, 6).await;
+        server.command(&["FLUSHALL"]).unwrap();
+        set(&store, 700, true).await;
+        assert_ne!(next_reset(&mut feed).await.epoch, old.epoch);
+    })
+    .await;
+    set_when_back(&store, 600).await;
+    let reset = next_reset(&mut feed).await;
+    assert_ne!(reset.epoch, old.epoch, "the restored epoch is moved on");
+    assert!(reset.checked[4] && !reset.checked[5] && reset.checked[600]);
+    assert_eq!(reset, store.snapshot().await.unwrap());
 }
