@@ -5,40 +5,45 @@
 -- KEYS[4]: {B}:count         checked boxes
 -- KEYS[5]: {B}:frozen_count  frozen boxes
 -- KEYS[6]: {B}:seq           seq of the last change
--- KEYS[7]: {B}:log           change stream; entry id "<seq>-0", fields i (index), o ("1", "0" or "f"), c, f (counts after)
+-- KEYS[7]: {B}:log           change stream; entry id "<seq>-0", fields i (index), o ("1", "0" or "f"), c, f (counts after), e (the board's epoch)
 -- KEYS[8]: {B}:checked_at    sorted set: index -> ms of last check, for checked unfrozen boxes
 -- KEYS[9]: {B}:op:<id>       this call's answer, kept so a retried call (a client resending after a reconnect) gets the same answer
 -- ARGV[1]: index
 -- ARGV[2]: value, "1" or "0"
 -- ARGV[3]: approximate MAXLEN of the log
 -- ARGV[4]: ms to remember the answer under KEYS[9]
--- Returns: {status, value, seq, checked_count, frozen_count}
+-- Returns: {status, value, seq, checked_count, frozen_count, epoch}
 --   status  1: changed, seq is the change's
 --   status  0: the box already had the value; seq 0
 --   status -1: index out of range (value 0, seq 0)
 --   status -2: frozen; seq > 0 when this call froze it (an uncheck after freeze_after_ms)
 --   status -3: board full (max_checked boxes are checked)
 --   value: the box's value now
+--   epoch: the board's epoch (a string: Lua numbers would lose digits), so the
+--     caller knows which board a seq belongs to
 -- Errors: "NOBOARD" when the board does not exist (the caller creates it: a new epoch).
+-- Each log entry carries the epoch it was written in: a reader never takes another
+-- board's entries (after FLUSHALL or a rollback moved the epoch) as its own.
 
 local done = redis.call('GET', KEYS[9])
 if done then
   return cjson.decode(done)
 end
 
-local config = redis.call('HMGET', KEYS[1], 'size', 'max_checked', 'freeze_after_ms')
+local config = redis.call('HMGET', KEYS[1], 'size', 'max_checked', 'freeze_after_ms', 'epoch')
 if not config[1] then
   return redis.error_reply('NOBOARD board does not exist')
 end
 local size = tonumber(config[1])
 local max_checked = tonumber(config[2]) or 0
 local freeze_after = tonumber(config[3]) or 0
+local epoch = config[4]
 
 local count = tonumber(redis.call('GET', KEYS[4]) or '0')
 local frozen_count = tonumber(redis.call('GET', KEYS[5]) or '0')
 
 local function answer(status, value, seq)
-  local result = {status, value, seq, count, frozen_count}
+  local result = {status, value, seq, count, frozen_count, epoch}
   redis.call('SET', KEYS[9], cjson.encode(result), 'PX', ARGV[4])
   return result
 end
@@ -67,7 +72,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function append(op)
   local seq = redis.call('INCR', KEYS[6])
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], seq .. '-0',
-    'i', index, 'o', op, 'c', count, 'f', frozen_count)
+    'i', index, 'o', op, 'c', count, 'f', frozen_count, 'e', epoch)
   return seq
 end
 

@@ -4,14 +4,16 @@
 -- KEYS[3]: {B}:count         checked boxes (written into each log entry)
 -- KEYS[4]: {B}:frozen_count  frozen boxes
 -- KEYS[5]: {B}:seq           seq of the last change
--- KEYS[6]: {B}:log           change stream (entries as in set.lua, o = "f")
+-- KEYS[6]: {B}:log           change stream (entries as in set.lua, o = "f", e = the epoch)
 -- KEYS[7]: {B}:checked_at    sorted set: index -> ms of last check
 -- ARGV[1]: most boxes to freeze in this call
 -- ARGV[2]: approximate MAXLEN of the log
 -- Returns: the number of boxes frozen (0 when freezing is off or the board does not exist)
 -- Cost: O(log n + frozen): it reads checked_at by score instead of scanning the bitset.
 
-local freeze_after = tonumber(redis.call('HGET', KEYS[1], 'freeze_after_ms') or '0')
+local config = redis.call('HMGET', KEYS[1], 'freeze_after_ms', 'epoch')
+local freeze_after = tonumber(config[1] or '0')
+local epoch = config[2]
 if freeze_after <= 0 then
   return 0
 end
@@ -26,6 +28,6 @@ for _, index in ipairs(due) do
   redis.call('ZREM', KEYS[7], index)
   local seq = redis.call('INCR', KEYS[5])
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], seq .. '-0',
-    'i', index, 'o', 'f', 'c', count, 'f', frozen_count)
+    'i', index, 'o', 'f', 'c', count, 'f', frozen_count, 'e', epoch)
 end
 return #due

@@ -9,7 +9,24 @@
 //!
 //! Stream entry ids are `<seq>-0`, so "the stream position a state is at" and
 //! "the seq a state is at" are the same number.
+//!
+//! # Epochs: a board that lost changes is another board
+//! Every log entry carries the epoch it was written in (field `e`), and the
+//! feed refuses entries of any other epoch: after a `FLUSHALL` the next board
+//! starts again at seq 1, and its entries past the old position must not read
+//! as a continuation of the old board. Redis can also go back in time while
+//! keeping the epoch (a restore of older files, an AOF that lost its last
+//! second, a failover to a lagging replica). The feed notices when Redis' seq
+//! is behind a seq this worker applied or acknowledged, or when the entry at
+//! such a seq is not the change it saw; then `rebirth.lua` moves the board to a
+//! new epoch, a compare-and-set on the old one, so it moves once whichever
+//! worker notices first. The new epoch keeps what Redis still has and its seq;
+//! every worker resets its replica on it, so every client takes a Snapshot and
+//! no `?since=S&epoch=OLD` resumes across the loss. An epoch the feed had left
+//! that shows up again (a backup from before a `FLUSHALL` or an earlier move)
+//! is a loss too.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -101,6 +118,8 @@ struct Scripts {
     snapshot: Script,
     sweep: Script,
     lease: Script,
+    position: Script,
+    rebirth: Script,
 }
 
 /// The sources of the scripts, for tools and tests.
@@ -115,6 +134,10 @@ pub mod lua {
     pub const SWEEP: &str = include_str!("../lua/sweep.lua");
     /// `lua/lease.lua`.
     pub const LEASE: &str = include_str!("../lua/lease.lua");
+    /// `lua/position.lua`.
+    pub const POSITION: &str = include_str!("../lua/position.lua");
+    /// `lua/rebirth.lua`.
+    pub const REBIRTH: &str = include_str!("../lua/rebirth.lua");
 }
 
 /// A board in Redis. Cheap to clone.
@@ -142,6 +165,45 @@ struct Inner {
     ops: AtomicU64,
     /// Redis commands issued, by what for (a script call counts one).
     commands: CommandCounts,
+    /// The change with the highest seq this worker acknowledged, so the feed
+    /// notices when Redis lost it even if no worker ever read it back.
+    acked: std::sync::Mutex<Option<Acked>>,
+}
+
+/// A change `set.lua` reported, as the feed checks it against the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Acked {
+    epoch: u64,
+    seq: u64,
+    index: u32,
+    op: Op,
+}
+
+/// A log entry: a change and the epoch it was written in (`None` for entries
+/// written before entries carried one).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Entry {
+    epoch: Option<u64>,
+    change: Change,
+}
+
+impl Entry {
+    /// Whether the entry may belong to board `epoch`.
+    fn of(&self, epoch: u64) -> bool {
+        self.epoch.is_none_or(|e| e == epoch)
+    }
+}
+
+/// What `position.lua` read, all of one moment.
+#[derive(Debug)]
+struct Position {
+    /// `None` when the board does not exist.
+    epoch: Option<u64>,
+    seq: u64,
+    /// The entry at the seq asked for as the last applied change, if Redis has it.
+    last: Option<Entry>,
+    /// The entry at the seq asked for as the highest acknowledged change.
+    acked: Option<Entry>,
 }
 
 fn unavailable(e: Error) -> StoreError {
@@ -198,12 +260,15 @@ impl RedisStore {
                     snapshot: Script::from_lua(lua::SNAPSHOT),
                     sweep: Script::from_lua(lua::SWEEP),
                     lease: Script::from_lua(lua::LEASE),
+                    position: Script::from_lua(lua::POSITION),
+                    rebirth: Script::from_lua(lua::REBIRTH),
                 },
                 wanted,
                 config: std::sync::RwLock::new(wanted),
                 owner: format!("{:016x}", crate::new_epoch()),
                 ops: AtomicU64::new(0),
                 commands: CommandCounts::default(),
+                acked: std::sync::Mutex::new(None),
             }),
         };
         // Redis may be up but still loading its AOF (`LOADING`): wait for it
@@ -242,17 +307,32 @@ impl RedisStore {
         keys: Vec<&str>,
         args: Vec<String>,
     ) -> Result<Value, Error> {
-        let counter = if std::ptr::eq(script, &self.inner.scripts.set) {
-            &self.inner.commands.toggle
-        } else if std::ptr::eq(script, &self.inner.scripts.snapshot)
-            || std::ptr::eq(script, &self.inner.scripts.init)
+        self.eval_on(&self.inner.client, script, keys, args).await
+    }
+
+    /// Runs `script` on `client` (the toggles' connection, or the feed's own).
+    async fn eval_on(
+        &self,
+        client: &Client,
+        script: &Script,
+        keys: Vec<&str>,
+        args: Vec<String>,
+    ) -> Result<Value, Error> {
+        let s = &self.inner.scripts;
+        let c = &self.inner.commands;
+        let counter = if std::ptr::eq(script, &s.set) {
+            &c.toggle
+        } else if std::ptr::eq(script, &s.snapshot)
+            || std::ptr::eq(script, &s.init)
+            || std::ptr::eq(script, &s.rebirth)
         {
-            &self.inner.commands.snapshot
+            &c.snapshot
+        } else if std::ptr::eq(script, &s.position) {
+            &c.feed
         } else {
-            &self.inner.commands.sweep
+            &c.sweep
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let client = &self.inner.client;
         match client.evalsha(script.sha1().clone(), keys.clone(), args.clone()).await {
             // Redis forgot the script (restart, failover, SCRIPT FLUSH). EVAL
             // runs it and caches it in one command; a SCRIPT LOAD + EVALSHA
@@ -330,6 +410,10 @@ impl RedisStore {
         .map_err(unavailable)?;
         let v = array(reply)?;
         let (status, value, seq) = (int(&v, 0)?, int(&v, 1)? == 1, int(&v, 2)? as u64);
+        if seq > 0 {
+            let op = if status == -2 { Op::Freeze } else { Op::Set(value) };
+            self.acknowledged(Acked { epoch: uint(&v, 5)?, seq, index, op });
+        }
         Ok(match status {
             1 => SetOutcome::Changed { seq, checked: value },
             0 => SetOutcome::Unchanged { checked: value },
@@ -407,20 +491,87 @@ impl RedisStore {
         Ok(frozen.as_i64().unwrap_or(0) as usize)
     }
 
-    /// The board's `(epoch, seq)` in Redis; epoch `None` when the board does not exist.
-    async fn position_now(&self, client: &Client) -> Result<(Option<u64>, u64), StoreError> {
-        self.inner.commands.feed.fetch_add(2, Ordering::Relaxed);
-        let epoch: Option<String> =
-            client.hget(&self.inner.keys.config, "epoch").await.map_err(unavailable)?;
-        let seq: Option<u64> = client.get(&self.inner.keys.seq).await.map_err(unavailable)?;
-        Ok((epoch.and_then(|s| s.parse().ok()), seq.unwrap_or(0)))
+    /// Remembers a change `set.lua` made, if it is the newest of its epoch.
+    fn acknowledged(&self, change: Acked) {
+        let mut acked = self.inner.acked.lock().unwrap_or_else(|e| e.into_inner());
+        // Replies of two epochs may race (a FLUSHALL, a rebirth): the later
+        // epoch usually wins; losing a watermark only skips one check.
+        if acked.is_none_or(|a| a.epoch != change.epoch || a.seq < change.seq) {
+            *acked = Some(change);
+        }
+    }
+
+    /// The newest change this worker acknowledged on board `epoch`.
+    fn acked(&self, epoch: u64) -> Option<Acked> {
+        let acked = self.inner.acked.lock().unwrap_or_else(|e| e.into_inner());
+        acked.filter(|a| a.epoch == epoch)
+    }
+
+    /// The board's epoch and seq in Redis, and the log entries at seqs `last`
+    /// and `acked` (0 = none), in one atomic read.
+    async fn position(
+        &self,
+        client: &Client,
+        last: u64,
+        acked: u64,
+    ) -> Result<Position, StoreError> {
+        let k = &self.inner.keys;
+        let reply = self
+            .eval_on(
+                client,
+                &self.inner.scripts.position,
+                vec![&k.config, &k.seq, &k.log],
+                vec![last.to_string(), acked.to_string()],
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut v = array(reply)?;
+        let epoch = Some(uint(&v, 0)?).filter(|&e| e > 0);
+        let seq = uint(&v, 1)?;
+        let acked = v.pop().map(parse_entries).transpose()?.and_then(|e| e.into_iter().next());
+        let last = v.pop().map(parse_entries).transpose()?.and_then(|e| e.into_iter().next());
+        Ok(Position { epoch, seq, last, acked })
+    }
+
+    /// Moves the board from `old` to a new epoch, unless someone already did
+    /// (or the board is gone, which makes a new epoch anyway).
+    async fn rebirth(&self, old: u64) -> Result<(), StoreError> {
+        let new = crate::new_epoch();
+        let reply = match self
+            .eval(
+                &self.inner.scripts.rebirth,
+                vec![&self.inner.keys.config],
+                vec![old.to_string(), new.to_string()],
+            )
+            .await
+        {
+            Err(e) if e.details().contains("NOBOARD") => return Ok(()),
+            other => other.map_err(unavailable)?,
+        };
+        let v = array(reply)?;
+        if int(&v, 0)? == 1 {
+            tracing::warn!(
+                from_epoch = old,
+                epoch = new,
+                "Redis lost changes this worker had applied or acknowledged; the board moved to a new epoch"
+            );
+        }
+        Ok(())
     }
 
     /// A reader of the change stream after `seq` of `epoch`, on its own connection.
     pub fn feed(&self, epoch: u64, seq: u64) -> RedisFeed {
         // Verify before the first read: the caller's position may be of another
         // epoch, or ahead of the board.
-        RedisFeed { store: self.clone(), client: None, epoch, seq, last: None, verify: true }
+        RedisFeed {
+            store: self.clone(),
+            client: None,
+            epoch,
+            seq,
+            last: None,
+            verify: true,
+            left: VecDeque::new(),
+        }
     }
 
     /// Closes the connections.
@@ -451,13 +602,31 @@ pub struct RedisFeed {
     /// Its own connection, made on first use.
     client: Option<(Client, tokio::sync::broadcast::Receiver<Server>)>,
     epoch: u64,
-    /// Seq of the last change returned.
+    /// Seq of the last change returned, or of the board the feed started or
+    /// reset from: the replica's position.
     seq: u64,
-    /// The last change returned, to check after a reconnect that Redis still
+    /// The last entry returned, to check after a reconnect that Redis still
     /// has it (an AOF restart can lose the last second and reuse seqs).
-    last: Option<Change>,
+    last: Option<Entry>,
     /// Check continuity before reading on.
     verify: bool,
+    /// Epochs this feed moved away from, newest last: Redis showing one of
+    /// them again was restored from data older than the move.
+    left: VecDeque<u64>,
+}
+
+/// Epochs a feed remembers having left.
+const LEFT_EPOCHS: usize = 16;
+
+/// What a continuity check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Continuity {
+    /// Redis still holds every change of our epoch we applied or acknowledged.
+    Intact,
+    /// The board is gone or has another epoch.
+    Moved,
+    /// Same epoch, but Redis lost changes we applied or acknowledged.
+    Lost,
 }
 
 impl RedisFeed {
@@ -470,12 +639,21 @@ impl RedisFeed {
             client.wait_for_connect().await.map_err(unavailable)?;
             self.client = Some((client, reconnects));
         }
-        let (client, reconnects) = self.client.as_mut().expect("set above");
-        // Any reconnect since the last look: Redis may have restarted and lost writes.
-        while let Ok(_) | Err(TryRecvError::Lagged(_)) = reconnects.try_recv() {
+        if self.reconnected() {
+            // Redis may have restarted and lost writes.
             self.verify = true;
         }
-        Ok(client.clone())
+        Ok(self.client.as_ref().expect("set above").0.clone())
+    }
+
+    /// Whether the feed's connection reconnected since the last look.
+    fn reconnected(&mut self) -> bool {
+        let Some((_, reconnects)) = self.client.as_mut() else { return false };
+        let mut any = false;
+        while let Ok(_) | Err(TryRecvError::Lagged(_)) = reconnects.try_recv() {
+            any = true;
+        }
+        any
     }
 
     /// The next changes, a `Reset` when continuity is lost (trimmed log, new
@@ -483,72 +661,123 @@ impl RedisFeed {
     /// heartbeat), or `Unavailable` while Redis is away. Run it in a task of its
     /// own: a dropped call loses nothing, but wastes a blocking read.
     pub async fn next(&mut self) -> Result<FeedEvent, StoreError> {
-        let client = self.client().await?;
-        if self.verify {
-            if !self.still_continuous(&client).await? {
-                return self.reset().await;
+        loop {
+            let client = self.client().await?;
+            if self.verify {
+                match self.continuity(&client).await? {
+                    Continuity::Intact => self.verify = false,
+                    other => return self.reset(other == Continuity::Lost).await,
+                }
             }
-            self.verify = false;
-        }
-        let read = client
-            .with_options(&Options {
-                timeout: Some(Duration::from_millis(FEED_BLOCK_MS) + COMMAND_TIMEOUT),
-                ..Default::default()
-            })
-            .xread::<Value, _, _>(
-                Some(FEED_CHUNK),
-                Some(FEED_BLOCK_MS),
-                &self.store.inner.keys.log,
-                format!("{}-0", self.seq),
-            )
-            .await;
-        self.store.inner.commands.feed.fetch_add(1, Ordering::Relaxed);
-        let reply = read.map_err(|e| {
-            self.verify = true;
-            unavailable(e)
-        })?;
-        let changes = parse_xread(reply)?;
-        if let Some(first) = changes.first() {
-            if first.seq != self.seq + 1 {
-                // The log was trimmed past us (or seqs jumped): start over from a snapshot.
-                return self.reset().await;
+            let read = client
+                .with_options(&Options {
+                    timeout: Some(Duration::from_millis(FEED_BLOCK_MS) + COMMAND_TIMEOUT),
+                    ..Default::default()
+                })
+                .xread::<Value, _, _>(
+                    Some(FEED_CHUNK),
+                    Some(FEED_BLOCK_MS),
+                    &self.store.inner.keys.log,
+                    format!("{}-0", self.seq),
+                )
+                .await;
+            self.store.inner.commands.feed.fetch_add(1, Ordering::Relaxed);
+            let reply = read.map_err(|e| {
+                self.verify = true;
+                unavailable(e)
+            })?;
+            if self.reconnected() {
+                // The read may have gone to a Redis that restarted with older
+                // data: check, then read again.
+                self.verify = true;
+                continue;
             }
-            self.seq = changes.last().map_or(self.seq, |c| c.seq);
-            self.last = changes.last().copied();
-            return Ok(FeedEvent::Changes(changes));
-        }
-        // Quiet for a whole block: is this still the same board? If so, say we
-        // are caught up (the heartbeat that turns /readyz back to 200 after an outage).
-        match self.store.position_now(&client).await? {
-            (Some(e), seq) if e == self.epoch && seq >= self.seq => {
-                Ok(FeedEvent::Changes(Vec::new()))
+            let entries = parse_xread(reply)?;
+            if let Some(first) = entries.first() {
+                if entries.iter().any(|e| !e.of(self.epoch)) {
+                    // Another board's entries (after a FLUSHALL its seqs start
+                    // again at 1 and soon pass ours; after a rebirth they
+                    // continue ours): never a continuation of this board.
+                    return self.reset(false).await;
+                }
+                if first.change.seq != self.seq + 1 {
+                    // The log was trimmed past us: start over from a snapshot.
+                    return self.reset(false).await;
+                }
+                let last = *entries.last().expect("not empty");
+                self.seq = last.change.seq;
+                self.last = Some(last);
+                return Ok(FeedEvent::Changes(entries.into_iter().map(|e| e.change).collect()));
             }
-            // Another board, or this one went back in time (lost writes).
-            _ => self.reset().await,
+            // Quiet for a whole block: is this still the same board, with all
+            // we applied and acknowledged? If so, say we are caught up (the
+            // heartbeat that turns /readyz back to 200 after an outage).
+            return match self.continuity(&client).await? {
+                Continuity::Intact => Ok(FeedEvent::Changes(Vec::new())),
+                other => self.reset(other == Continuity::Lost).await,
+            };
         }
     }
 
-    /// Whether Redis still holds the change we applied last, at its seq.
-    async fn still_continuous(&self, client: &Client) -> Result<bool, StoreError> {
-        match self.store.position_now(client).await? {
-            (Some(e), seq) if e == self.epoch && seq >= self.seq => {}
-            _ => return Ok(false),
+    /// Whether Redis still has our epoch, a seq not behind what we applied or
+    /// acknowledged, and the very changes we saw at those seqs.
+    async fn continuity(&self, client: &Client) -> Result<Continuity, StoreError> {
+        // Read the acknowledgement before asking Redis: a change acknowledged
+        // before this line was in Redis before the script below runs, so a
+        // seq behind it is a loss, never a race between two connections.
+        // Checked even when the feed has read past it: after a restore, the
+        // feed may have read other changes under those seqs before it noticed.
+        let acked = self.store.acked(self.epoch);
+        let last = self.last.map_or(0, |e| e.change.seq);
+        let now = self.store.position(client, last, acked.map_or(0, |a| a.seq)).await?;
+        if now.epoch != Some(self.epoch) {
+            return Ok(Continuity::Moved);
         }
-        let Some(last) = self.last else { return Ok(true) };
-        let id = format!("{}-0", last.seq);
-        self.store.inner.commands.feed.fetch_add(1, Ordering::Relaxed);
-        let reply: Value = client
-            .xrange(&self.store.inner.keys.log, &id, &id, Some(1))
-            .await
-            .map_err(unavailable)?;
-        let entries = parse_entries(reply)?;
-        // Trimmed away is fine (the next XREAD shows whether we were trimmed past);
-        // present but different means Redis lost writes and reused the seq.
-        Ok(entries.first().is_none_or(|c| *c == last))
+        if now.seq < acked.map_or(self.seq, |a| a.seq.max(self.seq)) {
+            return Ok(Continuity::Lost);
+        }
+        // An entry trimmed away is fine (the next XREAD shows whether we were
+        // trimmed past); present but different means Redis lost changes and
+        // reused their seqs for others.
+        if let (Some(mine), Some(theirs)) = (self.last, now.last)
+            && mine != theirs
+        {
+            return Ok(Continuity::Lost);
+        }
+        if let (Some(mine), Some(theirs)) = (acked, now.acked)
+            && !(theirs.of(self.epoch)
+                && theirs.change.index == mine.index
+                && theirs.change.op == mine.op)
+        {
+            return Ok(Continuity::Lost);
+        }
+        Ok(Continuity::Intact)
     }
 
-    async fn reset(&mut self) -> Result<FeedEvent, StoreError> {
-        let board = self.store.snapshot().await?;
+    /// Starts over from a snapshot. With `lost` (or when the snapshot is of
+    /// our epoch but behind what we applied or acknowledged) Redis lost
+    /// changes of our epoch: the board moves to a new one first, so that no
+    /// client resumes across the loss.
+    async fn reset(&mut self, lost: bool) -> Result<FeedEvent, StoreError> {
+        // Until a reset succeeds, whatever the next read brings is suspect.
+        self.verify = true;
+        // Read before the snapshot, as in `continuity`.
+        let high = self.store.acked(self.epoch).map_or(self.seq, |a| a.seq.max(self.seq));
+        let mut board = self.store.snapshot().await?;
+        let behind = board.epoch == self.epoch && (lost || board.seq < high);
+        // An epoch we left is back: Redis went back past the move, and its
+        // clients may hold seqs of it the restored data does not have.
+        let returned = self.left.contains(&board.epoch);
+        if behind || returned {
+            self.store.rebirth(board.epoch).await?;
+            board = self.store.snapshot().await?;
+        }
+        if board.epoch != self.epoch {
+            if self.left.len() == LEFT_EPOCHS {
+                self.left.pop_front();
+            }
+            self.left.push_back(self.epoch);
+        }
         tracing::info!(
             from_epoch = self.epoch,
             from_seq = self.seq,
@@ -559,6 +788,7 @@ impl RedisFeed {
         self.epoch = board.epoch;
         self.seq = board.seq;
         self.last = None;
+        self.verify = false;
         Ok(FeedEvent::Reset(Box::new(board)))
     }
 }
@@ -609,7 +839,7 @@ fn bytes(v: &[Value], i: usize) -> Result<Bytes, StoreError> {
 }
 
 /// Parses an `XREAD` reply for one stream (RESP2 arrays or RESP3 maps).
-fn parse_xread(v: Value) -> Result<Vec<Change>, StoreError> {
+fn parse_xread(v: Value) -> Result<Vec<Entry>, StoreError> {
     match v {
         Value::Null => Ok(Vec::new()),
         Value::Array(streams) => match streams.into_iter().next() {
@@ -627,8 +857,8 @@ fn parse_xread(v: Value) -> Result<Vec<Change>, StoreError> {
     }
 }
 
-/// Parses stream entries `[[id, [field, value, ...]], ...]` into changes.
-fn parse_entries(v: Value) -> Result<Vec<Change>, StoreError> {
+/// Parses stream entries `[[id, [field, value, ...]], ...]`.
+fn parse_entries(v: Value) -> Result<Vec<Entry>, StoreError> {
     let Value::Array(entries) = v else {
         return if v.is_null() { Ok(Vec::new()) } else { Err(bad("entries")) };
     };
@@ -661,12 +891,19 @@ fn parse_entries(v: Value) -> Result<Vec<Change>, StoreError> {
                 "f" => Op::Freeze,
                 other => return Err(bad(&format!("entry op {other}"))),
             };
-            Ok(Change {
-                seq,
-                index: num("i")? as u32,
-                op,
-                checked_count: num("c")? as u32,
-                frozen_count: num("f")? as u32,
+            let epoch = match field("e") {
+                Ok(_) => Some(num("e")?),
+                Err(_) => None,
+            };
+            Ok(Entry {
+                epoch,
+                change: Change {
+                    seq,
+                    index: num("i")? as u32,
+                    op,
+                    checked_count: num("c")? as u32,
+                    frozen_count: num("f")? as u32,
+                },
             })
         })
         .collect()

@@ -172,27 +172,27 @@ mod suite {
         assert_eq!(replay, store.snapshot().await.unwrap());
     }
 
-    pub async fn feed_from_a_wrong_epoch_or_the_future_resets(store: Store) {
+    pub async fn feed_from_a_wrong_epoch_resets(store: Store) {
         set(&store, 1, true).await;
         let b = store.snapshot().await.unwrap();
-        for (epoch, seq) in [(b.epoch ^ 1, 0), (b.epoch, 99)] {
-            let mut feed = store.feed(epoch, seq);
-            // A backend may first report that it is caught up; a reset must follow.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let event = loop {
-                assert!(Instant::now() < deadline, "no reset for ({epoch}, {seq})");
-                match tokio::time::timeout(Duration::from_secs(5), feed.next())
-                    .await
-                    .unwrap()
-                    .unwrap()
-                {
-                    FeedEvent::Changes(c) if c.is_empty() => continue,
-                    other => break other,
-                }
-            };
-            match event {
-                FeedEvent::Reset(board) => assert_eq!(*board, b),
-                other => panic!("expected a reset, got {other:?}"),
+        let board = next_reset(&mut store.feed(b.epoch ^ 1, 0)).await;
+        assert_eq!(board, b);
+    }
+}
+
+/// Reads the feed until it resets (a backend may first report that it is
+/// caught up, or yield changes it had not yet seen were lost).
+async fn next_reset(feed: &mut omcb_store::ChangeFeed) -> Board {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "no reset");
+        match tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap() {
+            Ok(FeedEvent::Reset(board)) => return *board,
+            Ok(FeedEvent::Changes(_)) => {}
+            // Redis restarting under the feed: it retries.
+            Err(e) => {
+                eprintln!("feed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
@@ -244,9 +244,9 @@ macro_rules! conformance {
                 suite::feed_yields_every_change_once_in_order(s).await;
             }
             #[tokio::test]
-            async fn feed_from_a_wrong_epoch_or_the_future_resets() {
+            async fn feed_from_a_wrong_epoch_resets() {
                 let (s, _g) = super::$backend(SMALL).await;
-                suite::feed_from_a_wrong_epoch_or_the_future_resets(s).await;
+                suite::feed_from_a_wrong_epoch_resets(s).await;
             }
         }
     };
@@ -288,4 +288,178 @@ async fn redis_sets_survive_script_flushes_in_a_tight_loop() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let flushes = flusher.join().unwrap();
     assert!(flushes > 10, "only {flushes} flushes ran beside the sets");
+}
+
+/// In process nothing can be lost behind a reader's back: a feed from a seq
+/// the board never had is the caller's mistake, and it gets the board as is.
+#[tokio::test]
+async fn memory_feed_from_the_future_resets_to_the_board() {
+    let (store, _g) = memory(SMALL).await;
+    set(&store, 1, true).await;
+    let b = store.snapshot().await.unwrap();
+    assert_eq!(next_reset(&mut store.feed(b.epoch, 99)).await, b);
+}
+
+/// A Redis behind a position a reader holds lost changes that reader saw:
+/// the board moves to a new epoch with what Redis still has.
+#[tokio::test]
+async fn redis_feed_from_the_future_moves_the_board_to_a_new_epoch() {
+    let (store, _g) = redis(SMALL).await;
+    set(&store, 1, true).await;
+    let b = store.snapshot().await.unwrap();
+    let board = next_reset(&mut store.feed(b.epoch, 99)).await;
+    assert_ne!(board.epoch, b.epoch);
+    assert_eq!(board, Board { epoch: board.epoch, ..b });
+    assert_eq!(store.snapshot().await.unwrap(), board);
+}
+
+/// After `FLUSHALL` the next board starts at seq 1 and soon passes a reader's
+/// old seq: its entries must read as another board (a Reset), never as changes
+/// of the old one, even on a connection that never dropped.
+#[tokio::test]
+async fn redis_feed_never_takes_a_flushed_board_s_successor_for_its_own() {
+    let (store, guard) = redis(SMALL).await;
+    let Guard::Redis(server) = &guard else { unreachable!() };
+    for i in 0..5 {
+        set(&store, i, true).await;
+    }
+    let old = store.snapshot().await.unwrap();
+    let mut feed = store.feed(old.epoch, 0);
+    drain(&mut feed, 5).await;
+    server.command(&["FLUSHALL"]).unwrap();
+    for i in 100..110 {
+        set(&store, i, true).await;
+    }
+    let new = store.snapshot().await.unwrap();
+    assert_ne!(new.epoch, old.epoch);
+    match tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap() {
+        FeedEvent::Reset(board) => assert_eq!(*board, new),
+        FeedEvent::Changes(c) => panic!("the new board's changes read as the old one's: {c:?}"),
+    }
+}
+
+/// Plays a restore of older files: `SAVE`, `work`, then kill -9 and restart
+/// on the saved RDB.
+async fn roll_back(server: &mut RedisServer, work: impl AsyncFnOnce(&RedisServer)) {
+    server.command(&["SAVE"]).unwrap();
+    let rdb = server.dir().join("dump.rdb");
+    let saved = std::fs::read(&rdb).unwrap();
+    work(server).await;
+    server.kill().unwrap();
+    std::fs::write(&rdb, saved).unwrap();
+    server.start_again().unwrap();
+}
+
+/// Sets until Redis answers again after a restart.
+async fn set_when_back(store: &Store, index: u32) -> SetOutcome {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.set(index, true).await {
+            Ok(out) => return out,
+            Err(e) => assert!(Instant::now() < deadline, "Redis not back: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Redis restored from older files keeps the epoch in its data; two readers
+/// that applied changes it lost both reset to ONE new epoch (the first to
+/// notice moves the board, the other finds it moved) holding what Redis has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rollback_moves_the_board_to_a_new_epoch_once() {
+    let (a, guard) = redis(SMALL).await;
+    let Guard::Redis(mut server) = guard else { unreachable!() };
+    let b = Store::Redis(
+        omcb_store::redis::RedisStore::connect(&server.url(), "main", SMALL).await.unwrap(),
+    );
+    for i in 0..10 {
+        set(&a, i, true).await;
+    }
+    let epoch = a.snapshot().await.unwrap().epoch;
+    let (mut fa, mut fb) = (a.feed(epoch, 0), b.feed(epoch, 0));
+    drain(&mut fa, 10).await;
+    drain(&mut fb, 10).await;
+    roll_back(&mut server, async |_| {
+        for i in 10..15 {
+            set(&a, i, true).await;
+        }
+        drain(&mut fa, 15).await;
+        drain(&mut fb, 15).await;
+    })
+    .await;
+    // The restored board keeps the epoch and reuses seqs 11.. for other boxes.
+    for i in 500..503 {
+        assert!(matches!(set_when_back(&b, i).await, SetOutcome::Changed { .. }));
+    }
+    let ra = next_reset(&mut fa).await;
+    let rb = next_reset(&mut fb).await;
+    assert_ne!(ra.epoch, epoch, "a board that lost changes keeps its epoch");
+    assert_eq!(rb.epoch, ra.epoch, "the board moved to a new epoch once");
+    let now = a.snapshot().await.unwrap();
+    assert_eq!(now.epoch, ra.epoch);
+    assert!((0..10).chain(500..503).all(|i| now.checked[i]) && !now.checked[10]);
+    assert_eq!((now.seq, now.checked_count), (13, 13), "the seq continues from Redis' seq");
+    // The new epoch's log is read on from there.
+    set(&a, 900, true).await;
+    assert_eq!(drain(&mut fa, 14).await.last().unwrap().index, 900);
+}
+
+/// A change this worker acknowledged and Redis lost is noticed even when the
+/// worker's feed never read it, and even after Redis reused its seq for
+/// another change: the entry at the acknowledged seq is not that change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_losing_an_acknowledged_change_moves_the_board_to_a_new_epoch() {
+    let (a, guard) = redis(SMALL).await;
+    let Guard::Redis(mut server) = guard else { unreachable!() };
+    let b = Store::Redis(
+        omcb_store::redis::RedisStore::connect(&server.url(), "main", SMALL).await.unwrap(),
+    );
+    for i in 0..10 {
+        set(&a, i, true).await;
+    }
+    let epoch = a.snapshot().await.unwrap().epoch;
+    let mut fa = a.feed(epoch, 0);
+    drain(&mut fa, 10).await;
+    roll_back(&mut server, async |_| {
+        // Acknowledged (seqs 11..15), never read by `fa`.
+        for i in 10..15 {
+            set(&a, i, true).await;
+        }
+    })
+    .await;
+    // Another worker takes Redis past seq 15 with other boxes.
+    for i in 500..510 {
+        assert!(matches!(set_when_back(&b, i).await, SetOutcome::Changed { .. }));
+    }
+    let reset = next_reset(&mut fa).await;
+    assert_ne!(reset.epoch, epoch, "acknowledged changes were lost under the same epoch");
+    assert_eq!(reset, a.snapshot().await.unwrap());
+}
+
+/// A backup from before the board's last epoch change, restored: the old
+/// epoch shows up again, and its clients may hold seqs the backup lacks. A
+/// reader that left that epoch moves the board to a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_an_epoch_that_comes_back_from_a_backup_is_moved_on() {
+    let (store, guard) = redis(SMALL).await;
+    let Guard::Redis(mut server) = guard else { unreachable!() };
+    for i in 0..5 {
+        set(&store, i, true).await;
+    }
+    let old = store.snapshot().await.unwrap();
+    let mut feed = store.feed(old.epoch, 0);
+    drain(&mut feed, 5).await;
+    roll_back(&mut server, async |server| {
+        set(&store, 5, true).await;
+        drain(&mut feed, 6).await;
+        server.command(&["FLUSHALL"]).unwrap();
+        set(&store, 700, true).await;
+        assert_ne!(next_reset(&mut feed).await.epoch, old.epoch);
+    })
+    .await;
+    set_when_back(&store, 600).await;
+    let reset = next_reset(&mut feed).await;
+    assert_ne!(reset.epoch, old.epoch, "the restored epoch is moved on");
+    assert!(reset.checked[4] && !reset.checked[5] && reset.checked[600]);
+    assert_eq!(reset, store.snapshot().await.unwrap());
 }

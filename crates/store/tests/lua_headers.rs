@@ -90,6 +90,8 @@ fn headers_name_exactly_the_keys_and_arguments_used() {
         ("snapshot", lua::SNAPSHOT),
         ("sweep", lua::SWEEP),
         ("lease", lua::LEASE),
+        ("position", lua::POSITION),
+        ("rebirth", lua::REBIRTH),
     ] {
         let h = header(src);
         assert_eq!(used(src, "KEYS"), h.keys, "{name}.lua: KEYS documented vs used");
@@ -164,6 +166,34 @@ fn scripts_called_as_documented_answer_as_documented() {
     ];
     let reply = eval(&redis, lua::SWEEP, &keys[..h.keys], &["10", "1000"][..h.args]);
     check_shape("sweep", &h, &reply);
+
+    // position: epoch, seq and the entries asked for, each tagged with its epoch.
+    let h = header(lua::POSITION);
+    let keys = ["{t}:config", "{t}:seq", "{t}:log"];
+    let reply = eval(&redis, lua::POSITION, &keys[..h.keys], &["1", "0"][..h.args]);
+    check_shape("position", &h, &reply);
+    let Resp::Array(Some(items)) = &reply else { unreachable!() };
+    assert_eq!(items[0].as_str(), Some("12345678901234567890"));
+    let Resp::Array(Some(entries)) = &items[2] else { panic!("entries at seq 1: {reply:?}") };
+    let Resp::Array(Some(entry)) = &entries[0] else { panic!("an entry: {reply:?}") };
+    let Resp::Array(Some(fields)) = &entry[1] else { panic!("entry fields: {reply:?}") };
+    let epoch = fields.chunks(2).find(|kv| kv[0].as_str() == Some("e")).map(|kv| kv[1].as_str());
+    assert_eq!(epoch, Some(Some("12345678901234567890")), "the entry carries its epoch");
+    assert_eq!(items[3], Resp::Array(Some(vec![])), "seq 0 asks for nothing");
+
+    // rebirth: a compare-and-set on the epoch; only the first caller moves it.
+    let h = header(lua::REBIRTH);
+    let reply =
+        eval(&redis, lua::REBIRTH, &["{t}:config"][..h.keys], &["12345678901234567890", "7"]);
+    check_shape("rebirth", &h, &reply);
+    let Resp::Array(Some(items)) = &reply else { unreachable!() };
+    assert_eq!((&items[0], items[1].as_str()), (&Resp::Int(1), Some("7")));
+    let Resp::Array(Some(items)) =
+        eval(&redis, lua::REBIRTH, &["{t}:config"], &["12345678901234567890", "8"])
+    else {
+        unreachable!()
+    };
+    assert_eq!((&items[0], items[1].as_str()), (&Resp::Int(0), Some("7")), "moved once");
 
     // lease: 1 for the holder, 0 for anyone else
     let h = header(lua::LEASE);

@@ -150,6 +150,11 @@ impl RedisServer {
         self.port
     }
 
+    /// Its `--dir` (RDB, AOF, log): a test copies it to play a backup restore.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// Its log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()

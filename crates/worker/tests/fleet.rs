@@ -286,3 +286,117 @@ async fn script_flush_under_traffic_keeps_toggles_succeeding() {
     clients.push(c1);
     assert_converged(&redis, &mut clients).await;
 }
+
+/// Reads until the client holds a board of an epoch other than `old` (only a
+/// Snapshot changes a client's epoch); returns that epoch.
+async fn until_new_epoch(c: &mut Client, old: u64) -> u64 {
+    loop {
+        match c.board.as_ref().map(|b| b.epoch) {
+            Some(e) if e != old => return e,
+            _ => c.recv().await,
+        };
+    }
+}
+
+/// The board's epoch in Redis.
+fn redis_epoch(redis: &RedisServer) -> u64 {
+    let epoch = redis.command(&["HGET", "{main}:config", "epoch"]).unwrap();
+    epoch.as_str().unwrap().parse().unwrap()
+}
+
+/// Toggles until Redis answers again (after a restart): UNAVAILABLE meanwhile.
+async fn set_when_back(c: &mut Client, index: u32) {
+    let deadline = Instant::now() + WAIT;
+    while !c.set(index, true).await.accepted {
+        assert!(Instant::now() < deadline, "toggles never accepted again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 8, finding 1: Redis restored from older files (a backup, an AOF that
+/// lost its last second, a lagging replica promoted) lost acknowledged
+/// changes but keeps the epoch in its data, and reuses their seqs for other
+/// changes. The board must come back under a new epoch: a client resuming with
+/// the old epoch and a seq the restore lost takes a Snapshot, never the
+/// batches that now carry those seqs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restored_from_older_files_means_a_new_epoch_and_no_resume_across_it() {
+    let mut redis = RedisServer::start().unwrap();
+    let f = fleet_flags(&redis);
+    let workers: Vec<Worker> = (0..2).map(|_| Worker::start(&flags(&f))).collect();
+    let mut clients = clients_on(&workers, 1).await;
+    let mut leaving = clients.pop().unwrap(); // on worker 1
+    let mut toggler = clients.pop().unwrap(); // on worker 0
+    let epoch = toggler.board.as_ref().unwrap().epoch;
+    for i in 0..20 {
+        assert!(toggler.set(i, true).await.accepted);
+    }
+    redis.command(&["SAVE"]).unwrap();
+    let rdb = redis.dir().join("dump.rdb");
+    let saved = std::fs::read(&rdb).unwrap();
+    for i in 20..40 {
+        assert!(toggler.set(i, true).await.accepted);
+    }
+    leaving.until_seq(40).await;
+    let since = leaving.seq();
+    let board = leaving.board.take();
+    drop(leaving);
+
+    redis.kill().unwrap();
+    std::fs::write(&rdb, saved).unwrap();
+    redis.start_again().unwrap();
+    // The restored board has seq 20; its next changes reuse seqs 21.. for other
+    // boxes, past the leaving client's seq.
+    for i in 500..530 {
+        set_when_back(&mut toggler, i).await;
+    }
+    let mut resumed = connect(&workers[1].ws_url(&format!("?since={since}&epoch={epoch}"))).await;
+    resumed.board = board;
+    let new_epoch = until_new_epoch(&mut resumed, epoch).await;
+    assert_eq!(until_new_epoch(&mut toggler, epoch).await, new_epoch, "one new epoch");
+    assert_eq!(redis_epoch(&redis), new_epoch);
+    assert!(resumed.set(700, true).await.accepted);
+    let mut clients = vec![toggler, resumed];
+    assert_converged(&redis, &mut clients).await;
+    assert!(!clients[1].board.as_ref().unwrap().checked[30], "a box the restore lost");
+}
+
+/// Issue 8, finding 11: after `FLUSHALL` under traffic the next board starts
+/// again at seq 1 and soon passes the workers' position on the old one, on
+/// connections that never dropped. No worker may take its changes for the old
+/// board's: every client ends on a Snapshot of the new board and holds exactly
+/// Redis' bits (boxes only the old board had must be gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_under_traffic_puts_every_client_on_the_new_board() {
+    let redis = RedisServer::start().unwrap();
+    let workers: Vec<Worker> =
+        (0..2).map(|_| Worker::start(&flags(&fleet_flags(&redis)))).collect();
+    let mut clients = clients_on(&workers, 2).await;
+    let epoch = clients[0].board.as_ref().unwrap().epoch;
+    // Boxes only the old board has, which the traffic never touches.
+    for i in 900..930 {
+        assert!(clients[0].set(i, true).await.accepted);
+    }
+    let watcher = clients.pop().unwrap();
+    let traffic: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| tokio::spawn(hammer(c, 31 + i as u64, 1500, 64)))
+        .collect();
+    poll("traffic under way", || async { (redis_board(&redis, 1000).1 >= 60).then_some(()) }).await;
+    assert_eq!(redis.command(&["FLUSHALL"]).unwrap().as_str(), Some("OK"));
+    let mut clients = vec![watcher];
+    let mut results = Vec::new();
+    for t in traffic {
+        let (c, r) = t.await.unwrap();
+        clients.push(c);
+        results.extend(r);
+    }
+    assert!(results.iter().all(|(_, r)| r.accepted), "toggles create the new board, never fail");
+    let new_epoch = redis_epoch(&redis);
+    assert_ne!(new_epoch, epoch);
+    assert_converged(&redis, &mut clients).await;
+    for (i, c) in clients.iter().enumerate() {
+        assert_eq!(c.board.as_ref().unwrap().epoch, new_epoch, "client {i} on the new board");
+    }
+}
