@@ -113,6 +113,69 @@ pub struct Config {
     /// How long shutdown waits for sockets to take their close frame.
     #[arg(long, env = "OMCB_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// IPv6 clients are counted per prefix of this many bits (one home or host
+    /// gets a /64); IPv4 clients per address.
+    #[arg(long, env = "OMCB_IPV6_PREFIX", default_value_t = 64,
+          value_parser = clap::value_parser!(u8).range(1..=128))]
+    pub ipv6_prefix: u8,
+
+    /// Sustained toggles per second one client address may send across all of
+    /// its sockets; 0 = no per-address budget. Default: 2 x `--toggle-rate`.
+    #[arg(long, env = "OMCB_IP_TOGGLE_RATE", value_parser = parse_rate)]
+    pub ip_toggle_rate: Option<f64>,
+
+    /// Toggles one client address may send at once across its sockets.
+    /// Default: 5 x `--toggle-burst`.
+    #[arg(long, env = "OMCB_IP_TOGGLE_BURST", value_parser = parse_rate)]
+    pub ip_toggle_burst: Option<f64>,
+
+    /// New WebSockets per second one client address may open (more get HTTP
+    /// 429 before the upgrade); 0 = no budget.
+    #[arg(long, env = "OMCB_IP_CONNECT_RATE", default_value_t = 10.0, value_parser = parse_rate)]
+    pub ip_connect_rate: f64,
+
+    /// New WebSockets one client address may open at once.
+    #[arg(long, env = "OMCB_IP_CONNECT_BURST", default_value_t = 64.0, value_parser = parse_rate)]
+    pub ip_connect_burst: f64,
+
+    /// Snapshot bytes per second one client address may pull (connect
+    /// snapshots and Resyncs); 0 = no budget. A million boxes is 250 KB a snapshot.
+    #[arg(long, env = "OMCB_IP_SNAPSHOT_RATE", default_value_t = 1_000_000.0, value_parser = parse_rate)]
+    pub ip_snapshot_rate: f64,
+
+    /// Snapshot bytes one client address may pull at once (the default is the
+    /// connect snapshots of 64 sockets on a million boxes).
+    #[arg(long, env = "OMCB_IP_SNAPSHOT_BURST", default_value_t = 16_000_000.0, value_parser = parse_rate)]
+    pub ip_snapshot_burst: f64,
+
+    /// Client addresses whose budgets are remembered at most (~250 bytes each).
+    #[arg(long, env = "OMCB_ADDRESS_TABLE_SIZE", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub address_table_size: u64,
+
+    /// Plain HTTP connections one client address may hold (more get 429); 0 =
+    /// no cap. Not applied to `--trusted-proxy` peers (nginx limits per client).
+    #[arg(long, env = "OMCB_MAX_HTTP_CONNECTIONS_PER_IP", default_value_t = 32)]
+    pub max_http_connections_per_ip: usize,
+
+    /// An HTTP response the client does not take for this long (the kernel
+    /// buffer stays full) closes the connection.
+    #[arg(long, env = "OMCB_HTTP_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_write_timeout: Duration,
+
+    /// More page origins allowed to open `/ws` (e.g. `https://board.example`),
+    /// besides the board's own host; `*` allows any. Repeat or separate with commas.
+    #[arg(long, env = "OMCB_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub allow_origin: Vec<String>,
+}
+
+/// Parses a non-negative, finite rate or amount.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("`{s}` is not a non-negative number")),
+    }
 }
 
 /// Parses `250ms`, `20s`, `10m`, `2h`, or bare seconds.
@@ -144,6 +207,16 @@ impl Config {
             max_checked: self.max_checked,
             freeze_after_ms: self.freeze_after.map_or(0, |d| d.as_millis() as u64),
         }
+    }
+
+    /// Per-address toggle rate (`--ip-toggle-rate`, or its default).
+    pub fn ip_toggle_rate(&self) -> f64 {
+        self.ip_toggle_rate.unwrap_or(2.0 * self.toggle_rate)
+    }
+
+    /// Per-address toggle burst (`--ip-toggle-burst`, or its default).
+    pub fn ip_toggle_burst(&self) -> f64 {
+        self.ip_toggle_burst.unwrap_or(5.0 * self.toggle_burst)
     }
 
     /// The fan-out tick.
