@@ -146,7 +146,7 @@ pub struct Config {
 
     /// Snapshot bytes one client address may pull at once (the default is the
     /// connect snapshots of 64 sockets on a million boxes).
-    #[arg(long, env = "OMCB_IP_SNAPSHOT_BURST", default_value_t = 16_000_000.0, value_parser = parse_rate)]
+    #[arg(long, env = "OMCB_IP_SNAPSHOT_BURST", default_value_t = 16_777_216.0, value_parser = parse_rate)]
     pub ip_snapshot_burst: f64,
 
     /// Client addresses whose budgets are remembered at most (~250 bytes each).

@@ -257,3 +257,55 @@ async fn only_the_board_s_own_origin_and_allowed_ones_may_open_the_socket() {
     assert_eq!(try_connect(&url, &[("Origin", "https://evil.example")]).await.err(), Some(403));
     assert_eq!(w.metric("omcb_connections_refused_total{reason=\"origin\"}").await, 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_flood_from_64_sockets_pulls_no_more_than_the_address_budget() {
+    // Defaults: a million boxes (250 KB snapshots), 1 MB/s per address after
+    // a 16 MiB burst, which the 64 connect snapshots use up.
+    let w = Worker::start(&[]);
+    let mut sockets = Vec::new();
+    for _ in 0..64 {
+        let mut c = connect(&w.ws_url("")).await;
+        assert!(matches!(c.recv().await, Msg::Snapshot(_)));
+        sockets.push(c);
+    }
+    let flood = std::time::Duration::from_secs(4);
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for mut c in sockets {
+        tasks.push(tokio::spawn(async move {
+            use futures_util::StreamExt;
+            let mut bytes = 0usize;
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+            while start.elapsed() < flood {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        use futures_util::SinkExt;
+                        let m = omcb_proto::v1::ClientMessage {
+                            msg: Some(client_message::Msg::Resync(Resync {})),
+                        };
+                        let b = prost::Message::encode_to_vec(&m);
+                        if c.ws.send(tungstenite::Message::Binary(b.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                    m = c.ws.next() => match m {
+                        Some(Ok(tungstenite::Message::Binary(b))) => bytes += b.len(),
+                        Some(Ok(_)) => {}
+                        _ => break,
+                    },
+                }
+            }
+            bytes
+        }));
+    }
+    let mut bytes = 0;
+    for t in tasks {
+        bytes += t.await.unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let rate = bytes as f64 / secs;
+    eprintln!("Resync flood, 64 sockets: {bytes} bytes in {secs:.1} s = {:.2} MB/s", rate / 1e6);
+    // 1 MB/s, plus the one snapshot a socket may be owed when it starts.
+    assert!(rate <= 1_000_000.0 + 260_000.0 / secs, "{rate:.0} B/s pulled");
+}
