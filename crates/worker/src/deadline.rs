@@ -45,7 +45,12 @@ impl<T> WriteDeadline<T> {
         Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "HTTP write timeout")))
     }
 
-    fn wrote(&mut self, cx: &mut Context<'_>, res: Poll<io::Result<usize>>, len: usize) -> Poll<io::Result<usize>> {
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        res: Poll<io::Result<usize>>,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
         match res {
             Poll::Ready(Ok(n)) if n >= len => {
                 self.stalled = None;

@@ -174,7 +174,10 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
     }
     if !origin_allowed(&app.config.allow_origin, req) {
         metrics::counter!("omcb_connections_refused_total", "reason" => "origin").increment(1);
-        return plain(StatusCode::FORBIDDEN, "this page's origin may not open the board's socket\n");
+        return plain(
+            StatusCode::FORBIDDEN,
+            "this page's origin may not open the board's socket\n",
+        );
     }
     let resume = conn::parse_resume(req.uri().query());
     let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut *req) {

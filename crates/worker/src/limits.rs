@@ -91,7 +91,8 @@ struct State {
 
 impl State {
     fn new(b: &Budgets, now: Instant) -> Self {
-        let bucket = |x: Option<(f64, f64)>| x.map(|(rate, burst)| TokenBucket::new(rate, burst, now));
+        let bucket =
+            |x: Option<(f64, f64)>| x.map(|(rate, burst)| TokenBucket::new(rate, burst, now));
         State {
             sockets: 0,
             http: 0,
@@ -380,7 +381,8 @@ mod tests {
     #[test]
     fn the_table_stays_bounded_and_keeps_connected_addresses() {
         let t = Addresses::new(&config("--address-table-size 100 --ip-connect-burst 1"));
-        let held: Vec<_> = (0..50u32).map(|i| t.http(IpAddr::from((i + 1).to_be_bytes())).unwrap()).collect();
+        let held: Vec<_> =
+            (0..50u32).map(|i| t.http(IpAddr::from((i + 1).to_be_bytes())).unwrap()).collect();
         for i in 0..10_000u32 {
             // Each used its one connect: not forgettable, yet evictable.
             let ip = IpAddr::from((1_000_000 + i).to_be_bytes());

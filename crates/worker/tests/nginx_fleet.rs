@@ -482,7 +482,10 @@ async fn one_address_is_held_to_its_toggle_budget_across_the_fleet_and_reconnect
     let between = std::time::Instant::now();
     let (sent, accepted, secs) = round(3.0).await;
     let since = between.elapsed().as_secs_f64();
-    eprintln!("after reconnecting: {sent} sent, {accepted} accepted in {secs:.1} s ({:.0}/s)", f64::from(accepted) / secs);
+    eprintln!(
+        "after reconnecting: {sent} sent, {accepted} accepted in {secs:.1} s ({:.0}/s)",
+        f64::from(accepted) / secs
+    );
     assert!(
         f64::from(accepted) <= RATE * since + RATE,
         "{accepted} accepted in {since:.1} s: reconnecting refilled the budget"
