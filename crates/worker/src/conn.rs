@@ -94,7 +94,8 @@ pub struct SocketSlot {
 impl SocketSlot {
     /// Takes a slot before the upgrade. Over the address's connect or snapshot
     /// budget it is refused outright (HTTP 429); over a connection cap it is
-    /// admitted as `over_limit`, to be closed with 1013.
+    /// admitted as `over_limit`, to be closed with 1013 (or refused with 429
+    /// when `--max-connections` sockets are already waiting for their 1013).
     pub fn take(app: Arc<App>, ip: IpAddr, resuming: bool) -> Result<Self, limits::Refused> {
         let (mut hold, within) = app.addresses.socket(ip, resuming)?;
         let max = app.config.max_connections;
@@ -107,7 +108,12 @@ impl SocketSlot {
             app.metrics.connections.increment(1.0);
         } else {
             hold.refuse();
-            app.refusing.fetch_add(1, Ordering::SeqCst);
+            // Refused sockets are bounded too (each waits up to a few seconds
+            // for its close): past as many as the worker admits, answer 429
+            // before the upgrade instead, which costs nothing to hold.
+            app.refusing
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+                .map_err(|_| limits::Refused::Busy)?;
         }
         Ok(Self { app, hold, over_limit: !admitted })
     }

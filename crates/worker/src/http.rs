@@ -194,6 +194,7 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
                 Refused::Connects => "connect_rate",
                 Refused::Snapshots => "snapshot_rate",
                 Refused::HttpConnections | Refused::TableFull => "address_table_full",
+                Refused::Busy => "refusals_full",
             };
             metrics::counter!("omcb_connections_refused_total", "reason" => reason).increment(1);
             let mut r = plain(StatusCode::TOO_MANY_REQUESTS, "too many connections; slow down\n");

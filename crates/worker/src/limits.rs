@@ -68,6 +68,9 @@ pub enum Refused {
     HttpConnections,
     /// The table is full of addresses that hold connections.
     TableFull,
+    /// Over a connection cap while `--max-connections` refused sockets are
+    /// already waiting for their close.
+    Busy,
 }
 
 /// The budgets of one address, from the configuration.

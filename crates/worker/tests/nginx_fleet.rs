@@ -152,18 +152,20 @@ async fn connect_fleet_from(fleet: &Fleet, src: [u8; 4]) -> Client<tokio::net::T
     c
 }
 
-/// Whether every worker holds at least one socket (its `omcb_connections`).
+/// The sockets a worker holds (its `omcb_connections`).
+async fn connections_of(metrics: u16) -> f64 {
+    let text =
+        String::from_utf8(http_get(([127, 0, 0, 1], metrics).into(), "/metrics", &[]).await.body)
+            .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("omcb_connections "))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// Whether every worker holds at least one socket.
 async fn every_worker_has_clients(fleet: &Fleet) -> bool {
     for (_, _, metrics) in fleet.workers() {
-        let text = String::from_utf8(
-            http_get(([127, 0, 0, 1], metrics).into(), "/metrics", &[]).await.body,
-        )
-        .unwrap();
-        let n: f64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("omcb_connections "))
-            .map_or(0.0, |v| v.parse().unwrap());
-        if n < 1.0 {
+        if connections_of(metrics).await < 1.0 {
             return false;
         }
     }
@@ -270,7 +272,14 @@ async fn a_killed_worker_s_clients_reconnect_through_nginx_and_nothing_accepted_
         tasks.push(tokio::spawn(traffic(fleet.ws(""), c, 11 + i, 400)));
     }
     tokio::time::sleep(Duration::from_millis(200)).await; // let traffic flow before the kill
-    let (_, victim, _) = fleet.workers()[1];
+    // nginx hashes the clients' one address to one worker: kill that one.
+    let mut victim = None;
+    for (_, pid, metrics) in fleet.workers() {
+        if connections_of(metrics).await >= 1.0 {
+            victim = Some(pid);
+        }
+    }
+    let victim = victim.expect("a worker holds the clients");
     std::process::Command::new("kill").args(["-KILL", &victim.to_string()]).status().unwrap();
     let mut clients = Vec::new();
     let mut results = Vec::new();
