@@ -319,3 +319,34 @@ async fn a_resync_flood_from_64_sockets_pulls_no_more_than_the_address_budget() 
     // 1 MB/s, plus the one snapshot a socket may be owed when it starts.
     assert!(rate <= 1_000_000.0 + 260_000.0 / secs, "{rate:.0} B/s pulled");
 }
+
+#[tokio::test]
+async fn a_connect_loop_from_one_address_gets_its_budget_and_no_more() {
+    // Defaults: 10 connects/s after 64, a million boxes (250 KB snapshots).
+    let w = Worker::start(&[]);
+    let url = w.ws_url("");
+    let start = std::time::Instant::now();
+    let (mut opened, mut refused, mut bytes) = (0u32, 0u32, 0usize);
+    while start.elapsed() < std::time::Duration::from_secs(3) {
+        match try_connect(&url, &[]).await {
+            Ok(mut c) => {
+                let Msg::Snapshot(s) = c.recv().await else { panic!("expected a Snapshot") };
+                bytes += s.checked.len() + s.frozen.len();
+                opened += 1;
+                let _ = c.ws.close(None).await;
+            }
+            Err(status) => {
+                assert_eq!(status, 429);
+                refused += 1;
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "connect loop: {opened} opened ({:.0}/s, {:.1} MB/s of snapshots), {refused} refused 429 in {secs:.1} s",
+        f64::from(opened) / secs,
+        bytes as f64 / secs / 1e6
+    );
+    assert!(f64::from(opened) <= 64.0 + 10.0 * secs + 1.0, "{opened} connects in {secs:.1} s");
+    assert!(refused > 0);
+}
