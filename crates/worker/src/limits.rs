@@ -12,19 +12,21 @@
 //! - a snapshot bucket in bytes (`--ip-snapshot-rate`/`-burst`): what connect
 //!   snapshots and Resyncs may pull.
 //!
-//! **Entries outlive connections.** An entry with no connections stays until
-//! all of its buckets are full again, so reconnecting refills nothing: by the
-//! time an entry is forgotten, a fresh one is worth exactly what it held.
+//! **Entries outlive connections.** An entry with no connections is kept at
+//! least until all of its buckets are full again (only a full table drops
+//! entries), so reconnecting refills nothing: an entry that may be forgotten
+//! is worth exactly what a fresh one holds.
 //!
-//! **Bounded.** The table holds at most `--address-table-size` entries (about
-//! 250 bytes each with the map's overhead: 65,536 entries are ~16 MB). When it
-//! is full, entries with full buckets and no connections are dropped first,
-//! then the least recently used half of those without connections (their
-//! clients lose whatever budget they had used up: an attacker needs more
-//! addresses than the table holds to get that). An address that finds the
-//! table full of connected addresses is refused (429): that takes
-//! `--address-table-size` connected addresses, and the table is sized above
-//! `--max-connections` by default.
+//! **Bounded.** The table holds at most `--address-table-size` entries of
+//! about 250 bytes each with the map's overhead (65,536 entries: ~16 MB;
+//! `tests::an_entry_is_about_250_bytes`). When it is full, entries with full
+//! buckets and no connections are dropped first, then the least recently used
+//! half of those without connections (their clients lose whatever budget they
+//! had used up: an attacker needs more addresses than the table holds to get
+//! that); `tests::the_table_stays_bounded_and_keeps_connected_addresses`. An
+//! address that finds the table full of connected addresses is refused (429):
+//! that takes `--address-table-size` connected addresses, and the table is
+//! sized above `--max-connections` by default.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -402,5 +404,14 @@ mod tests {
         let _a = t.http("192.0.2.1".parse().unwrap()).unwrap();
         let _b = t.http("192.0.2.2".parse().unwrap()).unwrap();
         assert_eq!(t.http("192.0.2.3".parse().unwrap()).unwrap_err(), Refused::TableFull);
+    }
+
+    #[test]
+    fn an_entry_is_about_250_bytes() {
+        // The entry, Arc's two counts, and the map's slot (key, pointer, control
+        // byte, 7/8 load): what the module docs and --address-table-size promise.
+        let slot = (size_of::<(IpAddr, Arc<Address>)>() + 1) * 8 / 7;
+        let entry = size_of::<Address>() + 2 * size_of::<usize>() + slot;
+        assert!(entry <= 256, "{entry} bytes per address");
     }
 }

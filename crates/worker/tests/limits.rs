@@ -241,6 +241,28 @@ async fn a_client_that_never_reads_its_response_is_cut_at_the_write_timeout() {
 }
 
 #[tokio::test]
+async fn a_client_that_drips_its_response_out_slowly_is_cut_too() {
+    let w = Worker::start(&flags("--http-write-timeout 1s --socket-send-buffer 4096"));
+    let mut s = tcp_from([127, 0, 0, 1], w.addr).await;
+    let req = format!("GET /api/state HTTP/1.1\r\nHost: {}\r\n\r\n", w.addr);
+    s.write_all(req.as_bytes()).await.unwrap();
+    // 256 bytes every 20 ms: ~13 KB/s, the 250 KB response would take 20 s.
+    let start = std::time::Instant::now();
+    let mut got = 0;
+    let mut buf = [0u8; 256];
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+        assert!(start.elapsed() < WAIT, "still connected after {got} bytes");
+    }
+    assert!(got < 250_000, "the whole response came ({got} bytes)");
+    assert!(w.metric("omcb_http_write_timeouts_total").await >= 1.0);
+}
+
+#[tokio::test]
 async fn plain_http_connections_are_capped_per_address() {
     let w = Worker::start(&flags("--max-http-connections-per-ip 2"));
     let held = [tcp_from([127, 0, 0, 1], w.addr).await, tcp_from([127, 0, 0, 1], w.addr).await];
