@@ -161,13 +161,43 @@ pub struct Config {
 
     /// An HTTP response the client does not take for this long (the kernel
     /// buffer stays full) closes the connection.
-    #[arg(long, env = "OMCB_HTTP_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "OMCB_HTTP_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_write_timeout)]
     pub http_write_timeout: Duration,
 
     /// More page origins allowed to open `/ws` (e.g. `https://board.example`),
     /// besides the board's own host; `*` allows any. Repeat or separate with commas.
-    #[arg(long, env = "OMCB_ALLOW_ORIGIN", value_delimiter = ',')]
+    #[arg(long, env = "OMCB_ALLOW_ORIGIN", value_delimiter = ',', value_parser = parse_origin)]
     pub allow_origin: Vec<String>,
+}
+
+/// Parses `--http-write-timeout`: a duration above zero (zero would cut every
+/// response the kernel cannot take at once).
+pub fn parse_write_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("the HTTP write timeout must be above zero".into());
+    }
+    Ok(d)
+}
+
+/// Parses an `--allow-origin` entry: `*`, or an origin as browsers send it
+/// (`scheme://host[:port]`, no path), compared case-insensitively.
+pub fn parse_origin(s: &str) -> Result<String, String> {
+    let s = s.trim().trim_end_matches('/');
+    if s == "*" {
+        return Ok(s.to_owned());
+    }
+    match s.split_once("://") {
+        Some((scheme, host))
+            if !scheme.is_empty()
+                && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                && !host.is_empty()
+                && !host.contains(['/', '?', '#', ' ', '@']) =>
+        {
+            Ok(s.to_ascii_lowercase())
+        }
+        _ => Err(format!("`{s}` is not an origin like https://board.example or http://host:8080")),
+    }
 }
 
 /// Parses a non-negative, finite rate or amount.
@@ -238,5 +268,17 @@ mod tests {
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn limits_flags() {
+        assert_eq!(parse_origin("https://Board.Example/").unwrap(), "https://board.example");
+        assert_eq!(parse_origin("*").unwrap(), "*");
+        assert!(parse_origin("board.example").is_err());
+        assert!(parse_origin("https://board.example/page").is_err());
+        assert!(parse_write_timeout("0s").is_err());
+        assert!(parse_rate("-1").is_err());
+        assert!(parse_rate("inf").is_err());
+        assert_eq!(parse_rate("2.5").unwrap(), 2.5);
     }
 }

@@ -230,7 +230,7 @@ fn origin_allowed_parts(allowed: &[String], headers: &hyper::HeaderMap) -> bool 
         return false;
     };
     let origin = origin.trim();
-    if allowed.iter().any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin)) {
+    if allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
         return true;
     }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
@@ -295,7 +295,7 @@ mod tests {
         assert!(!origin_ok(&[], "board.example", Some("https://board.example:8443")));
         assert!(!origin_ok(&[], "board.example", Some("null")));
         assert!(!origin_ok(&[], "board.example", Some("https://board.example.evil.example")));
-        let more = ["https://mirror.example", "http://localhost:5173/"];
+        let more = ["https://mirror.example", "http://localhost:5173"];
         assert!(origin_ok(&more, "board.example", Some("https://mirror.example")));
         assert!(origin_ok(&more, "board.example", Some("http://localhost:5173")));
         assert!(!origin_ok(&more, "board.example", Some("http://mirror.example")));

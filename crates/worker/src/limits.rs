@@ -278,10 +278,8 @@ impl Addresses {
             }
             let over_cap = max > 0 && s.sockets >= max;
             if !over_cap && !resuming {
-                // Charge the snapshot only to sockets that will get one; a
-                // snapshot bigger than the whole burst takes a full bucket.
-                let b = s.snapshots.as_mut();
-                if !b.is_none_or(|b| b.try_take_n(bytes.min(self.budgets.snapshot_burst()), now)) {
+                // Charge the snapshot only to sockets that will get one.
+                if !s.snapshots.as_mut().is_none_or(|b| b.try_take_n(bytes, now)) {
                     return Err(Refused::Snapshots);
                 }
             }
@@ -305,12 +303,6 @@ impl Addresses {
             s.http += 1;
             Ok(Hold { address: entry.clone(), kind: Kind::Http })
         })?
-    }
-}
-
-impl Budgets {
-    fn snapshot_burst(&self) -> f64 {
-        self.snapshot.map_or(f64::INFINITY, |(_, burst)| burst)
     }
 }
 

@@ -34,8 +34,10 @@ impl TokenBucket {
         }
     }
 
-    /// Takes `n` tokens if the bucket holds them.
+    /// Takes `n` tokens if the bucket holds them; more than the burst is
+    /// charged as the burst (a full bucket), or it could never be taken.
     pub fn try_take_n(&mut self, n: f64, now: Instant) -> bool {
+        let n = n.min(self.burst);
         self.refill(now);
         if self.tokens >= n {
             self.tokens -= n;
@@ -48,8 +50,10 @@ impl TokenBucket {
     /// Reserves `n` tokens, going into debt if need be, and says how long the
     /// caller must wait for them to be paid back; refuses (taking nothing) when
     /// that wait would exceed `max_wait`. Reservations queue up in arrival
-    /// order, so waiters are served at the rate however many there are.
+    /// order, so waiters are served at the rate however many there are. More
+    /// than the burst is charged as the burst.
     pub fn reserve(&mut self, n: f64, now: Instant, max_wait: Duration) -> Option<Duration> {
+        let n = n.min(self.burst);
         self.refill(now);
         let after = self.tokens - n;
         if after >= 0.0 {
@@ -109,5 +113,9 @@ mod tests {
         assert_eq!(b.reserve(100.0, t0, max), None);
         assert!(!b.is_full(t0 + Duration::from_secs(2)));
         assert!(b.is_full(t0 + Duration::from_secs(3)));
+        // More than the burst costs a full bucket, not a wait that never ends.
+        let t3 = t0 + Duration::from_secs(3);
+        assert_eq!(b.reserve(1e9, t3, max), Some(Duration::ZERO));
+        assert!(b.try_take_n(1e9, t3 + Duration::from_secs(1)));
     }
 }
