@@ -71,6 +71,14 @@ fn smoke_run_produces_every_figure_and_converges() {
         "100000",
         "--max-connections-per-ip",
         "0",
+        // 300 clients from one address: no per-address connect, snapshot or
+        // HTTP connection budget (every socket starts as an HTTP connection).
+        "--ip-connect-rate",
+        "0",
+        "--ip-snapshot-rate",
+        "0",
+        "--max-http-connections-per-ip",
+        "0",
         "--batch-ms",
         "20",
     ];

@@ -113,6 +113,99 @@ pub struct Config {
     /// How long shutdown waits for sockets to take their close frame.
     #[arg(long, env = "OMCB_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// IPv6 clients are counted per prefix of this many bits (one home or host
+    /// gets a /64); IPv4 clients per address.
+    #[arg(long, env = "OMCB_IPV6_PREFIX", default_value_t = 64,
+          value_parser = clap::value_parser!(u8).range(1..=128))]
+    pub ipv6_prefix: u8,
+
+    /// Sustained toggles per second one client address may send across all of
+    /// its sockets; 0 = no per-address budget. Default: 2 x `--toggle-rate`.
+    #[arg(long, env = "OMCB_IP_TOGGLE_RATE", value_parser = parse_rate)]
+    pub ip_toggle_rate: Option<f64>,
+
+    /// Toggles one client address may send at once across its sockets.
+    /// Default: 5 x `--toggle-burst`.
+    #[arg(long, env = "OMCB_IP_TOGGLE_BURST", value_parser = parse_rate)]
+    pub ip_toggle_burst: Option<f64>,
+
+    /// New WebSockets per second one client address may open (more get HTTP
+    /// 429 before the upgrade); 0 = no budget.
+    #[arg(long, env = "OMCB_IP_CONNECT_RATE", default_value_t = 10.0, value_parser = parse_rate)]
+    pub ip_connect_rate: f64,
+
+    /// New WebSockets one client address may open at once.
+    #[arg(long, env = "OMCB_IP_CONNECT_BURST", default_value_t = 64.0, value_parser = parse_rate)]
+    pub ip_connect_burst: f64,
+
+    /// Snapshot bytes per second one client address may pull (connect
+    /// snapshots and Resyncs); 0 = no budget. A million boxes is 250 KB a snapshot.
+    #[arg(long, env = "OMCB_IP_SNAPSHOT_RATE", default_value_t = 1_000_000.0, value_parser = parse_rate)]
+    pub ip_snapshot_rate: f64,
+
+    /// Snapshot bytes one client address may pull at once (the default is the
+    /// connect snapshots of 64 sockets on a million boxes).
+    #[arg(long, env = "OMCB_IP_SNAPSHOT_BURST", default_value_t = 16_777_216.0, value_parser = parse_rate)]
+    pub ip_snapshot_burst: f64,
+
+    /// Client addresses whose budgets are remembered at most (~250 bytes each).
+    #[arg(long, env = "OMCB_ADDRESS_TABLE_SIZE", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub address_table_size: u64,
+
+    /// Plain HTTP connections one client address may hold (more get 429); 0 =
+    /// no cap. Not applied to `--trusted-proxy` peers (nginx limits per client).
+    #[arg(long, env = "OMCB_MAX_HTTP_CONNECTIONS_PER_IP", default_value_t = 32)]
+    pub max_http_connections_per_ip: usize,
+
+    /// An HTTP response the client does not take for this long (the kernel
+    /// buffer stays full) closes the connection.
+    #[arg(long, env = "OMCB_HTTP_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_write_timeout)]
+    pub http_write_timeout: Duration,
+
+    /// More page origins allowed to open `/ws` (e.g. `https://board.example`),
+    /// besides the board's own host; `*` allows any. Repeat or separate with commas.
+    #[arg(long, env = "OMCB_ALLOW_ORIGIN", value_delimiter = ',', value_parser = parse_origin)]
+    pub allow_origin: Vec<String>,
+}
+
+/// Parses `--http-write-timeout`: a duration above zero (zero would cut every
+/// response the kernel cannot take at once).
+pub fn parse_write_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("the HTTP write timeout must be above zero".into());
+    }
+    Ok(d)
+}
+
+/// Parses an `--allow-origin` entry: `*`, or an origin as browsers send it
+/// (`scheme://host[:port]`, no path), compared case-insensitively.
+pub fn parse_origin(s: &str) -> Result<String, String> {
+    let s = s.trim().trim_end_matches('/');
+    if s == "*" {
+        return Ok(s.to_owned());
+    }
+    match s.split_once("://") {
+        Some((scheme, host))
+            if !scheme.is_empty()
+                && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                && !host.is_empty()
+                && !host.contains(['/', '?', '#', ' ', '@']) =>
+        {
+            Ok(s.to_ascii_lowercase())
+        }
+        _ => Err(format!("`{s}` is not an origin like https://board.example or http://host:8080")),
+    }
+}
+
+/// Parses a non-negative, finite rate or amount.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("`{s}` is not a non-negative number")),
+    }
 }
 
 /// Parses `250ms`, `20s`, `10m`, `2h`, or bare seconds.
@@ -146,6 +239,16 @@ impl Config {
         }
     }
 
+    /// Per-address toggle rate (`--ip-toggle-rate`, or its default).
+    pub fn ip_toggle_rate(&self) -> f64 {
+        self.ip_toggle_rate.unwrap_or(2.0 * self.toggle_rate)
+    }
+
+    /// Per-address toggle burst (`--ip-toggle-burst`, or its default).
+    pub fn ip_toggle_burst(&self) -> f64 {
+        self.ip_toggle_burst.unwrap_or(5.0 * self.toggle_burst)
+    }
+
     /// The fan-out tick.
     pub fn batch_interval(&self) -> Duration {
         Duration::from_millis(self.batch_ms)
@@ -165,5 +268,17 @@ mod tests {
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn limits_flags() {
+        assert_eq!(parse_origin("https://Board.Example/").unwrap(), "https://board.example");
+        assert_eq!(parse_origin("*").unwrap(), "*");
+        assert!(parse_origin("board.example").is_err());
+        assert!(parse_origin("https://board.example/page").is_err());
+        assert!(parse_write_timeout("0s").is_err());
+        assert!(parse_rate("-1").is_err());
+        assert!(parse_rate("inf").is_err());
+        assert_eq!(parse_rate("2.5").unwrap(), 2.5);
     }
 }

@@ -29,7 +29,9 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 
 use crate::App;
+use crate::deadline::WriteDeadline;
 use crate::hub::{SinkKey, Start};
+use crate::limits::{self, Address, Hold};
 use crate::ratelimit::TokenBucket;
 use crate::sink::{self, Drained, Sink};
 
@@ -77,50 +79,60 @@ pub fn parse_resume(query: Option<&str>) -> Option<(u64, u64)> {
 }
 
 /// Counts a socket for `--max-connections`, `--max-connections-per-ip` and
-/// the shutdown drain; uncounts on drop.
+/// the shutdown drain; uncounts on drop. A socket over a cap still gets its
+/// 1013, but holds no slot while it waits to close: an address hammering its
+/// own cap cannot lock others out.
 #[derive(Debug)]
 pub struct SocketSlot {
     app: Arc<App>,
-    /// The client's address (after trusted `X-Forwarded-For`).
-    ip: IpAddr,
+    /// The client's address entry (after trusted `X-Forwarded-For`).
+    hold: Hold,
     /// Whether this socket was over a limit when it arrived (it still needs its 1013).
     pub over_limit: bool,
 }
 
 impl SocketSlot {
-    /// Takes a slot, even over a limit: the socket still needs its 1013.
-    pub fn take(app: Arc<App>, ip: IpAddr) -> Self {
-        let before = app.sockets.fetch_add(1, Ordering::SeqCst);
-        let per_ip = {
-            let mut map = app.sockets_per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            let n = map.entry(ip).or_insert(0);
-            *n += 1;
-            *n
-        };
-        let cap = app.config.max_connections_per_ip;
-        let over_limit = before >= app.config.max_connections || (cap > 0 && per_ip > cap);
-        if !over_limit {
+    /// Takes a slot before the upgrade. Over the address's connect or snapshot
+    /// budget it is refused outright (HTTP 429); over a connection cap it is
+    /// admitted as `over_limit`, to be closed with 1013 (or refused with 429
+    /// when `--max-connections` sockets are already waiting for their 1013).
+    pub fn take(app: Arc<App>, ip: IpAddr, resuming: bool) -> Result<Self, limits::Refused> {
+        let (mut hold, within) = app.addresses.socket(ip, resuming)?;
+        let max = app.config.max_connections;
+        let admitted = within
+            && app
+                .sockets
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+                .is_ok();
+        if admitted {
             app.metrics.connections.increment(1.0);
+        } else {
+            hold.refuse();
+            // Refused sockets are bounded too (each waits up to a few seconds
+            // for its close): past as many as the worker admits, answer 429
+            // before the upgrade instead, which costs nothing to hold.
+            app.refusing
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+                .map_err(|_| limits::Refused::Busy)?;
         }
-        Self { app, ip, over_limit }
+        Ok(Self { app, hold, over_limit: !admitted })
+    }
+
+    /// The client's address entry (its shared budgets).
+    pub fn address(&self) -> &Arc<Address> {
+        self.hold.address()
     }
 }
 
 impl Drop for SocketSlot {
     fn drop(&mut self) {
-        if !self.over_limit {
+        let left = if self.over_limit {
+            self.app.refusing.fetch_sub(1, Ordering::SeqCst) - 1
+        } else {
             self.app.metrics.connections.decrement(1.0);
-        }
-        {
-            let mut map = self.app.sockets_per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = map.get_mut(&self.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    map.remove(&self.ip);
-                }
-            }
-        }
-        if self.app.sockets.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.app.sockets.fetch_sub(1, Ordering::SeqCst) - 1
+        };
+        if left == 0 {
             self.app.sockets_gone.notify_waiters();
         }
     }
@@ -135,14 +147,14 @@ pub async fn serve(
 ) {
     // Take the TCP stream back from hyper: writes go through the sink (shared
     // with the hub's fan-out), reads through fastwebsockets' frame parser.
-    let parts = match ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>() {
+    let parts = match ws.into_inner().into_inner().downcast::<TokioIo<WriteDeadline<TcpStream>>>() {
         Ok(parts) => parts,
         Err(_) => {
             tracing::error!("upgraded connection is not a TCP stream");
             return;
         }
     };
-    let (read, write) = parts.io.into_inner().into_split();
+    let (read, write) = parts.io.into_inner().into_inner().into_split();
     // Bytes the client sent right behind its upgrade request come first. The
     // buffer is a view into hyper's 8 KiB read buffer: copy what is in it
     // (usually nothing) so that buffer is freed, not kept for the socket's life.
@@ -165,7 +177,7 @@ pub async fn serve(
     app.metrics.connections_opened.increment(1);
     let mut writer = tokio::spawn(write_loop(app.clone(), sink.clone(), resume));
     tokio::select! {
-        () = read_loop(&app, &mut rd, &sink) => {
+        () = read_loop(&app, &mut rd, &sink, slot.address()) => {
             // The reader queued whatever must still go out (an Error, a
             // close); give the writer a moment to send it, then it stops.
             sink.finish();
@@ -317,13 +329,14 @@ fn error_frame(code: Code, message: &str) -> Bytes {
 
 /// Reads client frames until the client leaves or misbehaves; every answer goes
 /// through the sink, in order.
-async fn read_loop(app: &App, rd: &mut Reader, sink: &Sink) {
+async fn read_loop(app: &App, rd: &mut Reader, sink: &Sink, address: &Arc<Address>) {
     let idle = app.config.ping_interval * 3;
     let max = app.config.max_frame;
     let now = Instant::now();
     let mut limits = Limits {
         toggles: TokenBucket::new(app.config.toggle_rate, app.config.toggle_burst, now),
         abuse: TokenBucket::new(app.config.toggle_rate, app.config.abuse_burst, now),
+        address: address.clone(),
     };
     // A fragmented message being assembled (binary only; text is refused at its first frame).
     let mut partial: Option<Vec<u8>> = None;
@@ -413,7 +426,23 @@ async fn read_loop(app: &App, rd: &mut Reader, sink: &Sink) {
                 }
             }
             Ok(ClientMessage { msg: Some(client_message::Msg::Resync(_)) }) => {
-                sink.request_snapshot();
+                // The address's snapshot budget: wait for it (reading nothing
+                // more meanwhile), or close when the queue is too long.
+                let bytes = limits::snapshot_bytes(app.hub.size());
+                match limits.address.reserve_snapshot(bytes, Instant::now()) {
+                    Some(wait) => {
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
+                        sink.request_snapshot();
+                    }
+                    None => {
+                        bad(close::POLICY, "snapshot budget");
+                        sink.send(error_frame(Code::RateLimited, "too many snapshots; slow down"));
+                        sink.close(close::POLICY, "snapshot budget");
+                        return;
+                    }
+                }
             }
             Ok(ClientMessage { msg: None }) | Err(_) => {
                 bad(close::INVALID, "undecodable message");
@@ -425,13 +454,15 @@ async fn read_loop(app: &App, rd: &mut Reader, sink: &Sink) {
     }
 }
 
-/// The per-connection limits.
+/// The limits a socket's toggles pass: its own, then its address's.
 #[derive(Debug)]
 struct Limits {
     /// `--toggle-rate` / `--toggle-burst`.
     toggles: TokenBucket,
     /// Refused toggles allowed before the connection is closed as abusive.
     abuse: TokenBucket,
+    /// The client address's budgets, shared by all of its sockets.
+    address: Arc<Address>,
 }
 
 /// The client kept sending after being rate limited for too long.
@@ -448,7 +479,9 @@ async fn toggle(app: &App, limits: &mut Limits, t: v1::Toggle) -> Result<ToggleR
         seq: 0,
     };
     let now = Instant::now();
-    if !limits.toggles.try_take(now) {
+    // The socket's bucket first (fairness among an address's sockets), then
+    // the address's (`--ip-toggle-rate`): a refusal by either is a rate limit.
+    if !limits.toggles.try_take(now) || !limits.address.try_toggle(now) {
         m.toggles_rate_limited.increment(1);
         if !limits.abuse.try_take(now) {
             return Err(Abusive);

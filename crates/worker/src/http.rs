@@ -13,6 +13,7 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use crate::App;
 use crate::conn::{self, SocketSlot};
+use crate::limits::Refused;
 
 /// The body type of every response.
 pub type Body = Full<Bytes>;
@@ -164,10 +165,19 @@ async fn static_file(app: &App, req: &Request<Incoming>) -> Response<Body> {
     r
 }
 
-/// `GET /ws`: upgrades and hands the socket to [`conn::serve`].
+/// `GET /ws`: upgrades and hands the socket to [`conn::serve`]. Refused
+/// before the upgrade: a page of another origin (403), and an address over
+/// its connect or snapshot budget (429).
 fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(req) {
         return plain(StatusCode::UPGRADE_REQUIRED, "WebSocket upgrade required\n");
+    }
+    if !origin_allowed(&app.config.allow_origin, req) {
+        metrics::counter!("omcb_connections_refused_total", "reason" => "origin").increment(1);
+        return plain(
+            StatusCode::FORBIDDEN,
+            "this page's origin may not open the board's socket\n",
+        );
     }
     let resume = conn::parse_resume(req.uri().query());
     let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut *req) {
@@ -177,7 +187,21 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
             return plain(StatusCode::BAD_REQUEST, "bad WebSocket upgrade request\n");
         }
     };
-    let slot = SocketSlot::take(app.clone(), client);
+    let slot = match SocketSlot::take(app.clone(), client, resume.is_some()) {
+        Ok(slot) => slot,
+        Err(why) => {
+            let reason = match why {
+                Refused::Connects => "connect_rate",
+                Refused::Snapshots => "snapshot_rate",
+                Refused::HttpConnections | Refused::TableFull => "address_table_full",
+                Refused::Busy => "refusals_full",
+            };
+            metrics::counter!("omcb_connections_refused_total", "reason" => reason).increment(1);
+            let mut r = plain(StatusCode::TOO_MANY_REQUESTS, "too many connections; slow down\n");
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
+    };
     tokio::spawn(async move {
         match upgrade.await {
             Ok(ws) => conn::serve(app, slot, ws, resume).await,
@@ -186,6 +210,39 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
     });
     let (parts, _) = resp.into_parts();
     Response::from_parts(parts, Full::default())
+}
+
+/// Whether `/ws` may be opened by the page that asks. Browsers send `Origin`
+/// with every WebSocket; without this check any page on the internet could
+/// make its visitors toggle the board. Allowed: no `Origin` (not a browser:
+/// the load generator, scripts), an origin whose host and port are the
+/// request's `Host` (the board's own page, whatever the scheme a proxy
+/// terminated), and the `--allow-origin` list (`*` for any).
+fn origin_allowed(allowed: &[String], req: &Request<Incoming>) -> bool {
+    origin_allowed_parts(allowed, req.headers())
+}
+
+fn origin_allowed_parts(allowed: &[String], headers: &hyper::HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let origin = origin.trim();
+    if allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
+        return true;
+    }
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let authority = origin.split_once("://").map(|(_, rest)| rest);
+    match (host, authority) {
+        (Some(host), Some(authority)) => {
+            let scheme_port = if origin.starts_with("https://") { ":443" } else { ":80" };
+            let strip = |a: &str| a.strip_suffix(scheme_port).unwrap_or(a).to_ascii_lowercase();
+            strip(host.trim()) == strip(authority)
+        }
+        _ => false,
+    }
 }
 
 /// The client's address: the peer, or, when the peer is a trusted proxy, the
@@ -215,6 +272,35 @@ fn forwarded_client<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn origin_ok(allowed: &[&str], host: &str, origin: Option<&str>) -> bool {
+        let mut b = Request::builder().uri("/ws").header(header::HOST, host);
+        if let Some(o) = origin {
+            b = b.header(header::ORIGIN, o);
+        }
+        // The body type does not matter to the check; build one with no body.
+        let req = b.body(()).unwrap();
+        let (parts, ()) = req.into_parts();
+        let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
+        origin_allowed_parts(&allowed, &parts.headers)
+    }
+
+    #[test]
+    fn origins() {
+        assert!(origin_ok(&[], "board.example", None), "no Origin: not a browser");
+        assert!(origin_ok(&[], "board.example", Some("https://board.example")));
+        assert!(origin_ok(&[], "Board.Example:8080", Some("http://board.example:8080")));
+        assert!(origin_ok(&[], "board.example:443", Some("https://board.example")));
+        assert!(!origin_ok(&[], "board.example", Some("https://evil.example")));
+        assert!(!origin_ok(&[], "board.example", Some("https://board.example:8443")));
+        assert!(!origin_ok(&[], "board.example", Some("null")));
+        assert!(!origin_ok(&[], "board.example", Some("https://board.example.evil.example")));
+        let more = ["https://mirror.example", "http://localhost:5173"];
+        assert!(origin_ok(&more, "board.example", Some("https://mirror.example")));
+        assert!(origin_ok(&more, "board.example", Some("http://localhost:5173")));
+        assert!(!origin_ok(&more, "board.example", Some("http://mirror.example")));
+        assert!(origin_ok(&["*"], "board.example", Some("https://evil.example")));
+    }
 
     #[test]
     fn forwarded_for_is_believed_only_from_trusted_proxies() {

@@ -12,7 +12,9 @@
 //!   `/healthz`, `/readyz`).
 //! - [`assets`]: the web client, built into the binary or read from `--web-dir`.
 //! - [`metrics`]: metric handles and the Prometheus recorder.
-//! - [`ratelimit`]: the per-connection token bucket.
+//! - [`ratelimit`]: the token bucket.
+//! - [`limits`]: budgets and connection counts per client address.
+//! - [`deadline`]: the write deadline of HTTP connections.
 //!
 //! [`Server`] ties them together: bind, run until a shutdown signal, close
 //! every socket with 1012, persist, return.
@@ -24,8 +26,10 @@
 pub mod assets;
 pub mod config;
 pub mod conn;
+pub mod deadline;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod ratelimit;
 pub mod sink;
@@ -64,12 +68,15 @@ pub struct App {
     pub assets: assets::Assets,
     /// Turns true when the worker shuts down: sockets close with 1012.
     pub shutdown: watch::Receiver<bool>,
-    /// WebSocket connections open now (including ones being refused).
+    /// WebSocket connections admitted now (what `--max-connections` counts).
     pub sockets: AtomicUsize,
-    /// Notified when `sockets` drops to zero (shutdown waits on it).
+    /// WebSocket connections over a cap, waiting to close with 1013: they take
+    /// no slot, so that one address hammering its cap locks nobody else out.
+    pub refusing: AtomicUsize,
+    /// Notified when `sockets` or `refusing` drops to zero (shutdown waits on them).
     pub sockets_gone: Notify,
-    /// WebSockets per client address, for `--max-connections-per-ip`.
-    pub sockets_per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// Per client address: connection counts and shared budgets.
+    pub addresses: limits::Addresses,
 }
 
 /// Why the worker could not start or stop cleanly.
@@ -133,6 +140,7 @@ impl Server {
             None => None,
         };
         let (shutdown_tx, shutdown) = watch::channel(false);
+        let addresses = limits::Addresses::new(&config);
         let app = Arc::new(App {
             assets: assets::Assets::new(config.web_dir.clone()),
             config,
@@ -141,8 +149,9 @@ impl Server {
             metrics,
             shutdown,
             sockets: AtomicUsize::new(0),
+            refusing: AtomicUsize::new(0),
             sockets_gone: Notify::new(),
-            sockets_per_ip: Default::default(),
+            addresses,
         });
         Ok(Self { app, listener, metrics_listener, prometheus, shutdown_tx, feed })
     }
@@ -203,7 +212,8 @@ impl Server {
         let drained = async {
             loop {
                 let gone = app.sockets_gone.notified();
-                if app.sockets.load(Ordering::SeqCst) == 0 {
+                let open = app.sockets.load(Ordering::SeqCst) + app.refusing.load(Ordering::SeqCst);
+                if open == 0 {
                     break;
                 }
                 gone.await;
@@ -226,14 +236,31 @@ impl Server {
     }
 }
 
-/// One HTTP/1.1 connection (keep-alive, upgrades), closed gracefully on shutdown.
+/// One HTTP/1.1 connection (keep-alive, upgrades), closed gracefully on
+/// shutdown; its writes have `--http-write-timeout`, and a client address
+/// over `--max-http-connections-per-ip` gets a 429 and the door.
 async fn serve_http(app: Arc<App>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    // Behind a trusted proxy the peer is the proxy, which limits per client itself.
+    let _hold = if app.config.trusted_proxy.contains(&peer.ip()) {
+        None
+    } else {
+        match app.addresses.http(peer.ip()) {
+            Ok(hold) => Some(hold),
+            Err(why) => {
+                tracing::debug!(?why, %peer, "HTTP connection refused");
+                ::metrics::counter!("omcb_http_connections_refused_total").increment(1);
+                refuse_http(stream, app.config.http_write_timeout).await;
+                return;
+            }
+        }
+    };
     let mut shutdown = app.shutdown.clone();
+    let timeout = app.config.http_write_timeout;
     let svc = service_fn(move |req| http::handle(app.clone(), req, peer.ip()));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
-        .serve_connection(TokioIo::new(stream), svc)
+        .serve_connection(TokioIo::new(deadline::WriteDeadline::new(stream, timeout)), svc)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
@@ -247,6 +274,27 @@ async fn serve_http(app: Arc<App>, stream: tokio::net::TcpStream, peer: SocketAd
             let _ = conn.await;
         }
     }
+}
+
+/// Answers a connection over its address's cap with 429 and closes it,
+/// reading (and dropping) what the client sent meanwhile so the close is not
+/// a reset that could eat the answer.
+async fn refuse_http(mut stream: tokio::net::TcpStream, timeout: Duration) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const BODY: &str = "too many connections from your address\n";
+    let answer = format!(
+        "HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tokio::time::timeout(timeout, async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut buf = [0u8; 1024];
+        while stream.read(&mut buf).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
 }
 
 /// Freezes due boxes a few times per `freeze_after` (the seed's periodic job).

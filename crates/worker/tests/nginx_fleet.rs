@@ -141,6 +141,37 @@ async fn connect_fleet(fleet: &Fleet) -> Client {
     c
 }
 
+/// A client through nginx from the source address `src` (loopback is 127/8).
+async fn connect_fleet_from(fleet: &Fleet, src: [u8; 4]) -> Client<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((src, 0))).unwrap();
+    let stream = socket.connect(fleet.addr()).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(fleet.ws(""), stream).await.unwrap();
+    let mut c = Client::new(ws);
+    assert!(matches!(c.recv().await, Msg::Snapshot(_)));
+    c
+}
+
+/// The sockets a worker holds (its `omcb_connections`).
+async fn connections_of(metrics: u16) -> f64 {
+    let text =
+        String::from_utf8(http_get(([127, 0, 0, 1], metrics).into(), "/metrics", &[]).await.body)
+            .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("omcb_connections "))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// Whether every worker holds at least one socket.
+async fn every_worker_has_clients(fleet: &Fleet) -> bool {
+    for (_, _, metrics) in fleet.workers() {
+        if connections_of(metrics).await < 1.0 {
+            return false;
+        }
+    }
+    true
+}
+
 /// Toggles through a client, reconnecting whenever its worker goes away.
 async fn traffic(
     fleet_ws: String,
@@ -209,24 +240,16 @@ async fn assert_converged(fleet: &Fleet, clients: &mut [Client], results: &[(u32
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_spread_over_three_workers_and_a_toggle_reaches_all() {
     let fleet = Fleet::up(3, &[]);
+    // nginx hashes client addresses over the workers (an address's budgets
+    // hold fleet-wide): clients from enough addresses reach every worker.
     let mut clients = Vec::new();
-    for _ in 0..6 {
-        clients.push(connect_fleet(&fleet).await);
+    for host in 1..=64u8 {
+        clients.push(connect_fleet_from(&fleet, [127, 0, 0, host]).await);
+        if host >= 6 && every_worker_has_clients(&fleet).await {
+            break;
+        }
     }
-    // least_conn spreads them: every worker holds some.
-    for (port, _, metrics) in fleet.workers() {
-        let text = String::from_utf8(
-            http_get(([127, 0, 0, 1], metrics).into(), "/metrics", &[]).await.body,
-        )
-        .unwrap();
-        let n: f64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("omcb_connections "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(n >= 1.0, "worker {port} has no clients");
-    }
+    assert!(every_worker_has_clients(&fleet).await, "64 addresses never reached every worker");
     let r = clients[0].set(33, true).await;
     assert!(r.accepted);
     for c in clients.iter_mut() {
@@ -249,7 +272,14 @@ async fn a_killed_worker_s_clients_reconnect_through_nginx_and_nothing_accepted_
         tasks.push(tokio::spawn(traffic(fleet.ws(""), c, 11 + i, 400)));
     }
     tokio::time::sleep(Duration::from_millis(200)).await; // let traffic flow before the kill
-    let (_, victim, _) = fleet.workers()[1];
+    // nginx hashes the clients' one address to one worker: kill that one.
+    let mut victim = None;
+    for (_, pid, metrics) in fleet.workers() {
+        if connections_of(metrics).await >= 1.0 {
+            victim = Some(pid);
+        }
+    }
+    let victim = victim.expect("a worker holds the clients");
     std::process::Command::new("kill").args(["-KILL", &victim.to_string()]).status().unwrap();
     let mut clients = Vec::new();
     let mut results = Vec::new();
@@ -401,4 +431,72 @@ async fn fleet_down_leaves_nothing_running() {
     }
     assert!(fleet.script(&["status"]).lines().all(|l| l.ends_with("down")));
     fleet.script(&["down"]); // and again: nothing to do, no error
+}
+
+/// One address with 64 sockets toggling through nginx, each at its own
+/// socket's rate (20/s, 1,280/s in all): accepted toggles stay at the
+/// address's budget (`--ip-toggle-rate`, 40/s after a burst of 200), because
+/// nginx hashes the address to one worker; then all 64 reconnect and toggle
+/// again: a fresh socket brings no fresh budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_is_held_to_its_toggle_budget_across_the_fleet_and_reconnects() {
+    const RATE: f64 = 40.0;
+    const BURST: f64 = 200.0;
+    let fleet = Fleet::up(
+        3,
+        &[
+            (
+                "OMCB_WORKER_ARGS",
+                "--board-size 1000 --batch-ms 20 --ip-toggle-rate 40 --ip-toggle-burst 200 --ip-connect-burst 200",
+            ),
+            ("OMCB_NGINX_CONN_PER_IP", "200"),
+        ],
+    );
+    let round = |secs: f64| {
+        let url = fleet.ws("");
+        async move {
+            let mut tasks = Vec::new();
+            for s in 0..64u32 {
+                let url = url.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut c = connect(&url).await;
+                    c.recv().await;
+                    let start = std::time::Instant::now();
+                    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+                    let (mut sent, mut accepted) = (0u32, 0u32);
+                    while start.elapsed().as_secs_f64() < secs {
+                        tick.tick().await;
+                        let r = c.set((s * 15 + sent) % 1000, sent % 2 == 0).await;
+                        sent += 1;
+                        accepted += u32::from(r.accepted);
+                    }
+                    (sent, accepted)
+                }));
+            }
+            let start = std::time::Instant::now();
+            let mut total = (0u32, 0u32);
+            for t in tasks {
+                let (s, a) = t.await.unwrap();
+                total = (total.0 + s, total.1 + a);
+            }
+            (total.0, total.1, start.elapsed().as_secs_f64())
+        }
+    };
+    let (sent, accepted, secs) = round(4.0).await;
+    eprintln!("64 sockets, one address: {sent} sent, {accepted} accepted in {secs:.1} s");
+    assert!(
+        f64::from(accepted) <= BURST + RATE * secs + RATE,
+        "{accepted} accepted in {secs:.1} s: over the address's budget"
+    );
+    let between = std::time::Instant::now();
+    let (sent, accepted, secs) = round(3.0).await;
+    let since = between.elapsed().as_secs_f64();
+    eprintln!(
+        "after reconnecting: {sent} sent, {accepted} accepted in {secs:.1} s ({:.0}/s)",
+        f64::from(accepted) / secs
+    );
+    assert!(
+        f64::from(accepted) <= RATE * since + RATE,
+        "{accepted} accepted in {since:.1} s: reconnecting refilled the budget"
+    );
 }
