@@ -27,9 +27,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fastwebsockets::{
-    CloseCode, Frame, OpCode, Role, WebSocket, WebSocketError, WebSocketRead,
-};
+use fastwebsockets::{CloseCode, Frame, OpCode, Role, WebSocket, WebSocketError, WebSocketRead};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use omcb_proto::v1::{

@@ -303,8 +303,8 @@ impl Sink {
         let mut at = None;
         let mut i = 0;
         st.queue.retain(|(_, kind)| {
-            let covered = i >= first_unbegun
-                && matches!(kind, Kind::Batch | Kind::Start | Kind::Snapshot);
+            let covered =
+                i >= first_unbegun && matches!(kind, Kind::Batch | Kind::Start | Kind::Snapshot);
             if covered && at.is_none() && *kind != Kind::Batch {
                 at = Some(i);
             }
