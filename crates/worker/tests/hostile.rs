@@ -194,10 +194,10 @@ async fn bad_upgrades_get_no_101() {
     raw_socket(w.addr).await;
 }
 
-/// How long a flood lasts at most; `OMCB_FLOOD_SECS=30` for the measurement
-/// in the report.
+/// How long a flood lasts at most; `OMCB_FLOOD_SECS=30` for the 30 s
+/// measurement of issue 8.
 fn flood_secs() -> u64 {
-    std::env::var("OMCB_FLOOD_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5)
+    std::env::var("OMCB_FLOOD_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3)
 }
 
 /// Floods 125-byte pings at about 15,000/s, reading `read_per_tick` bytes
@@ -219,16 +219,19 @@ async fn ping_flood(
     let mut seen: Vec<u8> = Vec::new();
     let mut close_code = None;
     let mut n = 0u64;
+    let mut sent = 0u64;
     while start.elapsed() < Duration::from_secs(secs) {
         every.tick().await;
         n += 1;
-        if n % 10 == 0 {
+        if n.is_multiple_of(10) {
             peak = peak.max(w.rss_kib());
         }
         // Writing fails once the server has closed (reset) the connection.
         let write = tokio::time::timeout(Duration::from_millis(5), wr.write_all(&tick)).await;
-        if let Ok(Err(_)) = write {
-            return (Some(start.elapsed()), close_code, peak);
+        match write {
+            Ok(Err(_)) => return (Some(start.elapsed()), close_code, peak),
+            Ok(Ok(())) => sent += 150,
+            Err(_) => {}
         }
         if read_per_tick > 0 {
             let read = tokio::time::timeout(Duration::from_millis(1), rd.read(&mut buf)).await;
@@ -242,6 +245,7 @@ async fn ping_flood(
             }
         }
     }
+    eprintln!("flood: {sent} pings in {:?}", start.elapsed());
     (None, close_code, peak)
 }
 
@@ -296,18 +300,23 @@ async fn a_ping_flood_is_closed_and_memory_stays_flat() {
 }
 
 /// Finding 2, the other half: with the receive budget out of the way, pongs
-/// are coalesced, so a flood from a client that reads nothing queues nothing.
+/// are coalesced, so a flood from a client that reads slowly or not at all
+/// queues nothing (the one that reads nothing meets `--send-timeout` later).
 #[tokio::test]
 async fn pongs_are_coalesced_so_an_unread_flood_queues_nothing() {
     let w = Worker::start(&flags(
         "--board-size 1000 --recv-frame-rate 1000000000 --recv-byte-rate 1000000000000",
     ));
     drop(raw_socket(w.addr).await);
-    let before = w.rss_kib();
-    let secs = flood_secs().min(3).max(flood_secs() / 2);
-    let (ended, _, peak) = ping_flood(&w, 0, secs).await;
-    eprintln!("unbudgeted flood for {secs}s: ended {ended:?}, RSS {before} -> peak {peak} KiB");
-    assert!(peak < before + 2048, "RSS grew from {before} to {peak} KiB");
+    for read_per_tick in [30, 0] {
+        let before = w.rss_kib();
+        let secs = flood_secs();
+        let (ended, _, peak) = ping_flood(&w, read_per_tick, secs).await;
+        eprintln!(
+            "unbudgeted flood, read {read_per_tick} B/10ms for {secs}s: ended {ended:?}, RSS {before} -> peak {peak} KiB"
+        );
+        assert!(peak < before + 2048, "RSS grew from {before} to {peak} KiB");
+    }
 }
 
 /// Finding 12: a client that reads a couple of KB/s while the board changes
@@ -348,7 +357,9 @@ async fn a_trickling_reader_is_closed_by_the_send_timeout() {
         assert!(Instant::now() < deadline, "the trickling reader was never closed");
         let mut ids = Vec::new();
         for i in 0..100u32 {
-            ids.push(fast.toggle((round * 100 + i) * 7919 % 1_000_000, round % 2 == 0).await);
+            ids.push(
+                fast.toggle((round * 100 + i) * 7919 % 1_000_000, round.is_multiple_of(2)).await,
+            );
         }
         for id in ids {
             fast.result_for(id).await;
