@@ -333,11 +333,11 @@ async fn a_trickling_reader_is_closed_by_the_send_timeout() {
     let head = handshake(&mut slow, &upgrade_request("GET /ws HTTP/1.1", w.addr, "13")).await;
     assert!(head.starts_with("HTTP/1.1 101"));
     let connected = Instant::now();
-    // ~5 KB/s, in reads big enough for the worker's socket to turn writable
-    // again, so some bytes move every 3 s, inside the 4 s send timeout; a
-    // 125 KB snapshot would take 25 s.
+    // Every 3 s it reads all its buffer holds (some 10 KB/s): bytes move
+    // every 3 s, inside the 4 s send timeout, but the 125 KB start snapshot
+    // takes longer than that.
     let trickle = tokio::spawn(async move {
-        let mut buf = [0u8; 16 * 1024];
+        let mut buf = vec![0u8; 256 * 1024];
         loop {
             tokio::time::sleep(Duration::from_secs(3)).await;
             if let Ok(0) | Err(_) = slow.read(&mut buf).await {
@@ -357,9 +357,8 @@ async fn a_trickling_reader_is_closed_by_the_send_timeout() {
         assert!(Instant::now() < deadline, "the trickling reader was never closed");
         let mut ids = Vec::new();
         for i in 0..100u32 {
-            ids.push(
-                fast.toggle((round * 100 + i) * 7919 % 1_000_000, round.is_multiple_of(2)).await,
-            );
+            let index = (u64::from(round * 100 + i) * 7919 % 1_000_000) as u32;
+            ids.push(fast.toggle(index, round.is_multiple_of(2)).await);
         }
         for id in ids {
             fast.result_for(id).await;
