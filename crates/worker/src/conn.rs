@@ -13,9 +13,9 @@
 //! The reader holds clients to RFC 6455: fastwebsockets' parser refuses bad
 //! RSV bits, unknown opcodes, fragmented control frames, oversized pings and
 //! invalid close payloads, and each of its errors gets its close code
-//! ([`close_for`]); what it lets through is checked here (the MASK bit, by
-//! [`MaskCheck`]; pongs and closes over 125 bytes). Every frame a client sends
-//! is charged to a receive budget ([`RecvBudget`]); a client over it is closed
+//! (`close_for`); what it lets through is checked here (the MASK bit, by
+//! `MaskCheck`; pongs and closes over 125 bytes). Every frame a client sends
+//! is charged to a receive budget (`RecvBudget`); a client over it is closed
 //! with 1008, so no sender can make the worker do or queue unbounded work.
 
 use std::io;
@@ -682,6 +682,46 @@ async fn toggle(app: &App, limits: &mut Limits, t: v1::Toggle) -> Result<ToggleR
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A masked client frame header and payload of `len` bytes.
+    fn masked(len: usize) -> Vec<u8> {
+        let mut f = vec![0x82];
+        match len {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&[1, 2, 3, 4]);
+        f.resize(f.len() + len, 0x80);
+        f
+    }
+
+    #[test]
+    fn mask_check_follows_frames_of_every_length_class_in_any_chunking() {
+        let mut stream = Vec::new();
+        for len in [0, 1, 125, 126, 1000, 65_535, 65_536, 70_000] {
+            stream.extend(masked(len));
+        }
+        let bad_at = stream.len() + 1;
+        stream.extend_from_slice(&[0x89, 0x00]);
+        for chunk in [1, 2, 3, 7, 4096, stream.len()] {
+            let mut check = MaskCheck::new(());
+            let mut found = None;
+            for (i, piece) in stream.chunks(chunk).enumerate() {
+                if let Some(at) = check.scan(piece) {
+                    found = Some(i * chunk + at);
+                    break;
+                }
+            }
+            assert_eq!(found, Some(bad_at), "chunks of {chunk}");
+        }
+    }
 
     #[test]
     fn resume_query() {
