@@ -1,4 +1,9 @@
 //! The worker's configuration: one struct, built by clap from flags and `OMCB_*` variables.
+//!
+//! Every value is checked where clap parses it (its range, or a duration's
+//! bounds), so a value that would panic or misbehave later (a zero ping
+//! interval, a duration past what `Instant` arithmetic holds, a zero queue)
+//! is refused at start with clap's message and exit code 2.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,7 +42,7 @@ pub struct Config {
 
     /// A box checked for this long can no longer be unchecked and freezes
     /// (e.g. `90s`, `10m`, `1h`); off when not given.
-    #[arg(long, env = "OMCB_FREEZE_AFTER", value_parser = parse_duration)]
+    #[arg(long, env = "OMCB_FREEZE_AFTER", value_parser = duration(Duration::from_millis(1), YEARS_100))]
     pub freeze_after: Option<Duration>,
 
     /// Refuse checking when this many boxes are checked.
@@ -50,20 +55,32 @@ pub struct Config {
     pub batch_ms: u64,
 
     /// Sustained toggles per second allowed per connection.
-    #[arg(long, env = "OMCB_TOGGLE_RATE", default_value_t = 20.0)]
+    #[arg(long, env = "OMCB_TOGGLE_RATE", default_value_t = 20.0, value_parser = positive)]
     pub toggle_rate: f64,
 
     /// Toggles a connection may send at once before the rate applies.
-    #[arg(long, env = "OMCB_TOGGLE_BURST", default_value_t = 40.0)]
+    #[arg(long, env = "OMCB_TOGGLE_BURST", default_value_t = 40.0, value_parser = positive)]
     pub toggle_burst: f64,
 
     /// Rate-limited toggles a connection may send (beyond its burst) before it
     /// is closed with 1008 as abusive; refills at the toggle rate.
-    #[arg(long, env = "OMCB_ABUSE_BURST", default_value_t = 200.0)]
+    #[arg(long, env = "OMCB_ABUSE_BURST", default_value_t = 200.0, value_parser = positive)]
     pub abuse_burst: f64,
 
+    /// Frames per second a connection may send on top of what its toggle
+    /// allowance admits (pings, pongs, Resyncs); five seconds' worth may come
+    /// at once. A connection over its receive budget is closed with 1008.
+    #[arg(long, env = "OMCB_RECV_FRAME_RATE", default_value_t = 20.0, value_parser = positive)]
+    pub recv_frame_rate: f64,
+
+    /// Payload bytes per second a connection may send on top of what its
+    /// toggle allowance admits; five seconds' worth may come at once. Over it: 1008.
+    #[arg(long, env = "OMCB_RECV_BYTE_RATE", default_value_t = 16_384.0, value_parser = positive)]
+    pub recv_byte_rate: f64,
+
     /// WebSocket connections this worker holds at most; more get close 1013.
-    #[arg(long, env = "OMCB_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(long, env = "OMCB_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = sizes().range(1..=10_000_000))]
     pub max_connections: usize,
 
     /// WebSocket connections one client address may hold on this worker (a
@@ -78,7 +95,8 @@ pub struct Config {
     pub trusted_proxy: Vec<std::net::IpAddr>,
 
     /// Largest client frame (or fragmented message) accepted; larger closes with 1009.
-    #[arg(long, env = "OMCB_MAX_FRAME", default_value_t = 1024)]
+    #[arg(long, env = "OMCB_MAX_FRAME", default_value_t = 1024,
+          value_parser = sizes().range(16..=16 * 1024 * 1024))]
     pub max_frame: usize,
 
     /// Batches a socket may fall behind before it gets a Snapshot instead.
@@ -86,24 +104,30 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=65_536))]
     pub send_queue: u64,
 
-    /// A socket whose queued bytes make no progress for this long cannot keep up and is closed (1013).
-    #[arg(long, env = "OMCB_SEND_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    /// A socket that does not finish writing a frame (its oldest queued one)
+    /// within this long cannot keep up and is closed (1013). Bytes trickling
+    /// out do not count: a 250 KB snapshot needs 25 KB/s at the default.
+    #[arg(long, env = "OMCB_SEND_TIMEOUT", default_value = "10s",
+          value_parser = duration(Duration::from_millis(10), HOUR))]
     pub send_timeout: Duration,
 
     /// Server pings this often; a client silent for three intervals is closed.
     /// Well inside nginx's default 60 s proxy_read_timeout.
-    #[arg(long, env = "OMCB_PING_INTERVAL", default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, env = "OMCB_PING_INTERVAL", default_value = "20s",
+          value_parser = duration(Duration::from_millis(10), HOUR))]
     pub ping_interval: Duration,
 
     /// Kernel send buffer per client socket (SO_SNDBUF), bounding what a
     /// stalled client can pin in kernel memory; 0 leaves the kernel's autotuning
     /// (up to `net.ipv4.tcp_wmem`'s max, 4 MiB by default, per socket).
-    #[arg(long, env = "OMCB_SOCKET_SEND_BUFFER", default_value_t = 131_072)]
+    #[arg(long, env = "OMCB_SOCKET_SEND_BUFFER", default_value_t = 131_072,
+          value_parser = sizes().range(0..=1 << 30))]
     pub socket_send_buffer: usize,
 
     /// Recent batches kept so a reconnecting client resumes with `?since=`
     /// instead of a snapshot (1200 x 50 ms = one minute of changes).
-    #[arg(long, env = "OMCB_RESUME_BATCHES", default_value_t = 1200)]
+    #[arg(long, env = "OMCB_RESUME_BATCHES", default_value_t = 1200,
+          value_parser = sizes().range(0..=1_000_000))]
     pub resume_batches: usize,
 
     /// Serve the web client from this directory instead of the copy built into the binary.
@@ -111,7 +135,8 @@ pub struct Config {
     pub web_dir: Option<PathBuf>,
 
     /// How long shutdown waits for sockets to take their close frame.
-    #[arg(long, env = "OMCB_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "OMCB_SHUTDOWN_GRACE", default_value = "5s",
+          value_parser = duration(Duration::ZERO, HOUR))]
     pub shutdown_grace: Duration,
 
     /// IPv6 clients are counted per prefix of this many bits (one home or host
@@ -161,23 +186,14 @@ pub struct Config {
 
     /// An HTTP response the client does not take for this long (the kernel
     /// buffer stays full) closes the connection.
-    #[arg(long, env = "OMCB_HTTP_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_write_timeout)]
+    #[arg(long, env = "OMCB_HTTP_WRITE_TIMEOUT", default_value = "10s",
+          value_parser = duration(Duration::from_millis(10), HOUR))]
     pub http_write_timeout: Duration,
 
     /// More page origins allowed to open `/ws` (e.g. `https://board.example`),
     /// besides the board's own host; `*` allows any. Repeat or separate with commas.
     #[arg(long, env = "OMCB_ALLOW_ORIGIN", value_delimiter = ',', value_parser = parse_origin)]
     pub allow_origin: Vec<String>,
-}
-
-/// Parses `--http-write-timeout`: a duration above zero (zero would cut every
-/// response the kernel cannot take at once).
-pub fn parse_write_timeout(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d.is_zero() {
-        return Err("the HTTP write timeout must be above zero".into());
-    }
-    Ok(d)
 }
 
 /// Parses an `--allow-origin` entry: `*`, or an origin as browsers send it
@@ -208,25 +224,45 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Parses `250ms`, `20s`, `10m`, `2h`, or bare seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+const HOUR: Duration = Duration::from_secs(3600);
+const YEARS_100: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Parses a duration (`250ms`, `20s`, `10m`, `1h 30m`, humantime's syntax, or
+/// bare seconds) and refuses one outside `min..=max`. The bounds keep every
+/// `Instant + duration` (and `ping_interval * 3`) far from overflow.
+pub fn parse_duration(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 =
-        num.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 20s, 10m, 1h"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86_400.0,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m, h, d)")),
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s)
+            .map_err(|e| format!("`{s}` is not a duration like 500ms, 20s, 10m, 1h ({e})"))?,
     };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("`{s}` is not a valid duration"));
+    if d < min || d > max {
+        return Err(format!(
+            "`{s}` is out of range: between {} and {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
+}
+
+/// A clap value parser for durations in `min..=max`.
+fn duration(min: Duration, max: Duration) -> impl Fn(&str) -> Result<Duration, String> + Clone {
+    move |s| parse_duration(s, min, max)
+}
+
+/// A clap value parser for counts and sizes, given a range.
+fn sizes() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new()
+}
+
+/// A finite number above zero (a rate or a burst; 0 or NaN would refuse or admit everything).
+fn positive(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 1e12 => Ok(v),
+        _ => Err(format!("`{s}` is not a number above 0")),
+    }
 }
 
 impl Config {
@@ -258,16 +294,75 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser as _;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &str) -> Result<Config, clap::Error> {
+        let argv = std::iter::once("omcb").chain(args.split_whitespace());
+        Cli::try_parse_from(argv).map(|c| c.config)
+    }
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("20s").unwrap(), Duration::from_secs(20));
-        assert_eq!(parse_duration("20").unwrap(), Duration::from_secs(20));
-        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
-        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5y").is_err());
+        let any = |s| parse_duration(s, Duration::ZERO, YEARS_100);
+        assert_eq!(any("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(any("20s").unwrap(), Duration::from_secs(20));
+        assert_eq!(any("20").unwrap(), Duration::from_secs(20));
+        assert_eq!(any("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(any("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(any("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert!(any("ten").is_err());
+        assert!(any("5q").is_err());
+        assert!(any("-1s").is_err());
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let c = parse("").unwrap();
+        assert_eq!(c.ping_interval, Duration::from_secs(20));
+        assert_eq!(c.send_timeout, Duration::from_secs(10));
+    }
+
+    /// Values that used to panic a socket or the parser, or make the worker
+    /// refuse (or admit) everything, are refused with clap's error (exit 2).
+    #[test]
+    fn values_that_would_panic_or_misbehave_are_refused() {
+        for args in [
+            "--ping-interval 0",
+            "--ping-interval 0s",
+            "--ping-interval 1ms",
+            "--ping-interval 99999999999999999999",
+            "--ping-interval 18446744073709551615s",
+            "--ping-interval 500000000000000h",
+            "--send-timeout 0",
+            "--send-timeout 100000000000y",
+            "--shutdown-grace 9999999999999999999",
+            "--freeze-after 0",
+            "--freeze-after 584942417355y",
+            "--batch-ms 0",
+            "--send-queue 0",
+            "--max-frame 0",
+            "--max-frame 18446744073709551615",
+            "--max-connections 0",
+            "--toggle-rate 0",
+            "--toggle-rate NaN",
+            "--toggle-rate inf",
+            "--toggle-burst=-1",
+            "--abuse-burst 0",
+            "--recv-frame-rate 0",
+            "--recv-byte-rate=-5",
+            "--resume-batches 18446744073709551615",
+            "--socket-send-buffer 18446744073709551615",
+        ] {
+            let err = parse(args).expect_err(args);
+            assert_eq!(err.exit_code(), 2, "{args}: {err}");
+            assert!(err.to_string().contains("invalid value"), "{args}: {err}");
+        }
     }
 
     #[test]
@@ -276,7 +371,7 @@ mod tests {
         assert_eq!(parse_origin("*").unwrap(), "*");
         assert!(parse_origin("board.example").is_err());
         assert!(parse_origin("https://board.example/page").is_err());
-        assert!(parse_write_timeout("0s").is_err());
+        assert!(parse("--http-write-timeout 0s").is_err());
         assert!(parse_rate("-1").is_err());
         assert!(parse_rate("inf").is_err());
         assert_eq!(parse_rate("2.5").unwrap(), 2.5);

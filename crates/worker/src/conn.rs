@@ -9,14 +9,25 @@
 //! once, and closes a socket stuck for `--send-timeout`. Reading runs apart
 //! from all of it (a frame read is not cancel-safe), so a socket that stops
 //! reading never stalls anyone else.
+//!
+//! The reader holds clients to RFC 6455: fastwebsockets' parser refuses bad
+//! RSV bits, unknown opcodes, fragmented control frames, oversized pings and
+//! invalid close payloads, and each of its errors gets its close code
+//! (`close_for`); what it lets through is checked here (the MASK bit, by
+//! `MaskCheck`; pongs and closes over 125 bytes). Every frame a client sends
+//! is charged to a receive budget (`RecvBudget`); a client over it is closed
+//! with 1008, so no sender can make the worker do or queue unbounded work.
 
+use std::io;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Role, WebSocket, WebSocketError, WebSocketRead};
+use fastwebsockets::{CloseCode, Frame, OpCode, Role, WebSocket, WebSocketError, WebSocketRead};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use omcb_proto::v1::{
@@ -24,7 +35,7 @@ use omcb_proto::v1::{
 };
 use omcb_store::SetOutcome;
 use prost::Message;
-use tokio::io::{AsyncReadExt as _, Chain};
+use tokio::io::{AsyncRead, AsyncReadExt as _, Chain, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 
@@ -35,27 +46,32 @@ use crate::limits::{self, Address, Hold};
 use crate::ratelimit::TokenBucket;
 use crate::sink::{self, Drained, Sink};
 
-/// Close codes of PROTOCOL.md.
+/// Close codes of PROTOCOL.md, by what they mean here.
 pub mod close {
+    use fastwebsockets::CloseCode;
+
     /// The worker is going away (shutdown, restart).
-    pub const RESTART: u16 = 1012;
+    pub const RESTART: CloseCode = CloseCode::Restart;
     /// Over the connection limit: try again later.
-    pub const TRY_AGAIN: u16 = 1013;
+    pub const TRY_AGAIN: CloseCode = CloseCode::Again;
     /// A text frame.
-    pub const UNSUPPORTED: u16 = 1003;
-    /// An undecodable message.
-    pub const INVALID: u16 = 1007;
-    /// Persistent abuse (rate).
-    pub const POLICY: u16 = 1008;
+    pub const UNSUPPORTED: CloseCode = CloseCode::Unsupported;
+    /// An undecodable message, or a close reason that is not UTF-8.
+    pub const INVALID: CloseCode = CloseCode::Invalid;
+    /// Persistent abuse (toggle rate, receive budget).
+    pub const POLICY: CloseCode = CloseCode::Policy;
     /// Frame over the size limit.
-    pub const TOO_BIG: u16 = 1009;
-    /// Protocol violation (e.g. a stray continuation frame).
-    pub const PROTOCOL: u16 = 1002;
+    pub const TOO_BIG: CloseCode = CloseCode::Size;
+    /// Protocol violation (RFC 6455 framing: mask, RSV bits, opcodes, control frames).
+    pub const PROTOCOL: CloseCode = CloseCode::Protocol;
     /// The client went silent past the idle limit.
-    pub const GOING_AWAY: u16 = 1001;
+    pub const GOING_AWAY: CloseCode = CloseCode::Away;
     /// Could not keep up even with snapshots: reconnect later.
-    pub const TOO_SLOW: u16 = 1013;
+    pub const TOO_SLOW: CloseCode = CloseCode::Again;
 }
+
+/// The longest payload of a control frame (RFC 6455 5.5).
+const MAX_CONTROL_PAYLOAD: usize = 125;
 
 /// How long a resuming client that is ahead of this worker's replica (it came
 /// from another worker of the fleet) waits for the replica before it gets a
@@ -160,10 +176,13 @@ pub async fn serve(
     // (usually nothing) so that buffer is freed, not kept for the socket's life.
     let pre = Bytes::copy_from_slice(&parts.read_buf);
     drop(parts.read_buf);
-    let read = std::io::Cursor::new(pre).chain(read);
+    let read = MaskCheck::new(std::io::Cursor::new(pre).chain(read));
     let (mut rd, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
+    // fastwebsockets validates a client's close frame and hands us its echo.
     rd.set_auto_close(true);
-    rd.set_auto_pong(true);
+    // Pings come to the reader, which charges them to the receive budget and
+    // coalesces their pongs (`Sink::pong`).
+    rd.set_auto_pong(false);
     // fastwebsockets refuses frames of at least this many bytes.
     rd.set_max_message_size(app.config.max_frame + 1);
     let sink = Arc::new(Sink::new(write, app.config.send_queue as usize, app.metrics.sink()));
@@ -191,7 +210,161 @@ pub async fn serve(
 }
 
 /// The read side of a socket.
-type Reader = WebSocketRead<Chain<std::io::Cursor<Bytes>, OwnedReadHalf>>;
+type Reader = WebSocketRead<MaskCheck<Chain<std::io::Cursor<Bytes>, OwnedReadHalf>>>;
+
+/// A client frame without the MASK bit (RFC 6455 5.1: the server must close).
+#[derive(Debug, thiserror::Error)]
+#[error("unmasked client frame")]
+struct Unmasked;
+
+/// Follows the frame headers in the client's byte stream and fails the read
+/// at the first frame without the MASK bit. fastwebsockets' server role
+/// unmasks a masked frame but takes an unmasked one as it is, and its
+/// [`Frame`] does not say which it got, so the check sits under its parser.
+/// The bytes before the bad frame are passed on first, so every frame the
+/// client sent before it is still handled.
+#[derive(Debug)]
+struct MaskCheck<R> {
+    inner: R,
+    /// The header being read (2 to 14 bytes) and how much of it is in.
+    head: [u8; 14],
+    have: usize,
+    /// Payload bytes of the current frame still to pass.
+    skip: u64,
+    /// An unmasked frame was seen: every later read fails.
+    failed: bool,
+}
+
+impl<R> MaskCheck<R> {
+    fn new(inner: R) -> Self {
+        Self { inner, head: [0; 14], have: 0, skip: 0, failed: false }
+    }
+
+    /// Follows `bytes`; the offset of an unmasked frame's second header byte
+    /// (the one with the MASK bit), if one starts in them.
+    fn scan(&mut self, bytes: &[u8]) -> Option<usize> {
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.skip > 0 {
+                let n = self.skip.min((bytes.len() - i) as u64);
+                self.skip -= n;
+                i += n as usize;
+                continue;
+            }
+            self.head[self.have] = bytes[i];
+            self.have += 1;
+            if self.have == 2 && self.head[1] & 0x80 == 0 {
+                return Some(i);
+            }
+            i += 1;
+            if self.have >= 2 {
+                let (extra, _) = Self::length_field(self.head[1]);
+                if self.have == 2 + extra + 4 {
+                    self.skip = self.payload_len();
+                    self.have = 0;
+                }
+            }
+        }
+        None
+    }
+
+    /// The extended length's size for a header's second byte.
+    fn length_field(second: u8) -> (usize, u8) {
+        match second & 0x7f {
+            126 => (2, 126),
+            127 => (8, 127),
+            n => (0, n),
+        }
+    }
+
+    fn payload_len(&self) -> u64 {
+        match Self::length_field(self.head[1]) {
+            (0, n) => u64::from(n),
+            (extra, _) => self.head[2..2 + extra].iter().fold(0, |n, b| n << 8 | u64::from(*b)),
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for MaskCheck<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.failed {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, Unmasked)));
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if let Some(at) = this.scan(&buf.filled()[before..]) {
+            this.failed = true;
+            if at == 0 {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, Unmasked)));
+            }
+            buf.set_filled(before + at);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The close code (and reason) for an error of fastwebsockets' frame parser,
+/// or `None` when the client is simply gone (EOF, reset).
+fn close_for(e: &WebSocketError) -> Option<(CloseCode, &'static str)> {
+    Some(match e {
+        WebSocketError::FrameTooLarge => (close::TOO_BIG, "frame too large"),
+        WebSocketError::InvalidUTF8 => (close::INVALID, "invalid UTF-8"),
+        WebSocketError::ReservedBitsNotZero => (close::PROTOCOL, "reserved bits set"),
+        WebSocketError::InvalidValue => (close::PROTOCOL, "unknown opcode"),
+        WebSocketError::ControlFrameFragmented => (close::PROTOCOL, "fragmented control frame"),
+        WebSocketError::PingFrameTooLarge => (close::PROTOCOL, "control frame over 125 bytes"),
+        WebSocketError::InvalidCloseFrame => (close::PROTOCOL, "invalid close frame"),
+        WebSocketError::InvalidCloseCode => (close::PROTOCOL, "invalid close code"),
+        WebSocketError::IoError(io) if io.get_ref().is_some_and(|e| e.is::<Unmasked>()) => {
+            (close::PROTOCOL, "unmasked frame")
+        }
+        _ => return None,
+    })
+}
+
+/// What one socket may send per second: its toggle allowance plus
+/// `--recv-frame-rate` frames and `--recv-byte-rate` payload bytes for the
+/// rest (pings, Resyncs); each bucket holds five seconds of the rest on top of
+/// the toggle and abuse bursts. Far above what the page sends, far below a
+/// flood: a 15,000/s ping flood empties it in tens of milliseconds.
+#[derive(Debug)]
+struct RecvBudget {
+    frames: TokenBucket,
+    bytes: TokenBucket,
+}
+
+/// Bytes charged per toggle in the byte budget: a Toggle frame's payload is
+/// at most 18 bytes (three varint fields), so this leaves room.
+const TOGGLE_BYTES: f64 = 32.0;
+
+impl RecvBudget {
+    fn new(c: &crate::Config, now: Instant) -> Self {
+        let toggles = c.toggle_burst + c.abuse_burst;
+        let frames = TokenBucket::new(
+            c.toggle_rate + c.recv_frame_rate,
+            toggles + 5.0 * c.recv_frame_rate,
+            now,
+        );
+        let byte_burst =
+            (TOGGLE_BYTES * toggles + 5.0 * c.recv_byte_rate).max(2.0 * c.max_frame as f64);
+        let bytes =
+            TokenBucket::new(TOGGLE_BYTES * c.toggle_rate + c.recv_byte_rate, byte_burst, now);
+        Self { frames, bytes }
+    }
+
+    /// Charges one frame of `len` payload bytes; false when over the budget.
+    fn charge(&mut self, len: usize, now: Instant) -> bool {
+        // Both are charged, so neither can be spent while the other is short.
+        let frame = self.frames.try_take(now);
+        let bytes = self.bytes.try_take_n(len as f64, now);
+        frame && bytes
+    }
+}
 
 /// After our close frame the client answers with its own (RFC 6455 5.5.1).
 /// Closing the TCP connection before reading that answer makes the kernel
@@ -310,14 +483,14 @@ async fn write_loop_inner(app: &App, sink: &Sink) {
             }
             () = tokio::time::sleep_until(stuck_until.unwrap_or_else(tokio::time::Instant::now)), if stuck_until.is_some() => {}
             () = tokio::time::sleep_until(resync_at.unwrap_or_else(tokio::time::Instant::now)), if resync_at.is_some() => {}
-            _ = ping.tick() => sink.send(sink::frame(sink::opcode::PING, &[])),
+            _ = ping.tick() => sink.send(sink::frame(OpCode::Ping, &[])),
         }
     }
 }
 
 /// Encodes a server message for one socket (toggle results, errors).
 fn server_frame(msg: server_message::Msg) -> Bytes {
-    sink::frame(sink::opcode::BINARY, &omcb_proto::encode_server(msg))
+    sink::frame(OpCode::Binary, &omcb_proto::encode_server(msg))
 }
 
 fn error_frame(code: Code, message: &str) -> Bytes {
@@ -338,21 +511,24 @@ async fn read_loop(app: &App, rd: &mut Reader, sink: &Sink, address: &Arc<Addres
         abuse: TokenBucket::new(app.config.toggle_rate, app.config.abuse_burst, now),
         address: address.clone(),
     };
+    let mut budget = RecvBudget::new(&app.config, now);
     // A fragmented message being assembled (binary only; text is refused at its first frame).
     let mut partial: Option<Vec<u8>> = None;
-    // Frames fastwebsockets obliges us to send: a pong, or the echo of the
-    // client's close (after which nothing more is sent).
+    let bad = |code: CloseCode, why: &'static str| {
+        app.metrics.bad_input_closed.increment(1);
+        tracing::debug!(code = u16::from(code), why, "closing on bad input");
+    };
+    // The only frame fastwebsockets obliges us to send (auto-pong is off):
+    // the echo of the client's close, which it has checked (code, UTF-8
+    // reason) except for the length. Nothing is sent after it.
     let mut obligated = |frame: Frame<'_>| {
-        if frame.opcode == OpCode::Close {
-            sink.close_with(sink::frame(sink::opcode::CLOSE, &frame.payload));
+        if frame.payload.len() > MAX_CONTROL_PAYLOAD {
+            bad(close::PROTOCOL, "control frame over 125 bytes");
+            sink.close(close::PROTOCOL, "control frame over 125 bytes");
         } else {
-            sink.send(sink::frame(sink::opcode::PONG, &frame.payload));
+            sink.close_with(sink::encode(frame));
         }
         std::future::ready(Ok::<(), std::io::Error>(()))
-    };
-    let bad = |code: u16, why: &'static str| {
-        app.metrics.bad_input_closed.increment(1);
-        tracing::debug!(code, why, "closing on bad input");
     };
     loop {
         let frame = match tokio::time::timeout(idle, rd.read_frame(&mut obligated)).await {
@@ -360,20 +536,38 @@ async fn read_loop(app: &App, rd: &mut Reader, sink: &Sink, address: &Arc<Addres
                 sink.close(close::GOING_AWAY, "idle");
                 return;
             }
-            Ok(Err(WebSocketError::FrameTooLarge)) => {
-                bad(close::TOO_BIG, "frame too large");
-                sink.close(close::TOO_BIG, "frame too large");
-                return;
-            }
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, "socket read ended");
+                match close_for(&e) {
+                    Some((code, why)) => {
+                        bad(code, why);
+                        sink.close(code, why);
+                    }
+                    None => tracing::debug!(error = %e, "socket read ended"),
+                }
                 return;
             }
             Ok(Ok(frame)) => frame,
         };
+        if !budget.charge(frame.payload.len(), Instant::now()) {
+            bad(close::POLICY, "over the receive budget");
+            sink.close(close::POLICY, "too many frames");
+            return;
+        }
+        if matches!(frame.opcode, OpCode::Ping | OpCode::Pong)
+            && frame.payload.len() > MAX_CONTROL_PAYLOAD
+        {
+            // fastwebsockets checks only pings; keep one rule for both.
+            bad(close::PROTOCOL, "control frame over 125 bytes");
+            sink.close(close::PROTOCOL, "control frame over 125 bytes");
+            return;
+        }
         let message: Vec<u8> = match (frame.opcode, frame.fin) {
             (OpCode::Close, _) => return,
-            (OpCode::Ping | OpCode::Pong, _) => continue,
+            (OpCode::Ping, _) => {
+                sink.pong(&frame.payload);
+                continue;
+            }
+            (OpCode::Pong, _) => continue,
             (OpCode::Text, _) => {
                 bad(close::UNSUPPORTED, "text frame");
                 sink.send(error_frame(
@@ -521,6 +715,46 @@ async fn toggle(app: &App, limits: &mut Limits, t: v1::Toggle) -> Result<ToggleR
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A masked client frame header and payload of `len` bytes.
+    fn masked(len: usize) -> Vec<u8> {
+        let mut f = vec![0x82];
+        match len {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&[1, 2, 3, 4]);
+        f.resize(f.len() + len, 0x80);
+        f
+    }
+
+    #[test]
+    fn mask_check_follows_frames_of_every_length_class_in_any_chunking() {
+        let mut stream = Vec::new();
+        for len in [0, 1, 125, 126, 1000, 65_535, 65_536, 70_000] {
+            stream.extend(masked(len));
+        }
+        let bad_at = stream.len() + 1;
+        stream.extend_from_slice(&[0x89, 0x00]);
+        for chunk in [1, 2, 3, 7, 4096, stream.len()] {
+            let mut check = MaskCheck::new(());
+            let mut found = None;
+            for (i, piece) in stream.chunks(chunk).enumerate() {
+                if let Some(at) = check.scan(piece) {
+                    found = Some(i * chunk + at);
+                    break;
+                }
+            }
+            assert_eq!(found, Some(bad_at), "chunks of {chunk}");
+        }
+    }
 
     #[test]
     fn resume_query() {

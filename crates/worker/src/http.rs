@@ -165,10 +165,19 @@ async fn static_file(app: &App, req: &Request<Incoming>) -> Response<Body> {
     r
 }
 
-/// `GET /ws`: upgrades and hands the socket to [`conn::serve`]. Refused
-/// before the upgrade: a page of another origin (403), and an address over
-/// its connect or snapshot budget (429).
+/// `GET /ws`: upgrades and hands the socket to [`conn::serve`]. RFC 6455 4.1:
+/// the handshake is a GET of HTTP/1.1 or later, version 13. Refused before
+/// the upgrade: a page of another origin (403), and an address over its
+/// connect or snapshot budget (429).
 fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Response<Body> {
+    if req.method() != Method::GET {
+        let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "WebSocket upgrade is a GET\n");
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return r;
+    }
+    if req.version() < hyper::Version::HTTP_11 {
+        return plain(StatusCode::BAD_REQUEST, "WebSocket upgrade needs HTTP/1.1\n");
+    }
     if !fastwebsockets::upgrade::is_upgrade_request(req) {
         return plain(StatusCode::UPGRADE_REQUIRED, "WebSocket upgrade required\n");
     }
@@ -182,6 +191,12 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
     let resume = conn::parse_resume(req.uri().query());
     let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut *req) {
         Ok(x) => x,
+        Err(fastwebsockets::WebSocketError::InvalidSecWebsocketVersion) => {
+            // RFC 6455 4.4: say which version we speak.
+            let mut r = plain(StatusCode::UPGRADE_REQUIRED, "Sec-WebSocket-Version must be 13\n");
+            r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
+            return r;
+        }
         Err(e) => {
             tracing::debug!(error = %e, "bad upgrade request");
             return plain(StatusCode::BAD_REQUEST, "bad WebSocket upgrade request\n");

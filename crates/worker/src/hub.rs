@@ -224,8 +224,10 @@ impl Hub {
         }
         let snapshot = state.board.to_snapshot(omcb_store::now_ms());
         let bare = Bytes::from(snapshot.encode_to_vec());
-        let frame =
-            sink::frame(sink::opcode::BINARY, &omcb_proto::encode_server(Msg::Snapshot(snapshot)));
+        let frame = sink::frame(
+            fastwebsockets::OpCode::Binary,
+            &omcb_proto::encode_server(Msg::Snapshot(snapshot)),
+        );
         self.metrics.snapshot_encodes.increment(1);
         let encoded = Arc::new(EncodedSnapshot {
             epoch: state.board.epoch,
@@ -420,7 +422,10 @@ impl Hub {
             epoch: state.board.epoch,
             from_seq: batch.from_seq,
             to_seq: batch.to_seq,
-            frame: sink::frame(sink::opcode::BINARY, &omcb_proto::encode_server(Msg::Batch(batch))),
+            frame: sink::frame(
+                fastwebsockets::OpCode::Binary,
+                &omcb_proto::encode_server(Msg::Batch(batch)),
+            ),
         };
         for change in &changes {
             if let Err(e) = state.board.apply_change(change) {

@@ -25,13 +25,7 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub fn try_take(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.try_take_n(1.0, now)
     }
 
     /// Takes `n` tokens if the bucket holds them; more than the burst is
