@@ -424,8 +424,7 @@ async fn send_toggle(
     shared.sent.fetch_add(1, Ordering::Relaxed);
     // Sample by a hash of the count, not every Nth: a regular
     // stride aliases with the worker's tick and biases latency.
-    let sampled =
-        (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40).is_multiple_of(shared.sample_every);
+    let sampled = (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40).is_multiple_of(shared.sample_every);
     if let Some(p) = pending.get_mut(&request_id) {
         p.1 = sampled;
     }
@@ -777,7 +776,9 @@ impl Audit {
 
     /// Every client at the truth and every verifying client equal to it.
     pub fn converged(&self) -> bool {
-        self.clients > 0 && self.clients_at_truth == self.clients && self.verified_equal == self.verified
+        self.clients > 0
+            && self.clients_at_truth == self.clients
+            && self.verified_equal == self.verified
     }
 
     /// Checks one own box against its final value on the board.
@@ -893,4 +894,71 @@ pub async fn converge(truth: &Truth, clients: &[ClientHandle], timeout: f64) -> 
         _ => format!("{} clients equal the board at seq {}", audit.verified_equal, truth.seq),
     };
     audit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const E1: u64 = 11;
+    const E2: u64 = 22;
+
+    fn acked(value: bool, at: u64, epoch: u64) -> OwnBox {
+        OwnBox { base: false, base_epoch: E1, ack: Some((value, at, epoch)), ..OwnBox::default() }
+    }
+
+    #[test]
+    fn audit_tells_kept_silent_announced_and_unexplained_changes_apart() {
+        let mut a = Audit::default();
+        // Kept: the board holds the last ack.
+        a.own_box(&acked(true, 5, E1), true, E1);
+        // Lost with the epoch unchanged: silent.
+        a.own_box(&acked(true, 6, E1), false, E1);
+        // Lost, but the board moved to a new epoch since the ack: announced.
+        a.own_box(&acked(true, 7, E1), false, E2);
+        a.own_box(&acked(true, 3, E1), false, E2);
+        // Refused UNAVAILABLE and applied all the same.
+        a.own_box(&OwnBox { refused: Some(false), ..acked(true, 8, E1) }, false, E1);
+        // Never acknowledged, yet changed in the same epoch: a phantom.
+        a.own_box(&OwnBox { base_epoch: E1, ..OwnBox::default() }, true, E1);
+        // Unknown outcome: left out.
+        a.own_box(&OwnBox { tainted: true, ..acked(true, 9, E1) }, false, E1);
+        assert_eq!(a.own_boxes, 7);
+        assert_eq!(a.acked_boxes, 5);
+        assert_eq!(a.tainted_boxes, 1);
+        assert_eq!(a.acks_lost_silent, 1);
+        assert_eq!(a.acks_lost_new_epoch, 2);
+        assert_eq!((a.lost_ack_oldest_ms, a.lost_ack_newest_ms), (Some(3), Some(7)));
+        assert_eq!(a.refused_applied, 1);
+        assert_eq!(a.phantom_changes, 1);
+    }
+
+    #[test]
+    fn audits_merge_across_processes() {
+        let one = Audit {
+            verified: 2,
+            verified_equal: 2,
+            clients: 2,
+            clients_at_truth: 2,
+            converge_ms: Some(10),
+            lost_ack_oldest_ms: Some(5),
+            ..Audit::default()
+        };
+        let two = Audit {
+            verified: 1,
+            verified_equal: 0,
+            clients: 1,
+            clients_at_truth: 1,
+            converge_ms: None,
+            lost_ack_oldest_ms: Some(3),
+            detail: "a client differs".into(),
+            ..Audit::default()
+        };
+        let m = one.merge(two);
+        assert_eq!((m.verified, m.verified_equal, m.clients), (3, 2, 3));
+        assert!(!m.converged());
+        assert_eq!(m.converge_ms, None, "not every process converged in time");
+        assert_eq!(m.lost_ack_oldest_ms, Some(3));
+        assert_eq!(m.detail, "a client differs");
+    }
 }

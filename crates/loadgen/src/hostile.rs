@@ -10,6 +10,8 @@
 //!   what the server queues for a client that sends more than it reads.
 //! - `slow-read`: `--clients` sockets reading `--read-rate` bytes a second
 //!   and sending nothing: a client that cannot keep up with the board.
+//!   `--stagger-ms` spreads their connects, so they fall behind at different
+//!   seqs and the server cannot share one snapshot's bytes among them.
 //!
 //! Ping and slow sockets speak raw WebSocket over TCP with a small receive
 //! buffer, so nothing on this side reads ahead of the chosen rate.
@@ -64,11 +66,15 @@ async fn flood(url: &str, args: &Args, until: Instant) -> anyhow::Result<serde_j
     let started = Instant::now();
     let mut tasks = Vec::new();
     for k in 0..args.clients {
-        let (url, counts, source, region) = (url.to_string(), counts.clone(), args.source, args.region);
+        let (url, counts, source, region) =
+            (url.to_string(), counts.clone(), args.source, args.region);
         tasks.push(tokio::spawn(async move {
             let mut rng = omcb_proto::rng::XorShift64::new(0x5eed + k as u64);
             while Instant::now() < until {
-                let Ok(Ok(ws)) = tokio::time::timeout_at(until.into(), crate::client::connect(&url, source)).await else {
+                let Ok(Ok(ws)) =
+                    tokio::time::timeout_at(until.into(), crate::client::connect(&url, source))
+                        .await
+                else {
                     counts.connect_failures.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
@@ -85,7 +91,13 @@ async fn flood(url: &str, args: &Args, until: Instant) -> anyhow::Result<serde_j
                         let r = rng.next_u64();
                         // The top `--region` boxes: far from the clients' own boxes.
                         let index = size - 1 - (r % u64::from(region.clamp(1, size))) as u32;
-                        let msg = ClientMessage { msg: Some(client_message::Msg::Toggle(Toggle { index, checked: r >> 63 == 1, request_id: id })) };
+                        let msg = ClientMessage {
+                            msg: Some(client_message::Msg::Toggle(Toggle {
+                                index,
+                                checked: r >> 63 == 1,
+                                request_id: id,
+                            })),
+                        };
                         if tx.send(Message::Binary(msg.encode_to_vec().into())).await.is_err() {
                             break;
                         }
@@ -95,7 +107,8 @@ async fn flood(url: &str, args: &Args, until: Instant) -> anyhow::Result<serde_j
                     let next = tokio::time::timeout_at(until.into(), rx.next()).await;
                     match next {
                         Err(_) => return,
-                        Ok(Some(Ok(Message::Binary(b)))) => match ServerMessage::decode(b.as_ref()) {
+                        Ok(Some(Ok(Message::Binary(b)))) => match ServerMessage::decode(b.as_ref())
+                        {
                             Ok(ServerMessage { msg: Some(Msg::Snapshot(s)) }) => size = s.size,
                             Ok(ServerMessage { msg: Some(Msg::ToggleResult(r)) }) => {
                                 in_flight = in_flight.saturating_sub(1);
@@ -142,15 +155,29 @@ struct RawOutcome {
     error: Option<String>,
 }
 
-async fn raw(mode: Mode, url: &str, args: &Args, until: Instant) -> anyhow::Result<serde_json::Value> {
+async fn raw(
+    mode: Mode,
+    url: &str,
+    args: &Args,
+    until: Instant,
+) -> anyhow::Result<serde_json::Value> {
     let mut tasks = Vec::new();
-    for _ in 0..args.clients {
-        let (url, source, read_rate, ping_rate) = (url.to_string(), args.source, args.read_rate, args.ping_rate);
+    let stagger = Duration::from_millis(args.stagger_ms);
+    for k in 0..args.clients {
+        let (url, source, read_rate, ping_rate) =
+            (url.to_string(), args.source, args.read_rate, args.ping_rate);
         let pings = if mode == Mode::PingFlood { ping_rate } else { 0 };
+        let start = Instant::now() + stagger * k as u32;
         tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(start.into()).await;
             match raw_socket(&url, source, read_rate, pings, until).await {
                 Ok(o) => o,
-                Err(e) => RawOutcome { closed_after_s: None, bytes_sent: 0, bytes_read: 0, error: Some(format!("{e:#}")) },
+                Err(e) => RawOutcome {
+                    closed_after_s: None,
+                    bytes_sent: 0,
+                    bytes_read: 0,
+                    error: Some(format!("{e:#}")),
+                },
             }
         }));
     }
@@ -172,10 +199,19 @@ async fn raw(mode: Mode, url: &str, args: &Args, until: Instant) -> anyhow::Resu
 
 /// Upgrades by hand, then sends pings at `pings`/s (0 = none) and reads at
 /// `read_rate` B/s until `until` or until the server closes.
-async fn raw_socket(url: &str, source: Ipv4Addr, read_rate: u64, pings: u64, until: Instant) -> anyhow::Result<RawOutcome> {
+async fn raw_socket(
+    url: &str,
+    source: Ipv4Addr,
+    read_rate: u64,
+    pings: u64,
+    until: Instant,
+) -> anyhow::Result<RawOutcome> {
     let rest = url.strip_prefix("ws://").ok_or_else(|| anyhow::anyhow!("only ws:// URLs"))?;
     let (hostport, path) = rest.split_once('/').map_or((rest, "/"), |(h, p)| (h, p));
-    let addr: SocketAddr = tokio::net::lookup_host(hostport).await?.next().ok_or_else(|| anyhow::anyhow!("cannot resolve {hostport}"))?;
+    let addr: SocketAddr = tokio::net::lookup_host(hostport)
+        .await?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("cannot resolve {hostport}"))?;
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind((source, 0).into())?;
     // A small window: the server's bytes wait on its side, not in our kernel.
@@ -192,7 +228,11 @@ async fn raw_socket(url: &str, source: Ipv4Addr, read_rate: u64, pings: u64, unt
         head.push(byte[0]);
     }
     let status = String::from_utf8_lossy(&head);
-    anyhow::ensure!(status.starts_with("HTTP/1.1 101"), "no upgrade: {}", status.lines().next().unwrap_or(""));
+    anyhow::ensure!(
+        status.starts_with("HTTP/1.1 101"),
+        "no upgrade: {}",
+        status.lines().next().unwrap_or("")
+    );
     let upgraded = Instant::now();
     // 64 masked pings with 125-byte payloads, written in one go.
     let mut frames = Vec::new();
@@ -254,5 +294,10 @@ async fn raw_socket(url: &str, source: Ipv4Addr, read_rate: u64, pings: u64, unt
         closed = Some(upgraded.elapsed().as_secs_f64());
     }
     writer.abort();
-    Ok(RawOutcome { closed_after_s: closed, bytes_sent: sent.load(Ordering::Relaxed), bytes_read: read, error: None })
+    Ok(RawOutcome {
+        closed_after_s: closed,
+        bytes_sent: sent.load(Ordering::Relaxed),
+        bytes_read: read,
+        error: None,
+    })
 }

@@ -109,6 +109,9 @@ pub struct Args {
     /// `ping-flood`; 0 = reads nothing).
     #[arg(long, default_value_t = 2500)]
     pub read_rate: u64,
+    /// Hostile clients: milliseconds between one socket's connect and the next.
+    #[arg(long, default_value_t = 0)]
+    pub stagger_ms: u64,
     /// `ping-flood`: pings per second per socket (125-byte payloads).
     #[arg(long, default_value_t = 15000)]
     pub ping_rate: u64,
@@ -189,8 +192,7 @@ fn parent(args: &Args) -> anyhow::Result<()> {
             // Each child writes its own; the harness waits for the first.
             cmd.arg("--ready-file").arg(f.with_extension(k.to_string()));
         }
-        cmd
-            .args(["--procs", &args.procs.to_string(), "--child", &k.to_string()])
+        cmd.args(["--procs", &args.procs.to_string(), "--child", &k.to_string()])
             .stdout(std::process::Stdio::piped());
         children.push(cmd.spawn().context("starting a child process")?);
     }
@@ -260,7 +262,10 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     let size = shared.board_size.load(Ordering::Relaxed);
     let owned = (args.clients * args.procs.max(1)) as u64 * u64::from(args.own_boxes);
     if owned > size {
-        bail!("--own-boxes {} for every client needs {owned} boxes; the board has {size}", args.own_boxes);
+        bail!(
+            "--own-boxes {} for every client needs {owned} boxes; the board has {size}",
+            args.own_boxes
+        );
     }
     let traffic_start_ms = client::unix_ms();
     if let Some(f) = &args.ready_file {

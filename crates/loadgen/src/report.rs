@@ -258,6 +258,24 @@ impl Report {
             self.errors,
             if self.converged { "yes" } else { "NO" },
             self.convergence_detail,
+        ) + &self.audit_lines()
+    }
+
+    /// The ack audit's lines, when clients owned boxes (`--own-boxes`).
+    fn audit_lines(&self) -> String {
+        let a = &self.audit;
+        if a.own_boxes == 0 {
+            return String::new();
+        }
+        format!(
+            "  acknowledged boxes      {} of {} ({} unanswered, left out)\n  acks lost               {} silently, {} with a new epoch; {} refused but applied, {} unexplained changes\n",
+            a.acked_boxes,
+            a.own_boxes,
+            a.tainted_boxes,
+            a.acks_lost_silent,
+            a.acks_lost_new_epoch,
+            a.refused_applied,
+            a.phantom_changes,
         )
     }
 }
