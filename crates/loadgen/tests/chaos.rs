@@ -21,7 +21,7 @@ fn chaos_smoke_redis_kill_holds_and_reports_every_figure() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let out = tempfile::tempdir().unwrap();
     let run = Command::new(root.join("scripts/chaos"))
-        .args(["--quick", "--scenarios", "redis-kill", "--duration", "5", "--clients", "100"])
+        .args(["--quick", "--scenarios", "redis-kill", "--duration", "6", "--clients", "100"])
         .arg("--out")
         .arg(out.path())
         .env("OMCB_BIN", bin("omcb"))
