@@ -6,8 +6,15 @@
 //! process), so `--procs P` runs P copies of itself, each with its share of
 //! clients and rate, and merges their reports. `--source-ips N` spreads
 //! clients over 127.0.0.1..N so a run can pass 64k sockets on loopback.
+//!
+//! For `scripts/chaos`: `--own-boxes K` gives each client its own K boxes and
+//! audits at the end that the board holds each box's last acknowledged
+//! value; `--truth-redis` reads the board from Redis instead of a worker;
+//! SIGUSR1 drops every socket at once (they resume: a reconnect storm);
+//! `--hostile` runs one of the abusive clients instead (see `hostile.rs`).
 
 mod client;
+mod hostile;
 mod report;
 
 use std::net::Ipv4Addr;
@@ -75,6 +82,39 @@ pub struct Args {
     /// Print one JSON object as the last line of stdout (after the table).
     #[arg(long)]
     pub json: bool,
+    /// Give each client its own K boxes (client n owns `n*K .. n*K+K`) and
+    /// toggle only those, flipping one at a time, so the last acknowledged
+    /// value of each is what the board must hold at the end (the ack audit).
+    /// 0 = toggles follow `--pattern`.
+    #[arg(long, default_value_t = 0)]
+    pub own_boxes: u32,
+    /// Read the board's truth for the convergence check from this Redis
+    /// (`redis://HOST:PORT`) instead of the first URL's `/api/state`.
+    #[arg(long)]
+    pub truth_redis: Option<String>,
+    /// The board's name in Redis (with `--truth-redis`).
+    #[arg(long, default_value = "main")]
+    pub board: String,
+    /// Write the Unix time in ms to this file when traffic starts (every
+    /// client connected), so a harness can time its faults.
+    #[arg(long)]
+    pub ready_file: Option<std::path::PathBuf>,
+    /// Run abusive clients instead of the normal ones.
+    #[arg(long, value_enum)]
+    pub hostile: Option<hostile::Mode>,
+    /// Hostile clients: the source address all their sockets come from.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub source: Ipv4Addr,
+    /// Hostile clients: bytes per second each reads (`slow-read`,
+    /// `ping-flood`; 0 = reads nothing).
+    #[arg(long, default_value_t = 2500)]
+    pub read_rate: u64,
+    /// Hostile clients: milliseconds between one socket's connect and the next.
+    #[arg(long, default_value_t = 0)]
+    pub stagger_ms: u64,
+    /// `ping-flood`: pings per second per socket (125-byte payloads).
+    #[arg(long, default_value_t = 15000)]
+    pub ping_rate: u64,
     /// Internal: this process is child K of --procs (its share of the work).
     #[arg(long, hide = true)]
     pub child: Option<usize>,
@@ -93,6 +133,12 @@ pub enum Pattern {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(mode) = args.hostile {
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let out = rt.block_on(hostile::run(mode, &args))?;
+        println!("{}", serde_json::to_string(&out)?);
+        return Ok(());
+    }
     if args.procs > 1 && args.child.is_none() {
         return parent(&args);
     }
@@ -138,7 +184,15 @@ fn parent(args: &Args) -> anyhow::Result<()> {
             .args(["--sample-every", &args.sample_every.to_string()])
             .args(["--verify-clients", &share(args.verify_clients).to_string()])
             .args(["--converge-timeout", &args.converge_timeout.to_string()])
-            .args(["--procs", &args.procs.to_string(), "--child", &k.to_string()])
+            .args(["--own-boxes", &args.own_boxes.to_string(), "--board", &args.board]);
+        if let Some(r) = &args.truth_redis {
+            cmd.args(["--truth-redis", r]);
+        }
+        if let Some(f) = &args.ready_file {
+            // Each child writes its own; the harness waits for the first.
+            cmd.arg("--ready-file").arg(f.with_extension(k.to_string()));
+        }
+        cmd.args(["--procs", &args.procs.to_string(), "--child", &k.to_string()])
             .stdout(std::process::Stdio::piped());
         children.push(cmd.spawn().context("starting a child process")?);
     }
@@ -162,6 +216,17 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     let quiet = args.child.is_some();
     let child = args.child.unwrap_or(0);
     let shared = Arc::new(Shared::new(args.sample_every));
+    let truth = client::Truth::new(args.truth_redis.as_deref(), &args.board, &args.urls)?;
+    // SIGUSR1: every client drops its socket at once and resumes.
+    let (drop_tx, drop_rx) = tokio::sync::watch::channel(0u64);
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    tokio::spawn(async move {
+        let mut n = 0;
+        while usr1.recv().await.is_some() {
+            n += 1;
+            let _ = drop_tx.send(n);
+        }
+    });
     // Clients, connected at the ramp rate.
     let mut clients: Vec<ClientHandle> = Vec::with_capacity(args.clients);
     let started = Instant::now();
@@ -174,7 +239,9 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             Ipv4Addr::new(127, 0, 0, 1 + (global % usize::from(args.source_ips.max(1))) as u8);
         let receiver = i < args.receivers;
         let verify = args.verify_clients == 0 || i < args.verify_clients;
-        clients.push(client::spawn(url, source, receiver, verify, shared.clone()));
+        let own = (args.own_boxes > 0).then(|| (global as u32 * args.own_boxes, args.own_boxes));
+        let spec = client::ClientSpec { url, source, receiver, verify, own };
+        clients.push(client::spawn(spec, shared.clone(), drop_rx.clone()));
         tokio::time::sleep_until((started + gap * (i as u32 + 1)).into()).await;
         progress.tick(&shared, &clients, "ramp");
     }
@@ -192,6 +259,18 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         progress.tick(&shared, &clients, "connect");
     }
     let ramp_s = started.elapsed().as_secs_f64();
+    let size = shared.board_size.load(Ordering::Relaxed);
+    let owned = (args.clients * args.procs.max(1)) as u64 * u64::from(args.own_boxes);
+    if owned > size {
+        bail!(
+            "--own-boxes {} for every client needs {owned} boxes; the board has {size}",
+            args.own_boxes
+        );
+    }
+    let traffic_start_ms = client::unix_ms();
+    if let Some(f) = &args.ready_file {
+        std::fs::write(f, traffic_start_ms.to_string()).context("writing --ready-file")?;
+    }
 
     // Traffic: toggles at the total rate, round-robin over clients.
     shared.reset_traffic_counters();
@@ -216,9 +295,14 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             break;
         }
         if args.rate > 0.0 && now >= next {
-            let size = shared.board_size.load(Ordering::Relaxed) as u32;
-            let (index, checked) = picker.next(size.max(1), traffic_start.elapsed());
-            clients[(n as usize) % clients.len()].toggle(index, checked);
+            let c = &clients[(n as usize) % clients.len()];
+            if args.own_boxes > 0 {
+                c.toggle_own();
+            } else {
+                let size = shared.board_size.load(Ordering::Relaxed) as u32;
+                let (index, checked) = picker.next(size.max(1), traffic_start.elapsed());
+                c.toggle(index, checked);
+            }
             n += 1;
             next += per;
             continue;
@@ -229,12 +313,12 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         progress.tick(&shared, &clients, "traffic");
     }
     let traffic_s = traffic_start.elapsed().as_secs_f64();
+    let traffic_end_ms = client::unix_ms();
     let rx_bytes = shared.bytes.load(Ordering::Relaxed);
     let rx_frames = shared.frames.load(Ordering::Relaxed);
 
     // Convergence: every verifying client holds exactly the board at the final seq.
-    let (converged, detail) =
-        client::converge(&args.urls, &clients, &shared, args.converge_timeout).await;
+    let audit = client::converge(&truth, &clients, args.converge_timeout).await;
     for c in &clients {
         c.stop();
     }
@@ -246,8 +330,8 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         traffic_s,
         rx_bytes,
         rx_frames,
-        converged,
-        detail,
+        (traffic_start_ms, traffic_end_ms),
+        audit,
     ))
 }
 

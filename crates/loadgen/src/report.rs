@@ -7,7 +7,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::Args;
-use crate::client::Shared;
+use crate::client::{Audit, Shared};
 
 /// One process's (or the merged) results. Histograms travel as
 /// `(microseconds, count)` pairs so children can send them to the parent.
@@ -31,6 +31,22 @@ pub struct Report {
     pub result_us: Vec<(u64, u64)>,
     pub converged: bool,
     pub convergence_detail: String,
+    /// Snapshots that replaced a socket's state after its first (resets, lag).
+    pub mid_snapshots: u64,
+    /// Toggles whose socket ended before their answer.
+    pub unanswered: u64,
+    /// Disruptions clients noticed (see `Shared::disruptions`), the first and
+    /// the last in Unix ms (0 = none).
+    pub disruptions: u64,
+    pub first_disruption_ms: u64,
+    pub last_disruption_ms: u64,
+    /// Times a client saw the board's epoch change.
+    pub epoch_changes: u64,
+    /// Unix ms when traffic started and stopped.
+    pub traffic_start_ms: u64,
+    pub traffic_end_ms: u64,
+    /// The end-of-run check: convergence and the ack audit.
+    pub audit: Audit,
 }
 
 const REASONS: [&str; 6] =
@@ -62,8 +78,8 @@ impl Report {
         traffic_s: f64,
         rx_bytes: u64,
         rx_frames: u64,
-        converged: bool,
-        convergence_detail: String,
+        (traffic_start_ms, traffic_end_ms): (u64, u64),
+        audit: Audit,
     ) -> Report {
         let _ = args;
         // Delivery latency: for each sampled toggle and each receiving client,
@@ -105,8 +121,20 @@ impl Report {
             rx_frames,
             delivery_us: pairs(&delivery),
             result_us: pairs(&s.result_latency.lock().expect("lock")),
-            converged,
-            convergence_detail,
+            converged: audit.converged(),
+            convergence_detail: audit.detail.clone(),
+            mid_snapshots: s.mid_snapshots.load(Ordering::Relaxed),
+            unanswered: s.unanswered.load(Ordering::Relaxed),
+            disruptions: s.disruptions.load(Ordering::Relaxed),
+            first_disruption_ms: match s.first_disruption_ms.load(Ordering::Relaxed) {
+                u64::MAX => 0,
+                t => t,
+            },
+            last_disruption_ms: s.last_disruption_ms.load(Ordering::Relaxed),
+            epoch_changes: s.epoch_changes.load(Ordering::Relaxed),
+            traffic_start_ms,
+            traffic_end_ms,
+            audit,
         }
     }
 
@@ -136,6 +164,20 @@ impl Report {
         if !o.converged {
             self.convergence_detail = o.convergence_detail;
         }
+        self.mid_snapshots += o.mid_snapshots;
+        self.unanswered += o.unanswered;
+        self.disruptions += o.disruptions;
+        self.first_disruption_ms = match (self.first_disruption_ms, o.first_disruption_ms) {
+            (0, b) => b,
+            (a, 0) => a,
+            (a, b) => a.min(b),
+        };
+        self.last_disruption_ms = self.last_disruption_ms.max(o.last_disruption_ms);
+        self.epoch_changes += o.epoch_changes;
+        self.traffic_start_ms = self.traffic_start_ms.min(o.traffic_start_ms);
+        self.traffic_end_ms = self.traffic_end_ms.max(o.traffic_end_ms);
+        self.audit = self.audit.merge(o.audit);
+        self.converged = self.audit.converged();
         self
     }
 
@@ -172,6 +214,15 @@ impl Report {
             "errors": self.errors,
             "converged": self.converged,
             "convergence": self.convergence_detail,
+            "mid_snapshots": self.mid_snapshots,
+            "unanswered": self.unanswered,
+            "disruptions": self.disruptions,
+            "first_disruption_ms": self.first_disruption_ms,
+            "last_disruption_ms": self.last_disruption_ms,
+            "epoch_changes": self.epoch_changes,
+            "traffic_start_ms": self.traffic_start_ms,
+            "traffic_end_ms": self.traffic_end_ms,
+            "audit": self.audit,
         })
     }
 
@@ -207,6 +258,24 @@ impl Report {
             self.errors,
             if self.converged { "yes" } else { "NO" },
             self.convergence_detail,
+        ) + &self.audit_lines()
+    }
+
+    /// The ack audit's lines, when clients owned boxes (`--own-boxes`).
+    fn audit_lines(&self) -> String {
+        let a = &self.audit;
+        if a.own_boxes == 0 {
+            return String::new();
+        }
+        format!(
+            "  acknowledged boxes      {} of {} ({} unanswered, left out)\n  acks lost               {} silently, {} with a new epoch; {} refused but applied, {} unexplained changes\n",
+            a.acked_boxes,
+            a.own_boxes,
+            a.tainted_boxes,
+            a.acks_lost_silent,
+            a.acks_lost_new_epoch,
+            a.refused_applied,
+            a.phantom_changes,
         )
     }
 }
