@@ -696,10 +696,12 @@ mod file {
     /// crash) sees the old file or the new one, never half of one.
     pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let tmp = path.with_extension("omcb.tmp");
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(bytes)?;
-            f.sync_all()?;
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
+        if let Err(e) = written {
+            // A half-written temp file would only hold space a full disk lacks.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
         std::fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent() {
