@@ -342,7 +342,9 @@ impl MemoryStore {
         if let Some(why) = s.refusing {
             return Err(StoreError::Unavailable(
                 match why {
-                    Refusing::WriteFailed => "the board cannot be persisted (data dir full or read-only?)",
+                    Refusing::WriteFailed => {
+                        "the board cannot be persisted (data dir full or read-only?)"
+                    }
                     Refusing::Closed => "the store is closing",
                 }
                 .into(),
@@ -473,7 +475,10 @@ impl MemoryStore {
                     }
                 }
                 if std::mem::take(&mut copy.failing) {
-                    tracing::warn!(seq = copy.board.seq, "the board is persisted again; accepting toggles");
+                    tracing::warn!(
+                        seq = copy.board.seq,
+                        "the board is persisted again; accepting toggles"
+                    );
                 }
                 metrics::gauge!("omcb_persist_ok").set(1.0);
                 Ok(())
@@ -489,7 +494,9 @@ impl MemoryStore {
                 if clean {
                     let acknowledged = copy.board.seq;
                     let lost = if on_disk < acknowledged {
-                        format!("the changes after seq {on_disk} up to {acknowledged} are not on disk")
+                        format!(
+                            "the changes after seq {on_disk} up to {acknowledged} are not on disk"
+                        )
                     } else {
                         "every acknowledged change is on disk, but not marked clean".into()
                     };

@@ -327,7 +327,8 @@ impl Hub {
             if let Some(frames) = Self::snapshot_and_batches(&state, &s) {
                 let frames: Vec<Bytes> = frames.collect();
                 // Usually the snapshot alone; else a copy of 250 KB (microseconds).
-                let frame = if frames.len() == 1 { s.frame.clone() } else { frames.concat().into() };
+                let frame =
+                    if frames.len() == 1 { s.frame.clone() } else { frames.concat().into() };
                 sink.snapshot(epoch, seq, frame);
                 return;
             }

@@ -167,7 +167,11 @@ async fn refuses_while_broken_and_loses_nothing(
     poll("/readyz 200", || async { (readyz(&w).await == 200).then_some(()) }).await;
     assert_eq!(w.metric("omcb_persist_ok").await, 1.0);
     let log = w.log();
-    assert_eq!(log.matches("persisting the board failed").count(), 1, "one line per failure:\n{log}");
+    assert_eq!(
+        log.matches("persisting the board failed").count(),
+        1,
+        "one line per failure:\n{log}"
+    );
     assert_eq!(log.matches("the board is persisted again").count(), 1, "{log}");
 
     assert!(w.terminate().success(), "a clean stop once the disk is mended");
@@ -226,13 +230,27 @@ async fn sigterm_on_a_full_disk_fails_loudly_and_the_restart_takes_a_new_epoch()
 #[tokio::test]
 async fn refuses_to_start_on_a_data_dir_it_cannot_write() {
     let Some(disk) = SmallDisk::mount("1m", ",ro") else { return };
-    let out = Command::new(env!("CARGO_BIN_EXE_omcb"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_omcb"))
         .args(["serve", "--listen", "127.0.0.1:0", "--board-size", "1000", "--data-dir"])
         .arg(&disk.mount)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the worker started on a data dir it cannot write");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert!(
         err.contains("cannot write the data dir") && err.contains(&*disk.mount.to_string_lossy()),
         "a clear error, got: {err}"
