@@ -295,6 +295,8 @@ impl MemoryStore {
                 .await
                 .map_err(|e| StoreError::Data(format!("writing the board: {e}")))??;
                 metrics::gauge!("omcb_persist_ok").set(1.0);
+                // Exported from the start, so an alert on its rate sees a 0 first.
+                metrics::counter!("omcb_persist_failures_total").increment(0);
                 Some(disk)
             }
             None => None,
