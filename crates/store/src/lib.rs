@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`Store`]: the operations the worker needs, dispatched to a backend.
 //! - [`memory`]: the Memory backend, the embedded default: the board in process,
-//!   persisted to a data directory at least every second and on close.
+//!   persisted to a data directory at least every second and on close; it
+//!   refuses changes (`StoreError::Unavailable`) while it cannot persist them.
 //! - [`redis`]: the Redis backend, the same semantics as Lua scripts in
 //!   `lua/*.lua`, for a fleet of workers sharing one board.
 //!
@@ -143,8 +144,18 @@ impl Store {
     /// Sets box `index` to `checked` (see the crate docs for the rules).
     pub async fn set(&self, index: u32, checked: bool) -> Result<SetOutcome, StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.set(index, checked)),
+            Store::Memory(m) => m.set(index, checked),
             Store::Redis(r) => r.set(index, checked).await,
+        }
+    }
+
+    /// Whether the store accepts changes now. The Memory store refuses them
+    /// while it cannot persist the board; the Redis store's trouble shows in
+    /// its feed instead (always true here).
+    pub fn is_writable(&self) -> bool {
+        match self {
+            Store::Memory(m) => m.is_writable(),
+            Store::Redis(_) => true,
         }
     }
 

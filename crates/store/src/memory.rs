@@ -3,10 +3,26 @@
 //! it) and is persisted to `--data-dir` at least every second while it changes
 //! and on [`MemoryStore::close`], as temp file + fsync + rename.
 //!
-//! A crash (kill -9) loses at most the last second; because acknowledged
-//! changes may then be gone, a board loaded from a file that was not written by
-//! a clean close gets a new epoch (PROTOCOL.md: a board that lost writes comes
-//! back as a new incarnation).
+//! A crash (kill -9) loses at most what was acknowledged since the last
+//! persist (about a second); because acknowledged changes may then be gone, a
+//! board loaded from a file that was not written by a clean close gets a new
+//! epoch (PROTOCOL.md: a board that lost writes comes back as a new
+//! incarnation). Opening rewrites the file marked unclean before the first
+//! change is accepted, so a crash right after a clean restart is noticed too;
+//! that first write is also the check that the data dir is writable.
+//!
+//! **The store never acknowledges more than it can persist:** when a write
+//! fails (full or read-only disk, I/O error), every set answers
+//! [`StoreError::Unavailable`] until a write succeeds again; the persister
+//! retries with a backoff. What was acknowledged before the failure stays in
+//! memory and is written by the next write that succeeds; if none does before
+//! the process ends, [`MemoryStore::close`] fails loudly and the file on disk,
+//! marked unclean, gives the next start a new epoch.
+//!
+//! The persister keeps its own copy of the board, brought up to date from the
+//! change log: under the store's mutex it copies only the changes since its
+//! last write, and encodes, checksums and writes outside it, so a persist does
+//! not stall toggles.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -26,6 +42,9 @@ pub const FEED_CHUNK: usize = 4096;
 pub const FILE_NAME: &str = "board.omcb";
 /// How often the persister checks for unsaved changes.
 pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
+/// The longest wait between two attempts while writes fail: the store refuses
+/// toggles until one succeeds, so it keeps trying often.
+pub const RETRY_AT_MOST: Duration = Duration::from_secs(5);
 
 /// The store's clock: milliseconds since the Unix epoch. Replaceable in tests.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -40,7 +59,7 @@ impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
             .field("config", &self.inner.config)
-            .field("path", &self.inner.path)
+            .field("path", &self.inner.disk.as_ref().map(|d| &d.path))
             .finish_non_exhaustive()
     }
 }
@@ -54,8 +73,8 @@ struct Inner {
     changed: Notify,
     /// Time source for check times and the freeze rule.
     clock: Clock,
-    /// The board file, when persisting.
-    path: Option<PathBuf>,
+    /// The board file and the persister's copy of the board, when persisting.
+    disk: Option<Disk>,
     /// Tells the persister to stop (on close).
     stop: watch::Sender<bool>,
     /// The persister task, taken by close.
@@ -74,8 +93,37 @@ struct State {
     due: Option<BTreeSet<(u64, u32)>>,
     /// Recent changes, oldest first, contiguous, ending at `board.seq`.
     log: VecDeque<Change>,
-    /// Changed since the last write to disk.
-    dirty: bool,
+    /// Why changes are refused now: the last write failed, or the store is
+    /// closing (its final write is taken). Checked under the same lock that
+    /// accepts a change, so nothing is acknowledged after it is set.
+    refusing: Option<Refusing>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusing {
+    /// The last write of the board failed; cleared by the next that succeeds.
+    WriteFailed,
+    /// [`MemoryStore::close`] took its final copy of the board.
+    Closed,
+}
+
+/// The board file and what the persister knows about it. Locked only by the
+/// persister (and by close, after the persister stopped): never on a
+/// toggle's path.
+struct Disk {
+    path: PathBuf,
+    copy: Mutex<DiskCopy>,
+}
+
+/// The persister's own copy of the board, behind the store by the changes
+/// since its last copy.
+struct DiskCopy {
+    board: Board,
+    checked_at: Vec<u64>,
+    /// Seq of the board in the last file written; `None` before the first.
+    written: Option<u64>,
+    /// Whether the last write failed (logs once per change of state).
+    failing: bool,
 }
 
 impl State {
@@ -88,7 +136,7 @@ impl State {
                 .map(|(i, &at)| (at, i as u32))
                 .collect()
         });
-        Self { board, checked_at, due, log: VecDeque::new(), dirty: false }
+        Self { board, checked_at, due, log: VecDeque::new(), refusing: None }
     }
 
     /// Records one accepted change: next seq, new counts, the log.
@@ -105,7 +153,6 @@ impl State {
             self.log.pop_front();
         }
         self.log.push_back(change);
-        self.dirty = true;
         change.seq
     }
 
@@ -115,12 +162,54 @@ impl State {
         }
         self.push(index, Op::Freeze)
     }
+
+    /// What the persister needs to bring a copy at `seq` of `epoch` up to
+    /// this state: the changes since, or (when the log no longer reaches back
+    /// that far) everything. Called under the store's mutex: copies only.
+    fn delta_since(&self, epoch: u64, seq: u64) -> Delta {
+        let first_in_log = self.board.seq + 1 - self.log.len() as u64;
+        if epoch != self.board.epoch || seq > self.board.seq || seq + 1 < first_in_log {
+            return Delta::Whole(Box::new(self.board.clone()), self.checked_at.clone());
+        }
+        let changes: Vec<Change> =
+            self.log.range((seq + 1 - first_in_log) as usize..).copied().collect();
+        let times = changes.iter().map(|c| (c.index, self.checked_at[c.index as usize])).collect();
+        Delta::Changes(changes, times)
+    }
+}
+
+/// See [`State::delta_since`].
+enum Delta {
+    /// The changes in seq order, and each touched box's check time now.
+    Changes(Vec<Change>, Vec<(u32, u64)>),
+    /// The whole board and every check time.
+    Whole(Box<Board>, Vec<u64>),
+}
+
+impl DiskCopy {
+    fn apply(&mut self, delta: Delta) {
+        match delta {
+            Delta::Changes(changes, times) => {
+                for c in &changes {
+                    self.board.apply_change(c).expect("the log is contiguous from the copy's seq");
+                }
+                for (index, at) in times {
+                    self.checked_at[index as usize] = at;
+                }
+            }
+            Delta::Whole(board, checked_at) => {
+                self.board = *board;
+                self.checked_at = checked_at;
+            }
+        }
+    }
 }
 
 impl MemoryStore {
     /// Opens the board: loads `data_dir/board.omcb` when there is one, else
-    /// creates a new board with a random epoch. With a data dir, starts the
-    /// persister (call [`close`](Self::close) on shutdown).
+    /// creates a new board with a random epoch. With a data dir, writes the
+    /// board back marked unclean (refusing a data dir it cannot write) and
+    /// starts the persister (call [`close`](Self::close) on shutdown).
     pub async fn open(config: BoardConfig, data_dir: Option<PathBuf>) -> Result<Self, StoreError> {
         Self::open_with_clock(config, data_dir, Arc::new(crate::now_ms)).await
     }
@@ -168,16 +257,49 @@ impl MemoryStore {
                         "the board was not closed cleanly: up to a second of changes may be lost; new epoch"
                     );
                 }
-                let mut s = State::new(board, saved.checked_at, config.freeze_after_ms);
-                // Record the (possibly new) epoch promptly.
-                s.dirty = !saved.clean;
-                s
+                State::new(board, saved.checked_at, config.freeze_after_ms)
             }
             None => State::new(
                 Board::new(config.size, crate::new_epoch(), config.freeze_after_ms),
                 vec![0; config.size as usize],
                 config.freeze_after_ms,
             ),
+        };
+        let disk = match path {
+            Some(path) => {
+                let copy = DiskCopy {
+                    board: state.board.clone(),
+                    checked_at: state.checked_at.clone(),
+                    written: None,
+                    failing: false,
+                };
+                // Before any change is accepted, the file on disk says
+                // "unclean" (a crash from now on must give a new epoch) and
+                // holds this run's epoch. It is also the proof that the data
+                // dir can be written at all.
+                let disk = Disk { path, copy: Mutex::new(copy) };
+                let disk = tokio::task::spawn_blocking(move || {
+                    let mut copy = lock(&disk.copy);
+                    let bytes = file::encode(&copy.board, &copy.checked_at, false);
+                    file::write_atomic(&disk.path, &bytes).map_err(|e| {
+                        StoreError::Data(format!(
+                            "cannot write the data dir {}: {e}; refusing to start \
+                             (the board could not be persisted)",
+                            disk.path.parent().unwrap_or(&disk.path).display()
+                        ))
+                    })?;
+                    copy.written = Some(copy.board.seq);
+                    drop(copy);
+                    Ok::<_, StoreError>(disk)
+                })
+                .await
+                .map_err(|e| StoreError::Data(format!("writing the board: {e}")))??;
+                metrics::gauge!("omcb_persist_ok").set(1.0);
+                // Exported from the start, so an alert on its rate sees a 0 first.
+                metrics::counter!("omcb_persist_failures_total").increment(0);
+                Some(disk)
+            }
+            None => None,
         };
         let (stop, stop_rx) = watch::channel(false);
         let store = Self {
@@ -186,12 +308,12 @@ impl MemoryStore {
                 state: Mutex::new(state),
                 changed: Notify::new(),
                 clock,
-                path,
+                disk,
                 stop,
                 persister: Mutex::new(None),
             }),
         };
-        if store.inner.path.is_some() {
+        if store.inner.disk.is_some() {
             let task = tokio::spawn(store.clone().persist_loop(stop_rx));
             *lock(&store.inner.persister) = Some(task);
         }
@@ -207,24 +329,42 @@ impl MemoryStore {
         lock(&self.inner.state)
     }
 
+    /// Whether changes are accepted now: false after a failed write (until
+    /// one succeeds) and once closing.
+    pub fn is_writable(&self) -> bool {
+        self.state().refusing.is_none()
+    }
+
     /// Sets box `index` to `checked`: see the crate docs for every rule.
-    pub fn set(&self, index: u32, checked: bool) -> SetOutcome {
+    /// [`StoreError::Unavailable`] while the board cannot be persisted.
+    pub fn set(&self, index: u32, checked: bool) -> Result<SetOutcome, StoreError> {
         let now = (self.inner.clock)();
         let freeze_after = self.inner.config.freeze_after_ms;
         let mut s = self.state();
+        if let Some(why) = s.refusing {
+            return Err(StoreError::Unavailable(
+                match why {
+                    Refusing::WriteFailed => {
+                        "the board cannot be persisted (data dir full or read-only?)"
+                    }
+                    Refusing::Closed => "the store is closing",
+                }
+                .into(),
+            ));
+        }
         if index >= s.board.size {
-            return SetOutcome::Refused { reason: Refusal::OutOfRange, checked: false };
+            return Ok(SetOutcome::Refused { reason: Refusal::OutOfRange, checked: false });
         }
         let current = s.board.is_checked(index);
         if s.board.is_frozen(index) {
-            return SetOutcome::Refused { reason: Refusal::Frozen, checked: current };
+            return Ok(SetOutcome::Refused { reason: Refusal::Frozen, checked: current });
         }
         if current == checked {
-            return SetOutcome::Unchanged { checked };
+            return Ok(SetOutcome::Unchanged { checked });
         }
         let outcome = if checked {
             if self.inner.config.max_checked.is_some_and(|max| s.board.checked_count >= max) {
-                return SetOutcome::Refused { reason: Refusal::BoardFull, checked: false };
+                return Ok(SetOutcome::Refused { reason: Refusal::BoardFull, checked: false });
             }
             s.checked_at[index as usize] = now.max(1);
             if let Some(due) = s.due.as_mut() {
@@ -247,7 +387,7 @@ impl MemoryStore {
         };
         drop(s);
         self.inner.changed.notify_waiters();
-        outcome
+        Ok(outcome)
     }
 
     /// The whole board (a copy: two bitsets of `size/8` bytes).
@@ -261,6 +401,7 @@ impl MemoryStore {
     }
 
     /// Freezes up to `limit` boxes checked at least `freeze_after_ms` ago.
+    /// Freezes nothing while changes are refused (they could not be persisted).
     pub fn sweep(&self, limit: usize) -> usize {
         let freeze_after = self.inner.config.freeze_after_ms;
         if freeze_after == 0 {
@@ -268,6 +409,9 @@ impl MemoryStore {
         }
         let cutoff = (self.inner.clock)().saturating_sub(freeze_after);
         let mut s = self.state();
+        if s.refusing.is_some() {
+            return 0;
+        }
         let Some(due) = s.due.as_ref() else { return 0 };
         let expired: Vec<u32> =
             due.iter().take_while(|&&(at, _)| at <= cutoff).take(limit).map(|&(_, i)| i).collect();
@@ -281,8 +425,10 @@ impl MemoryStore {
         expired.len()
     }
 
-    /// Stops the persister and writes the board one last time, marked clean.
-    /// Idempotent.
+    /// Stops the persister, stops accepting changes and writes the board one
+    /// last time, marked clean. Fails when that write fails: the file then
+    /// still says unclean (the next start takes a new epoch), and the error
+    /// says whether acknowledged changes are missing from it. Idempotent.
     pub async fn close(&self) -> Result<(), StoreError> {
         let _ = self.inner.stop.send(true);
         let task = lock(&self.inner.persister).take();
@@ -292,39 +438,98 @@ impl MemoryStore {
         self.write(true).await
     }
 
-    /// Writes the board when it changed since the last write (or always, for a clean close).
+    /// Writes the board when it changed since the last write, or when the
+    /// last write failed, or always for a clean close.
     async fn write(&self, clean: bool) -> Result<(), StoreError> {
-        let Some(path) = self.inner.path.clone() else {
+        if self.inner.disk.is_none() {
             return Ok(());
-        };
-        let bytes = {
+        }
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.write_blocking(clean))
+            .await
+            .map_err(|e| StoreError::Data(format!("writing the board: {e}")))?
+    }
+
+    fn write_blocking(&self, clean: bool) -> Result<(), StoreError> {
+        let Some(disk) = &self.inner.disk else { return Ok(()) };
+        let mut copy = lock(&disk.copy);
+        let delta = {
             let mut s = self.state();
-            if !s.dirty && !clean {
+            let behind = copy.written != Some(s.board.seq) || copy.board.epoch != s.board.epoch;
+            if !clean && !behind && s.refusing.is_none() {
                 return Ok(());
             }
-            s.dirty = false;
-            file::encode(&s.board, &s.checked_at, clean)
+            if clean {
+                // From here on nothing is acknowledged that this write lacks.
+                s.refusing = Some(Refusing::Closed);
+            }
+            s.delta_since(copy.board.epoch, copy.board.seq)
         };
-        let result = tokio::task::spawn_blocking(move || file::write_atomic(&path, &bytes))
-            .await
-            .map_err(|e| StoreError::Data(format!("writing the board: {e}")))?;
-        if result.is_err() {
-            // Try again on the next tick.
-            self.state().dirty = true;
+        copy.apply(delta);
+        let bytes = file::encode(&copy.board, &copy.checked_at, clean);
+        match file::write_atomic(&disk.path, &bytes) {
+            Ok(()) => {
+                copy.written = Some(copy.board.seq);
+                if !clean {
+                    let mut s = self.state();
+                    if s.refusing == Some(Refusing::WriteFailed) {
+                        s.refusing = None;
+                    }
+                }
+                if std::mem::take(&mut copy.failing) {
+                    tracing::warn!(
+                        seq = copy.board.seq,
+                        "the board is persisted again; accepting toggles"
+                    );
+                }
+                metrics::gauge!("omcb_persist_ok").set(1.0);
+                Ok(())
+            }
+            Err(e) => {
+                if !clean {
+                    let mut s = self.state();
+                    s.refusing.get_or_insert(Refusing::WriteFailed);
+                }
+                metrics::counter!("omcb_persist_failures_total").increment(1);
+                metrics::gauge!("omcb_persist_ok").set(0.0);
+                let on_disk = copy.written.unwrap_or(0);
+                if clean {
+                    let acknowledged = copy.board.seq;
+                    let lost = if on_disk < acknowledged {
+                        format!(
+                            "the changes after seq {on_disk} up to {acknowledged} are not on disk"
+                        )
+                    } else {
+                        "every acknowledged change is on disk, but not marked clean".into()
+                    };
+                    return Err(StoreError::Data(format!(
+                        "the final write of {} failed: {e}; {lost}; the next start takes a new epoch",
+                        disk.path.display(),
+                    )));
+                }
+                if !std::mem::replace(&mut copy.failing, true) {
+                    tracing::error!(
+                        error = %e,
+                        on_disk,
+                        acknowledged = copy.board.seq,
+                        "persisting the board failed; refusing toggles until a write succeeds (retrying)"
+                    );
+                }
+                Err(e.into())
+            }
         }
-        Ok(result?)
     }
 
     async fn persist_loop(self, mut stop: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(PERSIST_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut wait = PERSIST_EVERY;
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
-                _ = tick.tick() => {
-                    if let Err(e) = self.write(false).await {
-                        tracing::error!(error = %e, "persisting the board failed; will retry");
-                    }
+                () = tokio::time::sleep(wait) => {
+                    wait = match self.write(false).await {
+                        Ok(()) => PERSIST_EVERY,
+                        Err(_) => (wait * 2).min(RETRY_AT_MOST),
+                    };
                 }
             }
         }
@@ -500,10 +705,12 @@ mod file {
     /// crash) sees the old file or the new one, never half of one.
     pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let tmp = path.with_extension("omcb.tmp");
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(bytes)?;
-            f.sync_all()?;
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
+        if let Err(e) = written {
+            // A half-written temp file would only hold space a full disk lacks.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
         std::fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent() {

@@ -41,8 +41,31 @@ impl WorkerProcess {
             Path::to_path_buf,
         );
         let stderr_path = dir.join(format!("worker-{}.log", std::process::id()));
+        Self::spawn(bin.as_ref(), dir, stderr_path, tmp, args)
+    }
+
+    /// [`start`](Self::start) on `data_dir` with its log at `log` instead of
+    /// inside the data dir: for a data dir on a disk the test fills or makes
+    /// read-only (the log must still be written, and an open log file would
+    /// keep a remount read-only from succeeding).
+    pub fn start_logging_to(
+        bin: impl AsRef<Path>,
+        data_dir: &Path,
+        log: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::spawn(bin.as_ref(), data_dir.to_path_buf(), log.to_path_buf(), None, args)
+    }
+
+    fn spawn(
+        bin: &Path,
+        dir: PathBuf,
+        stderr_path: PathBuf,
+        tmp: Option<tempfile::TempDir>,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_path)?;
-        let mut child = Command::new(bin.as_ref())
+        let mut child = Command::new(bin)
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir"])
             .arg(&dir)

@@ -35,13 +35,17 @@ pub async fn handle(
     }
     let head = method == Method::HEAD;
     let mut resp = match path {
-        "/api/state" => state(&app, &req),
+        "/api/state" => state(&app, &req).await,
         "/api/stats" => stats(&app),
         "/healthz" => plain(StatusCode::OK, "ok\n"),
-        "/readyz" if app.hub.is_ready() => plain(StatusCode::OK, "ready\n"),
-        "/readyz" => {
+        "/readyz" if !app.hub.is_ready() => {
             plain(StatusCode::SERVICE_UNAVAILABLE, "not ready: store unreachable or catching up\n")
         }
+        "/readyz" if !app.store.is_writable() => plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the board cannot be persisted (data dir full or read-only?)\n",
+        ),
+        "/readyz" => plain(StatusCode::OK, "ready\n"),
         _ => static_file(&app, &req).await,
     };
     if head {
@@ -73,7 +77,9 @@ fn if_none_match(req: &Request<Incoming>, etag: &str) -> bool {
 
 /// `GET /api/state`: the bare Snapshot, encoded once per seq (and gzipped once
 /// per seq for clients that accept it), with `ETag: "<epoch>-<seq>"`.
-fn state(app: &App, req: &Request<Incoming>) -> Response<Body> {
+/// Encoding and gzip run on the blocking pool: a milliseconds-long gzip of a
+/// million boxes must not hold up the sockets served by this runtime thread.
+async fn state(app: &Arc<App>, req: &Request<Incoming>) -> Response<Body> {
     let (epoch, seq) = app.hub.position();
     let current = format!("\"{epoch}-{seq}\"");
     let mut resp = if if_none_match(req, &current) {
@@ -83,10 +89,18 @@ fn state(app: &App, req: &Request<Incoming>) -> Response<Body> {
         r.headers_mut().insert(header::ETAG, header_value(&current));
         r
     } else {
-        let snapshot = app.hub.snapshot();
         app.metrics.api_state_full.increment(1);
         let gzip = accepts_gzip(req);
-        let body = if gzip { snapshot.gzip().clone() } else { snapshot.bare.clone() };
+        let hub = app.hub.clone();
+        let work = move || {
+            let snapshot = hub.snapshot();
+            let body = if gzip { snapshot.gzip().clone() } else { snapshot.bare.clone() };
+            (snapshot, body)
+        };
+        let Ok((snapshot, body)) = tokio::task::spawn_blocking(work).await else {
+            // Only when the runtime shuts down.
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+        };
         let mut r = Response::new(Full::new(body));
         let headers = r.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-protobuf"));

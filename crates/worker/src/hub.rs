@@ -12,7 +12,10 @@
 //! write lock, and a batch is queued to the shards before that lock is
 //! released; a socket starts (snapshot or resumed batches) and joins its shard
 //! under the read lock. So every batch after a socket's start reaches its sink,
-//! in order, and every batch before it is inside the start.
+//! in order, and every batch before it is inside the start. Snapshots are
+//! encoded outside the lock, so one may be older than the replica when the
+//! lock is taken again; the ring's batches after it then go into the start
+//! right behind it (see [`Hub::subscribe`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -208,36 +211,55 @@ impl Hub {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The current snapshot, encoded at most once per seq.
+    /// The current snapshot, encoded at most once per seq. The encoding (a
+    /// 250 KB copy and a protobuf encode for a million boxes) happens outside
+    /// the replica's lock: under it only the board is copied, so a publish
+    /// never waits for an encode. Concurrent callers wait on the cache's
+    /// mutex for the one encode and share it.
     pub fn snapshot(&self) -> Arc<EncodedSnapshot> {
-        let state = self.read();
-        self.snapshot_of(&state)
+        let mut cache = lock(&self.snapshot);
+        let board = {
+            let state = self.read();
+            if let Some(s) = cache.as_ref()
+                && s.epoch == state.board.epoch
+                && s.seq == state.board.seq
+            {
+                return s.clone();
+            }
+            state.board.clone()
+        };
+        let encoded = Arc::new(self.encode_snapshot(&board));
+        *cache = Some(encoded.clone());
+        encoded
     }
 
-    fn snapshot_of(&self, state: &State) -> Arc<EncodedSnapshot> {
-        let mut cache = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = cache.as_ref()
-            && s.epoch == state.board.epoch
-            && s.seq == state.board.seq
-        {
-            return s.clone();
-        }
-        let snapshot = state.board.to_snapshot(omcb_store::now_ms());
+    fn encode_snapshot(&self, board: &Board) -> EncodedSnapshot {
+        let snapshot = board.to_snapshot(omcb_store::now_ms());
         let bare = Bytes::from(snapshot.encode_to_vec());
         let frame = sink::frame(
             fastwebsockets::OpCode::Binary,
             &omcb_proto::encode_server(Msg::Snapshot(snapshot)),
         );
         self.metrics.snapshot_encodes.increment(1);
-        let encoded = Arc::new(EncodedSnapshot {
-            epoch: state.board.epoch,
-            seq: state.board.seq,
+        EncodedSnapshot {
+            epoch: board.epoch,
+            seq: board.seq,
             frame,
             bare,
             gzip: std::sync::OnceLock::new(),
-        });
-        *cache = Some(encoded.clone());
-        encoded
+        }
+    }
+
+    /// A snapshot and the ring's batches after it that bring it to the
+    /// replica's seq: what a socket starts from, taken under the read lock
+    /// `state`. `None` when the ring no longer covers the gap (the caller
+    /// takes a newer snapshot).
+    fn snapshot_and_batches(
+        state: &State,
+        snapshot: &Arc<EncodedSnapshot>,
+    ) -> Option<impl Iterator<Item = Bytes> + use<>> {
+        let batches = Self::resume_from(state, snapshot.epoch, snapshot.seq)?;
+        Some(std::iter::once(snapshot.frame.clone()).chain(batches.into_iter().map(|b| b.frame)))
     }
 
     /// Waits up to `patience` for the replica to reach `since` of `epoch`. In a
@@ -255,22 +277,39 @@ impl Hub {
     /// `resume = Some((epoch, since))` and every batch after `since` still in
     /// the ring, it starts from those batches; otherwise from a snapshot.
     pub fn subscribe(&self, sink: &Arc<Sink>, resume: Option<(u64, u64)>) -> (SinkKey, Start) {
-        let state = self.read();
-        let (epoch, seq) = (state.board.epoch, state.board.seq);
-        let start = match resume.and_then(|(e, since)| Self::resume_from(&state, e, since)) {
-            Some(batches) => {
-                sink.start(epoch, seq, batches.into_iter().map(|b| b.frame));
+        // The snapshot is encoded outside the lock (see `snapshot`), so it may
+        // be a few batches old by the time the lock is taken again: the ring's
+        // batches after it go out right behind it. Only when the ring lost
+        // them (rare: a reset, or a tiny `--resume-batches`) is it taken again.
+        let mut snapshot = None;
+        for attempt in 0.. {
+            let state = self.read();
+            let (epoch, seq) = (state.board.epoch, state.board.seq);
+            let start = if let Some(b) =
+                resume.and_then(|(e, since)| Self::resume_from(&state, e, since))
+            {
+                sink.start(epoch, seq, b.into_iter().map(|b| b.frame));
                 Start::Resume
-            }
-            None => {
-                sink.start(epoch, seq, [self.snapshot_of(&state).frame.clone()]);
+            } else if let Some(frames) =
+                snapshot.as_ref().and_then(|s| Self::snapshot_and_batches(&state, s))
+            {
+                sink.start(epoch, seq, frames);
                 Start::Snapshot
-            }
-        };
-        let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
-        let key = lock(&self.shards[shard].sinks).insert(sink.clone());
-        drop(state);
-        (SinkKey { shard, key }, start)
+            } else if attempt >= 3 {
+                // Under constant resets: encode under the lock rather than retry forever.
+                sink.start(epoch, seq, [self.encode_snapshot(&state.board).frame]);
+                Start::Snapshot
+            } else {
+                drop(state);
+                snapshot = Some(self.snapshot());
+                continue;
+            };
+            let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
+            let key = lock(&self.shards[shard].sinks).insert(sink.clone());
+            drop(state);
+            return (SinkKey { shard, key }, start);
+        }
+        unreachable!("the loop returns")
     }
 
     /// Removes a socket from the fan-out.
@@ -279,11 +318,27 @@ impl Hub {
     }
 
     /// Queues the current snapshot into `sink`, in place of the batches it
-    /// skipped; under the read lock, so the next batch it is offered follows.
+    /// skipped. Encoded outside the read lock (see `snapshot`); under it, the
+    /// ring's batches after the snapshot are queued with it as one write, so
+    /// the next batch the fan-out offers follows.
     pub fn send_snapshot(&self, sink: &Sink) {
-        let state = self.read();
-        let s = self.snapshot_of(&state);
-        sink.snapshot(s.epoch, s.seq, s.frame.clone());
+        for attempt in 0.. {
+            let s = self.snapshot();
+            let state = self.read();
+            let (epoch, seq) = (state.board.epoch, state.board.seq);
+            if let Some(frames) = Self::snapshot_and_batches(&state, &s) {
+                let frames: Vec<Bytes> = frames.collect();
+                // Usually the snapshot alone; else a copy of 250 KB (microseconds).
+                let frame =
+                    if frames.len() == 1 { s.frame.clone() } else { frames.concat().into() };
+                sink.snapshot(epoch, seq, frame);
+                return;
+            }
+            if attempt >= 3 {
+                sink.snapshot(epoch, seq, self.encode_snapshot(&state.board).frame);
+                return;
+            }
+        }
     }
 
     fn resume_from(state: &State, epoch: u64, since: u64) -> Option<Vec<EncodedBatch>> {

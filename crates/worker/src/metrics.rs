@@ -20,7 +20,9 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
         .install_recorder()
 }
 
-/// Every metric the worker exports.
+/// Every metric the worker exports, except the embedded store's
+/// `omcb_persist_failures_total` and `omcb_persist_ok`, which the store
+/// records itself through the same `metrics` facade.
 #[derive(Debug, Clone)]
 pub struct Metrics {
     /// Open WebSocket connections.

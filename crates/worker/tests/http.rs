@@ -115,22 +115,18 @@ async fn kill_9_loses_at_most_the_last_second_and_changes_the_epoch() {
     let mut w = Worker::start(&["--board-size", "2000"]);
     let mut c = connect(&w.ws_url("")).await;
     let Msg::Snapshot(first) = c.recv().await else { panic!() };
+    // The worker writes the board at start (marked unclean); wait for the
+    // periodic persist (at least every second) to rewrite it with the change.
+    let file = w.data_dir.join("board.omcb");
+    let at_start = std::fs::read(&file).unwrap();
     assert!(c.set(42, true).await.accepted);
-    // Wait for the periodic persist (at least every second) to write the change:
-    // a new board has no file until its first change is persisted.
-    let dir = w.data_dir.clone();
     poll("the board file to be rewritten", || {
-        let dir = dir.clone();
-        async move {
-            std::fs::read_dir(&dir).ok()?.filter_map(Result::ok).find(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                !name.ends_with(".log") && !name.contains("tmp")
-            })
-        }
+        let changed = std::fs::read(&file).is_ok_and(|now| now != at_start);
+        async move { changed.then_some(()) }
     })
     .await;
     w.kill9();
-    let w2 = Worker::start_in(&dir, &["--board-size", "2000"]);
+    let w2 = Worker::start_in(&w.data_dir, &["--board-size", "2000"]);
     let (s, _) = api_state(w2.addr).await;
     assert!(omcb_proto::Board::from_snapshot(&s).unwrap().is_checked(42));
     assert_ne!(s.epoch, first.epoch, "acknowledged changes may be lost: a new epoch");

@@ -1,0 +1,58 @@
+//! The Memory store's board file: what a reopen finds after a clean close,
+//! after a crash, and what the store refuses once it is closing. (Full and
+//! read-only disks are tested through the worker, in
+//! `crates/worker/tests/embedded.rs`.)
+
+use omcb_store::memory::{LOG_CAPACITY, MemoryStore};
+use omcb_store::{BoardConfig, SetOutcome, StoreError};
+
+const CONFIG: BoardConfig = BoardConfig { size: 200_000, max_checked: None, freeze_after_ms: 0 };
+
+#[tokio::test]
+async fn a_clean_close_keeps_every_change_and_the_epoch_even_past_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemoryStore::open(CONFIG, Some(dir.path().into())).await.unwrap();
+    // More changes than the log holds since the last write (the one at open):
+    // the persister's copy cannot catch up from the log and takes the whole
+    // board. (The other tests here catch up from the log.)
+    let mut index = 0u32;
+    for n in 0..LOG_CAPACITY as u32 + 1000 {
+        index = (index + 7919) % CONFIG.size;
+        store.set(index, n % 3 != 0).unwrap();
+    }
+    let before = store.snapshot();
+    store.close().await.unwrap();
+    let again = MemoryStore::open(CONFIG, Some(dir.path().into())).await.unwrap();
+    assert_eq!(again.snapshot(), before, "same board, same epoch and seq after a clean close");
+    again.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_closing_store_acknowledges_nothing_its_last_write_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemoryStore::open(CONFIG, Some(dir.path().into())).await.unwrap();
+    assert!(matches!(store.set(1, true), Ok(SetOutcome::Changed { .. })));
+    store.close().await.unwrap();
+    assert!(matches!(store.set(2, true), Err(StoreError::Unavailable(_))));
+    assert!(!store.is_writable());
+    let again = MemoryStore::open(CONFIG, Some(dir.path().into())).await.unwrap();
+    let board = again.snapshot();
+    assert!(board.is_checked(1) && !board.is_checked(2));
+}
+
+#[tokio::test]
+async fn opening_marks_the_file_unclean_before_the_first_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemoryStore::open(CONFIG, Some(dir.path().into())).await.unwrap();
+    store.set(1, true).unwrap();
+    store.close().await.unwrap();
+    let epoch = store.snapshot().epoch;
+    // A clean restart, one change, and a crash before any persist: the
+    // process is gone without close (the persister waits a second first).
+    let crashed = MemoryStore::open(CONFIG, Some(dir.path().into())).await.unwrap();
+    assert_eq!(crashed.snapshot().epoch, epoch, "a clean file keeps its epoch");
+    crashed.set(2, true).unwrap();
+    drop(crashed);
+    let again = MemoryStore::open(CONFIG, Some(dir.path().into())).await.unwrap();
+    assert_ne!(again.snapshot().epoch, epoch, "the change at seq 2 may be lost: a new epoch");
+}
