@@ -185,7 +185,10 @@ mod tests {
         bytes.extend([0x35, 1, 2, 3, 4]); // field 6, fixed32
         let t = toggle_of(decode_client(&bytes).unwrap());
         assert_eq!((t.index, t.checked, t.request_id), (7, false, 3));
-        assert_eq!(decode_client(&bytes).unwrap(), ClientMessage::decode(bytes.as_slice()).unwrap());
+        assert_eq!(
+            decode_client(&bytes).unwrap(),
+            ClientMessage::decode(bytes.as_slice()).unwrap()
+        );
     }
 
     #[test]
