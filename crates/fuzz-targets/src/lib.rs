@@ -27,9 +27,12 @@ use omcb_store::memory::{MemoryStore, decode_board_file, encode_board_file};
 use omcb_store::{BoardConfig, FeedEvent, Refusal, SetOutcome};
 use prost::Message as _;
 
+/// A target: any bytes in, a panic when a promise breaks.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, as `fuzz/fuzz_targets/<name>.rs` and the corpus
 /// directories name them.
-pub const TARGETS: &[(&str, fn(&[u8]))] =
+pub const TARGETS: &[(&str, Target)] =
     &[("client_message", client_message), ("board_file", board_file), ("batch", batch)];
 
 /// Board sizes a target's first byte picks from: tiny boards, and sizes that
