@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - [`v1`]: the prost types generated from `proto/omcb.proto` (package `omcb.v1`).
+//! - [`client`]: [`decode_client`], the strict decoder for what clients send (a
+//!   `Toggle` index too wide for 32 bits is out of range, never truncated).
 //! - [`delta`]: the delta codec for the ascending index lists of a `Batch`.
 //! - [`bits`]: bitsets in Redis bit order (`bitvec` `Msb0` over bytes).
 //! - [`change`]: one accepted change to the board, as the store's feed carries it.
@@ -19,6 +21,7 @@ pub mod batch;
 pub mod bits;
 pub mod board;
 pub mod change;
+pub mod client;
 pub mod delta;
 pub mod rng;
 
@@ -31,6 +34,7 @@ pub mod v1 {
 pub use batch::BatchBuilder;
 pub use board::{Applied, Board};
 pub use change::{Change, Op};
+pub use client::decode_client;
 
 /// Encodes a server message into a fresh buffer (used once per batch, not per client).
 pub fn encode_server(msg: v1::server_message::Msg) -> Vec<u8> {

@@ -34,7 +34,6 @@ use omcb_proto::v1::{
     self, ClientMessage, Code, Reason, ToggleResult, client_message, server_message,
 };
 use omcb_store::SetOutcome;
-use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt as _, Chain, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
@@ -601,7 +600,8 @@ async fn read_loop(app: &App, rd: &mut Reader, sink: &Sink, address: &Arc<Addres
                 return;
             }
         };
-        match ClientMessage::decode(message.as_slice()) {
+        // Strict: an index wider than 32 bits is out of range, not truncated.
+        match omcb_proto::decode_client(&message) {
             Ok(ClientMessage { msg: Some(client_message::Msg::Toggle(t)) }) => {
                 // Boxed: the store's set future (fred's, in fleet mode) is
                 // ~5 KB, and inline it would size every idle socket's reader
