@@ -25,13 +25,9 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
 }
 
 /// The varint encoding of `v` (LEB128).
-pub fn varint(mut v: u64) -> Vec<u8> {
+pub fn varint(v: u64) -> Vec<u8> {
     let mut out = Vec::new();
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
+    prost::encoding::encode_varint(v, &mut out);
     out
 }
 

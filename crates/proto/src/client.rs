@@ -75,13 +75,9 @@ mod tests {
     use proptest::prelude::*;
 
     /// The varint encoding of `v` (LEB128, as protobuf writes it).
-    fn varint(mut v: u64) -> Vec<u8> {
+    fn varint(v: u64) -> Vec<u8> {
         let mut out = Vec::new();
-        while v >= 0x80 {
-            out.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
+        prost::encoding::encode_varint(v, &mut out);
         out
     }
 

@@ -11,13 +11,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// The varint encoding of `v`, built by hand: the generated types cannot
 /// encode an index wider than their `u32`.
-fn varint(mut v: u64) -> Vec<u8> {
+fn varint(v: u64) -> Vec<u8> {
     let mut out = Vec::new();
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
+    prost::encoding::encode_varint(v, &mut out);
     out
 }
 
