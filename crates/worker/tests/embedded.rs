@@ -245,6 +245,35 @@ async fn kill_9_on_a_full_disk_keeps_every_acknowledged_toggle_and_the_epoch() {
     a_stop_on_a_full_disk_keeps_every_acknowledged_toggle(|w| w.kill9()).await;
 }
 
+/// A read-only disk leaves no way to write anything: a SIGTERM meanwhile
+/// fails loudly, and the restart takes a new epoch (what was acknowledged
+/// since the last persist is gone, and the file says unclean).
+#[tokio::test]
+async fn sigterm_on_a_read_only_disk_fails_loudly_and_the_restart_takes_a_new_epoch() {
+    let disk = SmallDisk::mount("1m", "");
+    let mut w = disk.start(BOARD);
+    let mut c = connect(&w.ws_url("")).await;
+    let Msg::Snapshot(first) = c.recv().await else { panic!("snapshot first") };
+    let mut next = 0;
+    assert!(c.set(next, true).await.accepted);
+    next += 1;
+    disk.remount("ro");
+    let unwritten = toggle_until(&mut c, &mut next, true).await;
+    let status = w.terminate();
+    let log = w.log();
+    assert!(!status.success(), "the final write failed: the exit says so\n{log}");
+    assert!(log.contains("the final write of"), "a clear message:\n{log}");
+    if !unwritten.is_empty() {
+        assert!(log.contains("are not on disk"), "it says what is missing:\n{log}");
+    }
+
+    disk.remount("rw");
+    let w2 = disk.start(BOARD);
+    let (s, _) = api_state(w2.addr).await;
+    assert_ne!(s.epoch, first.epoch, "the file lacks acknowledged changes: a new epoch");
+    drop(w);
+}
+
 /// The worker's start on `mount` fails: its stderr.
 fn start_fails(mount: &Path) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_omcb"))
