@@ -14,10 +14,30 @@
 //! **The store never acknowledges more than it can persist:** when a write
 //! fails (full or read-only disk, I/O error), every set answers
 //! [`StoreError::Unavailable`] until a write succeeds again; the persister
-//! retries with a backoff. What was acknowledged before the failure stays in
-//! memory and is written by the next write that succeeds; if none does before
-//! the process ends, [`MemoryStore::close`] fails loudly and the file on disk,
-//! marked unclean, gives the next start a new epoch.
+//! retries with a backoff.
+//!
+//! **A full disk loses no acknowledged change.** The data dir holds a space
+//! reserve, [`RESERVE_NAME`]: a file of zeros (written, not `fallocate`d, so
+//! its blocks really are allocated) as large as the largest board file this
+//! board can need ([`reserve_len`]); start-up refuses a data dir where it
+//! cannot be created. When a write fails for lack of space (ENOSPC, EDQUOT),
+//! the store first refuses changes, then takes the board (which now holds
+//! every acknowledged change), writes it over the reserve's own blocks
+//! (no new space needed), truncates and fsyncs it and renames it over the
+//! board file. That file is marked clean, truthfully: nothing acknowledged
+//! is missing from it and nothing more is acknowledged until a later write
+//! marks the file unclean again, so a stop (even a kill -9) while the disk is
+//! still full keeps the epoch. The store keeps refusing until the reserve can
+//! be written again (retried with the backoff), then writes the board
+//! (unclean) and accepts again. A filesystem that copies on write (btrfs,
+//! ZFS) or compresses zeros may need new blocks even to overwrite the
+//! reserve; there the emergency write can fail like any other.
+//!
+//! A read-only disk or an I/O error cannot be worked around: what was
+//! acknowledged before the failure stays in memory and is written by the
+//! next write that succeeds; if none does before the process ends,
+//! [`MemoryStore::close`] fails loudly and the file on disk, marked unclean,
+//! gives the next start a new epoch.
 //!
 //! The persister keeps its own copy of the board, brought up to date from the
 //! change log: under the store's mutex it copies only the changes since its
@@ -40,6 +60,8 @@ pub const LOG_CAPACITY: usize = 100_000;
 pub const FEED_CHUNK: usize = 4096;
 /// The board file inside the data directory.
 pub const FILE_NAME: &str = "board.omcb";
+/// The space reserve inside the data directory (see the module docs).
+pub const RESERVE_NAME: &str = "board.omcb.reserve";
 /// How often the persister checks for unsaved changes.
 pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
 /// The longest wait between two attempts while writes fail: the store refuses
@@ -112,6 +134,9 @@ enum Refusing {
 /// toggle's path.
 struct Disk {
     path: PathBuf,
+    /// The space reserve, and its length: the largest board file.
+    reserve: PathBuf,
+    reserve_len: u64,
     copy: Mutex<DiskCopy>,
 }
 
@@ -124,6 +149,11 @@ struct DiskCopy {
     written: Option<u64>,
     /// Whether the last write failed (logs once per change of state).
     failing: bool,
+    /// Whether the file written last is marked clean while the store runs
+    /// (written from the reserve on a full disk, while refusing changes).
+    clean_on_disk: bool,
+    /// Whether the space reserve is in place (false once it was used).
+    has_reserve: bool,
 }
 
 impl State {
@@ -272,20 +302,36 @@ impl MemoryStore {
                     checked_at: state.checked_at.clone(),
                     written: None,
                     failing: false,
+                    clean_on_disk: false,
+                    has_reserve: false,
                 };
-                // Before any change is accepted, the file on disk says
-                // "unclean" (a crash from now on must give a new epoch) and
-                // holds this run's epoch. It is also the proof that the data
-                // dir can be written at all.
-                let disk = Disk { path, copy: Mutex::new(copy) };
+                let reserve = path.with_file_name(RESERVE_NAME);
+                let reserve_len = reserve_len(config);
+                let disk = Disk { path, reserve, reserve_len, copy: Mutex::new(copy) };
                 let disk = tokio::task::spawn_blocking(move || {
                     let mut copy = lock(&disk.copy);
+                    let dir = disk.path.parent().unwrap_or(&disk.path).display();
+                    // Without the reserve a full disk could lose acknowledged
+                    // changes: no start without it.
+                    file::ensure_reserve(&disk.reserve, disk.reserve_len).map_err(|e| {
+                        StoreError::Data(format!(
+                            "cannot write the data dir {dir}: creating the space reserve {RESERVE_NAME} \
+                             of {} bytes failed: {e}; refusing to start (the data dir needs {} bytes \
+                             for the reserve plus room for the board file, up to {} bytes, twice \
+                             while it is replaced)",
+                            disk.reserve_len, disk.reserve_len, disk.reserve_len
+                        ))
+                    })?;
+                    copy.has_reserve = true;
+                    // Before any change is accepted, the file on disk says
+                    // "unclean" (a crash from now on must give a new epoch) and
+                    // holds this run's epoch. It is also the proof that the data
+                    // dir can be written at all.
                     let bytes = file::encode(&copy.board, &copy.checked_at, false);
                     file::write_atomic(&disk.path, &bytes).map_err(|e| {
                         StoreError::Data(format!(
-                            "cannot write the data dir {}: {e}; refusing to start \
+                            "cannot write the data dir {dir}: {e}; refusing to start \
                              (the board could not be persisted)",
-                            disk.path.parent().unwrap_or(&disk.path).display()
                         ))
                     })?;
                     copy.written = Some(copy.board.seq);
@@ -462,14 +508,58 @@ impl MemoryStore {
             if clean {
                 // From here on nothing is acknowledged that this write lacks.
                 s.refusing = Some(Refusing::Closed);
+                if !behind && copy.clean_on_disk {
+                    // Written from the reserve on a full disk, while refusing:
+                    // the file already holds everything, marked clean.
+                    return Ok(());
+                }
             }
             s.delta_since(copy.board.epoch, copy.board.seq)
         };
         copy.apply(delta);
+        // After the reserve was used, the store accepts nothing until it is
+        // back: the next full disk must find it.
+        if !clean && !copy.has_reserve {
+            if let Err(e) = file::ensure_reserve(&disk.reserve, disk.reserve_len) {
+                return Err(self.failed(&mut copy, &e, "re-creating the space reserve"));
+            }
+            copy.has_reserve = true;
+        }
         let bytes = file::encode(&copy.board, &copy.checked_at, clean);
-        match file::write_atomic(&disk.path, &bytes) {
-            Ok(()) => {
+        let mut result = file::write_atomic(&disk.path, &bytes).map(|()| false);
+        if let Err(e) = &result
+            && file::out_of_space(e)
+            && copy.has_reserve
+        {
+            result = self.write_from_reserve(disk, &mut copy).map(|()| true);
+        }
+        match result {
+            Ok(from_reserve) => {
                 copy.written = Some(copy.board.seq);
+                copy.clean_on_disk = clean || from_reserve;
+                if from_reserve {
+                    // The write failed; the reserve saved what was acknowledged.
+                    metrics::counter!("omcb_persist_failures_total").increment(1);
+                    metrics::gauge!("omcb_persist_ok").set(0.0);
+                    if clean {
+                        tracing::warn!(
+                            seq = copy.board.seq,
+                            "the data disk is full: the final write went into the space reserve; \
+                             every acknowledged change is on disk, marked clean"
+                        );
+                        return Ok(());
+                    }
+                    if !std::mem::replace(&mut copy.failing, true) {
+                        tracing::error!(
+                            seq = copy.board.seq,
+                            reserve_bytes = disk.reserve_len,
+                            "persisting the board failed: the data disk is full; every acknowledged \
+                             change was written into the space reserve; refusing toggles until the \
+                             reserve can be re-created (retrying)"
+                        );
+                    }
+                    return Err(StoreError::Unavailable("the data disk is full".into()));
+                }
                 if !clean {
                     let mut s = self.state();
                     if s.refusing == Some(Refusing::WriteFailed) {
@@ -486,14 +576,10 @@ impl MemoryStore {
                 Ok(())
             }
             Err(e) => {
-                if !clean {
-                    let mut s = self.state();
-                    s.refusing.get_or_insert(Refusing::WriteFailed);
-                }
-                metrics::counter!("omcb_persist_failures_total").increment(1);
-                metrics::gauge!("omcb_persist_ok").set(0.0);
-                let on_disk = copy.written.unwrap_or(0);
                 if clean {
+                    metrics::counter!("omcb_persist_failures_total").increment(1);
+                    metrics::gauge!("omcb_persist_ok").set(0.0);
+                    let on_disk = copy.written.unwrap_or(0);
                     let acknowledged = copy.board.seq;
                     let lost = if on_disk < acknowledged {
                         format!(
@@ -507,17 +593,42 @@ impl MemoryStore {
                         disk.path.display(),
                     )));
                 }
-                if !std::mem::replace(&mut copy.failing, true) {
-                    tracing::error!(
-                        error = %e,
-                        on_disk,
-                        acknowledged = copy.board.seq,
-                        "persisting the board failed; refusing toggles until a write succeeds (retrying)"
-                    );
-                }
-                Err(e.into())
+                Err(self.failed(&mut copy, &e, "persisting the board"))
             }
         }
+    }
+
+    /// A write found the disk full: stop acknowledging, then write the whole
+    /// board (every acknowledged change, marked clean) over the reserve's
+    /// blocks and rename it over the board file. The reserve is used up
+    /// whether or not this succeeds.
+    fn write_from_reserve(&self, disk: &Disk, copy: &mut DiskCopy) -> std::io::Result<()> {
+        let delta = {
+            let mut s = self.state();
+            s.refusing.get_or_insert(Refusing::WriteFailed);
+            s.delta_since(copy.board.epoch, copy.board.seq)
+        };
+        copy.apply(delta);
+        copy.has_reserve = false;
+        let bytes = file::encode(&copy.board, &copy.checked_at, true);
+        file::write_over_reserve(&disk.reserve, &disk.path, &bytes)
+    }
+
+    /// A write (or the reserve) failed for good: refuse changes until one
+    /// succeeds, count it, and log once per failure, not per retry.
+    fn failed(&self, copy: &mut DiskCopy, e: &std::io::Error, what: &str) -> StoreError {
+        self.state().refusing.get_or_insert(Refusing::WriteFailed);
+        metrics::counter!("omcb_persist_failures_total").increment(1);
+        metrics::gauge!("omcb_persist_ok").set(0.0);
+        if !std::mem::replace(&mut copy.failing, true) {
+            tracing::error!(
+                error = %e,
+                on_disk = copy.written.unwrap_or(0),
+                acknowledged = copy.board.seq,
+                "{what} failed; refusing toggles until a write succeeds (retrying)"
+            );
+        }
+        StoreError::Unavailable(format!("{what} failed: {e}"))
     }
 
     async fn persist_loop(self, mut stop: watch::Receiver<bool>) {
@@ -590,6 +701,13 @@ impl MemoryFeed {
     }
 }
 
+/// The length of the space reserve for a board of `config`: the largest
+/// board file it can need (every box it may check has a check time).
+pub fn reserve_len(config: BoardConfig) -> u64 {
+    let checkable = config.max_checked.map_or(config.size, |max| max.min(config.size));
+    file::len(config.size, checkable)
+}
+
 /// The board file: a small versioned binary format with a checksum.
 mod file {
     use super::*;
@@ -634,6 +752,13 @@ mod file {
         let sum = fnv1a(&out);
         out.extend_from_slice(&sum.to_le_bytes());
         out
+    }
+
+    /// The length of a board file of `size` boxes, `checked` of them checked
+    /// (header, two bitsets, the check times, the checksum).
+    pub(super) fn len(size: u32, checked: u32) -> u64 {
+        let header = MAGIC.len() + 1 + 4 + 8 + 8 + 4 + 4;
+        (header + 2 * bits::byte_len(size) + 4 + 8) as u64 + 12 * u64::from(checked)
     }
 
     pub(super) fn load(path: &Path) -> Result<Option<Saved>, StoreError> {
@@ -721,10 +846,73 @@ mod file {
             return Err(e);
         }
         std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
+        sync_dir(path)
+    }
+
+    /// Whether a write failed for lack of space (the reserve helps there).
+    pub(super) fn out_of_space(e: &std::io::Error) -> bool {
+        matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+    }
+
+    /// Makes sure the reserve at `path` holds `len` bytes of allocated
+    /// blocks: kept when it does (a sparse file does not count), else
+    /// written anew, as zeros: `fallocate` and `set_len` would leave blocks
+    /// that a later overwrite may still have to allocate. A partial reserve
+    /// is removed, since it only holds space a full disk lacks.
+    pub(super) fn ensure_reserve(path: &Path, len: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::metadata(path)
+            && m.is_file()
+            && m.len() == len
+            && m.blocks() * 512 >= len
+        {
+            return Ok(());
         }
-        Ok(())
+        let _ = std::fs::remove_file(path);
+        let written = (|| {
+            let mut f = std::fs::File::create(path)?;
+            let zeros = vec![0u8; 64 * 1024];
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64) as usize;
+                f.write_all(&zeros[..n])?;
+                left -= n as u64;
+            }
+            f.sync_all()?;
+            sync_dir(path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        written
+    }
+
+    /// Writes `bytes` over the reserve's own (allocated) blocks, cuts it to
+    /// their length, fsyncs it and renames it over the board at `path`:
+    /// atomic like [`write_atomic`], and needs no new space (on a filesystem
+    /// that overwrites in place).
+    pub(super) fn write_over_reserve(
+        reserve: &Path,
+        path: &Path,
+        bytes: &[u8],
+    ) -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).open(reserve)?;
+        if f.metadata()?.len() < bytes.len() as u64 {
+            return Err(std::io::Error::other("the space reserve is smaller than the board file"));
+        }
+        f.write_all(bytes)?;
+        f.set_len(bytes.len() as u64)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(reserve, path)?;
+        sync_dir(path)
+    }
+
+    fn sync_dir(path: &Path) -> std::io::Result<()> {
+        match path.parent() {
+            Some(dir) => std::fs::File::open(dir)?.sync_all(),
+            None => Ok(()),
+        }
     }
 
     fn fnv1a(bytes: &[u8]) -> u64 {

@@ -3,7 +3,7 @@
 //! read-only disks are tested through the worker, in
 //! `crates/worker/tests/embedded.rs`.)
 
-use omcb_store::memory::{LOG_CAPACITY, MemoryStore};
+use omcb_store::memory::{FILE_NAME, LOG_CAPACITY, MemoryStore, RESERVE_NAME, reserve_len};
 use omcb_store::{BoardConfig, SetOutcome, StoreError};
 
 const CONFIG: BoardConfig = BoardConfig { size: 200_000, max_checked: None, freeze_after_ms: 0 };
@@ -55,4 +55,24 @@ async fn opening_marks_the_file_unclean_before_the_first_change() {
     drop(crashed);
     let again = MemoryStore::open(CONFIG, Some(dir.path().into())).await.unwrap();
     assert_ne!(again.snapshot().epoch, epoch, "the change at seq 2 may be lost: a new epoch");
+}
+
+#[tokio::test]
+async fn the_space_reserve_is_allocated_and_as_large_as_the_largest_board_file() {
+    use std::os::unix::fs::MetadataExt;
+    let config = BoardConfig { size: 3000, max_checked: None, freeze_after_ms: 0 };
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemoryStore::open(config, Some(dir.path().into())).await.unwrap();
+    let reserve = std::fs::metadata(dir.path().join(RESERVE_NAME)).unwrap();
+    assert_eq!(reserve.len(), reserve_len(config));
+    assert!(reserve.blocks() * 512 >= reserve.len(), "written, not sparse");
+    // The largest file: every box checked, each with a check time.
+    for i in 0..config.size {
+        store.set(i, true).unwrap();
+    }
+    store.close().await.unwrap();
+    let board = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap();
+    assert_eq!(board.len(), reserve_len(config));
+    let capped = BoardConfig { max_checked: Some(100), ..config };
+    assert_eq!(reserve_len(capped), reserve_len(config) - 12 * 2900, "a cap bounds the file");
 }

@@ -1,6 +1,8 @@
 //! The embedded store under a bad day: a full or read-only data disk (a real
-//! tmpfs, mounted by the test: CI runs as root), a data dir it cannot write at
-//! start, a kill -9 right after a clean restart.
+//! tmpfs, mounted by the test: CI runs as root), a stop while the disk is
+//! full (the space reserve keeps every acknowledged toggle), a data dir it
+//! cannot write or fill with the reserve at start, a kill -9 right after a
+//! clean restart.
 
 mod common;
 
@@ -10,9 +12,10 @@ use std::process::Command;
 use common::*;
 use omcb_proto::v1::{Reason, server_message::Msg};
 
-/// A board small enough for a 1 MB disk, and no rate limit in the way.
+/// A board small enough for a 1 MB disk (its space reserve, the largest
+/// board file, is 120 KB), and no rate limit in the way.
 const BOARD: &[&str] =
-    &["--board-size", "100000", "--toggle-rate", "10000", "--toggle-burst", "10000"];
+    &["--board-size", "10000", "--toggle-rate", "10000", "--toggle-burst", "10000"];
 
 /// A small tmpfs mounted in a temp dir (unmounted on drop), holding the
 /// worker's data dir; the worker's log lives beside it, on the ordinary disk.
@@ -191,42 +194,91 @@ async fn a_read_only_disk_refuses_toggles_until_writable_and_loses_nothing() {
     refuses_while_broken_and_loses_nothing(&disk, |d| d.remount("ro"), |d| d.remount("rw")).await;
 }
 
-#[tokio::test]
-async fn sigterm_on_a_full_disk_fails_loudly_and_the_restart_takes_a_new_epoch() {
+/// Fills the disk under a worker that acknowledged toggles since its last
+/// persist and keeps toggling until refused, then stops it with `stop`
+/// while the disk is still full, frees the disk and restarts: every
+/// acknowledged toggle is there, under the same epoch (the board was written
+/// into the space reserve, marked clean, and nothing was acknowledged after).
+/// Returns how the stopped worker exited.
+async fn a_stop_on_a_full_disk_keeps_every_acknowledged_toggle(
+    stop: impl FnOnce(&mut Worker) -> std::process::ExitStatus,
+) -> (std::process::ExitStatus, String) {
     let disk = SmallDisk::mount("1m", "");
     let mut w = disk.start(BOARD);
     let mut c = connect(&w.ws_url("")).await;
-    c.recv().await;
-    assert!(c.set(1, true).await.accepted);
-    assert!(w.terminate().success());
-    // A clean restart, then the disk fills before the first persist.
-    let mut w = disk.start(BOARD);
-    let mut c = connect(&w.ws_url("")).await;
-    let Msg::Snapshot(clean) = c.recv().await else { panic!("snapshot first") };
-    disk.fill();
-    let r = c.set(2, true).await;
-    let status = w.terminate();
-    assert!(!status.success(), "the final write failed: the exit says so");
-    let log = w.log();
-    assert!(log.contains("the final write of"), "a clear message:\n{log}");
-    if r.accepted {
-        assert!(log.contains("are not on disk"), "it says what is missing:\n{log}");
+    let Msg::Snapshot(first) = c.recv().await else { panic!("snapshot first") };
+    // Acknowledged at once, long before the first persist (a second away).
+    let mut next = 0;
+    let mut acknowledged = Vec::new();
+    for _ in 0..20 {
+        assert!(c.set(next, true).await.accepted);
+        acknowledged.push(next);
+        next += 1;
     }
+    disk.fill();
+    acknowledged.extend(toggle_until(&mut c, &mut next, true).await);
+    assert_eq!(readyz(&w).await, 503);
+    let status = stop(&mut w);
 
     disk.free();
     let w2 = disk.start(BOARD);
     let (s, _) = api_state(w2.addr).await;
-    assert_ne!(s.epoch, clean.epoch, "the file lacks acknowledged changes: a new epoch");
-    assert!(omcb_proto::Board::from_snapshot(&s).unwrap().is_checked(1));
-    drop(w);
+    let board = omcb_proto::Board::from_snapshot(&s).unwrap();
+    let lost: Vec<u32> = acknowledged.iter().copied().filter(|&i| !board.is_checked(i)).collect();
+    assert!(lost.is_empty(), "acknowledged toggles lost: {lost:?} of {}", acknowledged.len());
+    assert_eq!(s.checked_count as usize, acknowledged.len(), "refused toggles are not there");
+    assert_eq!(s.epoch, first.epoch, "nothing was lost: same epoch");
+    let log = w.log();
+    assert!(log.contains("written into the space reserve"), "it says so:\n{log}");
+    (status, log)
 }
 
 #[tokio::test]
-async fn refuses_to_start_on_a_data_dir_it_cannot_write() {
-    let disk = SmallDisk::mount("1m", ",ro");
+async fn sigterm_on_a_full_disk_keeps_every_acknowledged_toggle_and_the_epoch() {
+    let (status, log) =
+        a_stop_on_a_full_disk_keeps_every_acknowledged_toggle(|w| w.terminate()).await;
+    assert!(status.success(), "a clean stop: everything is on disk\n{log}");
+}
+
+#[tokio::test]
+async fn kill_9_on_a_full_disk_keeps_every_acknowledged_toggle_and_the_epoch() {
+    a_stop_on_a_full_disk_keeps_every_acknowledged_toggle(|w| w.kill9()).await;
+}
+
+/// A read-only disk leaves no way to write anything: a SIGTERM meanwhile
+/// fails loudly, and the restart takes a new epoch (what was acknowledged
+/// since the last persist is gone, and the file says unclean).
+#[tokio::test]
+async fn sigterm_on_a_read_only_disk_fails_loudly_and_the_restart_takes_a_new_epoch() {
+    let disk = SmallDisk::mount("1m", "");
+    let mut w = disk.start(BOARD);
+    let mut c = connect(&w.ws_url("")).await;
+    let Msg::Snapshot(first) = c.recv().await else { panic!("snapshot first") };
+    let mut next = 0;
+    assert!(c.set(next, true).await.accepted);
+    next += 1;
+    disk.remount("ro");
+    let unwritten = toggle_until(&mut c, &mut next, true).await;
+    let status = w.terminate();
+    let log = w.log();
+    assert!(!status.success(), "the final write failed: the exit says so\n{log}");
+    assert!(log.contains("the final write of"), "a clear message:\n{log}");
+    if !unwritten.is_empty() {
+        assert!(log.contains("are not on disk"), "it says what is missing:\n{log}");
+    }
+
+    disk.remount("rw");
+    let w2 = disk.start(BOARD);
+    let (s, _) = api_state(w2.addr).await;
+    assert_ne!(s.epoch, first.epoch, "the file lacks acknowledged changes: a new epoch");
+    drop(w);
+}
+
+/// The worker's start on `mount` fails: its stderr.
+fn start_fails(mount: &Path) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_omcb"))
         .args(["serve", "--listen", "127.0.0.1:0", "--board-size", "1000", "--data-dir"])
-        .arg(&disk.mount)
+        .arg(mount)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -245,9 +297,28 @@ async fn refuses_to_start_on_a_data_dir_it_cannot_write() {
     assert!(!status.success());
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    err
+}
+
+#[tokio::test]
+async fn refuses_to_start_on_a_data_dir_it_cannot_write() {
+    let disk = SmallDisk::mount("1m", ",ro");
+    let err = start_fails(&disk.mount);
     assert!(
         err.contains("cannot write the data dir") && err.contains(&*disk.mount.to_string_lossy()),
         "a clear error, got: {err}"
+    );
+}
+
+#[tokio::test]
+async fn refuses_to_start_without_room_for_the_space_reserve() {
+    let disk = SmallDisk::mount("1m", "");
+    disk.fill();
+    let err = start_fails(&disk.mount);
+    // 1,000 boxes: 37 + 2 x 125 + 12 + 12 x 1,000 bytes.
+    assert!(
+        err.contains("space reserve") && err.contains("12299 bytes"),
+        "a clear error naming the space needed, got: {err}"
     );
 }
 
