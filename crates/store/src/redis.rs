@@ -178,7 +178,21 @@ struct Inner {
     /// The last [`RECENT_ACKS`] changes this worker acknowledged, oldest
     /// first: after another worker restored the board from a replica that had
     /// not read them yet, this worker makes them again.
-    recent: std::sync::Mutex<VecDeque<Acked>>,
+    recent: std::sync::Mutex<VecDeque<Recent>>,
+    /// `(epoch, seq)` the feed has read up to: an acknowledged change with a
+    /// seq at or below it (or below an earlier acknowledgement) was made on a
+    /// board that went back in time, under a reused seq.
+    read: std::sync::Mutex<(u64, u64)>,
+}
+
+/// An acknowledged change in `Inner::recent`.
+#[derive(Debug, Clone, Copy)]
+struct Recent {
+    change: Acked,
+    /// Its seq was already used (see `Inner::read`): a board restored from a
+    /// replica at a later seq may still lack it. Also set, harmlessly, when
+    /// the feed read the change before its reply was handled.
+    reused: bool,
 }
 
 /// Acknowledged changes a worker remembers for a restore (see `Inner::recent`):
@@ -287,6 +301,7 @@ impl RedisStore {
                 acked: std::sync::Mutex::new(None),
                 replicated: AtomicBool::new(false),
                 recent: std::sync::Mutex::new(VecDeque::new()),
+                read: std::sync::Mutex::new((0, 0)),
             }),
         };
         // Redis may be up but still loading its AOF (`LOADING`): wait for it
@@ -540,19 +555,27 @@ impl RedisStore {
     /// Remembers a change `set.lua` made: in the ring of recent ones, and as
     /// the watermark if it is the newest of its epoch.
     fn acknowledged(&self, change: Acked) {
+        let mut acked = self.inner.acked.lock().unwrap_or_else(|e| e.into_inner());
+        let read = *self.inner.read.lock().unwrap_or_else(|e| e.into_inner());
+        let reused = (read.0 == change.epoch && change.seq <= read.1)
+            || acked.is_some_and(|a| a.epoch == change.epoch && change.seq <= a.seq);
         {
             let mut recent = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
             if recent.len() == RECENT_ACKS {
                 recent.pop_front();
             }
-            recent.push_back(change);
+            recent.push_back(Recent { change, reused });
         }
-        let mut acked = self.inner.acked.lock().unwrap_or_else(|e| e.into_inner());
         // Replies of two epochs may race (a FLUSHALL, a rebirth): the later
         // epoch usually wins; losing a watermark only skips one check.
         if acked.is_none_or(|a| a.epoch != change.epoch || a.seq < change.seq) {
             *acked = Some(change);
         }
+    }
+
+    /// Notes where the feed has read up to (see `Inner::read`).
+    fn read_up_to(&self, epoch: u64, seq: u64) {
+        *self.inner.read.lock().unwrap_or_else(|e| e.into_inner()) = (epoch, seq);
     }
 
     /// The newest change this worker acknowledged on board `epoch`.
@@ -681,13 +704,18 @@ impl RedisStore {
     }
 
     /// Makes again the changes this worker acknowledged on board `from` after
-    /// its seq `seq`: a board restored from another worker's replica at that
-    /// position lacks them. In the order they were acknowledged; a box that
+    /// its seq `seq`, or under a seq Redis had already used (after it went
+    /// back in time): a board restored from another worker's replica at that
+    /// position may lack them. In the order they were acknowledged; a box that
     /// already has the value costs nothing (set, not flip).
     async fn reapply(&self, board: &Board, from: u64, seq: u64) {
         let mine: Vec<Acked> = {
             let recent = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
-            recent.iter().filter(|a| a.epoch == from && a.seq > seq).copied().collect()
+            recent
+                .iter()
+                .filter(|r| r.change.epoch == from && (r.change.seq > seq || r.reused))
+                .map(|r| r.change)
+                .collect()
         };
         let mut made = 0;
         for a in mine {
@@ -888,6 +916,7 @@ impl RedisFeed {
                 }
                 self.seq = last.change.seq;
                 self.last = Some(last);
+                self.store.read_up_to(self.epoch, self.seq);
                 return Ok(FeedEvent::Changes(entries.into_iter().map(|e| e.change).collect()));
             }
             // Quiet for a whole block: is this still the same board, with all
@@ -1000,6 +1029,7 @@ impl RedisFeed {
         self.seq = board.seq;
         self.last = None;
         self.verify = false;
+        self.store.read_up_to(self.epoch, self.seq);
         if self.replica.is_some() {
             self.replica = Some(board.clone());
         }
