@@ -175,9 +175,10 @@ struct Inner {
     /// gone from Redis is restored from it (`restore.lua`), never created
     /// empty by `init.lua`.
     replicated: AtomicBool,
-    /// The last [`RECENT_ACKS`] changes this worker acknowledged, oldest
-    /// first: after another worker restored the board from a replica that had
-    /// not read them yet, this worker makes them again.
+    /// The last [`RECENT_ACKS`] changes this worker acknowledged (and sets
+    /// it accepted that changed nothing), oldest first: after another worker
+    /// restored the board from a replica that had not read them yet, this
+    /// worker makes them again.
     recent: std::sync::Mutex<VecDeque<Recent>>,
     /// `(epoch, seq)` the feed has read up to: an acknowledged change with a
     /// seq at or below it (or below an earlier acknowledgement) was made on a
@@ -447,9 +448,15 @@ impl RedisStore {
         .map_err(unavailable)?;
         let v = array(reply)?;
         let (status, value, seq) = (int(&v, 0)?, int(&v, 1)? == 1, int(&v, 2)? as u64);
+        let epoch = uint(&v, 5)?;
         if seq > 0 {
             let op = if status == -2 { Op::Freeze } else { Op::Set(value) };
-            self.acknowledged(Acked { epoch: uint(&v, 5)?, seq, index, op });
+            self.acknowledged(Acked { epoch, seq, index, op });
+        } else if status == 0 {
+            // No change, but what the client now believes the box is: an older
+            // acknowledgement of the box must not be made again over it.
+            let change = Acked { epoch, seq: 0, index, op: Op::Set(value) };
+            self.remember(Recent { change, reused: false });
         }
         Ok(match status {
             1 => SetOutcome::Changed { seq, checked: value },
@@ -559,18 +566,21 @@ impl RedisStore {
         let read = *self.inner.read.lock().unwrap_or_else(|e| e.into_inner());
         let reused = (read.0 == change.epoch && change.seq <= read.1)
             || acked.is_some_and(|a| a.epoch == change.epoch && change.seq <= a.seq);
-        {
-            let mut recent = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
-            if recent.len() == RECENT_ACKS {
-                recent.pop_front();
-            }
-            recent.push_back(Recent { change, reused });
-        }
+        self.remember(Recent { change, reused });
         // Replies of two epochs may race (a FLUSHALL, a rebirth): the later
         // epoch usually wins; losing a watermark only skips one check.
         if acked.is_none_or(|a| a.epoch != change.epoch || a.seq < change.seq) {
             *acked = Some(change);
         }
+    }
+
+    /// Adds an answer to the ring of recent ones.
+    fn remember(&self, answer: Recent) {
+        let mut recent = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == RECENT_ACKS {
+            recent.pop_front();
+        }
+        recent.push_back(answer);
     }
 
     /// Notes where the feed has read up to (see `Inner::read`).
@@ -711,10 +721,22 @@ impl RedisStore {
     async fn reapply(&self, board: &Board, from: u64, seq: u64) {
         let mine: Vec<Acked> = {
             let recent = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
+            // Only a box's latest answer counts: the client may have set the
+            // box again since (on the restored board, too).
+            let mut latest = std::collections::HashMap::new();
+            for (i, r) in recent.iter().enumerate() {
+                latest.insert(r.change.index, i);
+            }
             recent
                 .iter()
-                .filter(|r| r.change.epoch == from && (r.change.seq > seq || r.reused))
-                .map(|r| r.change)
+                .enumerate()
+                .filter(|&(i, r)| {
+                    latest.get(&r.change.index) == Some(&i)
+                        && r.change.epoch == from
+                        && r.change.seq > 0
+                        && (r.change.seq > seq || r.reused)
+                })
+                .map(|(_, r)| r.change)
                 .collect()
         };
         let mut made = 0;
