@@ -22,7 +22,7 @@
 -- ARGV[8]: checked boxes
 -- ARGV[9]: frozen boxes
 -- ARGV[10]: the replica's seq (of the epoch in ARGV[1])
--- ARGV[11..]: the checked unfrozen boxes, when freezing is on: their check
+-- and from ARGV[11] on, the checked unfrozen boxes when freezing is on: their check
 --   time stays what Redis still has, else it becomes now (the replica does not
 --   know it: such a box freezes up to freeze_after_ms later than it would have)
 -- Returns: {restored (1 = this call wrote the replica, 0 = the board has another epoch), the board's epoch now}
@@ -41,9 +41,10 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local times = {}
-for i = 11, #ARGV do
-  times[#times + 1] = redis.call('ZSCORE', KEYS[8], ARGV[i]) or now
-  times[#times + 1] = ARGV[i]
+local boxes = ARGV
+for i = 11, #boxes do
+  times[#times + 1] = redis.call('ZSCORE', KEYS[8], boxes[i]) or now
+  times[#times + 1] = boxes[i]
 end
 
 local seq = tonumber(ARGV[10])
