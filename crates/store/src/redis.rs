@@ -18,13 +18,22 @@
 //! keeping the epoch (a restore of older files, an AOF that lost its last
 //! second, a failover to a lagging replica). The feed notices when Redis' seq
 //! is behind a seq this worker applied or acknowledged, or when the entry at
-//! such a seq is not the change it saw; then `rebirth.lua` moves the board to a
-//! new epoch, a compare-and-set on the old one, so it moves once whichever
-//! worker notices first. The new epoch keeps what Redis still has and its seq;
-//! every worker resets its replica on it, so every client takes a Snapshot and
-//! no `?since=S&epoch=OLD` resumes across the loss. An epoch the feed had left
-//! that shows up again (a backup from before a `FLUSHALL` or an earlier move)
-//! is a loss too.
+//! such a seq is not the change it saw. An epoch the feed had left that shows
+//! up again (a backup from before a `FLUSHALL` or an earlier move) is a loss
+//! too, and so is a board that is gone (Redis restarted empty, `FLUSHALL`).
+//!
+//! # Restoring a board that lost changes
+//! The worker's feed keeps a replica ([`RedisStore::feed_from`]). The feed
+//! that notices a loss first writes its replica back under a new epoch
+//! (`restore.lua`, a compare-and-set on the old epoch or on the board being
+//! gone), so the board is restored once; every worker resets its replica on
+//! it, so every client takes a Snapshot and no `?since=S&epoch=OLD` resumes
+//! across the loss. Each worker then makes again its own recent answers that
+//! the restorer's replica had not read (`Inner::recent`). While the board is
+//! gone, a worker with a replica answers toggles `Unavailable` rather than
+//! create an empty board (`init.lua`) that would win over the restore. A feed
+//! without a replica (`feed`) moves the board to a new epoch with what Redis
+//! still has (`rebirth.lua`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -501,7 +510,8 @@ impl RedisStore {
         let k = &self.inner.keys;
         // snapshot.lua takes the first six.
         let keys = k.board()[..6].to_vec();
-        let reply = match self.eval(&self.inner.scripts.snapshot, keys, Vec::<String>::new()).await {
+        let reply = match self.eval(&self.inner.scripts.snapshot, keys, Vec::<String>::new()).await
+        {
             Err(e) if e.details().contains("NOBOARD") => return Ok(None),
             other => other.map_err(unavailable)?,
         };
@@ -703,7 +713,10 @@ impl RedisStore {
         let v: Vec<Option<String>> = self
             .inner
             .client
-            .hmget(&self.inner.keys.config, vec!["epoch", "restored_from_epoch", "restored_from_seq"])
+            .hmget(
+                &self.inner.keys.config,
+                vec!["epoch", "restored_from_epoch", "restored_from_seq"],
+            )
             .await
             .map_err(unavailable)?;
         let num = |i: usize| v.get(i).cloned().flatten().and_then(|s| s.parse::<u64>().ok());

@@ -208,9 +208,7 @@ fn scripts_called_as_documented_answer_as_documented() {
     assert_eq!((&items[0], items[1].as_str()), (&Resp::Int(1), Some("6")));
     assert_eq!(redis.command(&["GET", "{r}:seq"]).unwrap().as_str(), Some("41"));
     assert_eq!(redis.command(&["ZCARD", "{r}:checked_at"]).unwrap(), Resp::Int(1));
-    let Resp::Array(Some(items)) = eval(&redis, lua::RESTORE, &keys, &args) else {
-        unreachable!()
-    };
+    let Resp::Array(Some(items)) = eval(&redis, lua::RESTORE, &keys, &args) else { unreachable!() };
     assert_eq!((&items[0], items[1].as_str()), (&Resp::Int(0), Some("6")), "restored once");
 
     // lease: 1 for the holder, 0 for anyone else
