@@ -175,6 +175,16 @@ impl Store {
         }
     }
 
+    /// The change feed after `board`, the caller's replica. The Redis feed
+    /// keeps a copy up to date, to restore the board from when Redis loses
+    /// acknowledged changes (see [`redis`]).
+    pub fn feed_from(&self, board: &Board) -> ChangeFeed {
+        match self {
+            Store::Memory(m) => ChangeFeed::Memory(m.feed(board.epoch, board.seq)),
+            Store::Redis(r) => ChangeFeed::Redis(r.feed_from(board)),
+        }
+    }
+
     /// Freezes up to `limit` boxes whose check is older than `freeze_after_ms`;
     /// returns how many froze. A no-op when freezing is off.
     pub async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {

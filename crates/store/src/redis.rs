@@ -18,17 +18,26 @@
 //! keeping the epoch (a restore of older files, an AOF that lost its last
 //! second, a failover to a lagging replica). The feed notices when Redis' seq
 //! is behind a seq this worker applied or acknowledged, or when the entry at
-//! such a seq is not the change it saw; then `rebirth.lua` moves the board to a
-//! new epoch, a compare-and-set on the old one, so it moves once whichever
-//! worker notices first. The new epoch keeps what Redis still has and its seq;
-//! every worker resets its replica on it, so every client takes a Snapshot and
-//! no `?since=S&epoch=OLD` resumes across the loss. An epoch the feed had left
-//! that shows up again (a backup from before a `FLUSHALL` or an earlier move)
-//! is a loss too.
+//! such a seq is not the change it saw. An epoch the feed had left that shows
+//! up again (a backup from before a `FLUSHALL` or an earlier move) is a loss
+//! too, and so is a board that is gone (Redis restarted empty, `FLUSHALL`).
+//!
+//! # Restoring a board that lost changes
+//! The worker's feed keeps a replica ([`RedisStore::feed_from`]). The feed
+//! that notices a loss first writes its replica back under a new epoch
+//! (`restore.lua`, a compare-and-set on the old epoch or on the board being
+//! gone), so the board is restored once; every worker resets its replica on
+//! it, so every client takes a Snapshot and no `?since=S&epoch=OLD` resumes
+//! across the loss. Each worker then makes again its own recent answers that
+//! the restorer's replica had not read (`Inner::recent`). While the board is
+//! gone, a worker with a replica answers toggles `Unavailable` rather than
+//! create an empty board (`init.lua`) that would win over the restore. A feed
+//! without a replica (`feed`) moves the board to a new epoch with what Redis
+//! still has (`rebirth.lua`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -120,6 +129,7 @@ struct Scripts {
     lease: Script,
     position: Script,
     rebirth: Script,
+    restore: Script,
 }
 
 /// The sources of the scripts, for tools and tests.
@@ -138,6 +148,8 @@ pub mod lua {
     pub const POSITION: &str = include_str!("../lua/position.lua");
     /// `lua/rebirth.lua`.
     pub const REBIRTH: &str = include_str!("../lua/rebirth.lua");
+    /// `lua/restore.lua`.
+    pub const RESTORE: &str = include_str!("../lua/restore.lua");
 }
 
 /// A board in Redis. Cheap to clone.
@@ -168,7 +180,34 @@ struct Inner {
     /// The change with the highest seq this worker acknowledged, so the feed
     /// notices when Redis lost it even if no worker ever read it back.
     acked: std::sync::Mutex<Option<Acked>>,
+    /// A feed of this worker holds a replica of the board: a board that is
+    /// gone from Redis is restored from it (`restore.lua`), never created
+    /// empty by `init.lua`.
+    replicated: AtomicBool,
+    /// The last [`RECENT_ACKS`] changes this worker acknowledged (and sets
+    /// it accepted that changed nothing), oldest first: after another worker
+    /// restored the board from a replica that had not read them yet, this
+    /// worker makes them again.
+    recent: std::sync::Mutex<VecDeque<Recent>>,
+    /// `(epoch, seq)` the feed has read up to: an acknowledged change with a
+    /// seq at or below it (or below an earlier acknowledgement) was made on a
+    /// board that went back in time, under a reused seq.
+    read: std::sync::Mutex<(u64, u64)>,
 }
+
+/// An acknowledged change in `Inner::recent`.
+#[derive(Debug, Clone, Copy)]
+struct Recent {
+    change: Acked,
+    /// Its seq was already used (see `Inner::read`): a board restored from a
+    /// replica at a later seq may still lack it. Also set, harmlessly, when
+    /// the feed read the change before its reply was handled.
+    reused: bool,
+}
+
+/// Acknowledged changes a worker remembers for a restore (see `Inner::recent`):
+/// far more than a worker acknowledges while another one's feed reads them.
+const RECENT_ACKS: usize = 4096;
 
 /// A change `set.lua` reported, as the feed checks it against the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,6 +301,7 @@ impl RedisStore {
                     lease: Script::from_lua(lua::LEASE),
                     position: Script::from_lua(lua::POSITION),
                     rebirth: Script::from_lua(lua::REBIRTH),
+                    restore: Script::from_lua(lua::RESTORE),
                 },
                 wanted,
                 config: std::sync::RwLock::new(wanted),
@@ -269,6 +309,9 @@ impl RedisStore {
                 ops: AtomicU64::new(0),
                 commands: CommandCounts::default(),
                 acked: std::sync::Mutex::new(None),
+                replicated: AtomicBool::new(false),
+                recent: std::sync::Mutex::new(VecDeque::new()),
+                read: std::sync::Mutex::new((0, 0)),
             }),
         };
         // Redis may be up but still loading its AOF (`LOADING`): wait for it
@@ -305,7 +348,7 @@ impl RedisStore {
         &self,
         script: &Script,
         keys: Vec<&str>,
-        args: Vec<String>,
+        args: Vec<impl Into<Value>>,
     ) -> Result<Value, Error> {
         self.eval_on(&self.inner.client, script, keys, args).await
     }
@@ -316,8 +359,10 @@ impl RedisStore {
         client: &Client,
         script: &Script,
         keys: Vec<&str>,
-        args: Vec<String>,
+        args: Vec<impl Into<Value>>,
     ) -> Result<Value, Error> {
+        // Values, not strings: `restore.lua` takes bitsets, which are not UTF-8.
+        let args: Vec<Value> = args.into_iter().map(Into::into).collect();
         let s = &self.inner.scripts;
         let c = &self.inner.commands;
         let counter = if std::ptr::eq(script, &s.set) {
@@ -325,6 +370,7 @@ impl RedisStore {
         } else if std::ptr::eq(script, &s.snapshot)
             || std::ptr::eq(script, &s.init)
             || std::ptr::eq(script, &s.rebirth)
+            || std::ptr::eq(script, &s.restore)
         {
             &c.snapshot
         } else if std::ptr::eq(script, &s.position) {
@@ -401,8 +447,9 @@ impl RedisStore {
         ];
         let reply = match self.eval(&self.inner.scripts.set, keys.clone(), args.clone()).await {
             Err(e) if e.details().contains("NOBOARD") => {
-                // The board is gone (Redis restarted empty, FLUSHALL): make a new one.
-                self.init().await?;
+                // The board is gone (Redis restarted empty, FLUSHALL): make a
+                // new one, unless the feed restores it from its replica.
+                self.board_gone().await?;
                 self.eval(&self.inner.scripts.set, keys, args).await
             }
             other => other,
@@ -410,9 +457,15 @@ impl RedisStore {
         .map_err(unavailable)?;
         let v = array(reply)?;
         let (status, value, seq) = (int(&v, 0)?, int(&v, 1)? == 1, int(&v, 2)? as u64);
+        let epoch = uint(&v, 5)?;
         if seq > 0 {
             let op = if status == -2 { Op::Freeze } else { Op::Set(value) };
-            self.acknowledged(Acked { epoch: uint(&v, 5)?, seq, index, op });
+            self.acknowledged(Acked { epoch, seq, index, op });
+        } else if status == 0 {
+            // No change, but what the client now believes the box is: an older
+            // acknowledgement of the box must not be made again over it.
+            let change = Acked { epoch, seq: 0, index, op: Op::Set(value) };
+            self.remember(Recent { change, reused: false });
         }
         Ok(match status {
             1 => SetOutcome::Changed { seq, checked: value },
@@ -426,24 +479,49 @@ impl RedisStore {
 
     /// The whole board, read atomically.
     pub async fn snapshot(&self) -> Result<Board, StoreError> {
+        match self.read_board().await? {
+            Some(board) => Ok(board),
+            None => {
+                self.board_gone().await?;
+                self.read_board().await?.ok_or_else(|| {
+                    StoreError::Unavailable("the board vanished again right after init".into())
+                })
+            }
+        }
+    }
+
+    /// A board that is gone from Redis: created anew (`init.lua`, a new empty
+    /// board) by a worker without a replica; a worker with one answers
+    /// `Unavailable` instead, and its feed restores the board from the replica
+    /// (an empty board created meanwhile would win over the restore and lose
+    /// every acknowledged change).
+    async fn board_gone(&self) -> Result<(), StoreError> {
+        if self.inner.replicated.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable(
+                "the board is gone from Redis; it is being restored from the workers' replicas"
+                    .into(),
+            ));
+        }
+        self.init().await.map(|_| ())
+    }
+
+    /// The whole board, read atomically; `None` when it does not exist.
+    async fn read_board(&self) -> Result<Option<Board>, StoreError> {
         let k = &self.inner.keys;
         // snapshot.lua takes the first six.
         let keys = k.board()[..6].to_vec();
-        let reply = match self.eval(&self.inner.scripts.snapshot, keys.clone(), vec![]).await {
-            Err(e) if e.details().contains("NOBOARD") => {
-                self.init().await?;
-                self.eval(&self.inner.scripts.snapshot, keys, vec![]).await
-            }
-            other => other,
-        }
-        .map_err(unavailable)?;
+        let reply = match self.eval(&self.inner.scripts.snapshot, keys, Vec::<String>::new()).await
+        {
+            Err(e) if e.details().contains("NOBOARD") => return Ok(None),
+            other => other.map_err(unavailable)?,
+        };
         let v = array(reply)?;
         let size = int(&v, 6)? as u32;
         let checked =
             bits::from_bytes(&bytes(&v, 0)?, size).map_err(|e| StoreError::Data(e.to_string()))?;
         let frozen =
             bits::from_bytes(&bytes(&v, 1)?, size).map_err(|e| StoreError::Data(e.to_string()))?;
-        Ok(Board {
+        Ok(Some(Board {
             epoch: uint(&v, 5)?,
             seq: uint(&v, 4)?,
             size,
@@ -452,7 +530,7 @@ impl RedisStore {
             checked_count: int(&v, 2)? as u32,
             frozen_count: int(&v, 3)? as u32,
             freeze_after_ms: int(&v, 8)? as u64,
-        })
+        }))
     }
 
     /// Runs the freeze sweep if this worker holds (or takes) the fleet-wide lease.
@@ -491,14 +569,33 @@ impl RedisStore {
         Ok(frozen.as_i64().unwrap_or(0) as usize)
     }
 
-    /// Remembers a change `set.lua` made, if it is the newest of its epoch.
+    /// Remembers a change `set.lua` made: in the ring of recent ones, and as
+    /// the watermark if it is the newest of its epoch.
     fn acknowledged(&self, change: Acked) {
         let mut acked = self.inner.acked.lock().unwrap_or_else(|e| e.into_inner());
+        let read = *self.inner.read.lock().unwrap_or_else(|e| e.into_inner());
+        let reused = (read.0 == change.epoch && change.seq <= read.1)
+            || acked.is_some_and(|a| a.epoch == change.epoch && change.seq <= a.seq);
+        self.remember(Recent { change, reused });
         // Replies of two epochs may race (a FLUSHALL, a rebirth): the later
         // epoch usually wins; losing a watermark only skips one check.
         if acked.is_none_or(|a| a.epoch != change.epoch || a.seq < change.seq) {
             *acked = Some(change);
         }
+    }
+
+    /// Adds an answer to the ring of recent ones.
+    fn remember(&self, answer: Recent) {
+        let mut recent = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == RECENT_ACKS {
+            recent.pop_front();
+        }
+        recent.push_back(answer);
+    }
+
+    /// Notes where the feed has read up to (see `Inner::read`).
+    fn read_up_to(&self, epoch: u64, seq: u64) {
+        *self.inner.read.lock().unwrap_or_else(|e| e.into_inner()) = (epoch, seq);
     }
 
     /// The newest change this worker acknowledged on board `epoch`.
@@ -559,7 +656,128 @@ impl RedisStore {
         Ok(())
     }
 
-    /// A reader of the change stream after `seq` of `epoch`, on its own connection.
+    /// Writes `replica` back as the board under a new epoch, if the board
+    /// still has epoch `lost` or is gone (`restore.lua`, a compare-and-set).
+    /// Counts are recounted from the bits: a replica that read changes under
+    /// reused seqs before it noticed a rollback has bits right but counts of
+    /// two histories.
+    async fn restore(&self, replica: &Board, lost: u64) -> Result<(), StoreError> {
+        let config = self.config();
+        let new = crate::new_epoch();
+        let mut args: Vec<Value> = vec![
+            lost.to_string().into(),
+            new.to_string().into(),
+            replica.size.to_string().into(),
+            config.max_checked.unwrap_or(0).to_string().into(),
+            config.freeze_after_ms.to_string().into(),
+            Bytes::copy_from_slice(bits::as_bytes(&replica.checked)).into(),
+            Bytes::copy_from_slice(bits::as_bytes(&replica.frozen)).into(),
+            replica.checked.count_ones().to_string().into(),
+            replica.frozen.count_ones().to_string().into(),
+            replica.seq.to_string().into(),
+        ];
+        if config.freeze_after_ms > 0 {
+            args.extend(
+                replica
+                    .checked
+                    .iter_ones()
+                    .filter(|&i| !replica.frozen[i])
+                    .map(|i| Value::from(i.to_string())),
+            );
+        }
+        let reply = self
+            .eval(&self.inner.scripts.restore, self.inner.keys.board(), args)
+            .await
+            .map_err(|e| {
+                if e.details().contains("BOARDSIZE") {
+                    StoreError::Data(e.details().to_string())
+                } else {
+                    unavailable(e)
+                }
+            })?;
+        let v = array(reply)?;
+        if int(&v, 0)? == 1 {
+            tracing::warn!(
+                from_epoch = lost,
+                from_seq = replica.seq,
+                epoch = new,
+                checked = replica.checked.count_ones(),
+                "Redis lost acknowledged changes; restored the board from this worker's replica under a new epoch"
+            );
+        }
+        Ok(())
+    }
+
+    /// The epoch and seq board `epoch` was restored from (`restore.lua`), if it was.
+    async fn restored_from(&self, epoch: u64) -> Result<Option<(u64, u64)>, StoreError> {
+        let v: Vec<Option<String>> = self
+            .inner
+            .client
+            .hmget(
+                &self.inner.keys.config,
+                vec!["epoch", "restored_from_epoch", "restored_from_seq"],
+            )
+            .await
+            .map_err(unavailable)?;
+        let num = |i: usize| v.get(i).cloned().flatten().and_then(|s| s.parse::<u64>().ok());
+        Ok(match (num(0), num(1), num(2)) {
+            (Some(e), Some(from), Some(seq)) if e == epoch => Some((from, seq)),
+            _ => None,
+        })
+    }
+
+    /// Makes again the changes this worker acknowledged on board `from` after
+    /// its seq `seq`, or under a seq Redis had already used (after it went
+    /// back in time): a board restored from another worker's replica at that
+    /// position may lack them. In the order they were acknowledged; a box that
+    /// already has the value costs nothing (set, not flip).
+    async fn reapply(&self, board: &Board, from: u64, seq: u64) {
+        let mine: Vec<Acked> = {
+            let recent = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
+            // Only a box's latest answer counts: the client may have set the
+            // box again since (on the restored board, too).
+            let mut latest = std::collections::HashMap::new();
+            for (i, r) in recent.iter().enumerate() {
+                latest.insert(r.change.index, i);
+            }
+            recent
+                .iter()
+                .enumerate()
+                .filter(|&(i, r)| {
+                    latest.get(&r.change.index) == Some(&i)
+                        && r.change.epoch == from
+                        && r.change.seq > 0
+                        && (r.change.seq > seq || r.reused)
+                })
+                .map(|(_, r)| r.change)
+                .collect()
+        };
+        let mut made = 0;
+        for a in mine {
+            let Op::Set(value) = a.op else { continue };
+            if board.is_checked(a.index) == value {
+                continue;
+            }
+            match self.set(a.index, value).await {
+                Ok(_) => made += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, index = a.index, "could not make an acknowledged change again after a restore");
+                }
+            }
+        }
+        if made > 0 {
+            tracing::warn!(
+                changes = made,
+                from_epoch = from,
+                from_seq = seq,
+                "made again acknowledged changes the restored board lacked"
+            );
+        }
+    }
+
+    /// A reader of the change stream after `seq` of `epoch`, on its own
+    /// connection, without a replica: a board that lost changes moves to a
+    /// new epoch with what Redis still has (`rebirth.lua`).
     pub fn feed(&self, epoch: u64, seq: u64) -> RedisFeed {
         // Verify before the first read: the caller's position may be of another
         // epoch, or ahead of the board.
@@ -571,7 +789,18 @@ impl RedisStore {
             last: None,
             verify: true,
             left: VecDeque::new(),
+            replica: None,
         }
+    }
+
+    /// A reader of the change stream after `board`, which keeps a replica of
+    /// the board (`board` and the changes it read): when Redis lost
+    /// acknowledged changes, or the board is gone, the replica is written back
+    /// under a new epoch (`restore.lua`), and this worker's toggles never
+    /// create an empty board in its place.
+    pub fn feed_from(&self, board: &Board) -> RedisFeed {
+        self.inner.replicated.store(true, Ordering::Relaxed);
+        RedisFeed { replica: Some(board.clone()), ..self.feed(board.epoch, board.seq) }
     }
 
     /// Closes the connections.
@@ -613,6 +842,10 @@ pub struct RedisFeed {
     /// Epochs this feed moved away from, newest last: Redis showing one of
     /// them again was restored from data older than the move.
     left: VecDeque<u64>,
+    /// The board as of `seq` (what the feed started from plus every change it
+    /// returned since), when the feed was made with one: what a board that
+    /// lost changes is restored from.
+    replica: Option<Board>,
 }
 
 /// Epochs a feed remembers having left.
@@ -705,8 +938,20 @@ impl RedisFeed {
                     return self.reset(false).await;
                 }
                 let last = *entries.last().expect("not empty");
+                if let Some(replica) = self.replica.as_mut() {
+                    for e in &entries {
+                        if let Err(error) = replica.apply_change(&e.change) {
+                            // Checked above: contiguous, of this epoch. If that
+                            // ever breaks, a restore would write a wrong board.
+                            tracing::error!(%error, "the feed's replica rejected a change; dropping it");
+                            self.replica = None;
+                            break;
+                        }
+                    }
+                }
                 self.seq = last.change.seq;
                 self.last = Some(last);
+                self.store.read_up_to(self.epoch, self.seq);
                 return Ok(FeedEvent::Changes(entries.into_iter().map(|e| e.change).collect()));
             }
             // Quiet for a whole block: is this still the same board, with all
@@ -763,14 +1008,44 @@ impl RedisFeed {
         self.verify = true;
         // Read before the snapshot, as in `continuity`.
         let high = self.store.acked(self.epoch).map_or(self.seq, |a| a.seq.max(self.seq));
-        let mut board = self.store.snapshot().await?;
-        let behind = board.epoch == self.epoch && (lost || board.seq < high);
-        // An epoch we left is back: Redis went back past the move, and its
-        // clients may hold seqs of it the restored data does not have.
-        let returned = self.left.contains(&board.epoch);
-        if behind || returned {
-            self.store.rebirth(board.epoch).await?;
-            board = self.store.snapshot().await?;
+        let replica = self.replica.as_ref().filter(|r| r.epoch == self.epoch && r.seq == self.seq);
+        let board = match self.store.read_board().await? {
+            // The board is gone (Redis restarted empty, FLUSHALL): ours is the
+            // board as of our seq, with every change acknowledged before it.
+            None => match replica {
+                Some(replica) => {
+                    self.store.restore(replica, self.epoch).await?;
+                    self.read_board_after_move().await?
+                }
+                // Without a replica there is nothing to restore: a new, empty board.
+                None => {
+                    self.store.init().await?;
+                    self.read_board_after_move().await?
+                }
+            },
+            Some(board) => {
+                let behind = board.epoch == self.epoch && (lost || board.seq < high);
+                // An epoch we left is back: Redis went back past the move, and its
+                // clients may hold seqs of it the restored data does not have.
+                let returned = self.left.contains(&board.epoch);
+                if behind || returned {
+                    match replica {
+                        Some(replica) => self.store.restore(replica, board.epoch).await?,
+                        None => self.store.rebirth(board.epoch).await?,
+                    }
+                    self.read_board_after_move().await?
+                } else {
+                    board
+                }
+            }
+        };
+        // A board restored from a replica (ours or another worker's) lacks
+        // what that replica had not read: make our own such changes again.
+        // They come back through this feed as changes after the board.
+        if board.epoch != self.epoch
+            && let Some((from, seq)) = self.store.restored_from(board.epoch).await?
+        {
+            self.store.reapply(&board, from, seq).await;
         }
         if board.epoch != self.epoch {
             if self.left.len() == LEFT_EPOCHS {
@@ -789,7 +1064,19 @@ impl RedisFeed {
         self.seq = board.seq;
         self.last = None;
         self.verify = false;
+        self.store.read_up_to(self.epoch, self.seq);
+        if self.replica.is_some() {
+            self.replica = Some(board.clone());
+        }
         Ok(FeedEvent::Reset(Box::new(board)))
+    }
+
+    /// The board after this feed moved or restored it; `Unavailable` when it
+    /// is gone again (the next call starts over).
+    async fn read_board_after_move(&self) -> Result<Board, StoreError> {
+        self.store.read_board().await?.ok_or_else(|| {
+            StoreError::Unavailable("the board is gone again right after a restore".into())
+        })
     }
 }
 

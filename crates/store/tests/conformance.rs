@@ -463,3 +463,52 @@ async fn redis_an_epoch_that_comes_back_from_a_backup_is_moved_on() {
     assert!(reset.checked[4] && !reset.checked[5] && reset.checked[600]);
     assert_eq!(reset, store.snapshot().await.unwrap());
 }
+
+/// The worker's feed keeps a replica (`feed_from`), and a board that lost
+/// changes is restored from it under a new epoch: after a rollback every
+/// change survives, including those made on the older data before the feed
+/// noticed (the store that acknowledged them makes them again); a board that
+/// is gone (`FLUSHALL`) is restored too, and meanwhile a toggle answers
+/// `Unavailable` rather than create an empty board.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_feed_with_a_replica_restores_a_board_that_lost_changes() {
+    let (a, guard) = redis(SMALL).await;
+    let Guard::Redis(mut server) = guard else { unreachable!() };
+    for i in 0..10 {
+        set(&a, i, true).await;
+    }
+    let start = a.snapshot().await.unwrap();
+    let mut feed = a.feed_from(&start);
+    roll_back(&mut server, async |_| {
+        for i in 10..15 {
+            set(&a, i, true).await;
+        }
+        drain(&mut feed, 15).await;
+    })
+    .await;
+    // Reused seqs 11..13 on the older data, before the feed notices.
+    for i in 500..503 {
+        assert!(matches!(set_when_back(&a, i).await, SetOutcome::Changed { .. }));
+    }
+    let restored = next_reset(&mut feed).await;
+    assert_ne!(restored.epoch, start.epoch);
+    assert!((0..15).all(|i| restored.checked[i]), "the replica's changes are back");
+    eventually("the changes made on the older data are made again", async || {
+        let now = a.snapshot().await.unwrap();
+        (0..15).chain(500..503).all(|i| now.checked[i]) && now.checked_count == 18
+    })
+    .await;
+
+    let before = a.snapshot().await.unwrap();
+    server.command(&["FLUSHALL"]).unwrap();
+    assert!(matches!(a.set(700, true).await, Err(omcb_store::StoreError::Unavailable(_))));
+    let again = next_reset(&mut feed).await;
+    assert_ne!(again.epoch, before.epoch);
+    // The feed had not read the changes made again above: the restored board
+    // lacks them, and the store that acknowledged them makes them again.
+    eventually("the board is back, not empty", async || {
+        a.snapshot().await.unwrap().checked == before.checked
+    })
+    .await;
+    assert!(matches!(set(&a, 700, true).await, SetOutcome::Changed { .. }));
+}

@@ -92,6 +92,7 @@ fn headers_name_exactly_the_keys_and_arguments_used() {
         ("lease", lua::LEASE),
         ("position", lua::POSITION),
         ("rebirth", lua::REBIRTH),
+        ("restore", lua::RESTORE),
     ] {
         let h = header(src);
         assert_eq!(used(src, "KEYS"), h.keys, "{name}.lua: KEYS documented vs used");
@@ -194,6 +195,21 @@ fn scripts_called_as_documented_answer_as_documented() {
         unreachable!()
     };
     assert_eq!((&items[0], items[1].as_str()), (&Resp::Int(0), Some("7")), "moved once");
+
+    // restore: writes the replica when the board is gone or still has the
+    // epoch that lost changes; seq never goes back; only the first caller.
+    let keys: Vec<String> = BOARD_KEYS.iter().map(|k| k.replace("{t}", "{r}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let h = header(lua::RESTORE);
+    let args = ["5", "6", "1000", "0", "50", "A", "", "1", "0", "41", "0"];
+    let reply = eval(&redis, lua::RESTORE, &keys[..h.keys], &args);
+    check_shape("restore", &h, &reply);
+    let Resp::Array(Some(items)) = &reply else { unreachable!() };
+    assert_eq!((&items[0], items[1].as_str()), (&Resp::Int(1), Some("6")));
+    assert_eq!(redis.command(&["GET", "{r}:seq"]).unwrap().as_str(), Some("41"));
+    assert_eq!(redis.command(&["ZCARD", "{r}:checked_at"]).unwrap(), Resp::Int(1));
+    let Resp::Array(Some(items)) = eval(&redis, lua::RESTORE, &keys, &args) else { unreachable!() };
+    assert_eq!((&items[0], items[1].as_str()), (&Resp::Int(0), Some("6")), "restored once");
 
     // lease: 1 for the holder, 0 for anyone else
     let h = header(lua::LEASE);

@@ -391,13 +391,12 @@ impl Hub {
                             reader.abort();
                             match store.snapshot().await {
                                 Ok(board) => {
-                                    (events, reader) = spawn_feed(store.feed(board.epoch, board.seq));
+                                    (events, reader) = spawn_feed(store.feed_from(&board));
                                     self.reset(board);
                                 }
                                 Err(e) => {
                                     tracing::warn!(error = %e, "reload failed; retrying from the replica's position");
-                                    let (epoch, seq) = self.position();
-                                    (events, reader) = spawn_feed(store.feed(epoch, seq));
+                                    (events, reader) = spawn_feed(self.with_board(|b| store.feed_from(b)));
                                 }
                             }
                         }

@@ -128,7 +128,7 @@ impl Server {
         };
         let board = store.snapshot().await?;
         tracing::info!(epoch = board.epoch, seq = board.seq, size = board.size, "board loaded");
-        let feed = store.feed(board.epoch, board.seq);
+        let feed = store.feed_from(&board);
         let metrics = metrics::Metrics::new();
         // One fan-out shard per core: each batch is written to the sockets of
         // all shards in parallel.

@@ -238,38 +238,6 @@ async fn redis_restarts_with_aof_and_workers_recover_on_their_own() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_empty_redis_means_a_new_epoch_and_every_client_ends_on_the_new_board() {
-    let mut redis = RedisServer::start().unwrap();
-    let f = fleet_flags(&redis);
-    let workers: Vec<Worker> = (0..2).map(|_| Worker::start(&flags(&f))).collect();
-    let mut clients = clients_on(&workers, 1).await;
-    let old_epoch = clients[0].board.as_ref().unwrap().epoch;
-    for i in 0..10 {
-        assert!(clients[0].set(i, true).await.accepted);
-    }
-    redis.restart_empty().unwrap();
-    // Every client gets a Snapshot of a new epoch.
-    for c in clients.iter_mut() {
-        loop {
-            if let Msg::Snapshot(s) = c.recv().await
-                && s.epoch != old_epoch
-            {
-                break;
-            }
-        }
-    }
-    let new_epoch = clients[0].board.as_ref().unwrap().epoch;
-    assert_eq!(
-        clients[1].board.as_ref().unwrap().epoch,
-        new_epoch,
-        "both workers agree on the new board"
-    );
-    assert!(clients[1].set(500, true).await.accepted);
-    assert_converged(&redis, &mut clients).await;
-    assert_eq!(clients[0].board.as_ref().unwrap().checked_count, 1, "the new board starts empty");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn script_flush_under_traffic_keeps_toggles_succeeding() {
     let redis = RedisServer::start().unwrap();
     let w = Worker::start(&flags(&fleet_flags(&redis)));
@@ -313,14 +281,59 @@ async fn set_when_back(c: &mut Client, index: u32) {
     }
 }
 
+/// Sets box `index` to `value`, again while the worker answers UNAVAILABLE
+/// (Redis away, or the board being restored), until it is acknowledged.
+async fn set_acked(c: &mut Client, index: u32, value: bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = c.set(index, value).await;
+        if r.accepted {
+            return;
+        }
+        assert_eq!(r.reason, Reason::Unavailable as i32, "box {index}: refused {r:?}");
+        assert!(Instant::now() < deadline, "box {index}: never acknowledged again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Flips random boxes of `boxes`, which this client alone touches, `n` times,
+/// each until acknowledged; returns the value each box was last acknowledged
+/// with, which the board must show whatever Redis lost meanwhile.
+async fn own_boxes(
+    mut c: Client,
+    seed: u64,
+    boxes: std::ops::Range<u32>,
+    n: usize,
+) -> (Client, HashMap<u32, bool>) {
+    let mut rng = omcb_proto::rng::XorShift64::new(seed);
+    let mut acked = HashMap::new();
+    for _ in 0..n {
+        let index = boxes.start + (rng.next_u64() % u64::from(boxes.end - boxes.start)) as u32;
+        let value = !acked.get(&index).copied().unwrap_or(false);
+        set_acked(&mut c, index, value).await;
+        acked.insert(index, value);
+    }
+    (c, acked)
+}
+
+/// Every box holds the value it was last acknowledged with.
+fn assert_every_ack_on_board(redis: &RedisServer, acked: &HashMap<u32, bool>) {
+    let (bits, _, _) = redis_board(redis, 1000);
+    assert!(!acked.is_empty());
+    let lost: Vec<_> = acked.iter().filter(|&(&i, &v)| bits[i as usize] != v).collect();
+    assert!(lost.is_empty(), "{} acknowledged toggles lost: {lost:?}", lost.len());
+}
+
 /// Issue 8, finding 1: Redis restored from older files (a backup, an AOF that
 /// lost its last second, a lagging replica promoted) lost acknowledged
 /// changes but keeps the epoch in its data, and reuses their seqs for other
-/// changes. The board must come back under a new epoch: a client resuming with
-/// the old epoch and a seq the restore lost takes a Snapshot, never the
-/// batches that now carry those seqs.
+/// changes. The board comes back restored from the workers' replicas, under a
+/// new epoch: every acknowledged toggle stays (those the restore lost, and
+/// those made on the older data before a worker noticed), and a client
+/// resuming with the old epoch and a seq the restore lost takes a Snapshot,
+/// never the batches that now carry those seqs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_restored_from_older_files_means_a_new_epoch_and_no_resume_across_it() {
+async fn redis_restored_from_older_files_keeps_every_acknowledged_toggle_under_a_new_epoch() {
     let mut redis = RedisServer::start().unwrap();
     let f = fleet_flags(&redis);
     let workers: Vec<Worker> = (0..2).map(|_| Worker::start(&flags(&f))).collect();
@@ -328,14 +341,17 @@ async fn redis_restored_from_older_files_means_a_new_epoch_and_no_resume_across_
     let mut leaving = clients.pop().unwrap(); // on worker 1
     let mut toggler = clients.pop().unwrap(); // on worker 0
     let epoch = toggler.board.as_ref().unwrap().epoch;
+    let mut acked = HashMap::new();
     for i in 0..20 {
         assert!(toggler.set(i, true).await.accepted);
+        acked.insert(i, true);
     }
     redis.command(&["SAVE"]).unwrap();
     let rdb = redis.dir().join("dump.rdb");
     let saved = std::fs::read(&rdb).unwrap();
     for i in 20..40 {
         assert!(toggler.set(i, true).await.accepted);
+        acked.insert(i, true);
     }
     leaving.until_seq(40).await;
     let since = leaving.seq();
@@ -345,58 +361,86 @@ async fn redis_restored_from_older_files_means_a_new_epoch_and_no_resume_across_
     redis.kill().unwrap();
     std::fs::write(&rdb, saved).unwrap();
     redis.start_again().unwrap();
-    // The restored board has seq 20; its next changes reuse seqs 21.. for other
-    // boxes, past the leaving client's seq.
+    // The older data has seq 20; its next changes reuse seqs 21.. for other
+    // boxes, past the leaving client's seq, until a worker notices.
     for i in 500..530 {
         set_when_back(&mut toggler, i).await;
+        acked.insert(i, true);
     }
     let mut resumed = connect(&workers[1].ws_url(&format!("?since={since}&epoch={epoch}"))).await;
     resumed.board = board;
     let new_epoch = until_new_epoch(&mut resumed, epoch).await;
     assert_eq!(until_new_epoch(&mut toggler, epoch).await, new_epoch, "one new epoch");
     assert_eq!(redis_epoch(&redis), new_epoch);
-    assert!(resumed.set(700, true).await.accepted);
+    set_acked(&mut resumed, 700, true).await;
+    acked.insert(700, true);
     let mut clients = vec![toggler, resumed];
     assert_converged(&redis, &mut clients).await;
-    assert!(!clients[1].board.as_ref().unwrap().checked[30], "a box the restore lost");
+    assert_every_ack_on_board(&redis, &acked);
+    assert_eq!(redis_epoch(&redis), new_epoch, "restored once");
 }
 
-/// Issue 8, finding 11: after `FLUSHALL` under traffic the next board starts
-/// again at seq 1 and soon passes the workers' position on the old one, on
-/// connections that never dropped. No worker may take its changes for the old
-/// board's: every client ends on a Snapshot of the new board and holds exactly
-/// Redis' bits (boxes only the old board had must be gone).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flushall_under_traffic_puts_every_client_on_the_new_board() {
-    let redis = RedisServer::start().unwrap();
-    let workers: Vec<Worker> =
-        (0..2).map(|_| Worker::start(&flags(&fleet_flags(&redis)))).collect();
+/// Starts `owners` clients flipping boxes of their own on `workers`, and one
+/// watcher that only reads; `fault` runs once the traffic is under way. Then
+/// every client ends on one new epoch, holding Redis' board, and every
+/// acknowledged toggle is on it.
+async fn every_ack_survives(redis: &mut RedisServer, fault: impl FnOnce(&mut RedisServer)) {
+    let workers: Vec<Worker> = (0..2).map(|_| Worker::start(&flags(&fleet_flags(redis)))).collect();
     let mut clients = clients_on(&workers, 2).await;
     let epoch = clients[0].board.as_ref().unwrap().epoch;
-    // Boxes only the old board has, which the traffic never touches.
+    // Boxes the traffic never touches, only on the board before the fault.
+    let mut acked = HashMap::new();
     for i in 900..930 {
         assert!(clients[0].set(i, true).await.accepted);
+        acked.insert(i, true);
     }
     let watcher = clients.pop().unwrap();
     let traffic: Vec<_> = clients
         .into_iter()
         .enumerate()
-        .map(|(i, c)| tokio::spawn(hammer(c, 31 + i as u64, 1500, 64)))
+        .map(|(i, c)| {
+            let boxes = i as u32 * 200..(i as u32 + 1) * 200;
+            tokio::spawn(own_boxes(c, 31 + i as u64, boxes, 600))
+        })
         .collect();
-    poll("traffic under way", || async { (redis_board(&redis, 1000).1 >= 60).then_some(()) }).await;
-    assert_eq!(redis.command(&["FLUSHALL"]).unwrap().as_str(), Some("OK"));
+    poll("traffic under way", || async { (redis_board(redis, 1000).1 >= 90).then_some(()) }).await;
+    fault(redis);
     let mut clients = vec![watcher];
-    let mut results = Vec::new();
     for t in traffic {
-        let (c, r) = t.await.unwrap();
+        let (c, a) = t.await.unwrap();
         clients.push(c);
-        results.extend(r);
+        acked.extend(a);
     }
-    assert!(results.iter().all(|(_, r)| r.accepted), "toggles create the new board, never fail");
-    let new_epoch = redis_epoch(&redis);
+    let new_epoch = redis_epoch(redis);
     assert_ne!(new_epoch, epoch);
-    assert_converged(&redis, &mut clients).await;
-    for (i, c) in clients.iter().enumerate() {
-        assert_eq!(c.board.as_ref().unwrap().epoch, new_epoch, "client {i} on the new board");
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(until_new_epoch(c, epoch).await, new_epoch, "client {i} on the new board");
     }
+    assert_converged(redis, &mut clients).await;
+    assert_every_ack_on_board(redis, &acked);
+    assert_eq!(redis_epoch(redis), new_epoch, "restored once");
+}
+
+/// Issue 8: Redis restarted with no data under traffic. The workers' replicas
+/// hold the board: the first worker to notice writes its replica back under a
+/// new epoch (toggles answer UNAVAILABLE until then, rather than create an
+/// empty board), and no acknowledged toggle is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_redis_is_restored_from_the_replicas_under_a_new_epoch() {
+    let mut redis = RedisServer::start().unwrap();
+    every_ack_survives(&mut redis, |r| r.restart_empty().unwrap()).await;
+}
+
+/// Issue 8, finding 11: `FLUSHALL` under traffic, on connections that never
+/// drop. No worker takes another board's changes for its own, and no worker
+/// creates an empty board: the board is restored from a replica under a new
+/// epoch, every client ends on a Snapshot of it, and no acknowledged toggle is
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_under_traffic_restores_the_board_under_a_new_epoch() {
+    let mut redis = RedisServer::start().unwrap();
+    every_ack_survives(&mut redis, |r| {
+        assert_eq!(r.command(&["FLUSHALL"]).unwrap().as_str(), Some("OK"));
+    })
+    .await;
 }
