@@ -233,16 +233,26 @@ pub fn spawn(spec: ClientSpec, shared: Arc<Shared>, drop: watch::Receiver<u64>) 
 
 pub(crate) type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
-pub(crate) async fn connect(url: &str, source: Ipv4Addr) -> anyhow::Result<Ws> {
+/// A TCP socket bound to `source`, not yet connected, and the address of the
+/// `ws://host:port/path` URL it is for, with the URL's `host:port` and path.
+pub(crate) async fn bound_socket(
+    url: &str,
+    source: Ipv4Addr,
+) -> anyhow::Result<(tokio::net::TcpSocket, SocketAddr, &str, &str)> {
     let rest =
         url.strip_prefix("ws://").ok_or_else(|| anyhow::anyhow!("only ws:// URLs: {url}"))?;
-    let hostport = rest.split('/').next().unwrap_or(rest);
+    let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
     let addr: SocketAddr = tokio::net::lookup_host(hostport)
         .await?
         .next()
         .ok_or_else(|| anyhow::anyhow!("cannot resolve {hostport}"))?;
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind((source, 0).into())?;
+    Ok((socket, addr, hostport, path))
+}
+
+pub(crate) async fn connect(url: &str, source: Ipv4Addr) -> anyhow::Result<Ws> {
+    let (socket, addr, _, _) = bound_socket(url, source).await?;
     let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
     // tungstenite zero-fills its read buffer up to `read_buffer_size` before

@@ -16,7 +16,7 @@
 //! Ping and slow sockets speak raw WebSocket over TCP with a small receive
 //! buffer, so nothing on this side reads ahead of the chosen rate.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -206,14 +206,7 @@ async fn raw_socket(
     pings: u64,
     until: Instant,
 ) -> anyhow::Result<RawOutcome> {
-    let rest = url.strip_prefix("ws://").ok_or_else(|| anyhow::anyhow!("only ws:// URLs"))?;
-    let (hostport, path) = rest.split_once('/').map_or((rest, "/"), |(h, p)| (h, p));
-    let addr: SocketAddr = tokio::net::lookup_host(hostport)
-        .await?
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("cannot resolve {hostport}"))?;
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind((source, 0).into())?;
+    let (socket, addr, hostport, path) = crate::client::bound_socket(url, source).await?;
     // A small window: the server's bytes wait on its side, not in our kernel.
     socket.set_recv_buffer_size(4096)?;
     let mut s: TcpStream = socket.connect(addr).await?;

@@ -245,6 +245,16 @@ struct Position {
     acked: Option<Entry>,
 }
 
+/// A script's refusal of the board's settings (`BOARDSIZE`: the board in Redis
+/// has another size) is a data error; anything else means Redis is unavailable.
+fn board_error(e: Error) -> StoreError {
+    if e.details().contains("BOARDSIZE") {
+        StoreError::Data(e.details().to_string())
+    } else {
+        unavailable(e)
+    }
+}
+
 fn unavailable(e: Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -408,13 +418,7 @@ impl RedisStore {
                 ],
             )
             .await
-            .map_err(|e| {
-                if e.details().contains("BOARDSIZE") {
-                    StoreError::Data(e.details().to_string())
-                } else {
-                    unavailable(e)
-                }
-            })?;
+            .map_err(board_error)?;
         let v = array(reply)?;
         let created = int(&v, 0)? == 1;
         let config = BoardConfig {
@@ -688,13 +692,7 @@ impl RedisStore {
         let reply = self
             .eval(&self.inner.scripts.restore, self.inner.keys.board(), args)
             .await
-            .map_err(|e| {
-                if e.details().contains("BOARDSIZE") {
-                    StoreError::Data(e.details().to_string())
-                } else {
-                    unavailable(e)
-                }
-            })?;
+            .map_err(board_error)?;
         let v = array(reply)?;
         if int(&v, 0)? == 1 {
             tracing::warn!(
