@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use omcb_proto::v1::{Reason, server_message::Msg};
+use omcb_proto::v1::{Reason, Snapshot, server_message::Msg};
 
 /// A board small enough for a 1 MB disk (its space reserve, the largest
 /// board file, is 120 KB), and no rate limit in the way.
@@ -128,6 +128,33 @@ async fn readyz(w: &Worker) -> u16 {
     http_get(w.addr, "/readyz", &[]).await.status
 }
 
+/// Starts a worker on `disk`, takes its Snapshot and checks boxes 0..20:
+/// the worker, its client, the first Snapshot, the next box to toggle and the
+/// boxes acknowledged so far.
+async fn start_and_check_20(disk: &SmallDisk) -> (Worker, Client, Snapshot, u32, Vec<u32>) {
+    let w = disk.start(BOARD);
+    let mut c = connect(&w.ws_url("")).await;
+    let Msg::Snapshot(first) = c.recv().await else { panic!("snapshot first") };
+    let mut acknowledged = Vec::new();
+    for i in 0..20 {
+        assert!(c.set(i, true).await.accepted);
+        acknowledged.push(i);
+    }
+    (w, c, first, 20, acknowledged)
+}
+
+/// Restarts a worker on `disk`: its board is `epoch` and holds exactly the
+/// `acknowledged` boxes (nothing acknowledged lost, nothing refused applied).
+async fn restart_has_exactly(disk: &SmallDisk, epoch: u64, acknowledged: &[u32]) {
+    let w = disk.start(BOARD);
+    let (s, _) = api_state(w.addr).await;
+    let board = omcb_proto::Board::from_snapshot(&s).unwrap();
+    let lost: Vec<u32> = acknowledged.iter().copied().filter(|&i| !board.is_checked(i)).collect();
+    assert!(lost.is_empty(), "acknowledged toggles lost: {lost:?} of {}", acknowledged.len());
+    assert_eq!(s.checked_count as usize, acknowledged.len(), "refused toggles are not there");
+    assert_eq!(s.epoch, epoch, "nothing was lost: same epoch");
+}
+
 /// Breaks the disk under a running worker and mends it again: toggles are
 /// refused and `/readyz` is 503 meanwhile, accepted after, and a restart
 /// after SIGTERM has every acknowledged toggle.
@@ -136,16 +163,7 @@ async fn refuses_while_broken_and_loses_nothing(
     break_disk: impl Fn(&SmallDisk),
     mend_disk: impl Fn(&SmallDisk),
 ) {
-    let mut w = disk.start(BOARD);
-    let mut c = connect(&w.ws_url("")).await;
-    let Msg::Snapshot(first) = c.recv().await else { panic!("snapshot first") };
-    let mut next = 0;
-    let mut acknowledged = Vec::new();
-    for _ in 0..20 {
-        assert!(c.set(next, true).await.accepted);
-        acknowledged.push(next);
-        next += 1;
-    }
+    let (mut w, mut c, first, mut next, mut acknowledged) = start_and_check_20(disk).await;
 
     break_disk(disk);
     // Toggles acknowledged until the persister notices (at most a second).
@@ -172,13 +190,7 @@ async fn refuses_while_broken_and_loses_nothing(
     assert_eq!(log.matches("the board is persisted again").count(), 1, "{log}");
 
     assert!(w.terminate().success(), "a clean stop once the disk is mended");
-    let w2 = disk.start(BOARD);
-    let (s, _) = api_state(w2.addr).await;
-    assert_eq!(s.epoch, first.epoch, "nothing was lost: same epoch");
-    let board = omcb_proto::Board::from_snapshot(&s).unwrap();
-    let lost: Vec<u32> = acknowledged.iter().copied().filter(|&i| !board.is_checked(i)).collect();
-    assert!(lost.is_empty(), "acknowledged toggles lost: {lost:?}");
-    assert_eq!(s.checked_count as usize, acknowledged.len(), "refused toggles are not there");
+    restart_has_exactly(disk, first.epoch, &acknowledged).await;
     drop(w);
 }
 
@@ -204,30 +216,15 @@ async fn a_stop_on_a_full_disk_keeps_every_acknowledged_toggle(
     stop: impl FnOnce(&mut Worker) -> std::process::ExitStatus,
 ) -> (std::process::ExitStatus, String) {
     let disk = SmallDisk::mount("1m", "");
-    let mut w = disk.start(BOARD);
-    let mut c = connect(&w.ws_url("")).await;
-    let Msg::Snapshot(first) = c.recv().await else { panic!("snapshot first") };
     // Acknowledged at once, long before the first persist (a second away).
-    let mut next = 0;
-    let mut acknowledged = Vec::new();
-    for _ in 0..20 {
-        assert!(c.set(next, true).await.accepted);
-        acknowledged.push(next);
-        next += 1;
-    }
+    let (mut w, mut c, first, mut next, mut acknowledged) = start_and_check_20(&disk).await;
     disk.fill();
     acknowledged.extend(toggle_until(&mut c, &mut next, true).await);
     assert_eq!(readyz(&w).await, 503);
     let status = stop(&mut w);
 
     disk.free();
-    let w2 = disk.start(BOARD);
-    let (s, _) = api_state(w2.addr).await;
-    let board = omcb_proto::Board::from_snapshot(&s).unwrap();
-    let lost: Vec<u32> = acknowledged.iter().copied().filter(|&i| !board.is_checked(i)).collect();
-    assert!(lost.is_empty(), "acknowledged toggles lost: {lost:?} of {}", acknowledged.len());
-    assert_eq!(s.checked_count as usize, acknowledged.len(), "refused toggles are not there");
-    assert_eq!(s.epoch, first.epoch, "nothing was lost: same epoch");
+    restart_has_exactly(&disk, first.epoch, &acknowledged).await;
     let log = w.log();
     assert!(log.contains("written into the space reserve"), "it says so:\n{log}");
     (status, log)
