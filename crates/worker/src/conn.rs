@@ -40,10 +40,11 @@ use tokio::net::tcp::OwnedReadHalf;
 
 use crate::App;
 use crate::deadline::WriteDeadline;
+use crate::frames;
 use crate::hub::{SinkKey, Start};
 use crate::limits::{self, Address, Hold};
 use crate::ratelimit::TokenBucket;
-use crate::sink::{self, Drained, Sink};
+use crate::sink::{Drained, Sink};
 
 /// Close codes of PROTOCOL.md, by what they mean here.
 pub mod close {
@@ -482,14 +483,14 @@ async fn write_loop_inner(app: &App, sink: &Sink) {
             }
             () = tokio::time::sleep_until(stuck_until.unwrap_or_else(tokio::time::Instant::now)), if stuck_until.is_some() => {}
             () = tokio::time::sleep_until(resync_at.unwrap_or_else(tokio::time::Instant::now)), if resync_at.is_some() => {}
-            _ = ping.tick() => sink.send(sink::frame(OpCode::Ping, &[])),
+            _ = ping.tick() => sink.send(frames::frame(OpCode::Ping, &[])),
         }
     }
 }
 
 /// Encodes a server message for one socket (toggle results, errors).
 fn server_frame(msg: server_message::Msg) -> Bytes {
-    sink::frame(OpCode::Binary, &omcb_proto::encode_server(msg))
+    frames::frame(OpCode::Binary, &omcb_proto::encode_server(msg))
 }
 
 fn error_frame(code: Code, message: &str) -> Bytes {
@@ -525,7 +526,7 @@ async fn read_loop(app: &App, rd: &mut Reader, sink: &Sink, address: &Arc<Addres
             bad(close::PROTOCOL, "control frame over 125 bytes");
             sink.close(close::PROTOCOL, "control frame over 125 bytes");
         } else {
-            sink.close_with(sink::encode(frame));
+            sink.close_with(frames::encode(frame));
         }
         std::future::ready(Ok::<(), std::io::Error>(()))
     };

@@ -30,8 +30,9 @@ use prost::Message;
 use slab::Slab;
 use tokio::sync::{mpsc, watch};
 
+use crate::frames::{self, EncodedBatch};
 use crate::metrics::Metrics;
-use crate::sink::{self, Sink};
+use crate::sink::Sink;
 
 /// What the hub hands to every socket.
 #[derive(Debug, Clone)]
@@ -41,20 +42,6 @@ enum Published {
     /// The replica was replaced (new epoch, or the feed lost continuity):
     /// every socket must send a fresh Snapshot before any later batch.
     Reset,
-}
-
-/// A batch encoded once as a WebSocket frame of a `ServerMessage`, shared by
-/// every socket.
-#[derive(Debug, Clone)]
-pub struct EncodedBatch {
-    /// Board epoch.
-    pub epoch: u64,
-    /// First seq the batch covers.
-    pub from_seq: u64,
-    /// Last seq the batch covers.
-    pub to_seq: u64,
-    /// The binary WebSocket frame of `ServerMessage{batch}`.
-    pub frame: Bytes,
 }
 
 /// A snapshot encoded once per seq, for sockets and for `GET /api/state`.
@@ -236,7 +223,7 @@ impl Hub {
     fn encode_snapshot(&self, board: &Board) -> EncodedSnapshot {
         let snapshot = board.to_snapshot(omcb_store::now_ms());
         let bare = Bytes::from(snapshot.encode_to_vec());
-        let frame = sink::frame(
+        let frame = frames::frame(
             fastwebsockets::OpCode::Binary,
             &omcb_proto::encode_server(Msg::Snapshot(snapshot)),
         );
@@ -476,7 +463,7 @@ impl Hub {
             epoch: state.board.epoch,
             from_seq: batch.from_seq,
             to_seq: batch.to_seq,
-            frame: sink::frame(
+            frame: frames::frame(
                 fastwebsockets::OpCode::Binary,
                 &omcb_proto::encode_server(Msg::Batch(batch)),
             ),

@@ -6,6 +6,8 @@
 //!   feed, the tick that encodes one Batch for every socket, and the fan-out
 //!   shards that write it.
 //! - [`sink`]: a socket's ordered, non-blocking output (frames, lag rule).
+//! - [`frames`]: the frames the worker sends, each encoded once (batches are
+//!   the same bytes for every socket).
 //! - [`conn`]: one WebSocket: reader (validation, rate limit, toggles) and
 //!   writer (start, snapshots, pings, full buffers, slow clients).
 //! - [`http`]: the HTTP routes (`/`, static files, `/api/state`, `/api/stats`,
@@ -27,6 +29,7 @@ pub mod assets;
 pub mod config;
 pub mod conn;
 pub mod deadline;
+pub mod frames;
 pub mod http;
 pub mod hub;
 pub mod limits;

@@ -125,8 +125,8 @@ impl Metrics {
     }
 
     /// The handles a socket's sink writes through.
-    pub fn sink(&self) -> crate::sink::SinkMetrics {
-        crate::sink::SinkMetrics {
+    pub fn sink(&self) -> SinkMetrics {
+        SinkMetrics {
             frames_sent: self.frames_sent.clone(),
             bytes_sent: self.bytes_sent.clone(),
             snapshots_lagged: self.snapshots_lagged.clone(),
@@ -148,4 +148,17 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The counters a sink adds to (handles into the worker's metrics).
+#[derive(Debug, Clone)]
+pub struct SinkMetrics {
+    /// Frames written.
+    pub frames_sent: metrics::Counter,
+    /// Bytes written (frame headers included).
+    pub bytes_sent: metrics::Counter,
+    /// Snapshots sent because the socket lagged.
+    pub snapshots_lagged: metrics::Counter,
+    /// Snapshots sent because the board was reset.
+    pub snapshots_reset: metrics::Counter,
 }

@@ -20,11 +20,10 @@
 //! `hostile::a_trickling_reader_is_closed_by_the_send_timeout` and the unit
 //! tests below.
 //!
-//! Frames are encoded by fastwebsockets (`Frame::write`), but written here
-//! rather than through its `WebSocketWrite`: a batch is framed once and the
-//! same bytes are `try_write`n to every socket by the hub's fan-out, with no
-//! task woken per socket. That rework cut the worker's CPU by 25% and halved
-//! delivery p50 at 5,000 clients (docs/BENCHMARKS.md, "Latency and CPU").
+//! Frames come encoded from [`crate::frames`] and are written here rather
+//! than through fastwebsockets' `WebSocketWrite`, so that a batch framed once
+//! is the same bytes for every socket (why, and what it saved: that module's
+//! docs).
 
 use std::collections::VecDeque;
 use std::io;
@@ -32,44 +31,12 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use bytes::Bytes;
-use fastwebsockets::{CloseCode, Frame, OpCode, Payload};
+use fastwebsockets::{CloseCode, OpCode};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
-use crate::hub::EncodedBatch;
-
-/// The counters a sink adds to (handles into the worker's metrics).
-#[derive(Debug, Clone)]
-pub struct SinkMetrics {
-    /// Frames written.
-    pub frames_sent: metrics::Counter,
-    /// Bytes written (frame headers included).
-    pub bytes_sent: metrics::Counter,
-    /// Snapshots sent because the socket lagged.
-    pub snapshots_lagged: metrics::Counter,
-    /// Snapshots sent because the board was reset.
-    pub snapshots_reset: metrics::Counter,
-}
-
-/// One complete server frame (FIN set, unmasked, as RFC 6455 requires of a
-/// server): header and payload in one buffer, so a socket sends it with one
-/// write and every socket can share it.
-pub fn frame(opcode: OpCode, payload: &[u8]) -> Bytes {
-    encode(Frame::new(true, opcode, None, Payload::Borrowed(payload)))
-}
-
-/// A close frame with a status code and a short reason.
-pub fn close_frame(code: CloseCode, reason: &str) -> Bytes {
-    encode(Frame::close(code.into(), reason.as_bytes()))
-}
-
-/// Encodes a frame fastwebsockets built (an unmasked one: we are the server).
-pub fn encode(mut frame: Frame<'_>) -> Bytes {
-    let mut buf = Vec::new();
-    let n = frame.write(&mut buf).len();
-    buf.truncate(n);
-    Bytes::from(buf)
-}
+use crate::frames::{EncodedBatch, close_frame, frame};
+use crate::metrics::SinkMetrics;
 
 /// What a queued frame is, for the lag and coalescing rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -620,18 +587,5 @@ mod tests {
             assert!(peer.read(&mut buf).await.unwrap() > 0);
             assert_eq!(sink.drain(), Drained::Waiting(since), "bytes moved, the clock did not");
         }
-    }
-
-    #[test]
-    fn frame_headers_for_every_length_class() {
-        assert_eq!(&frame(OpCode::Binary, b"ab")[..], &[0x82, 2, b'a', b'b']);
-        let f = frame(OpCode::Binary, &[7; 126]);
-        assert_eq!(&f[..4], &[0x82, 126, 0, 126]);
-        assert_eq!(f.len(), 4 + 126);
-        let f = frame(OpCode::Binary, &vec![7; 70_000]);
-        assert_eq!(&f[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
-        assert_eq!(f.len(), 10 + 70_000);
-        assert_eq!(&frame(OpCode::Ping, &[])[..], &[0x89, 0]);
-        assert_eq!(&close_frame(CloseCode::Restart, "x")[..], &[0x88, 3, 0x03, 0xF4, b'x']);
     }
 }
