@@ -4,7 +4,7 @@
 //! Everything a socket sends goes through its [`Sink`]: the reader's replies,
 //! the hub's batches (written by the fan-out shards, see [`crate::hub`]) and the
 //! writer's snapshots and pings, in one order. The writer task starts the socket
-//! (snapshot or resumed batches), sends the snapshots a lagging, reset or
+//! (snapshot or resumed batches, all of it in `Hub::join`), sends the snapshots a lagging, reset or
 //! resyncing socket needs, pings, drains a queue the kernel could not take at
 //! once, and closes a socket stuck for `--send-timeout`. Reading runs apart
 //! from all of it (a frame read is not cancel-safe), so a socket that stops
@@ -41,7 +41,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use crate::App;
 use crate::deadline::WriteDeadline;
 use crate::frames;
-use crate::hub::{SinkKey, Start};
+use crate::hub::Start;
 use crate::limits::{self, Address, Hold};
 use crate::ratelimit::TokenBucket;
 use crate::sink::{Drained, Sink};
@@ -72,11 +72,6 @@ pub mod close {
 
 /// The longest payload of a control frame (RFC 6455 5.5).
 const MAX_CONTROL_PAYLOAD: usize = 125;
-
-/// How long a resuming client that is ahead of this worker's replica (it came
-/// from another worker of the fleet) waits for the replica before it gets a
-/// snapshot instead. Replicas trail each other by one feed read, milliseconds.
-const RESUME_PATIENCE: Duration = Duration::from_millis(500);
 
 /// How long a closing socket waits for the client's close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
@@ -399,34 +394,18 @@ async fn flush(sink: &Sink) {
 }
 
 /// The socket's own task, for what the fan-out does not do: it starts the
-/// socket (snapshot or resumed batches), sends snapshots when the socket
-/// lagged, the board was reset or the client asked, pings, drains a queue the
-/// kernel could not take at once, and closes a socket that stays stuck for
-/// `--send-timeout`.
+/// socket ([`Hub::join`](crate::hub::Hub::join)), sends snapshots when the
+/// socket lagged, the board was reset or the client asked, pings, drains a
+/// queue the kernel could not take at once, and closes a socket that stays
+/// stuck for `--send-timeout`.
 async fn write_loop(app: Arc<App>, sink: Arc<Sink>, resume: Option<(u64, u64)>) {
-    if let Some((epoch, since)) = resume {
-        app.hub.catch_up_to(epoch, since, RESUME_PATIENCE).await;
-    }
-    let (key, start) = app.hub.subscribe(&sink, resume);
     // Leaves the fan-out however this task ends, aborted included.
-    let _subscribed = Subscribed { app: &app, key };
+    let (_joined, start) = app.hub.join(&sink, resume).await;
     match start {
         Start::Snapshot => app.metrics.snapshots_connect.increment(1),
         Start::Resume => app.metrics.resumes.increment(1),
     }
     write_loop_inner(&app, &sink).await;
-}
-
-/// A socket's membership in the hub's fan-out.
-struct Subscribed<'a> {
-    app: &'a App,
-    key: SinkKey,
-}
-
-impl Drop for Subscribed<'_> {
-    fn drop(&mut self) {
-        self.app.hub.unsubscribe(self.key);
-    }
 }
 
 async fn write_loop_inner(app: &App, sink: &Sink) {

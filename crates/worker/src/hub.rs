@@ -15,7 +15,7 @@
 //! in order, and every batch before it is inside the start. Snapshots are
 //! encoded outside the lock, so one may be older than the replica when the
 //! lock is taken again; the ring's batches after it then go into the start
-//! right behind it (see [`Hub::subscribe`]).
+//! right behind it (see [`Hub::join`], where a socket's start happens).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -87,11 +87,30 @@ pub enum Start {
     Resume,
 }
 
-/// A socket's place in the hub, for [`Hub::unsubscribe`].
-#[derive(Debug, Clone, Copy)]
-pub struct SinkKey {
+/// How long a resuming client that is ahead of this worker's replica (it came
+/// from another worker of the fleet) waits for the replica before it gets a
+/// snapshot instead. Replicas trail each other by one feed read, milliseconds.
+const RESUME_PATIENCE: Duration = Duration::from_millis(500);
+
+/// A socket's membership in the fan-out, from [`Hub::join`]. Dropping it
+/// removes the socket, however its task ends (aborted included).
+pub struct Joined<'a> {
+    hub: &'a Hub,
     shard: usize,
     key: usize,
+}
+
+impl Drop for Joined<'_> {
+    fn drop(&mut self) {
+        lock(&self.hub.shards[self.shard].sinks).try_remove(self.key);
+    }
+}
+
+impl std::fmt::Debug for Joined<'_> {
+    // Not derived: the hub's Debug would print the whole board.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Joined").field("shard", &self.shard).field("key", &self.key).finish()
+    }
 }
 
 /// Some of the sockets, and the queue of what to hand them.
@@ -198,6 +217,98 @@ impl Hub {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Starts a new socket and adds it to the fan-out. Everything a socket's
+    /// start does happens here, in this order (the helpers it calls follow it):
+    ///
+    /// 1. A client resuming (`resume = Some((epoch, since))`) waits up to
+    ///    [`RESUME_PATIENCE`] for the replica to reach `since`. In a fleet a
+    ///    client that resumes on another worker may be a few milliseconds
+    ///    ahead of this worker's replica; waiting lets it resume with batches
+    ///    instead of a 125 KB snapshot (at a worker's death, all of its
+    ///    clients reconnect at once). No wait when the epoch differs.
+    /// 2. Under the read lock, the start is chosen: the ring's batches after
+    ///    `since` when the ring still holds all of them ([`Start::Resume`]);
+    ///    otherwise a snapshot and the ring's batches after it
+    ///    ([`Start::Snapshot`]).
+    /// 3. Still under the read lock, the start is queued into the sink
+    ///    ([`Sink::start`]: it goes out before anything else the socket
+    ///    sends) and the sink joins a shard. So every batch published after
+    ///    the start is offered to the sink, and every one before it is inside
+    ///    the start (the module's invariant).
+    ///
+    /// The socket leaves the fan-out when the returned [`Joined`] is dropped.
+    pub async fn join(&self, sink: &Arc<Sink>, resume: Option<(u64, u64)>) -> (Joined<'_>, Start) {
+        if let Some((epoch, since)) = resume {
+            let mut rx = self.position.subscribe();
+            let reached = |&(e, s): &(u64, u64)| e != epoch || s >= since;
+            let _ = tokio::time::timeout(RESUME_PATIENCE, rx.wait_for(reached)).await;
+        }
+        // The snapshot is encoded outside the lock (see `snapshot`), so it may
+        // be a few batches old by the time the lock is taken again: the ring's
+        // batches after it go out right behind it. Only when the ring lost
+        // them (rare: a reset, or a tiny `--resume-batches`) is it taken again.
+        let mut snapshot = None;
+        for attempt in 0.. {
+            let state = self.read();
+            let (epoch, seq) = (state.board.epoch, state.board.seq);
+            let start = if let Some(b) =
+                resume.and_then(|(e, since)| Self::resume_from(&state, e, since))
+            {
+                sink.start(epoch, seq, b.into_iter().map(|b| b.frame));
+                Start::Resume
+            } else if let Some(frames) =
+                snapshot.as_ref().and_then(|s| Self::snapshot_and_batches(&state, s))
+            {
+                sink.start(epoch, seq, frames);
+                Start::Snapshot
+            } else if attempt >= 3 {
+                // Under constant resets: encode under the lock rather than retry forever.
+                sink.start(epoch, seq, [self.encode_snapshot(&state.board).frame]);
+                Start::Snapshot
+            } else {
+                drop(state);
+                snapshot = Some(self.snapshot());
+                continue;
+            };
+            let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
+            let key = lock(&self.shards[shard].sinks).insert(sink.clone());
+            drop(state);
+            return (Joined { hub: self, shard, key }, start);
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// The ring's batches after `since` of `epoch`, when the ring holds every
+    /// one of them (none when `since` is the replica's seq); `None` otherwise.
+    /// Taken under the read lock `state`.
+    fn resume_from(state: &State, epoch: u64, since: u64) -> Option<Vec<EncodedBatch>> {
+        let board = &state.board;
+        if epoch != board.epoch || since > board.seq {
+            return None;
+        }
+        if since == board.seq {
+            return Some(Vec::new());
+        }
+        // The ring must reach back to the change right after `since`.
+        let first = state.ring.front()?;
+        if first.from_seq > since + 1 {
+            return None;
+        }
+        Some(state.ring.iter().filter(|b| b.to_seq > since).cloned().collect())
+    }
+
+    /// A snapshot and the ring's batches after it that bring it to the
+    /// replica's seq: what a socket starts from, taken under the read lock
+    /// `state`. `None` when the ring no longer covers the gap (the caller
+    /// takes a newer snapshot).
+    fn snapshot_and_batches(
+        state: &State,
+        snapshot: &Arc<EncodedSnapshot>,
+    ) -> Option<impl Iterator<Item = Bytes> + use<>> {
+        let batches = Self::resume_from(state, snapshot.epoch, snapshot.seq)?;
+        Some(std::iter::once(snapshot.frame.clone()).chain(batches.into_iter().map(|b| b.frame)))
+    }
+
     /// The current snapshot, encoded at most once per seq. The encoding (a
     /// 250 KB copy and a protobuf encode for a million boxes) happens outside
     /// the replica's lock: under it only the board is copied, so a publish
@@ -237,73 +348,6 @@ impl Hub {
         }
     }
 
-    /// A snapshot and the ring's batches after it that bring it to the
-    /// replica's seq: what a socket starts from, taken under the read lock
-    /// `state`. `None` when the ring no longer covers the gap (the caller
-    /// takes a newer snapshot).
-    fn snapshot_and_batches(
-        state: &State,
-        snapshot: &Arc<EncodedSnapshot>,
-    ) -> Option<impl Iterator<Item = Bytes> + use<>> {
-        let batches = Self::resume_from(state, snapshot.epoch, snapshot.seq)?;
-        Some(std::iter::once(snapshot.frame.clone()).chain(batches.into_iter().map(|b| b.frame)))
-    }
-
-    /// Waits up to `patience` for the replica to reach `since` of `epoch`. In a
-    /// fleet a client that resumes on another worker may be a few milliseconds
-    /// ahead of this worker's replica; waiting lets it resume with batches
-    /// instead of a 125 KB snapshot (at a worker's death, all of its clients
-    /// reconnect at once). Returns at once when the epoch differs.
-    pub async fn catch_up_to(&self, epoch: u64, since: u64, patience: Duration) {
-        let mut rx = self.position.subscribe();
-        let reached = |&(e, s): &(u64, u64)| e != epoch || s >= since;
-        let _ = tokio::time::timeout(patience, rx.wait_for(reached)).await;
-    }
-
-    /// Starts a new socket's sink and adds it to the fan-out. With
-    /// `resume = Some((epoch, since))` and every batch after `since` still in
-    /// the ring, it starts from those batches; otherwise from a snapshot.
-    pub fn subscribe(&self, sink: &Arc<Sink>, resume: Option<(u64, u64)>) -> (SinkKey, Start) {
-        // The snapshot is encoded outside the lock (see `snapshot`), so it may
-        // be a few batches old by the time the lock is taken again: the ring's
-        // batches after it go out right behind it. Only when the ring lost
-        // them (rare: a reset, or a tiny `--resume-batches`) is it taken again.
-        let mut snapshot = None;
-        for attempt in 0.. {
-            let state = self.read();
-            let (epoch, seq) = (state.board.epoch, state.board.seq);
-            let start = if let Some(b) =
-                resume.and_then(|(e, since)| Self::resume_from(&state, e, since))
-            {
-                sink.start(epoch, seq, b.into_iter().map(|b| b.frame));
-                Start::Resume
-            } else if let Some(frames) =
-                snapshot.as_ref().and_then(|s| Self::snapshot_and_batches(&state, s))
-            {
-                sink.start(epoch, seq, frames);
-                Start::Snapshot
-            } else if attempt >= 3 {
-                // Under constant resets: encode under the lock rather than retry forever.
-                sink.start(epoch, seq, [self.encode_snapshot(&state.board).frame]);
-                Start::Snapshot
-            } else {
-                drop(state);
-                snapshot = Some(self.snapshot());
-                continue;
-            };
-            let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
-            let key = lock(&self.shards[shard].sinks).insert(sink.clone());
-            drop(state);
-            return (SinkKey { shard, key }, start);
-        }
-        unreachable!("the loop returns")
-    }
-
-    /// Removes a socket from the fan-out.
-    pub fn unsubscribe(&self, key: SinkKey) {
-        lock(&self.shards[key.shard].sinks).try_remove(key.key);
-    }
-
     /// Queues the current snapshot into `sink`, in place of the batches it
     /// skipped. Encoded outside the read lock (see `snapshot`); under it, the
     /// ring's batches after the snapshot are queued with it as one write, so
@@ -326,22 +370,6 @@ impl Hub {
                 return;
             }
         }
-    }
-
-    fn resume_from(state: &State, epoch: u64, since: u64) -> Option<Vec<EncodedBatch>> {
-        let board = &state.board;
-        if epoch != board.epoch || since > board.seq {
-            return None;
-        }
-        if since == board.seq {
-            return Some(Vec::new());
-        }
-        // The ring must reach back to the change right after `since`.
-        let first = state.ring.front()?;
-        if first.from_seq > since + 1 {
-            return None;
-        }
-        Some(state.ring.iter().filter(|b| b.to_seq > since).cloned().collect())
     }
 
     /// Reads the store's feed and publishes one batch per tick until the feed

@@ -189,8 +189,8 @@ impl Sink {
     }
 
     /// Starts the socket at `(epoch, seq)` with these frames (a snapshot, or
-    /// the batches of a resume). Called by the hub under its read lock, before
-    /// the sink can see any batch; only queued, so the writer task does the
+    /// the batches of a resume). Called by `Hub::join` under the hub's read
+    /// lock, before the sink can see any batch; only queued, so the writer task does the
     /// writing outside that lock.
     pub fn start(&self, epoch: u64, seq: u64, frames: impl IntoIterator<Item = Bytes>) {
         let mut st = self.lock();
