@@ -38,7 +38,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, Chain, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 
-use crate::App;
+use crate::app::App;
 use crate::deadline::WriteDeadline;
 use crate::frames;
 use crate::hub::Start;
@@ -338,7 +338,7 @@ struct RecvBudget {
 const TOGGLE_BYTES: f64 = 32.0;
 
 impl RecvBudget {
-    fn new(c: &crate::Config, now: Instant) -> Self {
+    fn new(c: &crate::config::Config, now: Instant) -> Self {
         let toggles = c.toggle_burst + c.abuse_burst;
         let frames = TokenBucket::new(
             c.toggle_rate + c.recv_frame_rate,
@@ -410,7 +410,7 @@ async fn write_loop(app: Arc<App>, sink: Arc<Sink>, resume: Option<(u64, u64)>) 
 
 async fn write_loop_inner(app: &App, sink: &Sink) {
     let mut shutdown = app.shutdown.clone();
-    let shutdown = crate::until_set(&mut shutdown);
+    let shutdown = crate::shutdown::until_set(&mut shutdown);
     tokio::pin!(shutdown);
     let ping_every = app.config.ping_interval;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);

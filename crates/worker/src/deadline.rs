@@ -5,7 +5,7 @@
 //!
 //! The clock starts when a write cannot be taken whole and stops only when one
 //! is: a client that drips a few bytes out now and then still runs out of
-//! time. WebSockets leave it behind at the upgrade ([`crate::conn`] unwraps the
+//! time. WebSockets leave it behind at the upgrade (`conn.rs` unwraps the
 //! stream; sockets have their own `--send-timeout`).
 
 use std::io;

@@ -6,7 +6,7 @@
 //! own writer (`WebSocketWrite::write_frame`) would frame a payload again for
 //! every socket and write from one task per socket. A batch framed once here
 //! is instead `try_write`n as the same bytes to every socket by the hub's
-//! fan-out (see [`crate::sink`]), with no task woken per socket: that rework
+//! fan-out (see `sink.rs`), with no task woken per socket: that rework
 //! cut the worker's CPU by 25% and halved delivery p50 at 5,000 clients
 //! (docs/BENCHMARKS.md, "Latency and CPU").
 //!

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::App;
+use crate::app::App;
 use crate::conn::{self, SocketSlot};
 use crate::limits::Refused;
 

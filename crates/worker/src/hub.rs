@@ -393,7 +393,7 @@ impl Hub {
         let (mut events, mut reader) = spawn_feed(feed);
         loop {
             tokio::select! {
-                () = crate::until_set(&mut stop) => break,
+                () = crate::shutdown::until_set(&mut stop) => break,
                 event = events.recv() => match event {
                     None => break,
                     Some(Ok(FeedEvent::Changes(changes))) => {

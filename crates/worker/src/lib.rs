@@ -1,30 +1,41 @@
 //! The omcb worker: serves the board to browsers over HTTP and WebSocket.
 //!
 //! # Layout
+//! Modules from the bottom up: each uses only modules above it in this list
+//! (named in brackets), so there is no circle of imports, and none imports
+//! this file.
 //! - [`config`]: [`Config`], every flag of `omcb serve` (with `OMCB_*` variables).
-//! - [`hub`]: the replica of the board, the one reader of the store's change
-//!   feed, the tick that encodes one Batch for every socket, and the fan-out
-//!   shards that write it.
-//! - [`sink`]: a socket's ordered, non-blocking output (frames, lag rule).
-//! - [`frames`]: the frames the worker sends, each encoded once (batches are
-//!   the same bytes for every socket).
-//! - [`conn`]: one WebSocket: reader (validation, rate limit, toggles) and
-//!   writer (start, snapshots, pings, full buffers, slow clients).
-//! - [`http`]: the HTTP routes (`/`, static files, `/api/state`, `/api/stats`,
-//!   `/healthz`, `/readyz`).
+//! - [`ratelimit`]: the token bucket.
+//! - [`deadline`]: the write deadline of HTTP connections.
 //! - [`assets`]: the web client, built into the binary or read from `--web-dir`.
 //! - [`metrics`]: metric handles and the Prometheus recorder.
-//! - [`ratelimit`]: the token bucket.
-//! - [`limits`]: budgets and connection counts per client address.
-//! - [`deadline`]: the write deadline of HTTP connections.
-//!
-//! [`Server`] ties them together: bind, run until a shutdown signal, close
-//! every socket with 1012, persist, return.
+//! - [`frames`]: the frames the worker sends, each encoded once (a batch is
+//!   the same bytes for every socket).
+//! - [`shutdown`]: waiting for a stop flag.
+//! - [`limits`] (config, ratelimit): budgets and connection counts per client
+//!   address.
+//! - [`sink`] (frames, metrics): a socket's ordered, non-blocking output
+//!   (queue, lag rule, send timeout).
+//! - [`hub`] (frames, metrics, sink, shutdown): the replica of the board, the
+//!   one reader of the store's change feed, the tick that encodes one Batch
+//!   for every socket, the fan-out shards that write it, and a socket's start
+//!   (`Hub::join`).
+//! - [`app`] (config, assets, metrics, limits, hub): what every connection
+//!   shares.
+//! - [`conn`] (config, ratelimit, deadline, frames, shutdown, limits, sink,
+//!   hub, app): one WebSocket: reader (validation, rate limit, toggles) and
+//!   writer (snapshots, pings, full buffers, slow clients).
+//! - [`http`] (limits, app, conn): the HTTP routes (`/`, static files,
+//!   `/api/state`, `/api/stats`, `/healthz`, `/readyz`).
+//! - [`server`] (config, deadline, assets, metrics, shutdown, limits, hub,
+//!   app, http): [`Server`] ties them together: bind, run until a shutdown
+//!   signal, close every socket with 1012, persist, return.
 //!
 //! **Invariant:** page loads, `/api/state` and connect snapshots are served
 //! from the hub's replica; only toggles (and the hub's one feed) reach the store.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod assets;
 pub mod config;
 pub mod conn;
@@ -35,330 +46,9 @@ pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod ratelimit;
+pub mod server;
+pub mod shutdown;
 pub mod sink;
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
-
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use metrics_exporter_prometheus::PrometheusHandle;
-use omcb_store::{ChangeFeed, Store, StoreError, memory::MemoryStore, redis::RedisStore};
-use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
-
 pub use config::Config;
-use hub::Hub;
-
-/// What every connection shares.
-#[derive(Debug)]
-pub struct App {
-    /// The configuration the worker was started with.
-    pub config: Config,
-    /// Where toggles go.
-    pub store: Store,
-    /// The replica and fan-out.
-    pub hub: Arc<Hub>,
-    /// Metric handles.
-    pub metrics: metrics::Metrics,
-    /// The web client's files.
-    pub assets: assets::Assets,
-    /// Turns true when the worker shuts down: sockets close with 1012.
-    pub shutdown: watch::Receiver<bool>,
-    /// WebSocket connections admitted now (what `--max-connections` counts).
-    pub sockets: AtomicUsize,
-    /// WebSocket connections over a cap, waiting to close with 1013: they take
-    /// no slot, so that one address hammering its cap locks nobody else out.
-    pub refusing: AtomicUsize,
-    /// Notified when `sockets` or `refusing` drops to zero (shutdown waits on them).
-    pub sockets_gone: Notify,
-    /// Per client address: connection counts and shared budgets.
-    pub addresses: limits::Addresses,
-}
-
-/// Why the worker could not start or stop cleanly.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// The store failed to open, load or persist.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-}
-
-/// A bound, ready-to-run worker.
-#[derive(Debug)]
-pub struct Server {
-    app: Arc<App>,
-    listener: TcpListener,
-    metrics_listener: Option<TcpListener>,
-    prometheus: Option<PrometheusHandle>,
-    shutdown_tx: watch::Sender<bool>,
-    feed: ChangeFeed,
-}
-
-async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
-}
-
-impl Server {
-    /// Opens the store, loads the replica and binds the listeners.
-    /// `prometheus` renders `/metrics` (see [`metrics::install`]).
-    pub async fn bind(
-        config: Config,
-        prometheus: Option<PrometheusHandle>,
-    ) -> Result<Self, ServeError> {
-        let store = match &config.redis {
-            Some(url) => {
-                tracing::info!(url, board = config.board, "fleet mode: connecting to Redis");
-                Store::Redis(RedisStore::connect(url, &config.board, config.board()).await?)
-            }
-            None => {
-                Store::Memory(MemoryStore::open(config.board(), config.data_dir.clone()).await?)
-            }
-        };
-        let board = store.snapshot().await?;
-        tracing::info!(epoch = board.epoch, seq = board.seq, size = board.size, "board loaded");
-        let feed = store.feed_from(&board);
-        let metrics = metrics::Metrics::new();
-        // One fan-out shard per core: each batch is written to the sockets of
-        // all shards in parallel.
-        let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let hub = Arc::new(Hub::new(board, shards, config.resume_batches, metrics.clone()));
-        let listener = bind(config.listen).await?;
-        let metrics_listener = match config.metrics_listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        };
-        let (shutdown_tx, shutdown) = watch::channel(false);
-        let addresses = limits::Addresses::new(&config);
-        let app = Arc::new(App {
-            assets: assets::Assets::new(config.web_dir.clone()),
-            config,
-            store,
-            hub,
-            metrics,
-            shutdown,
-            sockets: AtomicUsize::new(0),
-            refusing: AtomicUsize::new(0),
-            sockets_gone: Notify::new(),
-            addresses,
-        });
-        Ok(Self { app, listener, metrics_listener, prometheus, shutdown_tx, feed })
-    }
-
-    /// The address clients connect to.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
-    }
-
-    /// The metrics listener's address, when there is one.
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
-    }
-
-    /// Serves until `shutdown` resolves; then closes every socket with 1012,
-    /// waits up to `--shutdown-grace` for them, and persists the board.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
-        let Server { app, listener, metrics_listener, prometheus, shutdown_tx, feed } = self;
-        let (hub_stop_tx, hub_stop) = watch::channel(false);
-        let hub_task = tokio::spawn(app.hub.clone().run(
-            app.store.clone(),
-            feed,
-            app.config.batch_interval(),
-            hub_stop,
-        ));
-        let mut background = Vec::new();
-        if let Some(after) = app.config.freeze_after {
-            background.push(tokio::spawn(sweep_loop(app.store.clone(), after)));
-        }
-        if let (Some(l), Some(p)) = (metrics_listener, prometheus) {
-            background.push(tokio::spawn(serve_metrics(l, p)));
-        }
-
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        if app.config.socket_send_buffer > 0 {
-                            let sock = socket2::SockRef::from(&stream);
-                            let _ = sock.set_send_buffer_size(app.config.socket_send_buffer);
-                        }
-                        tokio::spawn(serve_http(app.clone(), stream, peer));
-                    }
-                    Err(e) => {
-                        // Usually EMFILE: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
-        }
-        tracing::info!(sockets = app.sockets.load(Ordering::SeqCst), "shutting down");
-        drop(listener);
-        let _ = shutdown_tx.send(true);
-        let drained = async {
-            loop {
-                let gone = app.sockets_gone.notified();
-                let open = app.sockets.load(Ordering::SeqCst) + app.refusing.load(Ordering::SeqCst);
-                if open == 0 {
-                    break;
-                }
-                gone.await;
-            }
-        };
-        if tokio::time::timeout(app.config.shutdown_grace, drained).await.is_err() {
-            tracing::warn!(
-                left = app.sockets.load(Ordering::SeqCst),
-                "sockets still open after the grace period"
-            );
-        }
-        let _ = hub_stop_tx.send(true);
-        let _ = hub_task.await;
-        for task in background {
-            task.abort();
-        }
-        app.store.close().await?;
-        tracing::info!("board persisted; bye");
-        Ok(())
-    }
-}
-
-/// One HTTP/1.1 connection (keep-alive, upgrades), closed gracefully on
-/// shutdown; its writes have `--http-write-timeout`, and a client address
-/// over `--max-http-connections-per-ip` gets a 429 and the door.
-async fn serve_http(app: Arc<App>, stream: tokio::net::TcpStream, peer: SocketAddr) {
-    // Behind a trusted proxy the peer is the proxy, which limits per client itself.
-    let _hold = if app.config.trusted_proxy.contains(&peer.ip()) {
-        None
-    } else {
-        match app.addresses.http(peer.ip()) {
-            Ok(hold) => Some(hold),
-            Err(why) => {
-                tracing::debug!(?why, %peer, "HTTP connection refused");
-                ::metrics::counter!("omcb_http_connections_refused_total").increment(1);
-                refuse_http(stream, app.config.http_write_timeout).await;
-                return;
-            }
-        }
-    };
-    let mut shutdown = app.shutdown.clone();
-    let timeout = app.config.http_write_timeout;
-    let svc = service_fn(move |req| http::handle(app.clone(), req, peer.ip()));
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .serve_connection(TokioIo::new(deadline::WriteDeadline::new(stream, timeout)), svc)
-        .with_upgrades();
-    tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "http connection ended");
-            }
-        }
-        () = crate::until_set(&mut shutdown) => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
-}
-
-/// Answers a connection over its address's cap with 429 and closes it,
-/// reading (and dropping) what the client sent meanwhile so the close is not
-/// a reset that could eat the answer.
-async fn refuse_http(mut stream: tokio::net::TcpStream, timeout: Duration) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    const BODY: &str = "too many connections from your address\n";
-    let answer = format!(
-        "HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\n\
-         Content-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{BODY}",
-        BODY.len()
-    );
-    let _ = tokio::time::timeout(timeout, async {
-        stream.write_all(answer.as_bytes()).await?;
-        stream.shutdown().await?;
-        let mut buf = [0u8; 1024];
-        while stream.read(&mut buf).await? > 0 {}
-        Ok::<(), std::io::Error>(())
-    })
-    .await;
-}
-
-/// Freezes due boxes a few times per `freeze_after` (the seed's periodic job).
-async fn sweep_loop(store: Store, freeze_after: Duration) {
-    let period = (freeze_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    let mut tick = tokio::time::interval(period);
-    loop {
-        tick.tick().await;
-        match store.sweep(10_000).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(frozen = n, "freeze sweep"),
-            Err(e) => tracing::warn!(error = %e, "freeze sweep failed"),
-        }
-    }
-}
-
-/// The metrics listener: `GET /metrics` in Prometheus text format.
-async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let handle = handle.clone();
-                async move {
-                    let resp = if req.uri().path() == "/metrics" {
-                        let mut r = hyper::Response::new(Full::new(Bytes::from(handle.render())));
-                        r.headers_mut().insert(
-                            hyper::header::CONTENT_TYPE,
-                            hyper::header::HeaderValue::from_static(
-                                "text/plain; version=0.0.4; charset=utf-8",
-                            ),
-                        );
-                        r
-                    } else {
-                        let mut r =
-                            hyper::Response::new(Full::new(Bytes::from_static(b"see /metrics\n")));
-                        *r.status_mut() = hyper::StatusCode::NOT_FOUND;
-                        r
-                    };
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-        });
-    }
-}
-
-/// Resolves once `flag` is true (or its sender is gone). Unlike `wait_for`
-/// itself, holds no borrow of the value, so it can sit in a `select!`.
-pub(crate) async fn until_set(flag: &mut watch::Receiver<bool>) {
-    let _ = flag.wait_for(|v| *v).await;
-}
+pub use server::{ServeError, Server};

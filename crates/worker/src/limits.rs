@@ -33,7 +33,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::Config;
+use crate::config::Config;
 use crate::ratelimit::TokenBucket;
 
 /// How long a socket may be made to wait for a Resync snapshot before it is

@@ -1,5 +1,5 @@
 //! A token bucket: per socket (no shared state, no locks), and per client
-//! address inside [`crate::limits`].
+//! address inside `limits.rs`.
 
 use std::time::{Duration, Instant};
 
