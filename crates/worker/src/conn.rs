@@ -492,6 +492,12 @@ async fn read_loop(app: &App, rd: &mut Reader, sink: &Sink, address: &Arc<Addres
     };
     let mut budget = RecvBudget::new(&app.config, now);
     // A fragmented message being assembled (binary only; text is refused at its first frame).
+    // Assembled here, not by fastwebsockets' `FragmentCollectorRead`: that one
+    // caps each frame but not the message it assembles (a client could grow
+    // one without bound; here it is capped at `--max-frame`, 1009), it
+    // returns only whole messages (so each fragment could not be charged to
+    // the receive budget), and it assembles a text message before we could
+    // refuse it.
     let mut partial: Option<Vec<u8>> = None;
     let bad = |code: CloseCode, why: &'static str| {
         app.metrics.bad_input_closed.increment(1);
@@ -695,24 +701,13 @@ async fn toggle(app: &App, limits: &mut Limits, t: v1::Toggle) -> Result<ToggleR
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fastwebsockets::Payload;
 
-    /// A masked client frame header and payload of `len` bytes.
+    /// A masked client frame of `len` payload bytes. fastwebsockets writes
+    /// the header; the payload is left as it is (`MaskCheck` only reads headers).
     fn masked(len: usize) -> Vec<u8> {
-        let mut f = vec![0x82];
-        match len {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&[1, 2, 3, 4]);
-        f.resize(f.len() + len, 0x80);
-        f
+        let payload = Payload::Owned(vec![0x80; len]);
+        frames::encode(Frame::new(true, OpCode::Binary, Some([1, 2, 3, 4]), payload)).to_vec()
     }
 
     #[test]
@@ -722,7 +717,8 @@ mod tests {
             stream.extend(masked(len));
         }
         let bad_at = stream.len() + 1;
-        stream.extend_from_slice(&[0x89, 0x00]);
+        // A server frame is unmasked: exactly what a client must not send.
+        stream.extend_from_slice(&frames::frame(OpCode::Ping, &[]));
         for chunk in [1, 2, 3, 7, 4096, stream.len()] {
             let mut check = MaskCheck::new(());
             let mut found = None;

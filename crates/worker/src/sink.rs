@@ -413,6 +413,9 @@ mod tests {
         (Sink::new(write, max_batches, metrics()), client.unwrap())
     }
 
+    /// The next frame the sink wrote: opcode and payload. Parsed here: a
+    /// fastwebsockets reader would keep the bytes it read ahead in its own
+    /// buffer, and these tests also read the raw stream.
     async fn read_frame(peer: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
         let mut head = [0u8; 2];
         peer.read_exact(&mut head).await.unwrap();
