@@ -18,14 +18,15 @@
 //! right behind it (see [`Hub::join`], where a socket's start happens).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use omcb_proto::v1::server_message::Msg;
 use omcb_proto::{BatchBuilder, Board, Change};
 use omcb_store::{ChangeFeed, FeedEvent, Store};
+use parking_lot::{Mutex, RwLock};
 use prost::Message;
 use slab::Slab;
 use tokio::sync::{mpsc, watch};
@@ -102,7 +103,7 @@ pub struct Joined<'a> {
 
 impl Drop for Joined<'_> {
     fn drop(&mut self) {
-        lock(&self.hub.shards[self.shard].sinks).try_remove(self.key);
+        self.hub.shards[self.shard].sinks.lock().try_remove(self.key);
     }
 }
 
@@ -132,7 +133,9 @@ struct State {
 /// See the module docs.
 #[derive(Debug)]
 pub struct Hub {
-    /// Replica + ring; write-locked only to publish or reset.
+    /// Replica + ring; write-locked only to publish or reset. A panic under
+    /// the lock cannot leave the replica half-written (publish applies changes
+    /// the store validated), so parking_lot's locks, which do not poison, fit.
     state: RwLock<State>,
     /// The sockets, sharded for a parallel fan-out.
     shards: Vec<Shard>,
@@ -188,33 +191,23 @@ impl Hub {
 
     /// `(epoch, seq)` of the replica.
     pub fn position(&self) -> (u64, u64) {
-        let s = self.read();
+        let s = self.state.read();
         (s.board.epoch, s.board.seq)
     }
 
     /// Board size.
     pub fn size(&self) -> u32 {
-        self.read().board.size
+        self.state.read().board.size
     }
 
     /// The replica's value of box `index` (false outside the board).
     pub fn is_checked(&self, index: u32) -> bool {
-        self.read().board.is_checked(index)
+        self.state.read().board.is_checked(index)
     }
 
     /// Runs `f` on the replica under the read lock.
     pub fn with_board<T>(&self, f: impl FnOnce(&Board) -> T) -> T {
-        f(&self.read().board)
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        // A panic while holding the lock cannot leave the replica half-written:
-        // publish applies changes that were validated by the store. Recover.
-        self.state.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|e| e.into_inner())
+        f(&self.state.read().board)
     }
 
     /// Starts a new socket and adds it to the fan-out. Everything a socket's
@@ -249,7 +242,7 @@ impl Hub {
         // them (rare: a reset, or a tiny `--resume-batches`) is it taken again.
         let mut snapshot = None;
         for attempt in 0.. {
-            let state = self.read();
+            let state = self.state.read();
             let (epoch, seq) = (state.board.epoch, state.board.seq);
             let start = if let Some(b) =
                 resume.and_then(|(e, since)| Self::resume_from(&state, e, since))
@@ -271,7 +264,7 @@ impl Hub {
                 continue;
             };
             let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
-            let key = lock(&self.shards[shard].sinks).insert(sink.clone());
+            let key = self.shards[shard].sinks.lock().insert(sink.clone());
             drop(state);
             return (Joined { hub: self, shard, key }, start);
         }
@@ -315,9 +308,9 @@ impl Hub {
     /// never waits for an encode. Concurrent callers wait on the cache's
     /// mutex for the one encode and share it.
     pub fn snapshot(&self) -> Arc<EncodedSnapshot> {
-        let mut cache = lock(&self.snapshot);
+        let mut cache = self.snapshot.lock();
         let board = {
-            let state = self.read();
+            let state = self.state.read();
             if let Some(s) = cache.as_ref()
                 && s.epoch == state.board.epoch
                 && s.seq == state.board.seq
@@ -355,7 +348,7 @@ impl Hub {
     pub fn send_snapshot(&self, sink: &Sink) {
         for attempt in 0.. {
             let s = self.snapshot();
-            let state = self.read();
+            let state = self.state.read();
             let (epoch, seq) = (state.board.epoch, state.board.seq);
             if let Some(frames) = Self::snapshot_and_batches(&state, &s) {
                 let frames: Vec<Bytes> = frames.collect();
@@ -381,7 +374,7 @@ impl Hub {
         tick: Duration,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
-        let queues = std::mem::take(&mut *lock(&self.shard_queues));
+        let queues = std::mem::take(&mut *self.shard_queues.lock());
         let fan_out: Vec<_> = queues
             .into_iter()
             .enumerate()
@@ -452,7 +445,7 @@ impl Hub {
         // sockets can join and leave while this shard writes.
         let mut sinks: Vec<Arc<Sink>> = Vec::new();
         while let Some(published) = rx.recv().await {
-            sinks.extend(lock(&self.shards[shard].sinks).iter().map(|(_, s)| s.clone()));
+            sinks.extend(self.shards[shard].sinks.lock().iter().map(|(_, s)| s.clone()));
             for chunk in sinks.chunks(FAN_OUT_CHUNK) {
                 match &published {
                     Published::Batch(b) => chunk.iter().for_each(|s| s.offer(b)),
@@ -486,7 +479,7 @@ impl Hub {
         };
         let changes = std::mem::take(&mut pending.changes);
         let since = pending.first_arrival.take();
-        let mut state = self.write();
+        let mut state = self.state.write();
         let encoded = EncodedBatch {
             epoch: state.board.epoch,
             from_seq: batch.from_seq,
@@ -524,7 +517,7 @@ impl Hub {
     /// Replaces the replica (a new epoch, or continuity lost) and tells every
     /// socket to start over from a snapshot.
     pub fn reset(&self, board: Board) {
-        let mut state = self.write();
+        let mut state = self.state.write();
         tracing::info!(epoch = board.epoch, seq = board.seq, "replica reset");
         self.position.send_replace((board.epoch, board.seq));
         state.board = board;
@@ -581,8 +574,4 @@ impl Pending {
         self.changes.extend_from_slice(changes);
         Ok(())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -30,8 +30,10 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::config::Config;
 use crate::ratelimit::TokenBucket;
@@ -127,13 +129,9 @@ pub struct Address {
 }
 
 impl Address {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Takes one toggle from the address's shared budget.
     pub fn try_toggle(&self, now: Instant) -> bool {
-        let mut s = self.lock();
+        let mut s = self.state.lock();
         s.last_used = now;
         s.toggles.as_mut().is_none_or(|b| b.try_take(now))
     }
@@ -141,7 +139,7 @@ impl Address {
     /// Reserves `bytes` of snapshot for a Resync: how long to wait for them,
     /// or None when the wait would exceed [`SNAPSHOT_MAX_WAIT`].
     pub fn reserve_snapshot(&self, bytes: f64, now: Instant) -> Option<Duration> {
-        let mut s = self.lock();
+        let mut s = self.state.lock();
         s.last_used = now;
         match s.snapshots.as_mut() {
             None => Some(Duration::ZERO),
@@ -172,7 +170,7 @@ impl Hold {
     /// it no longer counts toward its address's cap.
     pub fn refuse(&mut self) {
         if self.kind == Kind::Socket {
-            self.address.lock().sockets -= 1;
+            self.address.state.lock().sockets -= 1;
             self.kind = Kind::Refusing;
         }
     }
@@ -185,7 +183,7 @@ impl Hold {
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        let mut s = self.address.lock();
+        let mut s = self.address.state.lock();
         match self.kind {
             Kind::Socket => s.sockets -= 1,
             Kind::Http => s.http -= 1,
@@ -228,16 +226,12 @@ impl Addresses {
 
     /// Entries in the table now.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.table.lock().len()
     }
 
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, Arc<Address>>> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `f` on the entry of `ip` (made if need be), under the table's
@@ -249,7 +243,7 @@ impl Addresses {
     ) -> Result<T, Refused> {
         let key = key(ip, self.v6_prefix);
         let now = Instant::now();
-        let mut table = self.lock();
+        let mut table = self.table.lock();
         if !table.contains_key(&key) && table.len() >= self.capacity {
             make_room(&mut table, now, self.capacity);
             if table.len() >= self.capacity {
@@ -259,7 +253,7 @@ impl Addresses {
         let entry = table.entry(key).or_insert_with(|| {
             Arc::new(Address { key, state: Mutex::new(State::new(&self.budgets, now)) })
         });
-        let mut state = entry.lock();
+        let mut state = entry.state.lock();
         state.last_used = now;
         Ok(f(entry, &mut state))
     }
@@ -311,14 +305,14 @@ impl Addresses {
 /// Either way at least a tenth of the table is freed when it can be, so the
 /// scans cost O(1) per new address, amortized.
 fn make_room(table: &mut HashMap<IpAddr, Arc<Address>>, now: Instant, capacity: usize) {
-    table.retain(|_, a| !a.lock().forgettable(now));
+    table.retain(|_, a| !a.state.lock().forgettable(now));
     if table.len() < capacity - capacity / 10 {
         return;
     }
     let mut idle: Vec<(Instant, IpAddr)> = table
         .iter()
         .filter_map(|(k, a)| {
-            let s = a.lock();
+            let s = a.state.lock();
             (s.sockets == 0 && s.http == 0).then_some((s.last_used, *k))
         })
         .collect();
@@ -388,8 +382,8 @@ mod tests {
         }
         // Connected addresses were never evicted: their counts still hold.
         for h in &held {
-            assert_eq!(h.address().lock().http, 1);
-            assert!(Arc::ptr_eq(h.address(), &t.lock()[&h.address().key]));
+            assert_eq!(h.address().state.lock().http, 1);
+            assert!(Arc::ptr_eq(h.address(), &t.table.lock()[&h.address().key]));
         }
         // A table full of connected addresses refuses newcomers.
         let t = Addresses::new(&config("--address-table-size 2"));

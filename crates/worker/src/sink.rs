@@ -27,11 +27,11 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::Mutex;
 use std::time::Instant;
 
 use bytes::Bytes;
 use fastwebsockets::{CloseCode, OpCode};
+use parking_lot::{Mutex, MutexGuard};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
@@ -131,13 +131,9 @@ impl Sink {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Sends a reply or control frame, in order after everything before it.
     pub fn send(&self, frame: Bytes) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if st.closing {
             return;
         }
@@ -148,7 +144,7 @@ impl Sink {
     /// one not yet begun (RFC 6455 5.5.3 allows answering only the latest),
     /// so a ping flood queues nothing however slowly the client reads.
     pub fn pong(&self, payload: &[u8]) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if st.closing {
             return;
         }
@@ -171,7 +167,7 @@ impl Sink {
     /// Sends this close frame (ours, or the echo of the client's); nothing is
     /// sent after it.
     pub fn close_with(&self, frame: Bytes) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if st.closing {
             return;
         }
@@ -184,7 +180,7 @@ impl Sink {
     /// The reader is done (the client left, or misbehaved and a close is
     /// queued): send what is queued, accept nothing more.
     pub fn finish(&self) {
-        self.lock().closing = true;
+        self.state.lock().closing = true;
         self.wake.notify_one();
     }
 
@@ -193,7 +189,7 @@ impl Sink {
     /// lock, before the sink can see any batch; only queued, so the writer task does the
     /// writing outside that lock.
     pub fn start(&self, epoch: u64, seq: u64, frames: impl IntoIterator<Item = Bytes>) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         st.epoch = epoch;
         st.seq = seq;
         // Replies the reader queued meanwhile go after the start.
@@ -209,7 +205,7 @@ impl Sink {
     /// when stale, of another epoch or covered by a snapshot to come. Called
     /// by the hub's fan-out, in publication order.
     pub fn offer(&self, b: &EncodedBatch) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if st.closing || st.needs_snapshot || b.epoch != st.epoch || b.to_seq <= st.seq {
             return;
         }
@@ -226,7 +222,7 @@ impl Sink {
 
     /// The board was replaced: a snapshot before any later batch.
     pub fn reset(&self) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if st.closing {
             return;
         }
@@ -238,14 +234,14 @@ impl Sink {
 
     /// The client asked for a snapshot (`Resync`).
     pub fn request_snapshot(&self) {
-        self.lock().resync = true;
+        self.state.lock().resync = true;
         self.wake.notify_one();
     }
 
     /// Whether a snapshot is due now (lag, reset), and whether the client
     /// asked for one (rate-limited by the writer).
     pub fn snapshot_due(&self) -> (bool, bool) {
-        let st = self.lock();
+        let st = self.state.lock();
         (st.needs_snapshot && !st.closing, st.resync && !st.closing)
     }
 
@@ -253,7 +249,7 @@ impl Sink {
     /// The caller holds the hub's read lock, so no batch after `seq` has been
     /// offered yet.
     pub fn snapshot(&self, epoch: u64, seq: u64, frame: Bytes) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if st.closing {
             return;
         }
@@ -288,7 +284,7 @@ impl Sink {
 
     /// Too many batches wait: drop the ones not yet begun (the snapshot will
     /// hold their changes) and ask the writer for a snapshot.
-    fn lagged(&self, mut st: std::sync::MutexGuard<'_, State>) {
+    fn lagged(&self, mut st: MutexGuard<'_, State>) {
         let started = if st.written > 0 { st.queue.pop_front() } else { None };
         st.queue.retain(|(_, kind)| *kind != Kind::Batch);
         if let Some(front) = started {
@@ -356,7 +352,7 @@ impl Sink {
 
     /// For the writer task: writes what it can and says what is left.
     pub fn drain(&self) -> Drained {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         self.write_queued(&mut st);
         match (st.queue.is_empty(), st.closing) {
             (_, true) if st.broken => Drained::Done,
@@ -374,7 +370,7 @@ impl Sink {
     /// Gives up on the queue (the client is too slow): one best-effort close
     /// frame if the queue is at a frame boundary, then nothing more.
     pub fn abandon(&self, code: CloseCode, reason: &str) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if st.written == 0 {
             st.queue.clear();
             st.batches = 0;
@@ -504,12 +500,12 @@ mod tests {
     impl Sink {
         /// The kinds of the queued frames, front first.
         fn kinds(&self) -> Vec<Kind> {
-            self.lock().queue.iter().map(|(_, k)| *k).collect()
+            self.state.lock().queue.iter().map(|(_, k)| *k).collect()
         }
 
         /// Queued frames of this kind not yet begun.
         fn unbegun(&self, kind: Kind) -> usize {
-            let st = self.lock();
+            let st = self.state.lock();
             let first_unbegun = usize::from(st.written > 0);
             st.queue.iter().skip(first_unbegun).filter(|(_, k)| *k == kind).count()
         }
@@ -569,7 +565,7 @@ mod tests {
             assert_eq!(sink.unbegun(Kind::Start), 0, "the start is covered by the snapshot");
             assert!(kinds.contains(&Kind::Other), "replies are kept");
         }
-        let st = sink.lock();
+        let st = sink.state.lock();
         let (snapshot, _) = st.queue.iter().find(|(_, k)| *k == Kind::Snapshot).unwrap();
         assert_eq!(snapshot[snapshot.len() - 1], 49, "the newest snapshot is kept");
     }
@@ -581,7 +577,7 @@ mod tests {
         // One frame far larger than the socket buffers, read a little at a time.
         sink.send(frame(OpCode::Binary, &vec![1; 8 * 1024 * 1024]));
         let Drained::Waiting(since) = sink.drain() else { panic!("the frame fits the kernel") };
-        let written = || sink.lock().written;
+        let written = || sink.state.lock().written;
         let first = written();
         let mut buf = vec![0; 64 * 1024];
         while written() < first + 256 * 1024 {
