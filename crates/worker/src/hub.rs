@@ -214,11 +214,11 @@ impl Hub {
     /// start does happens here, in this order (the helpers it calls follow it):
     ///
     /// 1. A client resuming (`resume = Some((epoch, since))`) waits up to
-    ///    [`RESUME_PATIENCE`] for the replica to reach `since`. In a fleet a
-    ///    client that resumes on another worker may be a few milliseconds
-    ///    ahead of this worker's replica; waiting lets it resume with batches
-    ///    instead of a 125 KB snapshot (at a worker's death, all of its
-    ///    clients reconnect at once). No wait when the epoch differs.
+    ///    `RESUME_PATIENCE` (500 ms) for the replica to reach `since`. In a
+    ///    fleet a client that resumes on another worker may be a few
+    ///    milliseconds ahead of this worker's replica; waiting lets it resume
+    ///    with batches instead of a 125 KB snapshot (at a worker's death, all
+    ///    of its clients reconnect at once). No wait when the epoch differs.
     /// 2. Under the read lock, the start is chosen: the ring's batches after
     ///    `since` when the ring still holds all of them ([`Start::Resume`]);
     ///    otherwise a snapshot and the ring's batches after it
