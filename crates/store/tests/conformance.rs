@@ -1,7 +1,8 @@
 //! One suite of store semantics, run against every backend: the Memory store
 //! (the embedded default) and the Redis store against a real redis-server.
-//! A behaviour is written once, as a function over `&Store`; the macro at the
-//! bottom instantiates every function for each backend.
+//! A behaviour is written once, as a function of `mod suite` taking a `Store`;
+//! `conformance!` makes each one a test per backend, on the board config it
+//! names.
 
 use std::time::{Duration, Instant};
 
@@ -224,62 +225,38 @@ async fn next_reset(feed: &mut omcb_store::ChangeFeed) -> Board {
     }
 }
 
+/// Instantiates every `suite` function as a test for each backend, on a
+/// board of the given config.
 macro_rules! conformance {
-    ($backend:ident) => {
+    ($($test:ident($config:expr)),* $(,)?) => {
+        conformance!(@backend memory: $($test($config)),*);
+        conformance!(@backend redis: $($test($config)),*);
+    };
+    (@backend $backend:ident: $($test:ident($config:expr)),*) => {
         mod $backend {
             use super::*;
-
-            #[tokio::test]
-            async fn new_board_is_empty_with_an_epoch() {
-                let (s, _g) = super::$backend(SMALL).await;
-                suite::new_board_is_empty_with_an_epoch(s).await;
-            }
-            #[tokio::test]
-            async fn set_not_flip() {
-                let (s, _g) = super::$backend(SMALL).await;
-                suite::set_not_flip(s).await;
-            }
-            #[tokio::test]
-            async fn index_is_validated_and_the_board_never_grows() {
-                let (s, _g) = super::$backend(SMALL).await;
-                suite::index_is_validated_and_the_board_never_grows(s).await;
-            }
-            #[tokio::test]
-            async fn full_board_refuses_checks_but_not_unchecks() {
-                let (s, _g) = super::$backend(BoardConfig { max_checked: Some(2), ..SMALL }).await;
-                suite::full_board_refuses_checks_but_not_unchecks(s).await;
-            }
-            #[tokio::test]
-            async fn unchecking_a_box_checked_too_long_freezes_it() {
-                let (s, _g) = super::$backend(BoardConfig { freeze_after_ms: 60, ..SMALL }).await;
-                suite::unchecking_a_box_checked_too_long_freezes_it(s).await;
-            }
-            #[tokio::test]
-            async fn sweep_freezes_due_boxes_bounded_per_call() {
-                let (s, _g) = super::$backend(BoardConfig { freeze_after_ms: 60, ..SMALL }).await;
-                suite::sweep_freezes_due_boxes_bounded_per_call(s).await;
-            }
-            #[tokio::test]
-            async fn sweep_is_a_no_op_when_freezing_is_off() {
-                let (s, _g) = super::$backend(SMALL).await;
-                suite::sweep_is_a_no_op_when_freezing_is_off(s).await;
-            }
-            #[tokio::test]
-            async fn feed_yields_every_change_once_in_order() {
-                let (s, _g) = super::$backend(SMALL).await;
-                suite::feed_yields_every_change_once_in_order(s).await;
-            }
-            #[tokio::test]
-            async fn feed_from_a_wrong_epoch_resets() {
-                let (s, _g) = super::$backend(SMALL).await;
-                suite::feed_from_a_wrong_epoch_resets(s).await;
-            }
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let (s, _g) = super::$backend($config).await;
+                    suite::$test(s).await;
+                }
+            )*
         }
     };
 }
 
-conformance!(memory);
-conformance!(redis);
+conformance! {
+    new_board_is_empty_with_an_epoch(SMALL),
+    set_not_flip(SMALL),
+    index_is_validated_and_the_board_never_grows(SMALL),
+    full_board_refuses_checks_but_not_unchecks(BoardConfig { max_checked: Some(2), ..SMALL }),
+    unchecking_a_box_checked_too_long_freezes_it(BoardConfig { freeze_after_ms: 60, ..SMALL }),
+    sweep_freezes_due_boxes_bounded_per_call(BoardConfig { freeze_after_ms: 60, ..SMALL }),
+    sweep_is_a_no_op_when_freezing_is_off(SMALL),
+    feed_yields_every_change_once_in_order(SMALL),
+    feed_from_a_wrong_epoch_resets(SMALL),
+}
 
 /// Redis forgets its scripts on a restart, a failover or `SCRIPT FLUSH`; a set
 /// must still succeed, even when flushes come faster than a load-and-retry
