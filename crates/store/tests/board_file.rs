@@ -18,6 +18,15 @@ async fn open_on(dir: &tempfile::TempDir, file: Vec<u8>) -> Result<MemoryStore, 
     }
 }
 
+/// Asserts that the file of `board` and `checked_at` is refused, saying `why`.
+async fn assert_refused(board: &Board, checked_at: &[u64], why: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    match open_on(&dir, encode_board_file(board, checked_at, true)).await {
+        Ok(_) => panic!("loaded; expected a refusal: {why}"),
+        Err(e) => assert!(e.contains(why), "refused, but not with {why:?}: {e}"),
+    }
+}
+
 /// Loading such a file used to put the unchecked box in the freeze sweep's
 /// queue for good: every sweep froze it again (a new change and one more
 /// `frozen_count` each time, the box frozen yet unchecked), and the file then
@@ -27,13 +36,7 @@ async fn a_check_time_on_an_unchecked_box_is_refused() {
     let board = Board::new(8, 77, 0);
     let mut checked_at = vec![0u64; 8];
     checked_at[1] = 1_000;
-    let why = open_on(&tempfile::tempdir().unwrap(), encode_board_file(&board, &checked_at, true))
-        .await
-        .err();
-    assert!(
-        why.as_deref().is_some_and(|w| w.contains("check time for an unchecked box")),
-        "{why:?}"
-    );
+    assert_refused(&board, &checked_at, "check time for an unchecked box").await;
 }
 
 /// Only a checked box freezes; a frozen unchecked box would be refused as
@@ -43,13 +46,7 @@ async fn a_frozen_box_that_is_not_checked_is_refused() {
     let mut board = Board::new(8, 77, 0);
     board.frozen.set(2, true);
     board.frozen_count = 1;
-    let why = open_on(&tempfile::tempdir().unwrap(), encode_board_file(&board, &[0; 8], true))
-        .await
-        .err();
-    assert!(
-        why.as_deref().is_some_and(|w| w.contains("frozen box that is not checked")),
-        "{why:?}"
-    );
+    assert_refused(&board, &[0; 8], "frozen box that is not checked").await;
 }
 
 #[tokio::test]

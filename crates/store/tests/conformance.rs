@@ -1,7 +1,8 @@
 //! One suite of store semantics, run against every backend: the Memory store
 //! (the embedded default) and the Redis store against a real redis-server.
-//! A behaviour is written once, as a function over `&Store`; the macro at the
-//! bottom instantiates every function for each backend.
+//! A behaviour is written once, as a function of `mod suite` taking a `Store`;
+//! `conformance!` makes each one a test per backend, on the board config it
+//! names.
 
 use std::time::{Duration, Instant};
 
@@ -24,14 +25,42 @@ async fn memory(config: BoardConfig) -> (Store, Guard) {
 }
 
 async fn redis(config: BoardConfig) -> (Store, Guard) {
+    let (store, server) = redis_server(config).await;
+    (store, Guard::Redis(server))
+}
+
+/// A Redis store and its server, for tests that act on the server.
+async fn redis_server(config: BoardConfig) -> (Store, RedisServer) {
     let server = RedisServer::start().unwrap();
-    let store =
-        omcb_store::redis::RedisStore::connect(&server.url(), "main", config).await.unwrap();
-    (Store::Redis(store), Guard::Redis(server))
+    (redis_store(&server, config).await, server)
+}
+
+/// A store on `server`'s board: a second one is another worker.
+async fn redis_store(server: &RedisServer, config: BoardConfig) -> Store {
+    Store::Redis(
+        omcb_store::redis::RedisStore::connect(&server.url(), "main", config).await.unwrap(),
+    )
 }
 
 async fn set(store: &Store, index: u32, checked: bool) -> SetOutcome {
     store.set(index, checked).await.unwrap()
+}
+
+/// Checks each of `boxes`.
+async fn check_all(store: &Store, boxes: impl IntoIterator<Item = u32>) {
+    for i in boxes {
+        set(store, i, true).await;
+    }
+}
+
+/// Checks boxes `0..n`, then returns the board and a feed from seq 0 that has
+/// read those `n` changes.
+async fn checked_and_read(store: &Store, n: u32) -> (Board, omcb_store::ChangeFeed) {
+    check_all(store, 0..n).await;
+    let board = store.snapshot().await.unwrap();
+    let mut feed = store.feed(board.epoch, 0);
+    drain(&mut feed, n.into()).await;
+    (board, feed)
 }
 
 /// Polls `f` until true; time-based rules need real time to pass.
@@ -129,9 +158,7 @@ mod suite {
     }
 
     pub async fn sweep_freezes_due_boxes_bounded_per_call(store: Store) {
-        for i in 0..5 {
-            set(&store, i * 10, true).await;
-        }
+        check_all(&store, (0..5).map(|i| i * 10)).await;
         let since = Instant::now();
         eventually("freeze_after to pass", async || since.elapsed() >= Duration::from_millis(80))
             .await;
@@ -198,70 +225,45 @@ async fn next_reset(feed: &mut omcb_store::ChangeFeed) -> Board {
     }
 }
 
+/// Instantiates every `suite` function as a test for each backend, on a
+/// board of the given config.
 macro_rules! conformance {
-    ($backend:ident) => {
+    ($($test:ident($config:expr)),* $(,)?) => {
+        conformance!(@backend memory: $($test($config)),*);
+        conformance!(@backend redis: $($test($config)),*);
+    };
+    (@backend $backend:ident: $($test:ident($config:expr)),*) => {
         mod $backend {
             use super::*;
-
-            #[tokio::test]
-            async fn new_board_is_empty_with_an_epoch() {
-                let (s, _g) = super::$backend(SMALL).await;
-                suite::new_board_is_empty_with_an_epoch(s).await;
-            }
-            #[tokio::test]
-            async fn set_not_flip() {
-                let (s, _g) = super::$backend(SMALL).await;
-                suite::set_not_flip(s).await;
-            }
-            #[tokio::test]
-            async fn index_is_validated_and_the_board_never_grows() {
-                let (s, _g) = super::$backend(SMALL).await;
-                suite::index_is_validated_and_the_board_never_grows(s).await;
-            }
-            #[tokio::test]
-            async fn full_board_refuses_checks_but_not_unchecks() {
-                let (s, _g) = super::$backend(BoardConfig { max_checked: Some(2), ..SMALL }).await;
-                suite::full_board_refuses_checks_but_not_unchecks(s).await;
-            }
-            #[tokio::test]
-            async fn unchecking_a_box_checked_too_long_freezes_it() {
-                let (s, _g) = super::$backend(BoardConfig { freeze_after_ms: 60, ..SMALL }).await;
-                suite::unchecking_a_box_checked_too_long_freezes_it(s).await;
-            }
-            #[tokio::test]
-            async fn sweep_freezes_due_boxes_bounded_per_call() {
-                let (s, _g) = super::$backend(BoardConfig { freeze_after_ms: 60, ..SMALL }).await;
-                suite::sweep_freezes_due_boxes_bounded_per_call(s).await;
-            }
-            #[tokio::test]
-            async fn sweep_is_a_no_op_when_freezing_is_off() {
-                let (s, _g) = super::$backend(SMALL).await;
-                suite::sweep_is_a_no_op_when_freezing_is_off(s).await;
-            }
-            #[tokio::test]
-            async fn feed_yields_every_change_once_in_order() {
-                let (s, _g) = super::$backend(SMALL).await;
-                suite::feed_yields_every_change_once_in_order(s).await;
-            }
-            #[tokio::test]
-            async fn feed_from_a_wrong_epoch_resets() {
-                let (s, _g) = super::$backend(SMALL).await;
-                suite::feed_from_a_wrong_epoch_resets(s).await;
-            }
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let (s, _g) = super::$backend($config).await;
+                    suite::$test(s).await;
+                }
+            )*
         }
     };
 }
 
-conformance!(memory);
-conformance!(redis);
+conformance! {
+    new_board_is_empty_with_an_epoch(SMALL),
+    set_not_flip(SMALL),
+    index_is_validated_and_the_board_never_grows(SMALL),
+    full_board_refuses_checks_but_not_unchecks(BoardConfig { max_checked: Some(2), ..SMALL }),
+    unchecking_a_box_checked_too_long_freezes_it(BoardConfig { freeze_after_ms: 60, ..SMALL }),
+    sweep_freezes_due_boxes_bounded_per_call(BoardConfig { freeze_after_ms: 60, ..SMALL }),
+    sweep_is_a_no_op_when_freezing_is_off(SMALL),
+    feed_yields_every_change_once_in_order(SMALL),
+    feed_from_a_wrong_epoch_resets(SMALL),
+}
 
 /// Redis forgets its scripts on a restart, a failover or `SCRIPT FLUSH`; a set
 /// must still succeed, even when flushes come faster than a load-and-retry
 /// round trip (fred's `evalsha_with_reload` loses that race).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_sets_survive_script_flushes_in_a_tight_loop() {
-    let (store, guard) = redis(SMALL).await;
-    let Guard::Redis(server) = &guard else { unreachable!() };
+    let (store, server) = redis_server(SMALL).await;
     let port = server.port();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flusher = {
@@ -318,18 +320,10 @@ async fn redis_feed_from_the_future_moves_the_board_to_a_new_epoch() {
 /// of the old one, even on a connection that never dropped.
 #[tokio::test]
 async fn redis_feed_never_takes_a_flushed_board_s_successor_for_its_own() {
-    let (store, guard) = redis(SMALL).await;
-    let Guard::Redis(server) = &guard else { unreachable!() };
-    for i in 0..5 {
-        set(&store, i, true).await;
-    }
-    let old = store.snapshot().await.unwrap();
-    let mut feed = store.feed(old.epoch, 0);
-    drain(&mut feed, 5).await;
+    let (store, server) = redis_server(SMALL).await;
+    let (old, mut feed) = checked_and_read(&store, 5).await;
     server.command(&["FLUSHALL"]).unwrap();
-    for i in 100..110 {
-        set(&store, i, true).await;
-    }
+    check_all(&store, 100..110).await;
     let new = store.snapshot().await.unwrap();
     assert_ne!(new.epoch, old.epoch);
     match tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap() {
@@ -362,38 +356,34 @@ async fn set_when_back(store: &Store, index: u32) -> SetOutcome {
     }
 }
 
+/// Checks each of `boxes` once Redis answers again, each a change.
+async fn change_when_back(store: &Store, boxes: std::ops::Range<u32>) {
+    for i in boxes {
+        assert!(matches!(set_when_back(store, i).await, SetOutcome::Changed { .. }));
+    }
+}
+
 /// Redis restored from older files keeps the epoch in its data; two readers
 /// that applied changes it lost both reset to ONE new epoch (the first to
 /// notice moves the board, the other finds it moved) holding what Redis has.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_rollback_moves_the_board_to_a_new_epoch_once() {
-    let (a, guard) = redis(SMALL).await;
-    let Guard::Redis(mut server) = guard else { unreachable!() };
-    let b = Store::Redis(
-        omcb_store::redis::RedisStore::connect(&server.url(), "main", SMALL).await.unwrap(),
-    );
-    for i in 0..10 {
-        set(&a, i, true).await;
-    }
-    let epoch = a.snapshot().await.unwrap().epoch;
-    let (mut fa, mut fb) = (a.feed(epoch, 0), b.feed(epoch, 0));
-    drain(&mut fa, 10).await;
+    let (a, mut server) = redis_server(SMALL).await;
+    let b = redis_store(&server, SMALL).await;
+    let (start, mut fa) = checked_and_read(&a, 10).await;
+    let mut fb = b.feed(start.epoch, 0);
     drain(&mut fb, 10).await;
     roll_back(&mut server, async |_| {
-        for i in 10..15 {
-            set(&a, i, true).await;
-        }
+        check_all(&a, 10..15).await;
         drain(&mut fa, 15).await;
         drain(&mut fb, 15).await;
     })
     .await;
     // The restored board keeps the epoch and reuses seqs 11.. for other boxes.
-    for i in 500..503 {
-        assert!(matches!(set_when_back(&b, i).await, SetOutcome::Changed { .. }));
-    }
+    change_when_back(&b, 500..503).await;
     let ra = next_reset(&mut fa).await;
     let rb = next_reset(&mut fb).await;
-    assert_ne!(ra.epoch, epoch, "a board that lost changes keeps its epoch");
+    assert_ne!(ra.epoch, start.epoch, "a board that lost changes moves to a new epoch");
     assert_eq!(rb.epoch, ra.epoch, "the board moved to a new epoch once");
     let now = a.snapshot().await.unwrap();
     assert_eq!(now.epoch, ra.epoch);
@@ -409,30 +399,18 @@ async fn redis_rollback_moves_the_board_to_a_new_epoch_once() {
 /// another change: the entry at the acknowledged seq is not that change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_losing_an_acknowledged_change_moves_the_board_to_a_new_epoch() {
-    let (a, guard) = redis(SMALL).await;
-    let Guard::Redis(mut server) = guard else { unreachable!() };
-    let b = Store::Redis(
-        omcb_store::redis::RedisStore::connect(&server.url(), "main", SMALL).await.unwrap(),
-    );
-    for i in 0..10 {
-        set(&a, i, true).await;
-    }
-    let epoch = a.snapshot().await.unwrap().epoch;
-    let mut fa = a.feed(epoch, 0);
-    drain(&mut fa, 10).await;
+    let (a, mut server) = redis_server(SMALL).await;
+    let b = redis_store(&server, SMALL).await;
+    let (start, mut fa) = checked_and_read(&a, 10).await;
     roll_back(&mut server, async |_| {
         // Acknowledged (seqs 11..15), never read by `fa`.
-        for i in 10..15 {
-            set(&a, i, true).await;
-        }
+        check_all(&a, 10..15).await;
     })
     .await;
     // Another worker takes Redis past seq 15 with other boxes.
-    for i in 500..510 {
-        assert!(matches!(set_when_back(&b, i).await, SetOutcome::Changed { .. }));
-    }
+    change_when_back(&b, 500..510).await;
     let reset = next_reset(&mut fa).await;
-    assert_ne!(reset.epoch, epoch, "acknowledged changes were lost under the same epoch");
+    assert_ne!(reset.epoch, start.epoch, "acknowledged changes were lost under the same epoch");
     assert_eq!(reset, a.snapshot().await.unwrap());
 }
 
@@ -441,14 +419,8 @@ async fn redis_losing_an_acknowledged_change_moves_the_board_to_a_new_epoch() {
 /// reader that left that epoch moves the board to a new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_an_epoch_that_comes_back_from_a_backup_is_moved_on() {
-    let (store, guard) = redis(SMALL).await;
-    let Guard::Redis(mut server) = guard else { unreachable!() };
-    for i in 0..5 {
-        set(&store, i, true).await;
-    }
-    let old = store.snapshot().await.unwrap();
-    let mut feed = store.feed(old.epoch, 0);
-    drain(&mut feed, 5).await;
+    let (store, mut server) = redis_server(SMALL).await;
+    let (old, mut feed) = checked_and_read(&store, 5).await;
     roll_back(&mut server, async |server| {
         set(&store, 5, true).await;
         drain(&mut feed, 6).await;
@@ -472,24 +444,17 @@ async fn redis_an_epoch_that_comes_back_from_a_backup_is_moved_on() {
 /// `Unavailable` rather than create an empty board.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_feed_with_a_replica_restores_a_board_that_lost_changes() {
-    let (a, guard) = redis(SMALL).await;
-    let Guard::Redis(mut server) = guard else { unreachable!() };
-    for i in 0..10 {
-        set(&a, i, true).await;
-    }
+    let (a, mut server) = redis_server(SMALL).await;
+    check_all(&a, 0..10).await;
     let start = a.snapshot().await.unwrap();
     let mut feed = a.feed_from(&start);
     roll_back(&mut server, async |_| {
-        for i in 10..15 {
-            set(&a, i, true).await;
-        }
+        check_all(&a, 10..15).await;
         drain(&mut feed, 15).await;
     })
     .await;
     // Reused seqs 11..13 on the older data, before the feed notices.
-    for i in 500..503 {
-        assert!(matches!(set_when_back(&a, i).await, SetOutcome::Changed { .. }));
-    }
+    change_when_back(&a, 500..503).await;
     let restored = next_reset(&mut feed).await;
     assert_ne!(restored.epoch, start.epoch);
     assert!((0..15).all(|i| restored.checked[i]), "the replica's changes are back");

@@ -60,14 +60,33 @@ const BOARD_KEYS: [&str; 8] = [
     "{t}:checked_at",
 ];
 
-fn eval(redis: &RedisServer, src: &str, keys: &[&str], args: &[&str]) -> Resp {
+/// `EVAL src` with `keys` and `args`: the reply, an error included.
+fn call(redis: &RedisServer, src: &str, keys: &[&str], args: &[&str]) -> Resp {
     let n = keys.len().to_string();
     let mut cmd = vec!["EVAL", src, n.as_str()];
     cmd.extend_from_slice(keys);
     cmd.extend_from_slice(args);
-    let reply = redis.command(&cmd).unwrap();
+    redis.command(&cmd).unwrap()
+}
+
+/// `call` that must succeed.
+fn eval(redis: &RedisServer, src: &str, keys: &[&str], args: &[&str]) -> Resp {
+    let reply = call(redis, src, keys, args);
     assert!(!matches!(reply, Resp::Error(_)), "script failed: {reply:?}");
     reply
+}
+
+/// The items of an array reply.
+fn items(reply: &Resp) -> &[Resp] {
+    let Resp::Array(Some(items)) = reply else { panic!("not an array: {reply:?}") };
+    items
+}
+
+/// A compare-and-set script's answer (`rebirth.lua`, `restore.lua`): whether
+/// it wrote (1 or 0), and the epoch now.
+fn written_and_epoch(reply: &Resp) -> (&Resp, Option<&str>) {
+    let items = items(reply);
+    (&items[0], items[1].as_str())
 }
 
 fn check_shape(name: &str, h: &Header, reply: &Resp) {
@@ -108,21 +127,14 @@ fn scripts_called_as_documented_answer_as_documented() {
     let args = ["1000", "0", "50", "12345678901234567890"];
     let reply = eval(&redis, lua::INIT, &BOARD_KEYS[..h.keys], &args[..h.args]);
     check_shape("init", &h, &reply);
-    let Resp::Array(Some(items)) = &reply else { unreachable!() };
-    assert_eq!(items[0], Resp::Int(1), "created");
-    assert_eq!(items[4].as_str(), Some("12345678901234567890"), "the epoch keeps all its digits");
+    let created = items(&reply);
+    assert_eq!(created[0], Resp::Int(1), "created");
+    assert_eq!(created[4].as_str(), Some("12345678901234567890"), "the epoch keeps all its digits");
     let again = eval(&redis, lua::INIT, &BOARD_KEYS, &["1000", "5", "0", "1"]);
-    let Resp::Array(Some(items)) = again else { unreachable!() };
-    assert_eq!(
-        (items[0].clone(), items[2].clone()),
-        (Resp::Int(0), Resp::Int(0)),
-        "existing board wins"
-    );
-    let n = BOARD_KEYS.len().to_string();
-    let mut resize = vec!["EVAL", lua::INIT, n.as_str()];
-    resize.extend_from_slice(&BOARD_KEYS);
-    resize.extend_from_slice(&["2000", "0", "0", "1"]);
-    assert!(matches!(redis.command(&resize).unwrap(), Resp::Error(e) if e.contains("BOARDSIZE")));
+    let kept = items(&again);
+    assert_eq!((&kept[0], &kept[2]), (&Resp::Int(0), &Resp::Int(0)), "existing board wins");
+    let resize = call(&redis, lua::INIT, &BOARD_KEYS, &["2000", "0", "0", "1"]);
+    assert!(matches!(resize, Resp::Error(e) if e.contains("BOARDSIZE")));
 
     // set: status, value, seq, counts; a retried call (same op key) answers the same.
     let h = header(lua::SET);
@@ -135,14 +147,10 @@ fn scripts_called_as_documented_answer_as_documented() {
         eval(&redis, lua::SET, &keys, &["5", "1", "1000", "60000"]),
         "a retry answers the same"
     );
-    let Resp::Array(Some(items)) = &reply else { unreachable!() };
-    assert_eq!(&items[..3], &[Resp::Int(1), Resp::Int(1), Resp::Int(1)]);
+    assert_eq!(&items(&reply)[..3], &[Resp::Int(1), Resp::Int(1), Resp::Int(1)]);
     keys[8] = "{t}:op:test:2";
-    let Resp::Array(Some(items)) = eval(&redis, lua::SET, &keys, &["1000", "1", "1000", "60000"])
-    else {
-        unreachable!()
-    };
-    assert_eq!(items[0], Resp::Int(-1), "out of range");
+    let reply = eval(&redis, lua::SET, &keys, &["1000", "1", "1000", "60000"]);
+    assert_eq!(items(&reply)[0], Resp::Int(-1), "out of range");
     assert_eq!(
         redis.command(&["STRLEN", "{t}:bits"]).unwrap(),
         Resp::Int(1),
@@ -156,15 +164,7 @@ fn scripts_called_as_documented_answer_as_documented() {
 
     // sweep: a number
     let h = header(lua::SWEEP);
-    let keys = [
-        "{t}:config",
-        "{t}:frozen",
-        "{t}:count",
-        "{t}:frozen_count",
-        "{t}:seq",
-        "{t}:log",
-        "{t}:checked_at",
-    ];
+    let keys: Vec<&str> = BOARD_KEYS.into_iter().filter(|k| *k != "{t}:bits").collect();
     let reply = eval(&redis, lua::SWEEP, &keys[..h.keys], &["10", "1000"][..h.args]);
     check_shape("sweep", &h, &reply);
 
@@ -173,28 +173,22 @@ fn scripts_called_as_documented_answer_as_documented() {
     let keys = ["{t}:config", "{t}:seq", "{t}:log"];
     let reply = eval(&redis, lua::POSITION, &keys[..h.keys], &["1", "0"][..h.args]);
     check_shape("position", &h, &reply);
-    let Resp::Array(Some(items)) = &reply else { unreachable!() };
-    assert_eq!(items[0].as_str(), Some("12345678901234567890"));
-    let Resp::Array(Some(entries)) = &items[2] else { panic!("entries at seq 1: {reply:?}") };
-    let Resp::Array(Some(entry)) = &entries[0] else { panic!("an entry: {reply:?}") };
-    let Resp::Array(Some(fields)) = &entry[1] else { panic!("entry fields: {reply:?}") };
+    let position = items(&reply);
+    assert_eq!(position[0].as_str(), Some("12345678901234567890"));
+    // entries at seq 1 -> the entry -> its fields
+    let fields = items(&items(&items(&position[2])[0])[1]);
     let epoch = fields.chunks(2).find(|kv| kv[0].as_str() == Some("e")).map(|kv| kv[1].as_str());
     assert_eq!(epoch, Some(Some("12345678901234567890")), "the entry carries its epoch");
-    assert_eq!(items[3], Resp::Array(Some(vec![])), "seq 0 asks for nothing");
+    assert_eq!(position[3], Resp::Array(Some(vec![])), "seq 0 asks for nothing");
 
     // rebirth: a compare-and-set on the epoch; only the first caller moves it.
     let h = header(lua::REBIRTH);
     let reply =
         eval(&redis, lua::REBIRTH, &["{t}:config"][..h.keys], &["12345678901234567890", "7"]);
     check_shape("rebirth", &h, &reply);
-    let Resp::Array(Some(items)) = &reply else { unreachable!() };
-    assert_eq!((&items[0], items[1].as_str()), (&Resp::Int(1), Some("7")));
-    let Resp::Array(Some(items)) =
-        eval(&redis, lua::REBIRTH, &["{t}:config"], &["12345678901234567890", "8"])
-    else {
-        unreachable!()
-    };
-    assert_eq!((&items[0], items[1].as_str()), (&Resp::Int(0), Some("7")), "moved once");
+    assert_eq!(written_and_epoch(&reply), (&Resp::Int(1), Some("7")));
+    let again = eval(&redis, lua::REBIRTH, &["{t}:config"], &["12345678901234567890", "8"]);
+    assert_eq!(written_and_epoch(&again), (&Resp::Int(0), Some("7")), "moved once");
 
     // restore: writes the replica when the board is gone or still has the
     // epoch that lost changes; seq never goes back; only the first caller.
@@ -204,12 +198,11 @@ fn scripts_called_as_documented_answer_as_documented() {
     let args = ["5", "6", "1000", "0", "50", "A", "", "1", "0", "41", "0"];
     let reply = eval(&redis, lua::RESTORE, &keys[..h.keys], &args);
     check_shape("restore", &h, &reply);
-    let Resp::Array(Some(items)) = &reply else { unreachable!() };
-    assert_eq!((&items[0], items[1].as_str()), (&Resp::Int(1), Some("6")));
+    assert_eq!(written_and_epoch(&reply), (&Resp::Int(1), Some("6")));
     assert_eq!(redis.command(&["GET", "{r}:seq"]).unwrap().as_str(), Some("41"));
     assert_eq!(redis.command(&["ZCARD", "{r}:checked_at"]).unwrap(), Resp::Int(1));
-    let Resp::Array(Some(items)) = eval(&redis, lua::RESTORE, &keys, &args) else { unreachable!() };
-    assert_eq!((&items[0], items[1].as_str()), (&Resp::Int(0), Some("6")), "restored once");
+    let again = eval(&redis, lua::RESTORE, &keys, &args);
+    assert_eq!(written_and_epoch(&again), (&Resp::Int(0), Some("6")), "restored once");
 
     // lease: 1 for the holder, 0 for anyone else
     let h = header(lua::LEASE);

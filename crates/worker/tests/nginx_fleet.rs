@@ -15,6 +15,10 @@ use omcb_proto::v1::{ToggleResult, server_message::Msg};
 const WORKER_ARGS: &str =
     "--board-size 1000 --toggle-rate 1000000 --toggle-burst 1000000 --batch-ms 20";
 
+fn fleet_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fleet")
+}
+
 /// A fleet started by `scripts/fleet up`, stopped by `scripts/fleet down` on drop.
 struct Fleet {
     run_dir: tempfile::TempDir,
@@ -50,8 +54,7 @@ impl Fleet {
     }
 
     fn script(&self, args: &[&str]) -> String {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let out = std::process::Command::new(root.join("scripts/fleet"))
+        let out = std::process::Command::new(fleet_script())
             .args(args)
             .arg("--run-dir")
             .arg(self.run_dir.path())
@@ -101,12 +104,10 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        let _ = std::process::Command::new(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fleet"),
-        )
-        .args(["down", "--run-dir"])
-        .arg(self.run_dir.path())
-        .output();
+        let _ = std::process::Command::new(fleet_script())
+            .args(["down", "--run-dir"])
+            .arg(self.run_dir.path())
+            .output();
     }
 }
 
@@ -118,20 +119,6 @@ async fn stats_of(port: u16) -> Option<serde_json::Value> {
     .await
     .ok()?;
     (r.status == 200).then(|| serde_json::from_slice(&r.body).unwrap())
-}
-
-/// Waits until every live worker is at the same seq and returns it.
-async fn quiescent_seq(fleet: &Fleet) -> u64 {
-    poll("workers to agree on the seq", || async {
-        let mut seqs = Vec::new();
-        for (port, pid, _) in fleet.workers() {
-            if running(pid) {
-                seqs.push(stats_of(port).await?["seq"].as_u64()?);
-            }
-        }
-        (!seqs.is_empty() && seqs.iter().all(|s| *s == seqs[0])).then(|| seqs[0])
-    })
-    .await
 }
 
 /// A client through nginx that reconnects (with ?since) when its socket ends.
@@ -211,10 +198,50 @@ async fn traffic(
     (c, results, reconnects)
 }
 
-async fn assert_converged(fleet: &Fleet, clients: &mut [Client], results: &[(u32, ToggleResult)]) {
-    let seq = quiescent_seq(fleet).await;
-    let (port, _, _) = fleet.workers()[0];
-    let (truth, _) = api_state(([127, 0, 0, 1], port).into()).await;
+/// One client's toggles through nginx, its answers and its reconnects.
+type Traffic = tokio::task::JoinHandle<(Client, Vec<(u32, ToggleResult)>, usize)>;
+
+/// Six clients through nginx, each toggling `n` times in its own task
+/// (`traffic`, seeds `seed..seed + 6`).
+async fn start_traffic(fleet: &Fleet, seed: u64, n: usize) -> Vec<Traffic> {
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let c = connect_fleet(fleet).await;
+        tasks.push(tokio::spawn(traffic(fleet.ws(""), c, seed + i, n)));
+    }
+    tasks
+}
+
+/// Waits for every client's toggles: the clients, all the answers, and how
+/// many times the clients reconnected in all.
+async fn finish_traffic(tasks: Vec<Traffic>) -> (Vec<Client>, Vec<(u32, ToggleResult)>, usize) {
+    let (mut clients, mut results, mut reconnects) = (Vec::new(), Vec::new(), 0);
+    for t in tasks {
+        let (c, r, n) = t.await.unwrap();
+        clients.push(c);
+        results.extend(r);
+        reconnects += n;
+    }
+    (clients, results, reconnects)
+}
+
+/// Waits until `workers` (`Fleet::workers` rows) agree on a seq, then checks
+/// that every client holds the board at that seq and that each box's last
+/// accepted toggle holds in it.
+async fn assert_converged(
+    workers: &[(u16, u32, u16)],
+    clients: &mut [Client],
+    results: &[(u32, ToggleResult)],
+) {
+    let seq = poll("workers to agree on the seq", || async {
+        let mut seqs = Vec::new();
+        for (port, _, _) in workers {
+            seqs.push(stats_of(*port).await?["seq"].as_u64()?);
+        }
+        (!seqs.is_empty() && seqs.iter().all(|s| *s == seqs[0])).then(|| seqs[0])
+    })
+    .await;
+    let (truth, _) = api_state(([127, 0, 0, 1], workers[0].0).into()).await;
     let truth = omcb_proto::Board::from_snapshot(&truth).unwrap();
     assert_eq!(truth.seq, seq);
     for (i, c) in clients.iter_mut().enumerate() {
@@ -266,11 +293,7 @@ async fn clients_spread_over_three_workers_and_a_toggle_reaches_all() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_s_clients_reconnect_through_nginx_and_nothing_accepted_is_lost() {
     let fleet = Fleet::up(3, &[]);
-    let mut tasks = Vec::new();
-    for i in 0..6 {
-        let c = connect_fleet(&fleet).await;
-        tasks.push(tokio::spawn(traffic(fleet.ws(""), c, 11 + i, 400)));
-    }
+    let tasks = start_traffic(&fleet, 11, 400).await;
     tokio::time::sleep(Duration::from_millis(200)).await; // let traffic flow before the kill
     // nginx hashes the clients' one address to one worker: kill that one.
     let mut victim = None;
@@ -281,66 +304,20 @@ async fn a_killed_worker_s_clients_reconnect_through_nginx_and_nothing_accepted_
     }
     let victim = victim.expect("a worker holds the clients");
     std::process::Command::new("kill").args(["-KILL", &victim.to_string()]).status().unwrap();
-    let mut clients = Vec::new();
-    let mut results = Vec::new();
-    let mut reconnects = 0;
-    for t in tasks {
-        let (c, r, n) = t.await.unwrap();
-        clients.push(c);
-        results.extend(r);
-        reconnects += n;
-    }
+    let (mut clients, results, reconnects) = finish_traffic(tasks).await;
     assert!(reconnects >= 1, "the killed worker had clients");
     // New connections keep working.
     clients.push(connect_fleet(&fleet).await);
     let live: Vec<_> = fleet.workers().into_iter().filter(|(_, pid, _)| *pid != victim).collect();
     assert_eq!(live.len(), 2);
-    assert_converged_live(&fleet, &live, &mut clients, &results).await;
-}
-
-/// Like `assert_converged` but only over the given (live) workers.
-async fn assert_converged_live(
-    fleet: &Fleet,
-    live: &[(u16, u32, u16)],
-    clients: &mut [Client],
-    results: &[(u32, ToggleResult)],
-) {
-    let seq = poll("live workers to agree", || async {
-        let mut seqs = Vec::new();
-        for (port, _, _) in live {
-            seqs.push(stats_of(*port).await?["seq"].as_u64()?);
-        }
-        seqs.iter().all(|s| *s == seqs[0]).then(|| seqs[0])
-    })
-    .await;
-    let _ = fleet;
-    let (truth, _) = api_state(([127, 0, 0, 1], live[0].0).into()).await;
-    let truth = omcb_proto::Board::from_snapshot(&truth).unwrap();
-    assert_eq!(truth.seq, seq);
-    for (i, c) in clients.iter_mut().enumerate() {
-        c.until_seq(seq).await;
-        assert!(c.board.as_ref() == Some(&truth), "client {i} differs from the board");
-    }
-    let mut last: HashMap<u32, &ToggleResult> = HashMap::new();
-    for (index, r) in results.iter().filter(|(_, r)| r.accepted && r.seq > 0) {
-        if last.get(index).is_none_or(|p| p.seq < r.seq) {
-            last.insert(*index, r);
-        }
-    }
-    for (index, r) in last {
-        assert_eq!(truth.is_checked(index), r.checked, "accepted toggle of box {index} lost");
-    }
+    assert_converged(&live, &mut clients, &results).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_3_to_5_to_2_under_traffic_converges_at_each_step() {
     let fleet = Fleet::up(3, &[]);
     for (target, seed) in [(5usize, 100u64), (2, 200)] {
-        let mut tasks = Vec::new();
-        for i in 0..6 {
-            let c = connect_fleet(&fleet).await;
-            tasks.push(tokio::spawn(traffic(fleet.ws(""), c, seed + i, 300)));
-        }
+        let tasks = start_traffic(&fleet, seed, 300).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         fleet.script(&["scale", &target.to_string()]);
         assert_eq!(fleet.workers().len(), target);
@@ -349,14 +326,8 @@ async fn scaling_3_to_5_to_2_under_traffic_converges_at_each_step() {
             status.lines().filter(|l| l.starts_with("worker ") && l.ends_with(" ready")).count(),
             target
         );
-        let mut clients = Vec::new();
-        let mut results = Vec::new();
-        for t in tasks {
-            let (c, r, _) = t.await.unwrap();
-            clients.push(c);
-            results.extend(r);
-        }
-        assert_converged(&fleet, &mut clients, &results).await;
+        let (mut clients, results, _) = finish_traffic(tasks).await;
+        assert_converged(&fleet.workers(), &mut clients, &results).await;
     }
 }
 

@@ -1,6 +1,8 @@
 //! Micro-benchmarks of the hot pure code: building and encoding a batch (once
 //! per tick), applying one (every client, every tick), and the snapshot (once
 //! per seq). Results and the machine: docs/BENCHMARKS.md.
+//!
+//! `cargo bench -p omcb-benches --bench codec`
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use omcb_proto::rng::XorShift64 as Rng;

@@ -1,7 +1,7 @@
 # Writes an omcb board file (format of crates/store/src/memory.rs, mod file)
 # with N random checked boxes, marked clean: the starting board of the
 # persist-stall benchmark (docs/BENCHMARKS.md).
-# Usage: python3 docs/bench/persist-board.py 1000000 500000 DATA_DIR/board.omcb
+# Usage: python3 benches/persist-board.py 1000000 500000 DATA_DIR/board.omcb
 import random, struct, sys, time
 size, n, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 rng = random.Random(7)

@@ -6,7 +6,7 @@
 //! The floor uses the range the toggles actually fall in (the whole board, the
 //! hot region, or the span the scrolling window covered).
 //!
-//! `cargo run --release -p omcb-proto --example bytes_per_toggle`
+//! `cargo run --release -p omcb-benches --example bytes_per_toggle`
 
 use omcb_proto::rng::XorShift64 as Rng;
 use omcb_proto::v1::server_message::Msg;

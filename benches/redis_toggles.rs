@@ -3,7 +3,7 @@
 //! running the same script with `-P 16` against the same server in the same
 //! run: the ceiling. Target: at least 0.75 of it.
 //!
-//! `cargo bench -p omcb-store --bench redis_toggles -- [seconds] [in-flight]`
+//! `cargo bench -p omcb-benches --bench redis_toggles -- [seconds] [in-flight]`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
