@@ -489,3 +489,138 @@ fn egress_cap_holds_throughput_within_ten_percent() {
     let show = in_a(&["tc", "qdisc", "show", "dev", &format!("va{id}")]);
     assert!(!String::from_utf8_lossy(&show.stdout).contains("htb"), "cleared");
 }
+
+fn yaml_file(path: &str) -> yaml_rust2::Yaml {
+    let text = std::fs::read_to_string(repo().join(path)).unwrap();
+    yaml_rust2::YamlLoader::load_from_str(&text).unwrap().remove(0)
+}
+
+/// `(row, panel title, expr)` of every query of the Grafana dashboard.
+fn dashboard_queries() -> Vec<(String, String, String)> {
+    let text = std::fs::read_to_string(repo().join("deploy/grafana/omcb.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut row = String::new();
+    let mut out = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap().to_string();
+        if panel["type"] == "row" {
+            row = title;
+            continue;
+        }
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title} uses the variable");
+        for target in panel["targets"].as_array().unwrap() {
+            out.push((row.clone(), title.clone(), target["expr"].as_str().unwrap().to_string()));
+        }
+    }
+    out
+}
+
+/// The nine alerts, each with a `for`, a severity, a runbook section
+/// in docs/OPERATIONS.md (its anchor is the heading's), and promtool unit
+/// tests in which it fires and in which it stays silent. Every recording rule
+/// is read by an alert, a dashboard panel or another rule.
+#[test]
+fn alerts_have_a_for_a_severity_a_runbook_and_a_promtool_test() {
+    let rules = yaml_file("deploy/prometheus/rules/omcb.rules.yml");
+    let ops = std::fs::read_to_string(repo().join("docs/OPERATIONS.md")).unwrap();
+    let mut alerts = Vec::new();
+    let mut records = Vec::new();
+    let mut exprs = String::new();
+    for group in rules["groups"].as_vec().unwrap() {
+        for rule in group["rules"].as_vec().unwrap() {
+            exprs.push_str(rule["expr"].as_str().unwrap());
+            exprs.push('\n');
+            if let Some(name) = rule["record"].as_str() {
+                assert!(name.starts_with("omcb:"), "{name}");
+                records.push(name.to_string());
+                continue;
+            }
+            let name = rule["alert"].as_str().unwrap().to_string();
+            assert!(rule["for"].as_str().is_some(), "{name} has a for");
+            let severity = rule["labels"]["severity"].as_str().unwrap_or_default();
+            assert!(["page", "warning"].contains(&severity), "{name}: severity {severity:?}");
+            let runbook = rule["annotations"]["runbook_url"].as_str().unwrap();
+            assert_eq!(runbook, format!("docs/OPERATIONS.md#{}", name.to_lowercase()));
+            assert!(
+                ops.contains(&format!("\n#### {name}\n")),
+                "OPERATIONS.md has a section {name}"
+            );
+            assert!(rule["annotations"]["summary"].as_str().is_some(), "{name} has a summary");
+            alerts.push(name);
+        }
+    }
+    let mut sorted = alerts.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            "OmcbEgressNearCap",
+            "OmcbFeedLagging",
+            "OmcbFileDescriptorsNearLimit",
+            "OmcbFreezingWithoutSweep",
+            "OmcbReconnectStorm",
+            "OmcbRedisUnavailable",
+            "OmcbSlowConsumerStorm",
+            "OmcbStoreLatencyHigh",
+            "OmcbWorkerDown",
+        ]
+    );
+
+    let (mut fires, mut silent) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(repo().join("deploy/prometheus/tests")).unwrap() {
+        let tests =
+            yaml_file(entry.unwrap().path().strip_prefix(repo()).unwrap().to_str().unwrap());
+        for test in tests["tests"].as_vec().unwrap() {
+            for case in test["alert_rule_test"].as_vec().into_iter().flatten() {
+                let name = case["alertname"].as_str().unwrap().to_string();
+                if case["exp_alerts"].as_vec().is_some_and(|a| !a.is_empty()) {
+                    fires.push(name);
+                } else {
+                    silent.push(name);
+                }
+            }
+        }
+    }
+    for name in &alerts {
+        assert!(fires.contains(name), "no promtool test where {name} fires");
+        assert!(silent.contains(name), "no promtool test where {name} stays silent");
+    }
+
+    let panels: String = dashboard_queries().into_iter().map(|(_, _, e)| e + "\n").collect();
+    for record in &records {
+        let read_by_rule = exprs.matches(record.as_str()).count() > 0;
+        assert!(
+            read_by_rule || panels.contains(record.as_str()),
+            "recording rule {record} is read by no alert, panel or rule"
+        );
+    }
+}
+
+/// docs/OPERATIONS.md lists every dashboard query, in the dashboard's order,
+/// and nothing else: the two cannot drift (the live test evaluates the same
+/// queries). On a mismatch the message holds the table to paste.
+#[test]
+fn the_operations_panel_table_is_the_dashboard_s_queries() {
+    let ops = std::fs::read_to_string(repo().join("docs/OPERATIONS.md")).unwrap();
+    let start = ops.find("### Dashboard panels\n").expect("OPERATIONS.md has the panel table");
+    let table: Vec<&str> = ops[start..]
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    let mut expected =
+        vec!["| row | panel | query |".to_string(), "| --- | --- | --- |".to_string()];
+    for (row, panel, expr) in dashboard_queries() {
+        assert!(!expr.contains('|') && !expr.contains('`'), "{expr} fits a table cell");
+        expected.push(format!("| {row} | {panel} | `{expr}` |"));
+    }
+    let differs = table.iter().zip(&expected).position(|(a, b)| a != b);
+    assert!(
+        table == expected,
+        "OPERATIONS.md's panel table differs from deploy/grafana/omcb.json (first at line {:?} of {} vs {}); it should be:\n{}\n",
+        differs,
+        table.len(),
+        expected.len(),
+        expected.join("\n")
+    );
+}
