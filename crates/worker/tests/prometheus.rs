@@ -367,12 +367,13 @@ fn prometheus_scrapes_the_fleet_every_query_returns_data_and_a_killed_worker_ale
     assert_eq!(worker_down.expr, "up{job=\"omcb-worker\"} == 0");
     let limit = duration(worker_down.r#for.as_deref().unwrap()) + scrape;
     let (victim, pid, _) = workers[0];
+    let victim = victim.to_string();
     assert!(running(pid));
     Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     let killed = Instant::now();
     let alert = wait_for("OmcbWorkerDown for the killed worker", limit, || {
         prom.alerts("OmcbWorkerDown").into_iter().find(|a| {
-            a["labels"]["worker"] == victim.to_string()
+            a["labels"]["worker"] == victim.as_str()
                 && (a["state"] == "pending" || a["state"] == "firing")
         })
     });
@@ -385,7 +386,7 @@ fn prometheus_scrapes_the_fleet_every_query_returns_data_and_a_killed_worker_ale
     assert_eq!(alert["labels"]["severity"], "page");
     assert!(alert["annotations"]["runbook_url"].as_str().unwrap().contains("OPERATIONS.md#"));
     assert!(
-        prom.alerts("OmcbWorkerDown").iter().all(|a| a["labels"]["worker"] == victim.to_string()),
+        prom.alerts("OmcbWorkerDown").iter().all(|a| a["labels"]["worker"] == victim.as_str()),
         "only the killed worker is down"
     );
 
