@@ -246,6 +246,11 @@ async fn scaling_3_to_5_to_2_under_traffic_converges_at_each_step() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         fleet.script(&["scale", &target.to_string()]);
         assert_eq!(fleet.workers().len(), target);
+        assert_eq!(
+            fleet.scrape_targets(),
+            fleet.metrics_addresses(),
+            "Prometheus follows the scale"
+        );
         let status = fleet.script(&["status"]);
         assert_eq!(
             status.lines().filter(|l| l.starts_with("worker ") && l.ends_with(" ready")).count(),

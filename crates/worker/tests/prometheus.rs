@@ -237,20 +237,17 @@ fn prometheus_scrapes_the_fleet_every_query_returns_data_and_a_killed_worker_ale
     let prom = Prom { url: prom_url };
     eprintln!("fleet and prometheus up after {:?}", started.elapsed());
 
-    // The targets file lists every worker's metrics address.
-    let targets: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fleet.run_dir.path().join("prometheus/targets/workers.json"))
-            .unwrap(),
-    )
-    .unwrap();
+    // The targets file lists every worker's metrics address; status shows prometheus.
     let workers = fleet.workers();
-    let mut listed: Vec<String> =
-        targets.as_array().unwrap().iter().map(|t| t["targets"][0].to_string()).collect();
-    listed.sort();
-    let mut expected: Vec<String> =
-        workers.iter().map(|(_, _, m)| format!("\"127.0.0.1:{m}\"")).collect();
-    expected.sort();
-    assert_eq!(listed, expected, "workers.json lists each worker's metrics address");
+    assert_eq!(fleet.scrape_targets(), fleet.metrics_addresses());
+    let port = prom.url.rsplit(':').next().unwrap();
+    assert!(
+        fleet
+            .script(&["status"])
+            .lines()
+            .any(|l| l.starts_with(&format!("prometheus {port} ")) && l.ends_with(" up")),
+        "status shows prometheus up"
+    );
 
     // /metrics answers on the metrics listener only: never on the public
     // listener, directly or through nginx.

@@ -102,6 +102,36 @@ impl Fleet {
     }
 }
 
+impl Fleet {
+    /// The metrics addresses Prometheus is told to scrape (the file_sd file
+    /// `scripts/fleet` keeps), sorted; each target must carry its worker label.
+    pub fn scrape_targets(&self) -> Vec<String> {
+        let path = self.run_dir.path().join("prometheus/targets/workers.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not JSON ({e}):\n{text}", path.display()));
+        let mut out: Vec<String> = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                assert!(t["labels"]["worker"].is_string(), "a target without its worker: {t}");
+                t["targets"][0].as_str().unwrap().to_string()
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// What [`Fleet::scrape_targets`] should be: every worker's metrics address.
+    pub fn metrics_addresses(&self) -> Vec<String> {
+        let mut out: Vec<String> =
+            self.workers().iter().map(|(_, _, m)| format!("127.0.0.1:{m}")).collect();
+        out.sort();
+        out
+    }
+}
+
 impl Drop for Fleet {
     fn drop(&mut self) {
         let _ = std::process::Command::new(
