@@ -359,6 +359,11 @@ fn prometheus_scrapes_the_fleet_every_query_returns_data_and_a_killed_worker_ale
 
     // Kill one worker under traffic: OmcbWorkerDown is pending or firing for
     // it (and only it) within its `for` plus one scrape interval.
+    // A healthy fleet under traffic raises nothing (no alert is pending).
+    let before = prom.get("/api/v1/alerts", None);
+    for alert in before["data"]["alerts"].as_array().unwrap() {
+        problems.push(format!("alert on the healthy fleet: {alert}"));
+    }
     assert!(prom.alerts("OmcbWorkerDown").is_empty(), "no worker is down yet");
     let worker_down = rules.iter().find(|r| r.name == "OmcbWorkerDown").unwrap();
     assert_eq!(worker_down.expr, "up{job=\"omcb-worker\"} == 0");
