@@ -260,9 +260,32 @@ fn prometheus_scrapes_the_fleet_every_query_returns_data_and_a_killed_worker_ale
     let config = yaml("deploy/prometheus/prometheus.yml");
     let scrape = duration(config["global"]["scrape_interval"].as_str().unwrap());
 
+    // Sockets that came and went (disconnects by code), and a refusal (an
+    // upgrade from a foreign page: 403, a limiter refusal of kind origin).
+    let logs = fleet.run_dir.path();
+    let short = Command::new(&loadgen)
+        .args(["--url", &fleet.ws(""), "--clients", "4", "--rate", "40", "--duration", "1"])
+        .args(["--converge-timeout", "10"])
+        .output()
+        .unwrap();
+    assert!(short.status.success(), "loadgen: {}", String::from_utf8_lossy(&short.stderr));
+    let foreign = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"])
+        .args(["-H", "Connection: Upgrade", "-H", "Upgrade: websocket"])
+        .args([
+            "-H",
+            "Sec-WebSocket-Version: 13",
+            "-H",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        ])
+        .args(["-H", "Origin: http://elsewhere.example"])
+        .arg(format!("http://127.0.0.1:{}/ws", fleet.port))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&foreign.stdout), "403", "a foreign page's socket");
+
     // Traffic through nginx for the whole test, so rates are not zero when
     // the worker dies.
-    let logs = fleet.run_dir.path();
     let _load = Loadgen(
         Command::new(&loadgen)
             .args(["--url", &fleet.ws(""), "--clients", "40", "--ramp", "200", "--rate", "200"])
