@@ -103,7 +103,9 @@ fn cloud_init_user_data_has_the_shape_of_a_worker() {
             .clone()
     };
     let env = written("/etc/omcb/worker.env");
-    assert!(env["content"].as_str().unwrap().contains("OMCB_REDIS=redis://10.0.0.5:6379"));
+    let env = env["content"].as_str().unwrap();
+    assert!(env.contains("OMCB_REDIS=redis://10.0.0.5:6379"));
+    metrics_listen_is_filled_from_the_private_address(doc, env);
     // The unit travels base64-encoded and decodes to the repo's unit.
     let unit = written("/etc/systemd/system/omcb-worker.service");
     let decoded = Command::new("base64")
@@ -120,6 +122,92 @@ fn cloud_init_user_data_has_the_shape_of_a_worker() {
         String::from_utf8(decoded.unwrap().stdout).unwrap(),
         std::fs::read_to_string(repo().join("deploy/systemd/omcb-worker.service")).unwrap()
     );
+}
+
+/// Metrics listen on the droplet's private address, port 9478 (never on the
+/// public interface, never the old 127.0.0.1:9100): the user data carries a
+/// placeholder that omcb-metrics-listen replaces at boot, before the worker
+/// starts, from the metadata service. Runs that script against a fake `curl`.
+fn metrics_listen_is_filled_from_the_private_address(doc: &yaml_rust2::Yaml, env: &str) {
+    let line = env.lines().find(|l| l.starts_with("OMCB_METRICS_LISTEN=")).expect("metrics listen");
+    assert_eq!(line, "OMCB_METRICS_LISTEN=private-address-unknown:9478");
+    let runcmd: Vec<String> =
+        doc["runcmd"].as_vec().unwrap().iter().map(|c| format!("{c:?}")).collect();
+    let fill =
+        runcmd.iter().position(|c| c.contains("omcb-metrics-listen")).expect("runcmd fills it");
+    assert!(runcmd[fill].contains("/etc/omcb/worker.env") && runcmd[fill].contains("9478"));
+    let start = runcmd.iter().position(|c| c.contains("omcb-worker.service")).unwrap();
+    assert!(fill < start, "the address is filled in before the worker starts");
+
+    let script = doc["write_files"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"].as_str() == Some("/usr/local/sbin/omcb-metrics-listen"))
+        .expect("user data writes omcb-metrics-listen")["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let fill_with = |answer: &str| {
+        std::fs::write(
+            bin.join("curl"),
+            format!(
+                "#!/bin/sh\necho \"$*\" >>{0}/curl.log\nprintf '%s' '{answer}'\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("omcb-metrics-listen"), &script).unwrap();
+        Command::new("chmod")
+            .arg("+x")
+            .arg(bin.join("curl"))
+            .arg(dir.path().join("omcb-metrics-listen"))
+            .status()
+            .unwrap();
+        let env_file = dir.path().join("worker.env");
+        std::fs::write(&env_file, env).unwrap();
+        let out = Command::new(dir.path().join("omcb-metrics-listen"))
+            .arg(&env_file)
+            .arg("9478")
+            .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()))
+            .output()
+            .unwrap();
+        (out.status.success(), std::fs::read_to_string(&env_file).unwrap())
+    };
+    let (ok, filled) = fill_with("10.10.0.7");
+    assert!(ok);
+    assert!(filled.contains("\nOMCB_METRICS_LISTEN=10.10.0.7:9478\n"), "{filled}");
+    assert_eq!(filled.matches("OMCB_METRICS_LISTEN=").count(), 1);
+    let asked = std::fs::read_to_string(dir.path().join("curl.log")).unwrap();
+    assert!(asked.contains("http://169.254.169.254/metadata/v1/interfaces/private/0/ipv4/address"));
+    // A metadata answer that is no address changes nothing and fails the step;
+    // the worker then refuses the placeholder at start.
+    let (ok, unchanged) = fill_with("<html>503</html>");
+    assert!(!ok);
+    assert_eq!(unchanged, env);
+    let out = Command::new(env!("CARGO_BIN_EXE_omcb"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "private-address-unknown:9478",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("invalid value 'private-address-unknown:9478'")
+    );
+
+    let example =
+        std::fs::read_to_string(repo().join("deploy/systemd/worker.env.example")).unwrap();
+    let line = example.lines().find(|l| l.starts_with("OMCB_METRICS_LISTEN=")).unwrap();
+    assert!(line.ends_with(":9478") && !line.contains("127.0.0.1"), "{line}");
 }
 
 /// A fake `doctl` that records its calls and keeps droplets in a state file,
@@ -192,6 +280,7 @@ fn provision_adds_and_removes_tagged_droplets_and_keeps_the_upstream_in_step() {
     let dir = tempfile::tempdir().unwrap();
     let (bin, log) = fake_doctl(dir.path());
     let upstream = dir.path().join("upstream.conf");
+    let targets = dir.path().join("prometheus/targets/workers.json");
     let reloads = dir.path().join("reloads");
     let provision = |args: &[&str]| {
         let out = Command::new(repo().join("scripts/provision"))
@@ -201,6 +290,7 @@ fn provision_adds_and_removes_tagged_droplets_and_keeps_the_upstream_in_step() {
             .env("FAKE_DOCTL_STATE", dir.path().join("state"))
             .env("OMCB_REDIS_URL", "redis://10.0.0.5:6379")
             .env("OMCB_UPSTREAM_FILE", &upstream)
+            .env("OMCB_PROMETHEUS_TARGETS", &targets)
             .env("OMCB_NGINX_RELOAD", format!("echo reload >>{}", reloads.display()))
             .output()
             .unwrap();
@@ -227,6 +317,7 @@ fn provision_adds_and_removes_tagged_droplets_and_keeps_the_upstream_in_step() {
     );
     assert!(calls().is_empty(), "dry run called doctl: {}", calls());
     assert!(!upstream.exists());
+    assert!(!targets.exists());
 
     let (ok, _, err) = provision(&["up", "2"]);
     assert!(ok, "{err}");
@@ -243,6 +334,28 @@ fn provision_adds_and_removes_tagged_droplets_and_keeps_the_upstream_in_step() {
         1,
         "nginx reloaded once"
     );
+    // Prometheus's file_sd targets: the same droplets, metrics port 9478.
+    let scraped = || -> Vec<(String, String)> {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&targets).unwrap()).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                assert_eq!(t["targets"].as_array().unwrap().len(), 1);
+                (
+                    t["targets"][0].as_str().unwrap().into(),
+                    t["labels"]["worker"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    let two = scraped();
+    assert_eq!(
+        two.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+        ["10.10.0.10:9478", "10.10.0.11:9478"]
+    );
+    assert!(two.iter().all(|(_, w)| w.starts_with("omcb-worker-")), "{two:?}");
 
     let (ok, list, _) = provision(&["list"]);
     assert!(ok);
@@ -256,6 +369,8 @@ fn provision_adds_and_removes_tagged_droplets_and_keeps_the_upstream_in_step() {
         ["server 10.10.0.11:8080 max_fails=2 fail_timeout=5s;"],
         "it left the upstream"
     );
+    assert_eq!(scraped(), [two[1].clone()], "and the Prometheus targets");
+    assert_eq!(two[0].1, victim, "the removed target was the deleted droplet");
     let log_text = calls();
     let untag = log_text.find(&format!("untag {victim}")).expect("untagged first");
     let delete = log_text.find(&format!("delete {victim}")).expect("then deleted");
@@ -373,4 +488,139 @@ fn egress_cap_holds_throughput_within_ten_percent() {
     assert!(out.status.success());
     let show = in_a(&["tc", "qdisc", "show", "dev", &format!("va{id}")]);
     assert!(!String::from_utf8_lossy(&show.stdout).contains("htb"), "cleared");
+}
+
+fn yaml_file(path: &str) -> yaml_rust2::Yaml {
+    let text = std::fs::read_to_string(repo().join(path)).unwrap();
+    yaml_rust2::YamlLoader::load_from_str(&text).unwrap().remove(0)
+}
+
+/// `(row, panel title, expr)` of every query of the Grafana dashboard.
+fn dashboard_queries() -> Vec<(String, String, String)> {
+    let text = std::fs::read_to_string(repo().join("deploy/grafana/omcb.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut row = String::new();
+    let mut out = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap().to_string();
+        if panel["type"] == "row" {
+            row = title;
+            continue;
+        }
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title} uses the variable");
+        for target in panel["targets"].as_array().unwrap() {
+            out.push((row.clone(), title.clone(), target["expr"].as_str().unwrap().to_string()));
+        }
+    }
+    out
+}
+
+/// The nine alerts, each with a `for`, a severity, a runbook section
+/// in docs/OPERATIONS.md (its anchor is the heading's), and promtool unit
+/// tests in which it fires and in which it stays silent. Every recording rule
+/// is read by an alert, a dashboard panel or another rule.
+#[test]
+fn alerts_have_a_for_a_severity_a_runbook_and_a_promtool_test() {
+    let rules = yaml_file("deploy/prometheus/rules/omcb.rules.yml");
+    let ops = std::fs::read_to_string(repo().join("docs/OPERATIONS.md")).unwrap();
+    let mut alerts = Vec::new();
+    let mut records = Vec::new();
+    let mut exprs = String::new();
+    for group in rules["groups"].as_vec().unwrap() {
+        for rule in group["rules"].as_vec().unwrap() {
+            exprs.push_str(rule["expr"].as_str().unwrap());
+            exprs.push('\n');
+            if let Some(name) = rule["record"].as_str() {
+                assert!(name.starts_with("omcb:"), "{name}");
+                records.push(name.to_string());
+                continue;
+            }
+            let name = rule["alert"].as_str().unwrap().to_string();
+            assert!(rule["for"].as_str().is_some(), "{name} has a for");
+            let severity = rule["labels"]["severity"].as_str().unwrap_or_default();
+            assert!(["page", "warning"].contains(&severity), "{name}: severity {severity:?}");
+            let runbook = rule["annotations"]["runbook_url"].as_str().unwrap();
+            assert_eq!(runbook, format!("docs/OPERATIONS.md#{}", name.to_lowercase()));
+            assert!(
+                ops.contains(&format!("\n#### {name}\n")),
+                "OPERATIONS.md has a section {name}"
+            );
+            assert!(rule["annotations"]["summary"].as_str().is_some(), "{name} has a summary");
+            alerts.push(name);
+        }
+    }
+    let mut sorted = alerts.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            "OmcbEgressNearCap",
+            "OmcbFeedLagging",
+            "OmcbFileDescriptorsNearLimit",
+            "OmcbFreezingWithoutSweep",
+            "OmcbReconnectStorm",
+            "OmcbRedisUnavailable",
+            "OmcbSlowConsumerStorm",
+            "OmcbStoreLatencyHigh",
+            "OmcbWorkerDown",
+        ]
+    );
+
+    let (mut fires, mut silent) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(repo().join("deploy/prometheus/tests")).unwrap() {
+        let tests =
+            yaml_file(entry.unwrap().path().strip_prefix(repo()).unwrap().to_str().unwrap());
+        for test in tests["tests"].as_vec().unwrap() {
+            for case in test["alert_rule_test"].as_vec().into_iter().flatten() {
+                let name = case["alertname"].as_str().unwrap().to_string();
+                if case["exp_alerts"].as_vec().is_some_and(|a| !a.is_empty()) {
+                    fires.push(name);
+                } else {
+                    silent.push(name);
+                }
+            }
+        }
+    }
+    for name in &alerts {
+        assert!(fires.contains(name), "no promtool test where {name} fires");
+        assert!(silent.contains(name), "no promtool test where {name} stays silent");
+    }
+
+    let panels: String = dashboard_queries().into_iter().map(|(_, _, e)| e + "\n").collect();
+    for record in &records {
+        let read_by_rule = exprs.matches(record.as_str()).count() > 0;
+        assert!(
+            read_by_rule || panels.contains(record.as_str()),
+            "recording rule {record} is read by no alert, panel or rule"
+        );
+    }
+}
+
+/// docs/OPERATIONS.md lists every dashboard query, in the dashboard's order,
+/// and nothing else: the two cannot drift (the live test evaluates the same
+/// queries). On a mismatch the message holds the table to paste.
+#[test]
+fn the_operations_panel_table_is_the_dashboard_s_queries() {
+    let ops = std::fs::read_to_string(repo().join("docs/OPERATIONS.md")).unwrap();
+    let start = ops.find("### Dashboard panels\n").expect("OPERATIONS.md has the panel table");
+    let table: Vec<&str> = ops[start..]
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    let mut expected =
+        vec!["| row | panel | query |".to_string(), "| --- | --- | --- |".to_string()];
+    for (row, panel, expr) in dashboard_queries() {
+        assert!(!expr.contains('|') && !expr.contains('`'), "{expr} fits a table cell");
+        expected.push(format!("| {row} | {panel} | `{expr}` |"));
+    }
+    let differs = table.iter().zip(&expected).position(|(a, b)| a != b);
+    assert!(
+        table == expected,
+        "OPERATIONS.md's panel table differs from deploy/grafana/omcb.json (first at line {:?} of {} vs {}); it should be:\n{}\n",
+        differs,
+        table.len(),
+        expected.len(),
+        expected.join("\n")
+    );
 }

@@ -6,110 +6,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::fleet::{Fleet, running};
 use common::*;
 use omcb_proto::v1::{ToggleResult, server_message::Msg};
-
-const WORKER_ARGS: &str =
-    "--board-size 1000 --toggle-rate 1000000 --toggle-burst 1000000 --batch-ms 20";
-
-fn fleet_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fleet")
-}
-
-/// A fleet started by `scripts/fleet up`, stopped by `scripts/fleet down` on drop.
-struct Fleet {
-    run_dir: tempfile::TempDir,
-    port: u16,
-    env: Vec<(&'static str, String)>,
-}
-
-impl Fleet {
-    fn up(workers: usize, env: &[(&'static str, &str)]) -> Fleet {
-        let run_dir = tempfile::tempdir().unwrap();
-        let port = omcb_testkit::free_port();
-        let mut all = vec![
-            ("OMCB_BIN", env!("CARGO_BIN_EXE_omcb").to_string()),
-            ("OMCB_WORKER_ARGS", WORKER_ARGS.to_string()),
-            ("OMCB_NGINX_WS_RATE", "1000".to_string()),
-            ("OMCB_NGINX_WS_BURST", "1000".to_string()),
-            ("OMCB_NGINX_API_RATE", "1000".to_string()),
-            ("OMCB_NGINX_API_BURST", "1000".to_string()),
-        ];
-        for (k, v) in env {
-            all.retain(|(key, _)| key != k);
-            all.push((k, v.to_string()));
-        }
-        let fleet = Fleet { run_dir, port, env: all };
-        let out =
-            fleet.script(&["up", "--workers", &workers.to_string(), "--port", &port.to_string()]);
-        assert_eq!(
-            out.lines().last(),
-            Some(format!("http://127.0.0.1:{port}").as_str()),
-            "up prints the URL last"
-        );
-        fleet
-    }
-
-    fn script(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new(fleet_script())
-            .args(args)
-            .arg("--run-dir")
-            .arg(self.run_dir.path())
-            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "fleet {args:?} failed:\n{text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text
-    }
-
-    fn addr(&self) -> SocketAddr {
-        ([127, 0, 0, 1], self.port).into()
-    }
-
-    fn ws(&self, query: &str) -> String {
-        format!("ws://127.0.0.1:{}/ws{query}", self.port)
-    }
-
-    fn workers_dir(&self) -> PathBuf {
-        self.run_dir.path().join("workers")
-    }
-
-    /// `(port, pid, metrics port)` of each worker.
-    fn workers(&self) -> Vec<(u16, u32, u16)> {
-        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap().trim().parse::<u64>().unwrap();
-        let mut out: Vec<_> = std::fs::read_dir(self.workers_dir())
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".pid")?.parse::<u16>().ok())
-            .map(|port| {
-                let d = self.workers_dir();
-                (
-                    port,
-                    read(d.join(format!("{port}.pid"))) as u32,
-                    read(d.join(format!("{port}.metrics"))) as u16,
-                )
-            })
-            .collect();
-        out.sort();
-        out
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(fleet_script())
-            .args(["down", "--run-dir"])
-            .arg(self.run_dir.path())
-            .output();
-    }
-}
 
 async fn stats_of(port: u16) -> Option<serde_json::Value> {
     let r = tokio::time::timeout(
@@ -321,6 +222,11 @@ async fn scaling_3_to_5_to_2_under_traffic_converges_at_each_step() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         fleet.script(&["scale", &target.to_string()]);
         assert_eq!(fleet.workers().len(), target);
+        assert_eq!(
+            fleet.scrape_targets(),
+            fleet.metrics_addresses(),
+            "Prometheus follows the scale"
+        );
         let status = fleet.script(&["status"]);
         assert_eq!(
             status.lines().filter(|l| l.starts_with("worker ") && l.ends_with(" ready")).count(),
@@ -329,12 +235,6 @@ async fn scaling_3_to_5_to_2_under_traffic_converges_at_each_step() {
         let (mut clients, results, _) = finish_traffic(tasks).await;
         assert_converged(&fleet.workers(), &mut clients, &results).await;
     }
-}
-
-/// Whether a process runs (a zombie waiting to be reaped by init does not).
-fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
 }
 
 /// GET from a chosen loopback source address.

@@ -16,6 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
+pub mod fleet;
+
 pub const WAIT: Duration = Duration::from_secs(10);
 
 /// Splits a flag string ("--board-size 1000 --batch-ms 2") into arguments.
