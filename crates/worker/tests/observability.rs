@@ -215,8 +215,9 @@ async fn text_logs_have_no_colour_codes_in_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let (w, path) = logging_worker(dir.path(), &flags("--board-size 1000"));
     a_socket_that_misbehaves(&w).await;
-    let log = log_with(&path, "socket closed").await;
+    let log = log_with(&path, "closing on bad input").await;
     assert!(!log.contains('\x1b'), "escape codes in the log:\n{log}");
+    let log = log_with(&path, "socket closed").await;
     // The socket's lines name its connection.
     let closed = log.lines().find(|l| l.contains("socket closed")).unwrap();
     assert!(closed.contains("conn{conn=") && closed.contains("peer=127.0.0.1:"), "{closed}");
@@ -258,4 +259,36 @@ async fn json_logs_parse_and_name_the_connection() {
     assert_eq!(conns.len(), 2, "each socket its own id: {ids:?}");
     let closed = lines.iter().find(|l| l["fields"]["message"] == "socket closed").unwrap();
     assert_eq!(closed["fields"]["code"], "1003");
+}
+
+/// In a fleet one worker holds the sweep lease and sweeps; the other says it
+/// does not hold it and counts no sweep (`omcb_sweeps_total` counts sweeps as
+/// the holder, so summed over the fleet it is the sweep rate).
+#[tokio::test]
+async fn one_worker_of_a_fleet_holds_the_sweep_lease() {
+    let redis = omcb_testkit::RedisServer::start().unwrap();
+    let args = format!("--redis {} --board-size 1000 --freeze-after 1s", redis.url());
+    let workers = [Worker::start(&flags(&args)), Worker::start(&flags(&args))];
+    let held = |s: &[(String, f64)]| value(s, "omcb_sweep_lease_held");
+    let ok = |s: &[(String, f64)]| value(s, r#"omcb_sweeps_total{result="ok"}"#);
+    // Each worker sweeps every 250 ms: wait for the holder's third.
+    let (holder, other) = poll("a worker to sweep three times", || async {
+        let [a, b] = [&workers[0], &workers[1]];
+        let (a, b) = (samples(&a.metrics_text().await), samples(&b.metrics_text().await));
+        if ok(&a) >= 3.0 {
+            Some((a, b))
+        } else if ok(&b) >= 3.0 {
+            Some((b, a))
+        } else {
+            None
+        }
+    })
+    .await;
+    assert_eq!(held(&holder), 1.0);
+    assert_eq!(held(&other), 0.0);
+    assert_eq!(ok(&other), 0.0);
+    for s in [&holder, &other] {
+        assert_eq!(value(s, r#"omcb_sweeps_total{result="error"}"#), 0.0);
+        assert_eq!(value(s, "omcb_freeze_after_seconds"), 1.0);
+    }
 }
