@@ -124,7 +124,8 @@ impl SocketSlot {
         if admitted {
             app.metrics.connections.increment(1.0);
         } else {
-            app.metrics.limited(if within { Limiter::MaxConnections } else { Limiter::ConnectionsAddress });
+            let cap = if within { Limiter::MaxConnections } else { Limiter::ConnectionsAddress };
+            app.metrics.limited(cap);
             hold.refuse();
             // Refused sockets are bounded too (each waits up to a few seconds
             // for its close): past as many as the worker admits, answer 429

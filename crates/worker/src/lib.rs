@@ -185,7 +185,11 @@ impl Server {
         ));
         let mut background = Vec::new();
         if let Some(after) = app.config.freeze_after {
-            background.push(tokio::spawn(sweep_loop(app.store.clone(), after, app.metrics.clone())));
+            background.push(tokio::spawn(sweep_loop(
+                app.store.clone(),
+                after,
+                app.metrics.clone(),
+            )));
         }
         if let (Some(l), Some(p)) = (metrics_listener, prometheus) {
             background.push(tokio::spawn(serve_metrics(l, p)));
@@ -342,7 +346,8 @@ async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
                 let handle = handle.clone();
                 async move {
                     let resp = if req.uri().path() == "/metrics" {
-                        let mut r = hyper::Response::new(Full::new(Bytes::from(metrics::render(&handle))));
+                        let mut r =
+                            hyper::Response::new(Full::new(Bytes::from(metrics::render(&handle))));
                         r.headers_mut().insert(
                             hyper::header::CONTENT_TYPE,
                             hyper::header::HeaderValue::from_static(

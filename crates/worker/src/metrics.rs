@@ -25,10 +25,7 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
         builder = builder.set_buckets_for_metric(Matcher::Full(name.into()), &TICK_LATENCY)?;
     }
     let handle = builder
-        .set_buckets_for_metric(
-            Matcher::Full("omcb_store_command_seconds".into()),
-            &STORE_LATENCY,
-        )?
+        .set_buckets_for_metric(Matcher::Full("omcb_store_command_seconds".into()), &STORE_LATENCY)?
         .set_buckets_for_metric(
             Matcher::Full("omcb_batch_changes".into()),
             &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0],
@@ -238,9 +235,9 @@ impl Metrics {
             snapshot_bytes_lagged: snapshot_bytes("lagged"),
             snapshot_bytes_reset: snapshot_bytes("reset"),
             snapshot_bytes_resync: snapshot_bytes("resync"),
-            disconnects: std::array::from_fn(|i| {
-                counter!("omcb_disconnects_total", "code" => DISCONNECT_CODES[i])
-            }),
+            disconnects: std::array::from_fn(
+                |i| counter!("omcb_disconnects_total", "code" => DISCONNECT_CODES[i]),
+            ),
             limiter_refusals: Limiter::ALL
                 .map(|k| counter!("omcb_limiter_refusals_total", "kind" => k.label())),
             sweep_lease_held: gauge!("omcb_sweep_lease_held"),
