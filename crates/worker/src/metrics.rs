@@ -72,6 +72,7 @@ pub enum Limiter {
 }
 
 impl Limiter {
+    /// Every kind, in declaration order (so `kind as usize` indexes it).
     const ALL: [Limiter; 10] = [
         Limiter::ToggleSocket,
         Limiter::ToggleAddress,
@@ -259,8 +260,7 @@ impl Metrics {
 
     /// Counts a refusal by `limiter`.
     pub fn limited(&self, limiter: Limiter) {
-        let i = Limiter::ALL.iter().position(|k| *k == limiter).expect("ALL lists every kind");
-        self.limiter_refusals[i].increment(1);
+        self.limiter_refusals[limiter as usize].increment(1);
     }
 
     /// Counts an address refused before its connection was served.
@@ -293,7 +293,7 @@ impl Metrics {
     /// ends) counts its close code and logs it. Made inside the connection's
     /// span, so both lines carry its id.
     pub fn socket<'a>(&'a self, sink: &'a crate::sink::Sink) -> SocketLife<'a> {
-        tracing::debug!("socket opened");
+        tracing::debug!(target: "omcb_worker::conn", "socket opened");
         SocketLife { metrics: self, sink }
     }
 
@@ -348,13 +348,20 @@ impl Drop for SocketLife<'_> {
     fn drop(&mut self) {
         let i = disconnect_index(self.sink.close_code());
         self.metrics.disconnects[i].increment(1);
-        tracing::debug!(code = DISCONNECT_CODES[i], "socket closed");
+        tracing::debug!(target: "omcb_worker::conn", code = DISCONNECT_CODES[i], "socket closed");
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limiters_index_their_own_counter() {
+        for (i, kind) in Limiter::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, i, "{}", kind.label());
+        }
+    }
 
     #[test]
     fn close_codes_map_to_a_bounded_set_of_labels() {
