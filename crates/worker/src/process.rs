@@ -5,7 +5,8 @@
 //! scraped, so they cost nothing between scrapes.
 //!
 //! `process_open_fds` against `process_max_fds` is the first wall a busy
-//! worker meets (one descriptor per socket; the systemd unit allows 20,000).
+//! worker meets (one descriptor per socket; the limit is the systemd unit's
+//! `LimitNOFILE`).
 //! `process_cpu_seconds_total` counts whole seconds (a `metrics` counter holds
 //! an integer), which is exact enough for a rate over a minute or more.
 //! Test: `observability::metrics_answer_an_operators_questions`.
