@@ -188,8 +188,15 @@ impl Store {
     /// Freezes up to `limit` boxes whose check is older than `freeze_after_ms`;
     /// returns how many froze. A no-op when freezing is off.
     pub async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
+        Ok(self.sweep_leased(limit).await?.unwrap_or(0))
+    }
+
+    /// [`sweep`](Self::sweep), saying whether this caller swept: `None` when
+    /// another worker holds the Redis sweep lease (the embedded store has no
+    /// lease: its one worker always sweeps).
+    pub async fn sweep_leased(&self, limit: usize) -> Result<Option<usize>, StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.sweep(limit)),
+            Store::Memory(m) => Ok(Some(m.sweep(limit))),
             Store::Redis(r) => r.sweep(limit).await,
         }
     }

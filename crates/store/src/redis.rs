@@ -537,10 +537,11 @@ impl RedisStore {
         }))
     }
 
-    /// Runs the freeze sweep if this worker holds (or takes) the fleet-wide lease.
-    pub async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
+    /// Runs the freeze sweep if this worker holds (or takes) the fleet-wide
+    /// lease: how many boxes froze, or `None` when another worker holds it.
+    pub async fn sweep(&self, limit: usize) -> Result<Option<usize>, StoreError> {
         if self.config().freeze_after_ms == 0 {
-            return Ok(0);
+            return Ok(Some(0));
         }
         let k = &self.inner.keys;
         let held = self
@@ -552,7 +553,7 @@ impl RedisStore {
             .await
             .map_err(unavailable)?;
         if held.as_i64() != Some(1) {
-            return Ok(0);
+            return Ok(None);
         }
         let frozen = self
             .eval(
@@ -570,7 +571,7 @@ impl RedisStore {
             )
             .await
             .map_err(unavailable)?;
-        Ok(frozen.as_i64().unwrap_or(0) as usize)
+        Ok(Some(frozen.as_i64().unwrap_or(0) as usize))
     }
 
     /// Remembers a change `set.lua` made: in the ring of recent ones, and as

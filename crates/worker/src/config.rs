@@ -194,6 +194,45 @@ pub struct Config {
     /// besides the board's own host; `*` allows any. Repeat or separate with commas.
     #[arg(long, env = "OMCB_ALLOW_ORIGIN", value_delimiter = ',', value_parser = parse_origin)]
     pub allow_origin: Vec<String>,
+
+    /// Bytes per second this worker may send (its share of the droplet's
+    /// egress, e.g. `30MB`; K/M/G are powers of 1000, KiB/MiB/GiB of 1024).
+    /// Not enforced: exported as `omcb_egress_budget_bytes_per_second` so
+    /// alerts and dashboards can compare `omcb_bytes_sent_total` with it.
+    #[arg(long, env = "OMCB_EGRESS_BUDGET", value_parser = parse_byte_rate)]
+    pub egress_budget: Option<u64>,
+
+    /// Log lines as `text` or `json` (one object per line, with the
+    /// connection id of socket lines); the level comes from `OMCB_LOG`.
+    #[arg(long, env = "OMCB_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: crate::logging::LogFormat,
+}
+
+/// Parses a byte rate above zero: a count with an optional unit (`B`, `KB`,
+/// `MB`, `GB` in powers of 1000; `KiB`, `MiB`, `GiB` in powers of 1024; `K`,
+/// `M`, `G` alone as 1000s) and an optional `/s`: `30MB`, `30 MB/s`, `250000`.
+pub fn parse_byte_rate(s: &str) -> Result<u64, String> {
+    let bad = || format!("`{s}` is not a byte rate above 0 like 30MB, 512KiB or 250000");
+    let t = s.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t).trim_end();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number.parse().map_err(|_| bad())?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(bad()),
+    };
+    let bytes = (number * scale).round();
+    if !(1.0..=1e15).contains(&bytes) {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
 }
 
 /// Parses an `--allow-origin` entry: `*`, or an origin as browsers send it
@@ -375,5 +414,22 @@ mod tests {
         assert!(parse_rate("-1").is_err());
         assert!(parse_rate("inf").is_err());
         assert_eq!(parse_rate("2.5").unwrap(), 2.5);
+    }
+
+    #[test]
+    fn egress_budget_takes_human_sizes() {
+        assert_eq!(parse_byte_rate("30MB").unwrap(), 30_000_000);
+        assert_eq!(parse_byte_rate("30 MB/s").unwrap(), 30_000_000);
+        assert_eq!(parse_byte_rate("1.5G").unwrap(), 1_500_000_000);
+        assert_eq!(parse_byte_rate("512KiB").unwrap(), 524_288);
+        assert_eq!(parse_byte_rate("250000").unwrap(), 250_000);
+        for bad in ["0", "0MB", "-1MB", "30XB", "MB", "", "1e400", "NaN"] {
+            assert!(parse_byte_rate(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse("--egress-budget 30MB").unwrap().egress_budget, Some(30_000_000));
+        assert_eq!(parse("").unwrap().egress_budget, None);
+        assert_eq!(parse("--egress-budget nope").unwrap_err().exit_code(), 2);
+        assert_eq!(parse("--log-format json").unwrap().log_format, crate::logging::LogFormat::Json);
+        assert!(parse("--log-format xml").is_err());
     }
 }

@@ -37,12 +37,14 @@ use omcb_store::SetOutcome;
 use tokio::io::{AsyncRead, AsyncReadExt as _, Chain, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
+use tracing::Instrument as _;
 
 use crate::app::App;
 use crate::deadline::WriteDeadline;
 use crate::frames;
 use crate::hub::Start;
 use crate::limits::{self, Address, Hold};
+use crate::metrics::{Limiter, Metrics};
 use crate::ratelimit::TokenBucket;
 use crate::sink::{Drained, Sink};
 
@@ -118,6 +120,8 @@ impl SocketSlot {
         if admitted {
             app.metrics.connections.increment(1.0);
         } else {
+            let cap = if within { Limiter::MaxConnections } else { Limiter::ConnectionsAddress };
+            app.metrics.limited(cap);
             hold.refuse();
             // Refused sockets are bounded too (each waits up to a few seconds
             // for its close): past as many as the worker admits, answer 429
@@ -181,6 +185,7 @@ pub async fn serve(
     // fastwebsockets refuses frames of at least this many bytes.
     rd.set_max_message_size(app.config.max_frame + 1);
     let sink = Arc::new(Sink::new(write, app.config.send_queue as usize, app.metrics.sink()));
+    let _life = SocketLife::begin(&app.metrics, &sink);
     if slot.over_limit {
         app.metrics.connections_over_limit.increment(1);
         sink.close(close::TRY_AGAIN, "over capacity");
@@ -189,7 +194,7 @@ pub async fn serve(
         return;
     }
     app.metrics.connections_opened.increment(1);
-    let mut writer = tokio::spawn(write_loop(app.clone(), sink.clone(), resume));
+    let mut writer = tokio::spawn(write_loop(app.clone(), sink.clone(), resume).in_current_span());
     tokio::select! {
         () = read_loop(&app, &mut rd, &sink, slot.address()) => {
             // The reader queued whatever must still go out (an Error, a
@@ -533,7 +538,9 @@ async fn read_loop(app: &App, rd: &mut Reader, sink: &Sink, address: &Arc<Addres
             }
             Ok(Ok(frame)) => frame,
         };
+        let read_at = Instant::now();
         if !budget.charge(frame.payload.len(), Instant::now()) {
+            app.metrics.limited(Limiter::RecvBudget);
             bad(close::POLICY, "over the receive budget");
             sink.close(close::POLICY, "too many frames");
             return;
@@ -595,7 +602,8 @@ async fn read_loop(app: &App, rd: &mut Reader, sink: &Sink, address: &Arc<Addres
                 // per socket (measured: 15.6 -> 11.2 KiB RSS per idle socket).
                 match Box::pin(toggle(app, &mut limits, t)).await {
                     Ok(result) => {
-                        sink.send(server_frame(server_message::Msg::ToggleResult(result)))
+                        sink.send(server_frame(server_message::Msg::ToggleResult(result)));
+                        app.metrics.toggle_seconds.record(read_at.elapsed());
                     }
                     Err(Abusive) => {
                         bad(close::POLICY, "persistent rate abuse");
@@ -617,6 +625,7 @@ async fn read_loop(app: &App, rd: &mut Reader, sink: &Sink, address: &Arc<Addres
                         sink.request_snapshot();
                     }
                     None => {
+                        app.metrics.limited(Limiter::SnapshotAddress);
                         bad(close::POLICY, "snapshot budget");
                         sink.send(error_frame(Code::RateLimited, "too many snapshots; slow down"));
                         sink.close(close::POLICY, "snapshot budget");
@@ -661,7 +670,9 @@ async fn toggle(app: &App, limits: &mut Limits, t: v1::Toggle) -> Result<ToggleR
     let now = Instant::now();
     // The socket's bucket first (fairness among an address's sockets), then
     // the address's (`--ip-toggle-rate`): a refusal by either is a rate limit.
-    if !limits.toggles.try_take(now) || !limits.address.try_toggle(now) {
+    let socket_ok = limits.toggles.try_take(now);
+    if !socket_ok || !limits.address.try_toggle(now) {
+        m.limited(if socket_ok { Limiter::ToggleAddress } else { Limiter::ToggleSocket });
         m.toggles_rate_limited.increment(1);
         if !limits.abuse.try_take(now) {
             return Err(Abusive);
@@ -696,6 +707,27 @@ async fn toggle(app: &App, limits: &mut Limits, t: v1::Toggle) -> Result<ToggleR
             refused(Reason::Unavailable, app.hub.is_checked(t.index))
         }
     })
+}
+
+/// A socket's life: logs its start when made, and on drop (however its task
+/// ends) counts its close code and logs it. Made inside the connection's
+/// span, so both lines carry its id.
+struct SocketLife<'a> {
+    metrics: &'a Metrics,
+    sink: &'a Sink,
+}
+
+impl<'a> SocketLife<'a> {
+    fn begin(metrics: &'a Metrics, sink: &'a Sink) -> Self {
+        tracing::debug!(target: "omcb_worker::conn", "socket opened");
+        Self { metrics, sink }
+    }
+}
+
+impl Drop for SocketLife<'_> {
+    fn drop(&mut self) {
+        self.metrics.disconnected(self.sink.close_code());
+    }
 }
 
 #[cfg(test)]

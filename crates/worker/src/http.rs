@@ -197,6 +197,7 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
     }
     if !origin_allowed(&app.config.allow_origin, req) {
         metrics::counter!("omcb_connections_refused_total", "reason" => "origin").increment(1);
+        app.metrics.limited(crate::metrics::Limiter::Origin);
         return plain(
             StatusCode::FORBIDDEN,
             "this page's origin may not open the board's socket\n",
@@ -226,17 +227,20 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
                 Refused::Busy => "refusals_full",
             };
             metrics::counter!("omcb_connections_refused_total", "reason" => reason).increment(1);
+            app.metrics.limited_address(why);
             let mut r = plain(StatusCode::TOO_MANY_REQUESTS, "too many connections; slow down\n");
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             return r;
         }
     };
-    tokio::spawn(async move {
+    let serve = async move {
         match upgrade.await {
             Ok(ws) => conn::serve(app, slot, ws, resume).await,
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
-    });
+    };
+    // In the connection's span (see `logging`): the socket's lines carry its id.
+    tokio::spawn(tracing::Instrument::in_current_span(serve));
     let (parts, _) = resp.into_parts();
     Response::from_parts(parts, Full::default())
 }

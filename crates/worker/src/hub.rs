@@ -252,11 +252,15 @@ impl Hub {
             } else if let Some(frames) =
                 snapshot.as_ref().and_then(|s| Self::snapshot_and_batches(&state, s))
             {
+                let bytes = snapshot.as_ref().map_or(0, |s| s.frame.len());
+                self.metrics.snapshot_bytes_connect.increment(bytes as u64);
                 sink.start(epoch, seq, frames);
                 Start::Snapshot
             } else if attempt >= 3 {
                 // Under constant resets: encode under the lock rather than retry forever.
-                sink.start(epoch, seq, [self.encode_snapshot(&state.board).frame]);
+                let frame = self.encode_snapshot(&state.board).frame;
+                self.metrics.snapshot_bytes_connect.increment(frame.len() as u64);
+                sink.start(epoch, seq, [frame]);
                 Start::Snapshot
             } else {
                 drop(state);

@@ -4,16 +4,20 @@
 //! Modules from the bottom up: each uses only modules above it in this list
 //! (named in brackets), so there is no circle of imports, and none imports
 //! this file.
-//! - [`config`]: [`Config`], every flag of `omcb serve` (with `OMCB_*` variables).
+//! - [`logging`]: text or JSON logs, a span per connection.
+//! - [`process`]: the process metrics (CPU, memory, file descriptors).
 //! - [`ratelimit`]: the token bucket.
 //! - [`deadline`]: the write deadline of HTTP connections.
 //! - [`assets`]: the web client, built into the binary or read from `--web-dir`.
-//! - [`metrics`]: metric handles and the Prometheus recorder.
 //! - [`frames`]: the frames the worker sends, each encoded once (a batch is
 //!   the same bytes for every socket).
 //! - [`shutdown`]: waiting for a stop flag.
+//! - [`config`] (logging): [`Config`], every flag of `omcb serve` (with
+//!   `OMCB_*` variables).
 //! - [`limits`] (config, ratelimit): budgets and connection counts per client
 //!   address.
+//! - [`metrics`] (config, limits, process): metric handles and the Prometheus
+//!   recorder.
 //! - [`sink`] (frames, metrics): a socket's ordered, non-blocking output
 //!   (queue, lag rule, send timeout).
 //! - [`hub`] (frames, metrics, sink, shutdown): the replica of the board, the
@@ -44,7 +48,9 @@ pub mod frames;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
+pub mod process;
 pub mod ratelimit;
 pub mod server;
 pub mod shutdown;

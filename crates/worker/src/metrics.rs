@@ -7,17 +7,117 @@ use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use omcb_store::Refusal;
 
+/// Histogram buckets (seconds) for latencies measured against the 50 ms tick:
+/// feed lag, toggle to send, toggle round trip.
+const TICK_LATENCY: [f64; 14] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+/// Histogram buckets (seconds) for one store round trip (Redis on a private
+/// network answers in a fraction of a millisecond).
+const STORE_LATENCY: [f64; 12] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+
 /// Installs the process-wide Prometheus recorder. Call before [`Metrics::new`];
 /// handles made earlier record nothing.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
-    let latency = [0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5];
-    PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full("omcb_toggle_to_send_seconds".into()), &latency)?
+    let mut builder = PrometheusBuilder::new();
+    for name in ["omcb_toggle_to_send_seconds", "omcb_toggle_seconds", "omcb_feed_lag_seconds"] {
+        builder = builder.set_buckets_for_metric(Matcher::Full(name.into()), &TICK_LATENCY)?;
+    }
+    let handle = builder
+        .set_buckets_for_metric(Matcher::Full("omcb_store_command_seconds".into()), &STORE_LATENCY)?
         .set_buckets_for_metric(
             Matcher::Full("omcb_batch_changes".into()),
             &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0],
         )?
-        .install_recorder()
+        .install_recorder()?;
+    crate::process::describe();
+    Ok(handle)
+}
+
+/// The `/metrics` page: the process metrics read now, then every series.
+pub fn render(handle: &PrometheusHandle) -> String {
+    crate::process::collect();
+    handle.render()
+}
+
+/// The crate version and the git commit it was built from (`build.rs`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// See [`VERSION`]; "unknown" when built outside a git checkout.
+pub const GIT_COMMIT: &str = env!("OMCB_GIT_COMMIT");
+
+/// The per-socket and per-address limiters, as `omcb_limiter_refusals_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limiter {
+    /// A socket over `--toggle-rate`/`--toggle-burst` (its toggle is answered rate_limited).
+    ToggleSocket,
+    /// An address over `--ip-toggle-rate`/`--ip-toggle-burst`.
+    ToggleAddress,
+    /// An address over `--ip-connect-rate` (HTTP 429 before the upgrade).
+    ConnectAddress,
+    /// An address over `--ip-snapshot-rate`: at connect (429) or on Resync (1008).
+    SnapshotAddress,
+    /// An address over `--max-http-connections-per-ip` (429).
+    HttpAddress,
+    /// A socket over its receive budget (`--recv-frame-rate`/`--recv-byte-rate`, 1008).
+    RecvBudget,
+    /// The worker at `--max-connections` (1013, or 429 when too many wait for theirs).
+    MaxConnections,
+    /// An address at `--max-connections-per-ip` (1013, or 429 likewise).
+    ConnectionsAddress,
+    /// The address table (`--address-table-size`) full of connected addresses (429).
+    AddressTable,
+    /// A page of a foreign origin opening `/ws` (403).
+    Origin,
+}
+
+impl Limiter {
+    /// Every kind, in declaration order (so `kind as usize` indexes it).
+    const ALL: [Limiter; 10] = [
+        Limiter::ToggleSocket,
+        Limiter::ToggleAddress,
+        Limiter::ConnectAddress,
+        Limiter::SnapshotAddress,
+        Limiter::HttpAddress,
+        Limiter::RecvBudget,
+        Limiter::MaxConnections,
+        Limiter::ConnectionsAddress,
+        Limiter::AddressTable,
+        Limiter::Origin,
+    ];
+
+    /// Its `kind` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limiter::ToggleSocket => "toggle_socket",
+            Limiter::ToggleAddress => "toggle_address",
+            Limiter::ConnectAddress => "connect_address",
+            Limiter::SnapshotAddress => "snapshot_address",
+            Limiter::HttpAddress => "http_address",
+            Limiter::RecvBudget => "recv_budget",
+            Limiter::MaxConnections => "max_connections",
+            Limiter::ConnectionsAddress => "connections_address",
+            Limiter::AddressTable => "address_table",
+            Limiter::Origin => "origin",
+        }
+    }
+}
+
+/// The `code` labels of `omcb_disconnects_total`: PROTOCOL.md's close codes,
+/// 1005 (a client close frame without a code), "other" (any other code a
+/// client sent: clients choose them, and a label per code would let them
+/// grow the series without bound) and "none" (no close frame: EOF, reset).
+const DISCONNECT_CODES: [&str; 13] = [
+    "1000", "1001", "1002", "1003", "1005", "1007", "1008", "1009", "1011", "1012", "1013",
+    "other", "none",
+];
+
+/// Index into [`DISCONNECT_CODES`] of a socket's close code.
+fn disconnect_index(code: Option<u16>) -> usize {
+    match code {
+        None => 12,
+        Some(c) => DISCONNECT_CODES[..11].iter().position(|l| l.parse() == Ok(c)).unwrap_or(11),
+    }
 }
 
 /// Every metric the worker exports, except the embedded store's
@@ -72,6 +172,25 @@ pub struct Metrics {
     pub feed_resets: Counter,
     /// Redis commands by purpose: toggle, snapshot, feed, sweep (fleet mode).
     pub store_commands: [Counter; 4],
+    /// From a Toggle frame read to its ToggleResult handed to the socket's
+    /// sink (written at once unless earlier frames still wait in it).
+    pub toggle_seconds: Histogram,
+    /// Connect snapshot bytes queued to sockets (the other reasons are in [`SinkMetrics`]).
+    ///
+    /// [`SinkMetrics`]: crate::sink::SinkMetrics
+    pub snapshot_bytes_connect: Counter,
+    snapshot_bytes_lagged: Counter,
+    snapshot_bytes_reset: Counter,
+    snapshot_bytes_resync: Counter,
+    /// Sockets ended, by close code (see [`DISCONNECT_CODES`]).
+    disconnects: [Counter; 13],
+    /// Refusals, by [`Limiter`] (in the order of [`Limiter::ALL`]).
+    limiter_refusals: [Counter; 10],
+    /// 1 while this worker holds the sweep lease.
+    sweep_lease_held: Gauge,
+    /// Sweeps run as the lease holder, and sweeps that failed.
+    sweeps_ok: Counter,
+    sweeps_error: Counter,
 }
 
 impl Metrics {
@@ -79,6 +198,8 @@ impl Metrics {
     pub fn new() -> Self {
         let toggles = |outcome: &'static str| counter!("omcb_toggles_total", "outcome" => outcome);
         let snapshots = |why: &'static str| counter!("omcb_snapshots_sent_total", "reason" => why);
+        let snapshot_bytes =
+            |why: &'static str| counter!("omcb_snapshot_bytes_sent_total", "reason" => why);
         Self {
             connections: gauge!("omcb_connections"),
             connections_opened: counter!("omcb_connections_opened_total"),
@@ -110,7 +231,70 @@ impl Metrics {
             feed_resets: counter!("omcb_feed_resets_total"),
             store_commands: ["toggle", "snapshot", "feed", "sweep"]
                 .map(|purpose| counter!("omcb_store_commands_total", "purpose" => purpose)),
+            toggle_seconds: histogram!("omcb_toggle_seconds"),
+            snapshot_bytes_connect: snapshot_bytes("connect"),
+            snapshot_bytes_lagged: snapshot_bytes("lagged"),
+            snapshot_bytes_reset: snapshot_bytes("reset"),
+            snapshot_bytes_resync: snapshot_bytes("resync"),
+            disconnects: std::array::from_fn(
+                |i| counter!("omcb_disconnects_total", "code" => DISCONNECT_CODES[i]),
+            ),
+            limiter_refusals: Limiter::ALL
+                .map(|k| counter!("omcb_limiter_refusals_total", "kind" => k.label())),
+            sweep_lease_held: gauge!("omcb_sweep_lease_held"),
+            sweeps_ok: counter!("omcb_sweeps_total", "result" => "ok"),
+            sweeps_error: counter!("omcb_sweeps_total", "result" => "error"),
         }
+    }
+
+    /// Sets the gauges that describe how this worker was started: build,
+    /// board config (as the store holds it: in a fleet the board's own), limits.
+    pub fn configured(&self, config: &crate::config::Config, board: &omcb_store::BoardConfig) {
+        gauge!("omcb_build_info", "version" => VERSION, "git" => GIT_COMMIT).set(1.0);
+        gauge!("omcb_freeze_after_seconds").set(board.freeze_after_ms as f64 / 1000.0);
+        gauge!("omcb_max_connections").set(config.max_connections as f64);
+        if let Some(budget) = config.egress_budget {
+            gauge!("omcb_egress_budget_bytes_per_second").set(budget as f64);
+        }
+    }
+
+    /// Counts a refusal by `limiter`.
+    pub fn limited(&self, limiter: Limiter) {
+        self.limiter_refusals[limiter as usize].increment(1);
+    }
+
+    /// Counts an address refused before its connection was served.
+    /// [`Refused::Busy`](crate::limits::Refused::Busy) is not counted here:
+    /// the cap that made the socket wait for its 1013 was counted when it came.
+    pub fn limited_address(&self, why: crate::limits::Refused) {
+        use crate::limits::Refused;
+        match why {
+            Refused::Connects => self.limited(Limiter::ConnectAddress),
+            Refused::Snapshots => self.limited(Limiter::SnapshotAddress),
+            Refused::HttpConnections => self.limited(Limiter::HttpAddress),
+            Refused::TableFull => self.limited(Limiter::AddressTable),
+            Refused::Busy => {}
+        }
+    }
+
+    /// Records one run of the sweep loop: `Some(frozen)` as the lease holder,
+    /// `None` when another worker holds the lease.
+    pub fn swept(&self, result: &Result<Option<usize>, omcb_store::StoreError>) {
+        let held = matches!(result, Ok(Some(_)));
+        self.sweep_lease_held.set(if held { 1.0 } else { 0.0 });
+        match result {
+            Ok(Some(_)) => self.sweeps_ok.increment(1),
+            Ok(None) => {}
+            Err(_) => self.sweeps_error.increment(1),
+        }
+    }
+
+    /// Counts a socket's end by its close code (`None`: it ended without a
+    /// close frame) and logs it, in the connection's span.
+    pub fn disconnected(&self, code: Option<u16>) {
+        let i = disconnect_index(code);
+        self.disconnects[i].increment(1);
+        tracing::debug!(target: "omcb_worker::conn", code = DISCONNECT_CODES[i], "socket closed");
     }
 
     /// Copies the store's command counts into the metrics.
@@ -131,6 +315,9 @@ impl Metrics {
             bytes_sent: self.bytes_sent.clone(),
             snapshots_lagged: self.snapshots_lagged.clone(),
             snapshots_reset: self.snapshots_reset.clone(),
+            snapshot_bytes_lagged: self.snapshot_bytes_lagged.clone(),
+            snapshot_bytes_reset: self.snapshot_bytes_reset.clone(),
+            snapshot_bytes_resync: self.snapshot_bytes_resync.clone(),
         }
     }
 
@@ -161,4 +348,29 @@ pub struct SinkMetrics {
     pub snapshots_lagged: metrics::Counter,
     /// Snapshots sent because the board was reset.
     pub snapshots_reset: metrics::Counter,
+    /// Bytes of the snapshots queued, by why (connect snapshots are the hub's).
+    pub snapshot_bytes_lagged: metrics::Counter,
+    pub snapshot_bytes_reset: metrics::Counter,
+    pub snapshot_bytes_resync: metrics::Counter,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiters_index_their_own_counter() {
+        for (i, kind) in Limiter::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, i, "{}", kind.label());
+        }
+    }
+
+    #[test]
+    fn close_codes_map_to_a_bounded_set_of_labels() {
+        assert_eq!(DISCONNECT_CODES[disconnect_index(Some(1000))], "1000");
+        assert_eq!(DISCONNECT_CODES[disconnect_index(Some(1013))], "1013");
+        assert_eq!(DISCONNECT_CODES[disconnect_index(Some(1005))], "1005");
+        assert_eq!(DISCONNECT_CODES[disconnect_index(Some(4321))], "other");
+        assert_eq!(DISCONNECT_CODES[disconnect_index(None)], "none");
+    }
 }

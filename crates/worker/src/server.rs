@@ -17,6 +17,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use omcb_store::{ChangeFeed, Store, StoreError, memory::MemoryStore, redis::RedisStore};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
+use tracing::Instrument as _;
 
 use crate::app::App;
 use crate::config::Config;
@@ -75,6 +76,7 @@ impl Server {
         tracing::info!(epoch = board.epoch, seq = board.seq, size = board.size, "board loaded");
         let feed = store.feed_from(&board);
         let metrics = metrics::Metrics::new();
+        metrics.configured(&config, &store.config());
         // One fan-out shard per core: each batch is written to the sockets of
         // all shards in parallel.
         let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -124,7 +126,11 @@ impl Server {
         ));
         let mut background = Vec::new();
         if let Some(after) = app.config.freeze_after {
-            background.push(tokio::spawn(sweep_loop(app.store.clone(), after)));
+            background.push(tokio::spawn(sweep_loop(
+                app.store.clone(),
+                after,
+                app.metrics.clone(),
+            )));
         }
         if let (Some(l), Some(p)) = (metrics_listener, prometheus) {
             background.push(tokio::spawn(serve_metrics(l, p)));
@@ -141,7 +147,8 @@ impl Server {
                             let sock = socket2::SockRef::from(&stream);
                             let _ = sock.set_send_buffer_size(app.config.socket_send_buffer);
                         }
-                        tokio::spawn(serve_http(app.clone(), stream, peer));
+                        let span = crate::logging::connection_span(peer);
+                        tokio::spawn(serve_http(app.clone(), stream, peer).instrument(span));
                     }
                     Err(e) => {
                         // Usually EMFILE: back off instead of spinning.
@@ -194,6 +201,7 @@ async fn serve_http(app: Arc<App>, stream: tokio::net::TcpStream, peer: SocketAd
             Err(why) => {
                 tracing::debug!(?why, %peer, "HTTP connection refused");
                 ::metrics::counter!("omcb_http_connections_refused_total").increment(1);
+                app.metrics.limited_address(why);
                 refuse_http(stream, app.config.http_write_timeout).await;
                 return;
             }
@@ -243,14 +251,16 @@ async fn refuse_http(mut stream: tokio::net::TcpStream, timeout: Duration) {
 }
 
 /// Freezes due boxes a few times per `freeze_after` (the seed's periodic job).
-async fn sweep_loop(store: Store, freeze_after: Duration) {
+async fn sweep_loop(store: Store, freeze_after: Duration, metrics: crate::metrics::Metrics) {
     let period = (freeze_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
-        match store.sweep(10_000).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(frozen = n, "freeze sweep"),
+        let swept = store.sweep_leased(10_000).await;
+        metrics.swept(&swept);
+        match swept {
+            Ok(None | Some(0)) => {}
+            Ok(Some(n)) => tracing::debug!(frozen = n, "freeze sweep"),
             Err(e) => tracing::warn!(error = %e, "freeze sweep failed"),
         }
     }
@@ -277,7 +287,9 @@ async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
                 let handle = handle.clone();
                 async move {
                     let resp = if req.uri().path() == "/metrics" {
-                        let mut r = hyper::Response::new(Full::new(Bytes::from(handle.render())));
+                        let mut r = hyper::Response::new(Full::new(Bytes::from(
+                            crate::metrics::render(&handle),
+                        )));
                         r.headers_mut().insert(
                             hyper::header::CONTENT_TYPE,
                             hyper::header::HeaderValue::from_static(

@@ -70,6 +70,10 @@ struct State {
     needs_snapshot: bool,
     /// The client asked for a snapshot (`Resync`); the writer rate-limits these.
     resync: bool,
+    /// The snapshot due is for a reset (not a lag): for its bytes' label.
+    reset: bool,
+    /// The close frame's code (1005 for one without a code), once one is queued.
+    close_code: Option<u16>,
     /// The start (snapshot or resumed batches) is queued: until then nothing
     /// is written, so the client hears its start first (PROTOCOL.md).
     started: bool,
@@ -120,6 +124,8 @@ impl Sink {
                 seq: 0,
                 needs_snapshot: false,
                 resync: false,
+                reset: false,
+                close_code: None,
                 started: false,
                 closing: false,
                 broken: false,
@@ -171,6 +177,7 @@ impl Sink {
         if st.closing {
             return;
         }
+        st.close_code = Some(frame.get(2..4).map_or(1005, |c| u16::from_be_bytes([c[0], c[1]])));
         self.push(&mut st, frame, Kind::Other);
         st.closing = true;
         drop(st);
@@ -227,6 +234,7 @@ impl Sink {
             return;
         }
         st.needs_snapshot = true;
+        st.reset = true;
         drop(st);
         self.metrics.snapshots_reset.increment(1);
         self.wake.notify_one();
@@ -253,8 +261,15 @@ impl Sink {
         if st.closing {
             return;
         }
+        let bytes = match (st.needs_snapshot, st.reset) {
+            (true, true) => &self.metrics.snapshot_bytes_reset,
+            (true, false) => &self.metrics.snapshot_bytes_lagged,
+            (false, _) => &self.metrics.snapshot_bytes_resync,
+        };
+        bytes.increment(frame.len() as u64);
         st.needs_snapshot = false;
         st.resync = false;
+        st.reset = false;
         st.epoch = epoch;
         st.seq = seq;
         // It holds every change up to `seq`: the snapshots, start frames and
@@ -362,6 +377,11 @@ impl Sink {
         }
     }
 
+    /// The code of the close frame sent (or queued), `None` when there was none.
+    pub fn close_code(&self) -> Option<u16> {
+        self.state.lock().close_code
+    }
+
     /// Waits until the socket can take more bytes.
     pub async fn writable(&self) -> io::Result<()> {
         self.stream.writable().await
@@ -376,6 +396,7 @@ impl Sink {
             st.batches = 0;
             let close = close_frame(code, reason);
             let _ = self.stream.try_write(&close);
+            st.close_code = Some(code.into());
         }
         st.closing = true;
         st.broken = true;
@@ -393,6 +414,9 @@ mod tests {
             bytes_sent: metrics::Counter::noop(),
             snapshots_lagged: metrics::Counter::noop(),
             snapshots_reset: metrics::Counter::noop(),
+            snapshot_bytes_lagged: metrics::Counter::noop(),
+            snapshot_bytes_reset: metrics::Counter::noop(),
+            snapshot_bytes_resync: metrics::Counter::noop(),
         }
     }
 
