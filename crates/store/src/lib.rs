@@ -113,6 +113,14 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Counts one failed store operation in `omcb_store_errors_total{kind}`:
+/// `unavailable` (Redis unreachable or too slow), `data` (a reply or file
+/// that cannot be read), `io` (the Memory store's data dir), `script` (Redis
+/// answered a command with an error).
+pub(crate) fn count_error(kind: &'static str) {
+    metrics::counter!("omcb_store_errors_total", "kind" => kind).increment(1);
+}
+
 /// A random non-zero epoch.
 pub fn new_epoch() -> u64 {
     loop {
@@ -202,14 +210,6 @@ impl Store {
             Store::Redis(r) => r.close().await,
         }
     }
-
-    /// Redis commands this worker issued, by purpose (`None` for the Memory backend).
-    pub fn commands(&self) -> Option<&redis::CommandCounts> {
-        match self {
-            Store::Memory(_) => None,
-            Store::Redis(r) => Some(r.commands()),
-        }
-    }
 }
 
 /// A reader of the store's change feed.
@@ -225,9 +225,17 @@ impl ChangeFeed {
     /// Waits for the next changes (or a reset). Cancel-safe: dropping the future
     /// loses nothing.
     pub async fn next(&mut self) -> Result<FeedEvent, StoreError> {
-        match self {
+        let event = match self {
             ChangeFeed::Memory(f) => Ok(f.next().await),
             ChangeFeed::Redis(f) => f.next().await,
+        };
+        if event.is_ok() {
+            // Heartbeats count: a feed that stopped reading shows as the age
+            // of this time, whether or not anything changed.
+            metrics::gauge!("omcb_feed_last_read_timestamp_seconds").set(
+                SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+            );
         }
+        event
     }
 }

@@ -525,6 +525,7 @@ impl MemoryStore {
             }
             copy.has_reserve = true;
         }
+        let started = std::time::Instant::now();
         let bytes = file::encode(&copy.board, &copy.checked_at, clean);
         let mut result = file::write_atomic(&disk.path, &bytes).map(|()| false);
         if let Err(e) = &result
@@ -533,12 +534,16 @@ impl MemoryStore {
         {
             result = self.write_from_reserve(disk, &mut copy).map(|()| true);
         }
+        // The embedded store's one round trip: encode, write, fsync, rename.
+        metrics::histogram!("omcb_store_command_seconds", "script" => "persist")
+            .record(started.elapsed().as_secs_f64());
         match result {
             Ok(from_reserve) => {
                 copy.written = Some(copy.board.seq);
                 copy.clean_on_disk = clean || from_reserve;
                 if from_reserve {
                     // The write failed; the reserve saved what was acknowledged.
+                    crate::count_error("io");
                     metrics::counter!("omcb_persist_failures_total").increment(1);
                     metrics::gauge!("omcb_persist_ok").set(0.0);
                     if clean {
@@ -577,6 +582,7 @@ impl MemoryStore {
             }
             Err(e) => {
                 if clean {
+                    crate::count_error("io");
                     metrics::counter!("omcb_persist_failures_total").increment(1);
                     metrics::gauge!("omcb_persist_ok").set(0.0);
                     let on_disk = copy.written.unwrap_or(0);
@@ -618,6 +624,7 @@ impl MemoryStore {
     /// succeeds, count it, and log once per failure, not per retry.
     fn failed(&self, copy: &mut DiskCopy, e: &std::io::Error, what: &str) -> StoreError {
         self.state().refusing.get_or_insert(Refusing::WriteFailed);
+        crate::count_error("io");
         metrics::counter!("omcb_persist_failures_total").increment(1);
         metrics::gauge!("omcb_persist_ok").set(0.0);
         if !std::mem::replace(&mut copy.failing, true) {
@@ -768,6 +775,7 @@ mod file {
             Err(e) => return Err(e.into()),
         };
         decode(&bytes).map(Some).map_err(|why| {
+            crate::count_error("data");
             StoreError::Data(format!(
                 "{} is damaged ({why}); refusing to start on a guess",
                 path.display()

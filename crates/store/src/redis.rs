@@ -122,14 +122,108 @@ impl Keys {
 /// The Lua scripts, by SHA.
 #[derive(Debug)]
 struct Scripts {
-    init: Script,
-    set: Script,
-    snapshot: Script,
-    sweep: Script,
-    lease: Script,
-    position: Script,
-    rebirth: Script,
-    restore: Script,
+    init: Named,
+    set: Named,
+    snapshot: Named,
+    sweep: Named,
+    lease: Named,
+    position: Named,
+    rebirth: Named,
+    restore: Named,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let named = |lua: &str, name, purpose| Named { script: Script::from_lua(lua), name, purpose };
+        Self {
+            init: named(lua::INIT, "init", Purpose::Snapshot),
+            set: named(lua::SET, "set", Purpose::Toggle),
+            snapshot: named(lua::SNAPSHOT, "snapshot", Purpose::Snapshot),
+            sweep: named(lua::SWEEP, "sweep", Purpose::Sweep),
+            lease: named(lua::LEASE, "lease", Purpose::Sweep),
+            position: named(lua::POSITION, "position", Purpose::Feed),
+            rebirth: named(lua::REBIRTH, "rebirth", Purpose::Snapshot),
+            restore: named(lua::RESTORE, "restore", Purpose::Snapshot),
+        }
+    }
+}
+
+/// A script and what its calls count as in the metrics.
+#[derive(Debug)]
+struct Named {
+    script: Script,
+    /// The `script` label of `omcb_store_command_seconds`.
+    name: &'static str,
+    purpose: Purpose,
+}
+
+/// Why a Redis command was issued: the `purpose` label of
+/// `omcb_store_commands_total`, the metric that shows Redis work grows with
+/// toggles and workers, never with clients or page loads.
+#[derive(Debug, Clone, Copy)]
+enum Purpose {
+    /// `set.lua`.
+    Toggle,
+    /// `snapshot.lua`, `init.lua`, `rebirth.lua`, `restore.lua` (worker
+    /// start, feed resets).
+    Snapshot,
+    /// `XREAD` and `position.lua` of the one change feed.
+    Feed,
+    /// Lease and sweep calls.
+    Sweep,
+}
+
+impl Purpose {
+    fn label(self) -> &'static str {
+        match self {
+            Purpose::Toggle => "toggle",
+            Purpose::Snapshot => "snapshot",
+            Purpose::Feed => "feed",
+            Purpose::Sweep => "sweep",
+        }
+    }
+}
+
+/// Counts and times one Redis round trip (`script` names it in
+/// `omcb_store_command_seconds`), and counts its failure by kind.
+async fn measured<T>(
+    script: &'static str,
+    purpose: Purpose,
+    call: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    let started = std::time::Instant::now();
+    let result = call.await;
+    metrics::counter!("omcb_store_commands_total", "purpose" => purpose.label()).increment(1);
+    metrics::histogram!("omcb_store_command_seconds", "script" => script)
+        .record(started.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        crate::count_error(error_kind(e));
+    }
+    result
+}
+
+/// The `kind` of `omcb_store_errors_total` for a failed command: Redis
+/// could not be reached or answered too late (`unavailable`), its reply
+/// could not be read (`data`), or it answered with an error, such as a
+/// script's refusal (`script`).
+fn error_kind(e: &Error) -> &'static str {
+    match e.kind() {
+        ErrorKind::IO
+        | ErrorKind::Timeout
+        | ErrorKind::Canceled
+        | ErrorKind::Routing
+        | ErrorKind::Cluster
+        | ErrorKind::Backpressure
+        | ErrorKind::Auth
+        | ErrorKind::Config => "unavailable",
+        ErrorKind::Parse | ErrorKind::Protocol | ErrorKind::NotFound => "data",
+        // A Redis that is still loading its data, or a replica without a
+        // primary, answers with an error but is simply not there yet.
+        _ if e.details().starts_with("LOADING") || e.details().starts_with("MASTERDOWN") => {
+            "unavailable"
+        }
+        _ => "script",
+    }
 }
 
 /// The sources of the scripts, for tools and tests.
@@ -175,8 +269,6 @@ struct Inner {
     owner: String,
     /// Calls made by this worker, for op ids.
     ops: AtomicU64,
-    /// Redis commands issued, by what for (a script call counts one).
-    commands: CommandCounts,
     /// The change with the highest seq this worker acknowledged, so the feed
     /// notices when Redis lost it even if no worker ever read it back.
     acked: std::sync::Mutex<Option<Acked>>,
@@ -303,21 +395,11 @@ impl RedisStore {
                 client,
                 builder,
                 keys: Keys::new(name),
-                scripts: Scripts {
-                    init: Script::from_lua(lua::INIT),
-                    set: Script::from_lua(lua::SET),
-                    snapshot: Script::from_lua(lua::SNAPSHOT),
-                    sweep: Script::from_lua(lua::SWEEP),
-                    lease: Script::from_lua(lua::LEASE),
-                    position: Script::from_lua(lua::POSITION),
-                    rebirth: Script::from_lua(lua::REBIRTH),
-                    restore: Script::from_lua(lua::RESTORE),
-                },
+                scripts: Scripts::new(),
                 wanted,
                 config: std::sync::RwLock::new(wanted),
                 owner: format!("{:016x}", crate::new_epoch()),
                 ops: AtomicU64::new(0),
-                commands: CommandCounts::default(),
                 acked: std::sync::Mutex::new(None),
                 replicated: AtomicBool::new(false),
                 recent: std::sync::Mutex::new(VecDeque::new()),
@@ -349,14 +431,9 @@ impl RedisStore {
         &self.inner.keys
     }
 
-    /// Redis commands this worker has issued, by purpose.
-    pub fn commands(&self) -> &CommandCounts {
-        &self.inner.commands
-    }
-
     async fn eval(
         &self,
-        script: &Script,
+        script: &Named,
         keys: Vec<&str>,
         args: Vec<impl Into<Value>>,
     ) -> Result<Value, Error> {
@@ -367,28 +444,14 @@ impl RedisStore {
     async fn eval_on(
         &self,
         client: &Client,
-        script: &Script,
+        script: &Named,
         keys: Vec<&str>,
         args: Vec<impl Into<Value>>,
     ) -> Result<Value, Error> {
         // Values, not strings: `restore.lua` takes bitsets, which are not UTF-8.
         let args: Vec<Value> = args.into_iter().map(Into::into).collect();
-        let s = &self.inner.scripts;
-        let c = &self.inner.commands;
-        let counter = if std::ptr::eq(script, &s.set) {
-            &c.toggle
-        } else if std::ptr::eq(script, &s.snapshot)
-            || std::ptr::eq(script, &s.init)
-            || std::ptr::eq(script, &s.rebirth)
-            || std::ptr::eq(script, &s.restore)
-        {
-            &c.snapshot
-        } else if std::ptr::eq(script, &s.position) {
-            &c.feed
-        } else {
-            &c.sweep
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        let Named { script, name, purpose } = script;
+        measured(name, *purpose, async {
         match client.evalsha(script.sha1().clone(), keys.clone(), args.clone()).await {
             // Redis forgot the script (restart, failover, SCRIPT FLUSH). EVAL
             // runs it and caches it in one command; a SCRIPT LOAD + EVALSHA
@@ -400,6 +463,8 @@ impl RedisStore {
             }
             result => result,
         }
+        })
+        .await
     }
 
     /// Creates the board if it does not exist (with a new epoch); learns its settings.
@@ -808,20 +873,6 @@ impl RedisStore {
     }
 }
 
-/// Redis commands issued by one worker, by purpose: the metric that shows Redis
-/// work grows with toggles and workers, never with clients or page loads.
-#[derive(Debug, Default)]
-pub struct CommandCounts {
-    /// `set.lua` calls.
-    pub toggle: AtomicU64,
-    /// `snapshot.lua` and `init.lua` calls (worker start, feed resets).
-    pub snapshot: AtomicU64,
-    /// `XREAD`, `XRANGE` and epoch checks of the one change feed.
-    pub feed: AtomicU64,
-    /// Lease and sweep calls.
-    pub sweep: AtomicU64,
-}
-
 /// Reads `{B}:log` with `XREAD BLOCK` from the last applied id.
 #[derive(Debug)]
 pub struct RedisFeed {
@@ -900,19 +951,21 @@ impl RedisFeed {
                     other => return self.reset(other == Continuity::Lost).await,
                 }
             }
-            let read = client
-                .with_options(&Options {
-                    timeout: Some(Duration::from_millis(FEED_BLOCK_MS) + COMMAND_TIMEOUT),
-                    ..Default::default()
-                })
-                .xread::<Value, _, _>(
+            let options = Options {
+                timeout: Some(Duration::from_millis(FEED_BLOCK_MS) + COMMAND_TIMEOUT),
+                ..Default::default()
+            };
+            let read = measured(
+                "feed",
+                Purpose::Feed,
+                client.with_options(&options).xread::<Value, _, _>(
                     Some(FEED_CHUNK),
                     Some(FEED_BLOCK_MS),
                     &self.store.inner.keys.log,
                     format!("{}-0", self.seq),
-                )
-                .await;
-            self.store.inner.commands.feed.fetch_add(1, Ordering::Relaxed);
+                ),
+            )
+            .await;
             let reply = read.map_err(|e| {
                 self.verify = true;
                 unavailable(e)
@@ -1079,6 +1132,7 @@ impl RedisFeed {
 }
 
 fn bad(what: &str) -> StoreError {
+    crate::count_error("data");
     StoreError::Data(format!("unexpected reply from Redis: {what}"))
 }
 

@@ -417,7 +417,6 @@ impl Hub {
                     } else {
                         self.metrics.ticks_deferred.increment(1);
                     }
-                    self.metrics.record_store_commands(&store);
                 }
             }
         }

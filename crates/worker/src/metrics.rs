@@ -14,14 +14,24 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full("omcb_toggle_to_send_seconds".into()), &latency)?
         .set_buckets_for_metric(
+            Matcher::Full("omcb_feed_lag_seconds".into()),
+            &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("omcb_store_command_seconds".into()),
+            &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
+        )?
+        .set_buckets_for_metric(
             Matcher::Full("omcb_batch_changes".into()),
             &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0],
         )?
         .install_recorder()
 }
 
-/// Every metric the worker exports, except the embedded store's
-/// `omcb_persist_failures_total` and `omcb_persist_ok`, which the store
+/// Every metric the worker exports, except the store's own
+/// (`omcb_store_commands_total`, `omcb_store_command_seconds`,
+/// `omcb_store_errors_total`, `omcb_feed_last_read_timestamp_seconds`,
+/// `omcb_persist_failures_total`, `omcb_persist_ok`), which omcb-store
 /// records itself through the same `metrics` facade.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -70,8 +80,8 @@ pub struct Metrics {
     pub seq: Gauge,
     /// Store feed resets (trimmed past, new epoch).
     pub feed_resets: Counter,
-    /// Redis commands by purpose: toggle, snapshot, feed, sweep (fleet mode).
-    pub store_commands: [Counter; 4],
+    /// From a change's commit in the store to its application to the replica.
+    pub feed_lag: Histogram,
 }
 
 impl Metrics {
@@ -108,19 +118,7 @@ impl Metrics {
             toggle_to_send: histogram!("omcb_toggle_to_send_seconds"),
             seq: gauge!("omcb_seq"),
             feed_resets: counter!("omcb_feed_resets_total"),
-            store_commands: ["toggle", "snapshot", "feed", "sweep"]
-                .map(|purpose| counter!("omcb_store_commands_total", "purpose" => purpose)),
-        }
-    }
-
-    /// Copies the store's command counts into the metrics.
-    pub fn record_store_commands(&self, store: &omcb_store::Store) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if let Some(c) = store.commands() {
-            let counts = [&c.toggle, &c.snapshot, &c.feed, &c.sweep];
-            for (counter, n) in self.store_commands.iter().zip(counts) {
-                counter.absolute(n.load(Relaxed));
-            }
+            feed_lag: histogram!("omcb_feed_lag_seconds"),
         }
     }
 
