@@ -20,6 +20,7 @@ fn changes(n: usize) -> Vec<Change> {
             op: Op::Set(!rng.next_u64().is_multiple_of(4)),
             checked_count: i as u32,
             frozen_count: 0,
+            committed_ms: 0,
         })
         .collect()
 }

@@ -51,6 +51,7 @@ fn main() {
                     op: Op::Set(true),
                     checked_count: 0,
                     frozen_count: 0,
+                    committed_ms: 0,
                 };
                 b.push(&c).unwrap();
             }

@@ -169,15 +169,17 @@ impl State {
         Self { board, checked_at, due, log: VecDeque::new(), refusing: None }
     }
 
-    /// Records one accepted change: next seq, new counts, the log.
-    fn push(&mut self, index: u32, op: Op) -> u64 {
+    /// Records one accepted change, committed at `now` (ms): next seq, new
+    /// counts, the log.
+    fn push(&mut self, index: u32, op: Op, now: u64) -> u64 {
         let b = &self.board;
         let (checked_count, frozen_count) = match op {
             Op::Set(true) => (b.checked_count + 1, b.frozen_count),
             Op::Set(false) => (b.checked_count - 1, b.frozen_count),
             Op::Freeze => (b.checked_count, b.frozen_count + 1),
         };
-        let change = Change { seq: b.seq + 1, index, op, checked_count, frozen_count };
+        let change =
+            Change { seq: b.seq + 1, index, op, checked_count, frozen_count, committed_ms: now };
         self.board.apply_change(&change).expect("the store only makes valid, next changes");
         if self.log.len() == LOG_CAPACITY {
             self.log.pop_front();
@@ -186,11 +188,11 @@ impl State {
         change.seq
     }
 
-    fn freeze(&mut self, index: u32) -> u64 {
+    fn freeze(&mut self, index: u32, now: u64) -> u64 {
         if let Some(due) = self.due.as_mut() {
             due.remove(&(self.checked_at[index as usize], index));
         }
-        self.push(index, Op::Freeze)
+        self.push(index, Op::Freeze, now)
     }
 
     /// What the persister needs to bring a copy at `seq` of `epoch` up to
@@ -416,19 +418,19 @@ impl MemoryStore {
             if let Some(due) = s.due.as_mut() {
                 due.insert((now.max(1), index));
             }
-            SetOutcome::Changed { seq: s.push(index, Op::Set(true)), checked: true }
+            SetOutcome::Changed { seq: s.push(index, Op::Set(true), now), checked: true }
         } else {
             let since = s.checked_at[index as usize];
             if freeze_after > 0 && now.saturating_sub(since) >= freeze_after {
                 // The seed's sunset rule: too late to uncheck; it freezes instead.
-                s.freeze(index);
+                s.freeze(index, now);
                 SetOutcome::Refused { reason: Refusal::Frozen, checked: true }
             } else {
                 if let Some(due) = s.due.as_mut() {
                     due.remove(&(since, index));
                 }
                 s.checked_at[index as usize] = 0;
-                SetOutcome::Changed { seq: s.push(index, Op::Set(false)), checked: false }
+                SetOutcome::Changed { seq: s.push(index, Op::Set(false), now), checked: false }
             }
         };
         drop(s);
@@ -453,7 +455,8 @@ impl MemoryStore {
         if freeze_after == 0 {
             return 0;
         }
-        let cutoff = (self.inner.clock)().saturating_sub(freeze_after);
+        let now = (self.inner.clock)();
+        let cutoff = now.saturating_sub(freeze_after);
         let mut s = self.state();
         if s.refusing.is_some() {
             return 0;
@@ -462,7 +465,7 @@ impl MemoryStore {
         let expired: Vec<u32> =
             due.iter().take_while(|&&(at, _)| at <= cutoff).take(limit).map(|&(_, i)| i).collect();
         for &index in &expired {
-            s.freeze(index);
+            s.freeze(index, now);
         }
         drop(s);
         if !expired.is_empty() {

@@ -1234,6 +1234,12 @@ fn parse_entries(v: Value) -> Result<Vec<Entry>, StoreError> {
                 Ok(_) => Some(num("e")?),
                 Err(_) => None,
             };
+            // Entries written before entries carried their commit time (a
+            // fleet upgraded under traffic) read as time unknown.
+            let committed_ms = match field("t") {
+                Ok(_) => num("t")?,
+                Err(_) => 0,
+            };
             Ok(Entry {
                 epoch,
                 change: Change {
@@ -1242,6 +1248,7 @@ fn parse_entries(v: Value) -> Result<Vec<Entry>, StoreError> {
                     op,
                     checked_count: num("c")? as u32,
                     frozen_count: num("f")? as u32,
+                    committed_ms,
                 },
             })
         })

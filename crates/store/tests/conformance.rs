@@ -172,6 +172,32 @@ mod suite {
         assert_eq!(replay, store.snapshot().await.unwrap());
     }
 
+    /// Each change carries the time the store committed it (the worker's feed
+    /// lag is measured from it): a toggle's and a sweep's freeze alike.
+    pub async fn changes_carry_their_commit_time(store: Store) {
+        let epoch = store.snapshot().await.unwrap().epoch;
+        let before = omcb_store::now_ms();
+        set(&store, 3, true).await;
+        let since = Instant::now();
+        eventually("freeze_after to pass", async || since.elapsed() >= Duration::from_millis(80))
+            .await;
+        assert_eq!(store.sweep(10).await.unwrap(), 1);
+        let after = omcb_store::now_ms();
+        let changes = drain(&mut store.feed(epoch, 0), 2).await;
+        assert_eq!(changes.iter().map(|c| c.op).collect::<Vec<_>>(), [Op::Set(true), Op::Freeze]);
+        // Redis' clock is this machine's clock here; a second of slack for
+        // its ms rounding.
+        for c in &changes {
+            assert!(
+                (before.saturating_sub(1000)..=after + 1000).contains(&c.committed_ms),
+                "change {} committed at {} outside [{before}, {after}]",
+                c.seq,
+                c.committed_ms
+            );
+        }
+        assert!(changes[1].committed_ms >= changes[0].committed_ms + 60, "{changes:?}");
+    }
+
     pub async fn feed_from_a_wrong_epoch_resets(store: Store) {
         set(&store, 1, true).await;
         let b = store.snapshot().await.unwrap();
@@ -244,6 +270,11 @@ macro_rules! conformance {
                 suite::feed_yields_every_change_once_in_order(s).await;
             }
             #[tokio::test]
+            async fn changes_carry_their_commit_time() {
+                let (s, _g) = super::$backend(BoardConfig { freeze_after_ms: 60, ..SMALL }).await;
+                suite::changes_carry_their_commit_time(s).await;
+            }
+            #[tokio::test]
             async fn feed_from_a_wrong_epoch_resets() {
                 let (s, _g) = super::$backend(SMALL).await;
                 suite::feed_from_a_wrong_epoch_resets(s).await;
@@ -292,6 +323,23 @@ async fn redis_sets_survive_script_flushes_in_a_tight_loop() {
 
 /// In process nothing can be lost behind a reader's back: a feed from a seq
 /// the board never had is the caller's mistake, and it gets the board as is.
+/// A log entry written before entries carried their commit time (a fleet
+/// upgraded under traffic) still reads, with the time unknown (0).
+#[tokio::test]
+async fn redis_feed_reads_entries_without_a_commit_time() {
+    let (store, guard) = redis(SMALL).await;
+    let Guard::Redis(server) = &guard else { unreachable!() };
+    let b = store.snapshot().await.unwrap();
+    set(&store, 1, true).await;
+    let epoch = b.epoch.to_string();
+    let old = ["XADD", "{main}:log", "2-0", "i", "2", "o", "1", "c", "2", "f", "0", "e", &epoch];
+    server.command(&old).unwrap();
+    server.command(&["SET", "{main}:seq", "2"]).unwrap();
+    let changes = drain(&mut store.feed(b.epoch, 0), 2).await;
+    assert!(changes[0].committed_ms > 0, "a new entry has its time");
+    assert_eq!((changes[1].seq, changes[1].index, changes[1].committed_ms), (2, 2, 0));
+}
+
 #[tokio::test]
 async fn memory_feed_from_the_future_resets_to_the_board() {
     let (store, _g) = memory(SMALL).await;

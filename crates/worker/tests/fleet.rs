@@ -146,6 +146,45 @@ async fn page_loads_cost_redis_nothing() {
     assert_eq!(before, after, "page loads and connects issued Redis commands");
 }
 
+/// The store reports its own round trips and failures, and the hub how far
+/// its replica trails the store (a change's commit in Redis to its
+/// application), so an operator sees Redis latency, errors and feed lag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_latency_errors_and_feed_lag_are_exported() {
+    let mut redis = RedisServer::start().unwrap();
+    let w = Worker::start(&flags(&fleet_flags(&redis)));
+    let mut c = connect(&w.ws_url("")).await;
+    c.recv().await;
+    for i in 0..5 {
+        assert!(c.set(i, true).await.accepted);
+    }
+    let set_calls = w.metric("omcb_store_command_seconds_count{script=\"set\"}").await;
+    assert!(set_calls >= 5.0, "set.lua round trips timed: {set_calls}");
+    poll("the feed lag of the five changes", || async {
+        (w.metric("omcb_feed_lag_seconds_count").await >= 5.0).then_some(())
+    })
+    .await;
+    // Each change travelled through Redis and waited at most a tick (20 ms
+    // here): far under 5 s on average, whatever the machine's load.
+    let (sum, count) = (
+        w.metric("omcb_feed_lag_seconds_sum").await,
+        w.metric("omcb_feed_lag_seconds_count").await,
+    );
+    assert!(sum / count < 5.0, "feed lag {sum} s over {count} changes");
+    let read_at = w.metric("omcb_feed_last_read_timestamp_seconds").await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    assert!((now.as_secs_f64() - read_at).abs() < 10.0, "last feed read at {read_at}");
+    let unavailable = "omcb_store_errors_total{kind=\"unavailable\"}";
+    assert_eq!(w.metric(unavailable).await, 0.0, "no store errors while Redis is up");
+
+    redis.kill().unwrap();
+    assert_eq!(c.set(10, true).await.reason, Reason::Unavailable as i32);
+    poll("store errors counted", || async {
+        (w.metric(unavailable).await >= 1.0).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_s_clients_resume_elsewhere_and_it_catches_up_on_restart() {
     let redis = RedisServer::start().unwrap();
