@@ -232,9 +232,8 @@ impl ChangeFeed {
         if event.is_ok() {
             // Heartbeats count: a feed that stopped reading shows as the age
             // of this time, whether or not anything changed.
-            metrics::gauge!("omcb_feed_last_read_timestamp_seconds").set(
-                SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
-            );
+            metrics::gauge!("omcb_feed_last_read_timestamp_seconds")
+                .set(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
         }
         event
     }
