@@ -323,6 +323,19 @@ async fn redis_sets_survive_script_flushes_in_a_tight_loop() {
 
 /// In process nothing can be lost behind a reader's back: a feed from a seq
 /// the board never had is the caller's mistake, and it gets the board as is.
+/// A feed with nothing to read reports "caught up" (no changes) once a
+/// blocked read times out: the heartbeat that turns `/readyz` back to 200
+/// after an outage.
+#[tokio::test]
+async fn redis_quiet_feed_reports_caught_up() {
+    let (store, _guard) = redis(SMALL).await;
+    set(&store, 1, true).await;
+    let b = store.snapshot().await.unwrap();
+    let mut feed = store.feed(b.epoch, b.seq);
+    let event = tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap();
+    assert_eq!(event, FeedEvent::Changes(Vec::new()));
+}
+
 /// A log entry written before entries carried their commit time (a fleet
 /// upgraded under traffic) still reads, with the time unknown (0).
 #[tokio::test]

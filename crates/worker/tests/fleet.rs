@@ -179,10 +179,8 @@ async fn store_latency_errors_and_feed_lag_are_exported() {
 
     redis.kill().unwrap();
     assert_eq!(c.set(10, true).await.reason, Reason::Unavailable as i32);
-    poll("store errors counted", || async {
-        (w.metric(unavailable).await >= 1.0).then_some(())
-    })
-    .await;
+    poll("store errors counted", || async { (w.metric(unavailable).await >= 1.0).then_some(()) })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,9 +7,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fred::prelude::*;
+use fred::types::streams::XReadResponse;
 use tokio::sync::broadcast::error::TryRecvError;
 
-use super::reply::{Entry, array, parse_entries, parse_xread, uint};
+use super::reply::{Entry, RawEntry, bad, entries, typed};
 use super::scripts::{Purpose, measured};
 use super::{COMMAND_TIMEOUT, FEED_BLOCK_MS, FEED_CHUNK, RedisStore, unavailable};
 use crate::{Board, FeedEvent, StoreError};
@@ -45,12 +46,15 @@ impl RedisStore {
             )
             .await
             .map_err(unavailable)?;
-        let mut v = array(reply)?;
-        let epoch = Some(uint(&v, 0)?).filter(|&e| e > 0);
-        let seq = uint(&v, 1)?;
-        let acked = v.pop().map(parse_entries).transpose()?.and_then(|e| e.into_iter().next());
-        let last = v.pop().map(parse_entries).transpose()?.and_then(|e| e.into_iter().next());
-        Ok(Position { epoch, seq, last, acked })
+        let (epoch, seq, last, acked): (Option<u64>, u64, Vec<RawEntry>, Vec<RawEntry>) =
+            typed(reply, "position.lua")?;
+        let first = |raw: Vec<RawEntry>| raw.into_iter().next().map(Entry::parse).transpose();
+        Ok(Position {
+            epoch: epoch.filter(|&e| e > 0),
+            seq,
+            last: first(last)?,
+            acked: first(acked)?,
+        })
     }
 
     /// A reader of the change stream after `seq` of `epoch`, on its own
@@ -185,7 +189,7 @@ impl RedisFeed {
                 self.verify = true;
                 continue;
             }
-            let entries = parse_xread(reply)?;
+            let entries = entries(xread_entries(reply)?)?;
             if let Some(first) = entries.first() {
                 if entries.iter().any(|e| !e.of(self.epoch)) {
                     // Another board's entries (after a FLUSHALL its seqs start
@@ -338,4 +342,15 @@ impl RedisFeed {
             StoreError::Unavailable("the board is gone again right after a restore".into())
         })
     }
+}
+
+/// The entries of an `XREAD` of one stream (RESP2 or RESP3): none after a
+/// quiet block (a nil reply).
+fn xread_entries(reply: Value) -> Result<Vec<RawEntry>, StoreError> {
+    if reply.is_null() {
+        return Ok(Vec::new());
+    }
+    let streams: XReadResponse<String, String, String, String> =
+        reply.into_xread_response().map_err(|e| bad(&format!("XREAD: {e}")))?;
+    Ok(streams.into_values().next().unwrap_or_default())
 }

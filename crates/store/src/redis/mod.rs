@@ -57,6 +57,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use fred::prelude::*;
 use omcb_proto::bits;
 
@@ -66,7 +67,7 @@ pub use scripts::lua;
 
 use crate::{Board, BoardConfig, Op, Refusal, SetOutcome, StoreError};
 use recovery::{Acked, Recent};
-use reply::{array, bytes, int, uint};
+use reply::typed;
 use scripts::Scripts;
 
 /// Most log entries kept (`XADD MAXLEN ~`): about a minute at a thousand toggles a second.
@@ -148,6 +149,10 @@ fn builder(url: &str) -> Result<Builder, StoreError> {
     });
     Ok(b)
 }
+
+/// `snapshot.lua`'s answer: bits, frozen, count, frozen_count, seq, epoch,
+/// size, max_checked, freeze_after_ms.
+type SnapshotReply = (Bytes, Bytes, u32, u32, u64, u64, u32, u32, u64);
 
 impl RedisStore {
     /// Connects (waiting, with backoff, until Redis answers) and creates the
@@ -232,14 +237,14 @@ impl RedisStore {
             )
             .await
             .map_err(board_error)?;
-        let v = array(reply)?;
-        let created = int(&v, 0)? == 1;
+        let (created, size, max_checked, freeze_after_ms, epoch): (u8, u32, u32, u64, u64) =
+            typed(reply, "init.lua")?;
+        let created = created == 1;
         let config = BoardConfig {
-            size: int(&v, 1)? as u32,
-            max_checked: Some(int(&v, 2)? as u32).filter(|&m| m > 0),
-            freeze_after_ms: int(&v, 3)? as u64,
+            size,
+            max_checked: Some(max_checked).filter(|&m| m > 0),
+            freeze_after_ms,
         };
-        let epoch = uint(&v, 4)?;
         if created {
             tracing::info!(epoch, size = config.size, "created the board in Redis");
         } else if config != w {
@@ -272,9 +277,9 @@ impl RedisStore {
             other => other,
         }
         .map_err(unavailable)?;
-        let v = array(reply)?;
-        let (status, value, seq) = (int(&v, 0)?, int(&v, 1)? == 1, int(&v, 2)? as u64);
-        let epoch = uint(&v, 5)?;
+        let (status, value, seq, _, _, epoch): (i8, u8, u64, u32, u32, u64) =
+            typed(reply, "set.lua")?;
+        let value = value == 1;
         if seq > 0 {
             let op = if status == -2 { Op::Freeze } else { Op::Set(value) };
             self.acknowledged(Acked { epoch, seq, index, op });
@@ -332,21 +337,19 @@ impl RedisStore {
             Err(e) if e.details().contains("NOBOARD") => return Ok(None),
             other => other.map_err(unavailable)?,
         };
-        let v = array(reply)?;
-        let size = int(&v, 6)? as u32;
-        let checked =
-            bits::from_bytes(&bytes(&v, 0)?, size).map_err(|e| StoreError::Data(e.to_string()))?;
-        let frozen =
-            bits::from_bytes(&bytes(&v, 1)?, size).map_err(|e| StoreError::Data(e.to_string()))?;
+        let (checked, frozen, checked_count, frozen_count, seq, epoch, size, _, freeze_after_ms): SnapshotReply =
+            typed(reply, "snapshot.lua")?;
+        let bits =
+            |b: &[u8]| bits::from_bytes(b, size).map_err(|e| StoreError::Data(e.to_string()));
         Ok(Some(Board {
-            epoch: uint(&v, 5)?,
-            seq: uint(&v, 4)?,
+            epoch,
+            seq,
             size,
-            checked,
-            frozen,
-            checked_count: int(&v, 2)? as u32,
-            frozen_count: int(&v, 3)? as u32,
-            freeze_after_ms: int(&v, 8)? as u64,
+            checked: bits(&checked)?,
+            frozen: bits(&frozen)?,
+            checked_count,
+            frozen_count,
+            freeze_after_ms,
         }))
     }
 

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use fred::prelude::*;
 use omcb_proto::bits;
 
-use super::reply::{array, int};
+use super::reply::typed;
 use super::{RedisStore, board_error, unavailable};
 use crate::{Board, Op, StoreError};
 
@@ -85,8 +85,8 @@ impl RedisStore {
             Err(e) if e.details().contains("NOBOARD") => return Ok(()),
             other => other.map_err(unavailable)?,
         };
-        let v = array(reply)?;
-        if int(&v, 0)? == 1 {
+        let (moved, _epoch_now): (u8, u64) = typed(reply, "rebirth.lua")?;
+        if moved == 1 {
             tracing::warn!(
                 from_epoch = old,
                 epoch = new,
@@ -129,8 +129,8 @@ impl RedisStore {
             .eval(&self.inner.scripts.restore, self.inner.keys.board(), args)
             .await
             .map_err(board_error)?;
-        let v = array(reply)?;
-        if int(&v, 0)? == 1 {
+        let (restored, _epoch_now): (u8, u64) = typed(reply, "restore.lua")?;
+        if restored == 1 {
             tracing::warn!(
                 from_epoch = lost,
                 from_seq = replica.seq,
