@@ -3,9 +3,9 @@
 //! per seq). Results and the machine: docs/BENCHMARKS.md.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use omcb_proto::rng::XorShift64 as Rng;
 use omcb_proto::v1::server_message::Msg;
 use omcb_proto::{BatchBuilder, Board, Change, Op, delta, encode_server};
+use omcb_testkit::rng::XorShift64 as Rng;
 use std::hint::black_box;
 
 const SIZE: u32 = 1_000_000;

@@ -8,9 +8,9 @@
 //!
 //! `cargo run --release -p omcb-proto --example bytes_per_toggle`
 
-use omcb_proto::rng::XorShift64 as Rng;
 use omcb_proto::v1::server_message::Msg;
 use omcb_proto::{BatchBuilder, Change, Op, encode_server};
+use omcb_testkit::rng::XorShift64 as Rng;
 
 const SIZE: u64 = 1_000_000;
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use omcb_proto::{Board, Op};
 use omcb_store::{BoardConfig, FeedEvent, Refusal, SetOutcome, Store};
-use omcb_testkit::RedisServer;
+use omcb_testkit::{RedisServer, poll};
 
 const SMALL: BoardConfig = BoardConfig { size: 1000, max_checked: None, freeze_after_ms: 0 };
 
@@ -36,11 +36,7 @@ async fn set(store: &Store, index: u32, checked: bool) -> SetOutcome {
 
 /// Polls `f` until true; time-based rules need real time to pass.
 async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    poll(what, async || f().await.then_some(())).await
 }
 
 /// Reads the feed until it reaches `seq`, returning every change.
@@ -209,19 +205,18 @@ mod suite {
 /// Reads the feed until it resets (a backend may first report that it is
 /// caught up, or yield changes it had not yet seen were lost).
 async fn next_reset(feed: &mut omcb_store::ChangeFeed) -> Board {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        assert!(Instant::now() < deadline, "no reset");
+    poll("a reset", async || {
         match tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap() {
-            Ok(FeedEvent::Reset(board)) => return *board,
-            Ok(FeedEvent::Changes(_)) => {}
+            Ok(FeedEvent::Reset(board)) => Some(*board),
+            Ok(FeedEvent::Changes(_)) => None,
             // Redis restarting under the feed: it retries.
             Err(e) => {
                 eprintln!("feed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                None
             }
         }
-    }
+    })
+    .await
 }
 
 macro_rules! conformance {
@@ -413,14 +408,7 @@ async fn roll_back(server: &mut RedisServer, work: impl AsyncFnOnce(&RedisServer
 
 /// Sets until Redis answers again after a restart.
 async fn set_when_back(store: &Store, index: u32) -> SetOutcome {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match store.set(index, true).await {
-            Ok(out) => return out,
-            Err(e) => assert!(Instant::now() < deadline, "Redis not back: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll("Redis to be back", async || store.set(index, true).await.ok()).await
 }
 
 /// Redis restored from older files keeps the epoch in its data; two readers

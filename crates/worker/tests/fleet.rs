@@ -24,7 +24,7 @@ async fn hammer(
     hot: u32,
 ) -> (Client, Vec<(u32, ToggleResult)>) {
     // Deterministic, so a failure replays.
-    let mut rng = omcb_proto::rng::XorShift64::new(seed);
+    let mut rng = omcb_testkit::rng::XorShift64::new(seed);
     let mut results = Vec::new();
     let mut sent = 0;
     while sent < n {
@@ -264,11 +264,7 @@ async fn redis_restarts_with_aof_and_workers_recover_on_their_own() {
     })
     .await;
     // The worker reconnects with backoff: retry until a toggle is accepted.
-    let deadline = Instant::now() + WAIT;
-    while !clients[1].set(901, true).await.accepted {
-        assert!(Instant::now() < deadline, "toggles never accepted again");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    set_acked(&mut clients[1], 901, true).await;
     assert_converged(&redis, &mut clients).await;
 }
 
@@ -307,18 +303,11 @@ fn redis_epoch(redis: &RedisServer) -> u64 {
     epoch.as_str().unwrap().parse().unwrap()
 }
 
-/// Toggles until Redis answers again (after a restart): UNAVAILABLE meanwhile.
-async fn set_when_back(c: &mut Client, index: u32) {
-    let deadline = Instant::now() + WAIT;
-    while !c.set(index, true).await.accepted {
-        assert!(Instant::now() < deadline, "toggles never accepted again");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Sets box `index` to `value`, again while the worker answers UNAVAILABLE
 /// (Redis away, or the board being restored), until it is acknowledged.
 async fn set_acked(c: &mut Client, index: u32, value: bool) {
+    // A loop, not `poll`: an async closure holding `c` makes the spawned
+    // callers' futures not `Send` (rustc's higher-ranked lifetime limits).
     let deadline = Instant::now() + WAIT;
     loop {
         let r = c.set(index, value).await;
@@ -340,7 +329,7 @@ async fn own_boxes(
     boxes: std::ops::Range<u32>,
     n: usize,
 ) -> (Client, HashMap<u32, bool>) {
-    let mut rng = omcb_proto::rng::XorShift64::new(seed);
+    let mut rng = omcb_testkit::rng::XorShift64::new(seed);
     let mut acked = HashMap::new();
     for _ in 0..n {
         let index = boxes.start + (rng.next_u64() % u64::from(boxes.end - boxes.start)) as u32;
@@ -399,7 +388,7 @@ async fn redis_restored_from_older_files_keeps_every_acknowledged_toggle_under_a
     // The older data has seq 20; its next changes reuse seqs 21.. for other
     // boxes, past the leaving client's seq, until a worker notices.
     for i in 500..530 {
-        set_when_back(&mut toggler, i).await;
+        set_acked(&mut toggler, i, true).await;
         acked.insert(i, true);
     }
     let mut resumed = connect(&workers[1].ws_url(&format!("?since={since}&epoch={epoch}"))).await;

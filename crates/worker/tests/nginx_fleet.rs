@@ -110,24 +110,21 @@ impl Drop for Fleet {
     }
 }
 
-async fn stats_of(port: u16) -> Option<serde_json::Value> {
-    let r = tokio::time::timeout(
-        Duration::from_secs(2),
-        http_get(([127, 0, 0, 1], port).into(), "/api/stats", &[]),
-    )
-    .await
-    .ok()?;
-    (r.status == 200).then(|| serde_json::from_slice(&r.body).unwrap())
-}
-
 /// Waits until every live worker is at the same seq and returns it.
 async fn quiescent_seq(fleet: &Fleet) -> u64 {
-    poll("workers to agree on the seq", || async {
+    agreed_seq("workers to agree on the seq", || {
+        fleet.workers().into_iter().filter(|&(_, pid, _)| running(pid)).map(|(p, _, _)| p).collect()
+    })
+    .await
+}
+
+/// Polls the `/api/stats` of the workers on `ports()` until all of them
+/// answer with one seq; returns it.
+async fn agreed_seq(what: &str, ports: impl Fn() -> Vec<u16>) -> u64 {
+    poll(what, || async {
         let mut seqs = Vec::new();
-        for (port, pid, _) in fleet.workers() {
-            if running(pid) {
-                seqs.push(stats_of(port).await?["seq"].as_u64()?);
-            }
+        for port in ports() {
+            seqs.push(stats(([127, 0, 0, 1], port).into()).await?["seq"].as_u64()?);
         }
         (!seqs.is_empty() && seqs.iter().all(|s| *s == seqs[0])).then(|| seqs[0])
     })
@@ -179,7 +176,7 @@ async fn traffic(
     seed: u64,
     n: usize,
 ) -> (Client, Vec<(u32, ToggleResult)>, usize) {
-    let mut rng = omcb_proto::rng::XorShift64::new(seed);
+    let mut rng = omcb_testkit::rng::XorShift64::new(seed);
     let mut results = Vec::new();
     let mut reconnects = 0;
     let mut i = 0;
@@ -305,14 +302,9 @@ async fn assert_converged_live(
     clients: &mut [Client],
     results: &[(u32, ToggleResult)],
 ) {
-    let seq = poll("live workers to agree", || async {
-        let mut seqs = Vec::new();
-        for (port, _, _) in live {
-            seqs.push(stats_of(*port).await?["seq"].as_u64()?);
-        }
-        seqs.iter().all(|s| *s == seqs[0]).then(|| seqs[0])
-    })
-    .await;
+    let seq =
+        agreed_seq("live workers to agree", || live.iter().map(|&(port, _, _)| port).collect())
+            .await;
     let _ = fleet;
     let (truth, _) = api_state(([127, 0, 0, 1], live[0].0).into()).await;
     let truth = omcb_proto::Board::from_snapshot(&truth).unwrap();
@@ -366,18 +358,9 @@ fn running(pid: u32) -> bool {
         .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
 }
 
-/// GET from a chosen loopback source address.
+/// The status of a GET from a chosen loopback source address.
 async fn get_from(src: [u8; 4], addr: SocketAddr, path: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind((src, 0).into()).unwrap();
-    let mut s = socket.connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    String::from_utf8_lossy(&buf).split(' ').nth(1).unwrap().parse().unwrap()
+    omcb_testkit::http::get_from(src.into(), addr, path).await.unwrap().status
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
