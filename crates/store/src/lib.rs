@@ -23,6 +23,17 @@
 //!   change feed in seq order, with no holes.
 //! - A board has a random non-zero epoch, chosen when it is created, and a new
 //!   one whenever acknowledged changes may have been lost.
+//! - Every change carries the time the store committed it
+//!   ([`Change::committed_ms`]), from which the worker measures its feed's lag.
+//!
+//! # Metrics
+//! The store records its own, through the `metrics` facade (the worker
+//! installs the recorder): `omcb_store_commands_total{purpose}` and
+//! `omcb_store_command_seconds{script}` for every Redis round trip (and the
+//! Memory store's board file writes, `script="persist"`),
+//! `omcb_store_errors_total{kind}` for every failed one,
+//! `omcb_feed_last_read_timestamp_seconds` on every successful feed read, and
+//! the Memory store's `omcb_persist_failures_total` and `omcb_persist_ok`.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
