@@ -99,14 +99,14 @@ struct Inner {
     /// The settings this worker asked for (the board in Redis wins).
     wanted: BoardConfig,
     /// The settings of the board in Redis, learned from init.
-    config: std::sync::RwLock<BoardConfig>,
+    config: parking_lot::RwLock<BoardConfig>,
     /// This worker's id, for op ids and the sweep lease.
     owner: String,
     /// Calls made by this worker, for op ids.
     ops: AtomicU64,
     /// The change with the highest seq this worker acknowledged, so the feed
     /// notices when Redis lost it even if no worker ever read it back.
-    acked: std::sync::Mutex<Option<Acked>>,
+    acked: parking_lot::Mutex<Option<Acked>>,
     /// A feed of this worker holds a replica of the board: a board that is
     /// gone from Redis is restored from it (`restore.lua`), never created
     /// empty by `init.lua`.
@@ -115,11 +115,11 @@ struct Inner {
     /// it accepted that changed nothing), oldest first: after another worker
     /// restored the board from a replica that had not read them yet, this
     /// worker makes them again.
-    recent: std::sync::Mutex<VecDeque<Recent>>,
+    recent: parking_lot::Mutex<VecDeque<Recent>>,
     /// `(epoch, seq)` the feed has read up to: an acknowledged change with a
     /// seq at or below it (or below an earlier acknowledgement) was made on a
     /// board that went back in time, under a reused seq.
-    read: std::sync::Mutex<(u64, u64)>,
+    read: parking_lot::Mutex<(u64, u64)>,
 }
 
 /// A script's refusal of the board's settings (`BOARDSIZE`: the board in Redis
@@ -186,13 +186,13 @@ impl RedisStore {
                 keys: Keys::new(name),
                 scripts: Scripts::new(),
                 wanted,
-                config: std::sync::RwLock::new(wanted),
+                config: parking_lot::RwLock::new(wanted),
                 owner: format!("{:016x}", crate::new_epoch()),
                 ops: AtomicU64::new(0),
-                acked: std::sync::Mutex::new(None),
+                acked: parking_lot::Mutex::new(None),
                 replicated: AtomicBool::new(false),
-                recent: std::sync::Mutex::new(VecDeque::new()),
-                read: std::sync::Mutex::new((0, 0)),
+                recent: parking_lot::Mutex::new(VecDeque::new()),
+                read: parking_lot::Mutex::new((0, 0)),
             }),
         };
         // Redis may be up but still loading its AOF (`LOADING`): wait for it
@@ -212,7 +212,7 @@ impl RedisStore {
 
     /// The board's settings (as stored in Redis).
     pub fn config(&self) -> BoardConfig {
-        *self.inner.config.read().unwrap_or_else(|e| e.into_inner())
+        *self.inner.config.read()
     }
 
     /// The board's keys.
@@ -250,7 +250,7 @@ impl RedisStore {
         } else if config != w {
             tracing::warn!(?config, wanted = ?w, "the board in Redis has other settings than this worker's flags; using the board's");
         }
-        *self.inner.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+        *self.inner.config.write() = config;
         Ok(epoch)
     }
 

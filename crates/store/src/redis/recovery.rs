@@ -38,8 +38,8 @@ impl RedisStore {
     /// Remembers a change `set.lua` made: in the ring of recent ones, and as
     /// the watermark if it is the newest of its epoch.
     pub(super) fn acknowledged(&self, change: Acked) {
-        let mut acked = self.inner.acked.lock().unwrap_or_else(|e| e.into_inner());
-        let read = *self.inner.read.lock().unwrap_or_else(|e| e.into_inner());
+        let mut acked = self.inner.acked.lock();
+        let read = *self.inner.read.lock();
         let reused = (read.0 == change.epoch && change.seq <= read.1)
             || acked.is_some_and(|a| a.epoch == change.epoch && change.seq <= a.seq);
         self.remember(Recent { change, reused });
@@ -52,7 +52,7 @@ impl RedisStore {
 
     /// Adds an answer to the ring of recent ones.
     pub(super) fn remember(&self, answer: Recent) {
-        let mut recent = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let mut recent = self.inner.recent.lock();
         if recent.len() == RECENT_ACKS {
             recent.pop_front();
         }
@@ -61,12 +61,12 @@ impl RedisStore {
 
     /// Notes where the feed has read up to (see `Inner::read`).
     pub(super) fn read_up_to(&self, epoch: u64, seq: u64) {
-        *self.inner.read.lock().unwrap_or_else(|e| e.into_inner()) = (epoch, seq);
+        *self.inner.read.lock() = (epoch, seq);
     }
 
     /// The newest change this worker acknowledged on board `epoch`.
     pub(super) fn acked(&self, epoch: u64) -> Option<Acked> {
-        let acked = self.inner.acked.lock().unwrap_or_else(|e| e.into_inner());
+        let acked = self.inner.acked.lock();
         acked.filter(|a| a.epoch == epoch)
     }
 
@@ -167,7 +167,7 @@ impl RedisStore {
     /// already has the value costs nothing (set, not flip).
     pub(super) async fn reapply(&self, board: &Board, from: u64, seq: u64) {
         let mine: Vec<Acked> = {
-            let recent = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
+            let recent = self.inner.recent.lock();
             // Only a box's latest answer counts: the client may have set the
             // box again since (on the restored board, too).
             let mut latest = std::collections::HashMap::new();
