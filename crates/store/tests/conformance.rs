@@ -168,6 +168,19 @@ mod suite {
         assert_eq!(replay, store.snapshot().await.unwrap());
     }
 
+    /// A feed with nothing to read reports "caught up" (no changes) after a
+    /// while (Redis: once a blocked read times out): the heartbeat that turns
+    /// `/readyz` back to 200 after an outage and shows a quiet board from a
+    /// stuck feed (`omcb_feed_last_read_timestamp_seconds`).
+    pub async fn quiet_feed_reports_caught_up(store: Store) {
+        set(&store, 1, true).await;
+        let b = store.snapshot().await.unwrap();
+        let mut feed = store.feed(b.epoch, b.seq);
+        let event =
+            tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap();
+        assert_eq!(event, FeedEvent::Changes(Vec::new()));
+    }
+
     /// Each change carries the time the store committed it (the worker's feed
     /// lag is measured from it): a toggle's and a sweep's freeze alike.
     pub async fn changes_carry_their_commit_time(store: Store) {
@@ -265,6 +278,11 @@ macro_rules! conformance {
                 suite::feed_yields_every_change_once_in_order(s).await;
             }
             #[tokio::test]
+            async fn quiet_feed_reports_caught_up() {
+                let (s, _g) = super::$backend(SMALL).await;
+                suite::quiet_feed_reports_caught_up(s).await;
+            }
+            #[tokio::test]
             async fn changes_carry_their_commit_time() {
                 let (s, _g) = super::$backend(BoardConfig { freeze_after_ms: 60, ..SMALL }).await;
                 suite::changes_carry_their_commit_time(s).await;
@@ -318,19 +336,6 @@ async fn redis_sets_survive_script_flushes_in_a_tight_loop() {
 
 /// In process nothing can be lost behind a reader's back: a feed from a seq
 /// the board never had is the caller's mistake, and it gets the board as is.
-/// A feed with nothing to read reports "caught up" (no changes) once a
-/// blocked read times out: the heartbeat that turns `/readyz` back to 200
-/// after an outage.
-#[tokio::test]
-async fn redis_quiet_feed_reports_caught_up() {
-    let (store, _guard) = redis(SMALL).await;
-    set(&store, 1, true).await;
-    let b = store.snapshot().await.unwrap();
-    let mut feed = store.feed(b.epoch, b.seq);
-    let event = tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap();
-    assert_eq!(event, FeedEvent::Changes(Vec::new()));
-}
-
 /// A log entry written before entries carried their commit time (a fleet
 /// upgraded under traffic) still reads, with the time unknown (0).
 #[tokio::test]

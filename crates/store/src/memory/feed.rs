@@ -1,7 +1,12 @@
 //! A reader of the Memory store's change log.
 
+use std::time::Duration;
+
 use super::{FEED_CHUNK, MemoryStore};
 use crate::{Change, FeedEvent};
+
+/// How long a quiet feed waits before it says it is caught up.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
 impl MemoryStore {
     /// A feed of changes after `seq` of board `epoch`.
@@ -22,8 +27,11 @@ pub struct MemoryFeed {
 
 impl MemoryFeed {
     /// The next changes after the reader's position, waiting for some; a
-    /// `Reset` when the position is gone from the log or of another epoch.
-    /// Cancel-safe: the position only moves when a value is returned.
+    /// `Reset` when the position is gone from the log or of another epoch;
+    /// an empty `Changes` after [`HEARTBEAT`] without any (caught up, as the
+    /// Redis feed says after a quiet block), so a reader can tell a quiet
+    /// board from a stuck feed. Cancel-safe: the position only moves when a
+    /// value is returned.
     pub async fn next(&mut self) -> FeedEvent {
         let inner = self.store.inner.clone();
         loop {
@@ -35,7 +43,9 @@ impl MemoryFeed {
             if let Some(event) = self.poll_log() {
                 return event;
             }
-            notified.await;
+            if tokio::time::timeout(HEARTBEAT, notified).await.is_err() {
+                return FeedEvent::Changes(Vec::new());
+            }
         }
     }
 

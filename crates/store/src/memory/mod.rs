@@ -65,7 +65,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::{Notify, watch};
 
-pub use feed::MemoryFeed;
+pub use feed::{HEARTBEAT, MemoryFeed};
 
 use crate::{Board, BoardConfig, Change, Op, Refusal, SetOutcome, StoreError};
 use persist::{Disk, DiskCopy};

@@ -8,6 +8,7 @@ use fred::prelude::*;
 use omcb_proto::bits;
 
 use super::reply::typed;
+use super::scripts::{Purpose, measured};
 use super::{RedisStore, board_error, unavailable};
 use crate::{Board, Op, StoreError};
 
@@ -144,15 +145,15 @@ impl RedisStore {
 
     /// The epoch and seq board `epoch` was restored from (`restore.lua`), if it was.
     pub(super) async fn restored_from(&self, epoch: u64) -> Result<Option<(u64, u64)>, StoreError> {
-        let v: Vec<Option<String>> = self
-            .inner
-            .client
-            .hmget(
-                &self.inner.keys.config,
-                vec!["epoch", "restored_from_epoch", "restored_from_seq"],
-            )
-            .await
-            .map_err(unavailable)?;
+        // A read of the reset's board, timed with its snapshot.
+        let fields = vec!["epoch", "restored_from_epoch", "restored_from_seq"];
+        let v: Vec<Option<String>> = measured(
+            "snapshot",
+            Purpose::Snapshot,
+            self.inner.client.hmget(&self.inner.keys.config, fields),
+        )
+        .await
+        .map_err(unavailable)?;
         let num = |i: usize| v.get(i).cloned().flatten().and_then(|s| s.parse::<u64>().ok());
         Ok(match (num(0), num(1), num(2)) {
             (Some(e), Some(from), Some(seq)) if e == epoch => Some((from, seq)),
