@@ -54,8 +54,8 @@ pub(super) struct Named {
 pub(super) enum Purpose {
     /// `set.lua`.
     Toggle,
-    /// `snapshot.lua`, `init.lua`, `rebirth.lua`, `restore.lua` (worker
-    /// start, feed resets).
+    /// `snapshot.lua`, `init.lua`, `rebirth.lua`, `restore.lua` and a reset's
+    /// read of where a restored board came from (worker start, feed resets).
     Snapshot,
     /// `XREAD` and `position.lua` of the one change feed.
     Feed,
@@ -137,6 +137,8 @@ pub mod lua {
 }
 
 impl RedisStore {
+    /// Runs `script` on the toggles' connection. A call counts as one command
+    /// even when a `NOSCRIPT` makes it two.
     pub(super) async fn eval(
         &self,
         script: &Named,
