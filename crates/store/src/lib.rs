@@ -213,6 +213,16 @@ impl Store {
         }
     }
 
+    /// Whether this worker runs the freeze sweep: the embedded store always
+    /// does while freezing is on; in a fleet, the worker whose last
+    /// [`sweep`](Self::sweep) held the lease.
+    pub fn holds_sweep_lease(&self) -> bool {
+        match self {
+            Store::Memory(m) => m.config().freeze_after_ms > 0,
+            Store::Redis(r) => r.holds_sweep_lease(),
+        }
+    }
+
     /// Persists what is not yet persisted and stops background work; call once
     /// on shutdown.
     pub async fn close(&self) -> Result<(), StoreError> {

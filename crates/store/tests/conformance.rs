@@ -336,6 +336,22 @@ async fn redis_sets_survive_script_flushes_in_a_tight_loop() {
 
 /// In process nothing can be lost behind a reader's back: a feed from a seq
 /// the board never had is the caller's mistake, and it gets the board as is.
+/// One worker of a fleet runs the freeze sweep: the one holding the lease,
+/// and it says so (`omcb_sweep_lease_held`).
+#[tokio::test]
+async fn redis_only_the_lease_holder_says_it_sweeps() {
+    let config = BoardConfig { freeze_after_ms: 60_000, ..SMALL };
+    let (a, guard) = redis(config).await;
+    let Guard::Redis(server) = &guard else { unreachable!() };
+    let b = Store::Redis(
+        omcb_store::redis::RedisStore::connect(&server.url(), "main", config).await.unwrap(),
+    );
+    assert!(!a.holds_sweep_lease(), "before any sweep");
+    a.sweep(10).await.unwrap();
+    b.sweep(10).await.unwrap();
+    assert!(a.holds_sweep_lease() && !b.holds_sweep_lease());
+}
+
 /// A log entry written before entries carried their commit time (a fleet
 /// upgraded under traffic) still reads, with the time unknown (0).
 #[tokio::test]

@@ -111,6 +111,8 @@ struct Inner {
     /// gone from Redis is restored from it (`restore.lua`), never created
     /// empty by `init.lua`.
     replicated: AtomicBool,
+    /// Whether the last sweep found this worker holding the sweep lease.
+    lease_held: AtomicBool,
     /// The last [`RECENT_ACKS`] changes this worker acknowledged (and sets
     /// it accepted that changed nothing), oldest first: after another worker
     /// restored the board from a replica that had not read them yet, this
@@ -191,6 +193,7 @@ impl RedisStore {
                 ops: AtomicU64::new(0),
                 acked: parking_lot::Mutex::new(None),
                 replicated: AtomicBool::new(false),
+                lease_held: AtomicBool::new(false),
                 recent: parking_lot::Mutex::new(VecDeque::new()),
                 read: parking_lot::Mutex::new((0, 0)),
             }),
@@ -353,6 +356,12 @@ impl RedisStore {
         }))
     }
 
+    /// Whether the last [`sweep`](Self::sweep) found this worker holding the
+    /// fleet-wide sweep lease (false while freezing is off).
+    pub fn holds_sweep_lease(&self) -> bool {
+        self.inner.lease_held.load(Ordering::Relaxed)
+    }
+
     /// Runs the freeze sweep if this worker holds (or takes) the fleet-wide lease.
     pub async fn sweep(&self, limit: usize) -> Result<usize, StoreError> {
         if self.config().freeze_after_ms == 0 {
@@ -366,8 +375,10 @@ impl RedisStore {
                 vec![self.inner.owner.clone(), "10000".into()],
             )
             .await
-            .map_err(unavailable)?;
-        if held.as_i64() != Some(1) {
+            .map(|held| held.as_i64() == Some(1));
+        // Unknown after a failed call: it lapses within its 10 s anyway.
+        self.inner.lease_held.store(held.as_ref().is_ok_and(|&h| h), Ordering::Relaxed);
+        if !held.map_err(unavailable)? {
             return Ok(0);
         }
         let frozen = self
