@@ -8,9 +8,9 @@
 //!
 //! `cargo run --release -p omcb-benches --example bytes_per_toggle`
 
-use omcb_proto::rng::XorShift64 as Rng;
 use omcb_proto::v1::server_message::Msg;
 use omcb_proto::{BatchBuilder, Change, Op, encode_server};
+use omcb_testkit::rng::XorShift64 as Rng;
 
 const SIZE: u64 = 1_000_000;
 
@@ -51,6 +51,7 @@ fn main() {
                     op: Op::Set(true),
                     checked_count: 0,
                     frozen_count: 0,
+                    committed_ms: 0,
                 };
                 b.push(&c).unwrap();
             }

@@ -5,9 +5,9 @@
 //! `cargo bench -p omcb-benches --bench codec`
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use omcb_proto::rng::XorShift64 as Rng;
 use omcb_proto::v1::server_message::Msg;
 use omcb_proto::{BatchBuilder, Board, Change, Op, delta, encode_server};
+use omcb_testkit::rng::XorShift64 as Rng;
 use std::hint::black_box;
 
 const SIZE: u32 = 1_000_000;
@@ -22,6 +22,7 @@ fn changes(n: usize) -> Vec<Change> {
             op: Op::Set(!rng.next_u64().is_multiple_of(4)),
             checked_count: i as u32,
             frozen_count: 0,
+            committed_ms: 0,
         })
         .collect()
 }

@@ -31,7 +31,7 @@ fn main() {
                 let (store, done) = (store.clone(), done.clone());
                 tokio::spawn(async move {
                     let mut rng =
-                        omcb_proto::rng::XorShift64::new(0x9e37_79b9_7f4a_7c15u64 ^ t as u64);
+                        omcb_testkit::rng::XorShift64::new(0x9e37_79b9_7f4a_7c15u64 ^ t as u64);
                     while Instant::now() < stop {
                         let x = rng.next_u64();
                         store.set((x % 1_000_000) as u32, x & 1 == 1).await.unwrap();

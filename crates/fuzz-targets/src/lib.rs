@@ -262,12 +262,11 @@ fn board_file_bytes(bytes: &[u8]) {
 }
 
 /// `body` followed by its FNV-1a-64 checksum, which is how a board file ends
-/// (`memory.rs`, `file::encode`; a test checks the two agree).
+/// (`memory/file.rs`, `encode`; a test checks the two agree).
 pub fn seal(body: &[u8]) -> Vec<u8> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in body {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
+    let mut h = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut h, body);
+    let h = std::hash::Hasher::finish(&h);
     let mut out = Vec::with_capacity(body.len() + 8);
     out.extend_from_slice(body);
     out.extend_from_slice(&h.to_le_bytes());

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use omcb_fuzz_targets::{TARGETS, seeds};
-use omcb_proto::rng::XorShift64;
+use omcb_testkit::rng::XorShift64;
 
 /// Mutated inputs per target: about 3 s for all three in a debug build on an
 /// idle core (client_message is the slow one: it runs a store per input).

@@ -545,18 +545,14 @@ fn handle(
 
 /// FNV-1a over the board's seq, bitsets and counts.
 pub fn board_hash(b: &Board) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for &x in bytes {
-            h = (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    eat(&b.seq.to_le_bytes());
-    eat(b.checked.as_raw_slice());
-    eat(b.frozen.as_raw_slice());
-    eat(&b.checked_count.to_le_bytes());
-    eat(&b.frozen_count.to_le_bytes());
-    h
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(&b.seq.to_le_bytes());
+    h.write(b.checked.as_raw_slice());
+    h.write(b.frozen.as_raw_slice());
+    h.write(&b.checked_count.to_le_bytes());
+    h.write(&b.frozen_count.to_le_bytes());
+    h.finish()
 }
 
 /// Picks toggle targets by pattern.
@@ -564,12 +560,12 @@ pub fn board_hash(b: &Board) -> u64 {
 pub struct Picker {
     pattern: Pattern,
     region: u32,
-    rng: omcb_proto::rng::XorShift64,
+    rng: omcb_testkit::rng::XorShift64,
 }
 
 impl Picker {
     pub fn new(pattern: Pattern, region: u32, seed: u64) -> Self {
-        Self { pattern, region: region.max(1), rng: omcb_proto::rng::XorShift64::new(seed) }
+        Self { pattern, region: region.max(1), rng: omcb_testkit::rng::XorShift64::new(seed) }
     }
 
     /// The next `(index, value)` on a board of `size` boxes.
@@ -593,20 +589,6 @@ impl Picker {
 fn http_base(url: &str) -> Option<String> {
     let rest = url.strip_prefix("ws://")?;
     Some(rest.split('/').next()?.to_string())
-}
-
-/// A GET over HTTP/1.0 (no chunking, the server closes): status and body.
-async fn get(hostport: &str, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
-    let mut s = tokio::net::TcpStream::connect(hostport).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").as_bytes()).await?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("no header end"))?;
-    let status = String::from_utf8_lossy(&raw[..split]).split(' ').nth(1).unwrap_or("0").parse()?;
-    Ok((status, raw[split + 4..].to_vec()))
 }
 
 /// Where the convergence check reads the board's truth.
@@ -638,9 +620,9 @@ impl Truth {
     pub async fn fetch(&self) -> anyhow::Result<Board> {
         match self {
             Truth::Http(base) => {
-                let (status, body) = get(base, "/api/state").await?;
-                anyhow::ensure!(status == 200, "/api/state answered {status}");
-                Ok(Board::from_snapshot(&Snapshot::decode(body.as_slice())?)?)
+                let r = omcb_testkit::http::get(base, "/api/state", &[]).await?;
+                anyhow::ensure!(r.status == 200, "/api/state answered {}", r.status);
+                Ok(Board::from_snapshot(&Snapshot::decode(r.body.as_slice())?)?)
             }
             Truth::Redis { addr, board } => redis_board(addr, board).await,
         }

@@ -69,7 +69,7 @@ async fn flood(url: &str, args: &Args, until: Instant) -> anyhow::Result<serde_j
         let (url, counts, source, region) =
             (url.to_string(), counts.clone(), args.source, args.region);
         tasks.push(tokio::spawn(async move {
-            let mut rng = omcb_proto::rng::XorShift64::new(0x5eed + k as u64);
+            let mut rng = omcb_testkit::rng::XorShift64::new(0x5eed + k as u64);
             while Instant::now() < until {
                 let Ok(Ok(ws)) =
                     tokio::time::timeout_at(until.into(), crate::client::connect(&url, source))

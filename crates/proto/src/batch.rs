@@ -122,7 +122,7 @@ mod tests {
     use super::*;
 
     fn set(seq: u64, index: u32, v: bool, c: u32) -> Change {
-        Change { seq, index, op: Op::Set(v), checked_count: c, frozen_count: 0 }
+        Change { seq, index, op: Op::Set(v), checked_count: c, frozen_count: 0, committed_ms: 0 }
     }
 
     #[test]
@@ -131,8 +131,15 @@ mod tests {
         for c in [set(5, 7, true, 1), set(6, 3, true, 2), set(7, 7, false, 1), set(8, 9, true, 2)] {
             b.push(&c).unwrap();
         }
-        b.push(&Change { seq: 9, index: 3, op: Op::Freeze, checked_count: 2, frozen_count: 1 })
-            .unwrap();
+        b.push(&Change {
+            seq: 9,
+            index: 3,
+            op: Op::Freeze,
+            checked_count: 2,
+            frozen_count: 1,
+            committed_ms: 0,
+        })
+        .unwrap();
         assert_eq!(b.len(), 5);
         let batch = b.finish().unwrap();
         assert_eq!((batch.from_seq, batch.to_seq), (5, 9));

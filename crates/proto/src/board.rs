@@ -199,6 +199,7 @@ mod tests {
             op: Op::Set(true),
             checked_count: 1,
             frozen_count: 0,
+            committed_ms: 0,
         })
         .unwrap();
         let s = b.to_snapshot(7);
@@ -230,7 +231,14 @@ mod tests {
     #[test]
     fn change_must_be_next() {
         let mut b = Board::new(10, 1, 0);
-        let c = Change { seq: 2, index: 0, op: Op::Set(true), checked_count: 1, frozen_count: 0 };
+        let c = Change {
+            seq: 2,
+            index: 0,
+            op: Op::Set(true),
+            checked_count: 1,
+            frozen_count: 0,
+            committed_ms: 0,
+        };
         assert_eq!(b.apply_change(&c), Err(BoardError::NotNext { seq: 0, got: 2 }));
     }
 }

@@ -23,4 +23,9 @@ pub struct Change {
     pub checked_count: u32,
     /// Frozen boxes on the board right after this change.
     pub frozen_count: u32,
+    /// When the store committed it, in ms since the Unix epoch, by the store's
+    /// clock (Redis' `TIME`, or the embedded store's): the worker measures its
+    /// feed's lag with it. 0 when unknown (a Redis log entry written before
+    /// entries carried it). Not on the wire.
+    pub committed_ms: u64,
 }

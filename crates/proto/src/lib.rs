@@ -8,7 +8,6 @@
 //! - [`bits`]: bitsets in Redis bit order (`bitvec` `Msb0` over bytes).
 //! - [`change`]: one accepted change to the board, as the store's feed carries it.
 //! - [`batch`]: [`batch::BatchBuilder`], which coalesces a run of changes into one `Batch`.
-//! - [`rng`]: a small deterministic generator for benches, tests and the load generator.
 //! - [`board`]: [`board::Board`], a board at a seq: the worker's replica, the
 //!   convergence rule a client follows, and the conversions to and from `Snapshot`.
 //!
@@ -23,7 +22,6 @@ pub mod board;
 pub mod change;
 pub mod client;
 pub mod delta;
-pub mod rng;
 
 /// Generated from `proto/omcb.proto`.
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]

@@ -56,6 +56,7 @@ fn board(size: u32, epoch: u64, boxes: &[u32], frozen: &[u32]) -> Board {
             op: Op::Set(true),
             checked_count: b.checked_count + 1,
             frozen_count: b.frozen_count,
+            committed_ms: 0,
         };
         b.apply_change(&c).unwrap();
     }
@@ -67,6 +68,7 @@ fn board(size: u32, epoch: u64, boxes: &[u32], frozen: &[u32]) -> Board {
             op: Op::Freeze,
             checked_count: b.checked_count,
             frozen_count: b.frozen_count + 1,
+            committed_ms: 0,
         };
         b.apply_change(&c).unwrap();
     }
@@ -105,6 +107,7 @@ fn vectors() -> Value {
                 op: Op::Set(v),
                 checked_count: i as u32 + 1,
                 frozen_count: 0,
+                committed_ms: 0,
             })
             .unwrap();
     }
@@ -115,6 +118,7 @@ fn vectors() -> Value {
             op: Op::Freeze,
             checked_count: 5,
             frozen_count: 1,
+            committed_ms: 0,
         })
         .unwrap();
     server("batch, coalesced, large deltas, a freeze", Msg::Batch(builder.finish().unwrap()));

@@ -76,7 +76,14 @@ fn arb_changes(size: u32, max: usize) -> impl Strategy<Value = Vec<Change>> {
                 Op::Set(false) => (board.checked_count - 1, board.frozen_count),
                 Op::Freeze => (board.checked_count, board.frozen_count + 1),
             };
-            let c = Change { seq: board.seq + 1, index, op, checked_count: cc, frozen_count: fc };
+            let c = Change {
+                seq: board.seq + 1,
+                index,
+                op,
+                checked_count: cc,
+                frozen_count: fc,
+                committed_ms: 0,
+            };
             board.apply_change(&c).unwrap();
             out.push(c);
         }

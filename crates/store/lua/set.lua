@@ -5,7 +5,7 @@
 -- KEYS[4]: {B}:count         checked boxes
 -- KEYS[5]: {B}:frozen_count  frozen boxes
 -- KEYS[6]: {B}:seq           seq of the last change
--- KEYS[7]: {B}:log           change stream; entry id "<seq>-0", fields i (index), o ("1", "0" or "f"), c, f (counts after), e (the board's epoch)
+-- KEYS[7]: {B}:log           change stream; entry id "<seq>-0", fields i (index), o ("1", "0" or "f"), c, f (counts after), e (the board's epoch), t (commit time, ms, from TIME)
 -- KEYS[8]: {B}:checked_at    sorted set: index -> ms of last check, for checked unfrozen boxes
 -- KEYS[9]: {B}:op:<id>       this call's answer, kept so a retried call (a client resending after a reconnect) gets the same answer
 -- ARGV[1]: index
@@ -72,7 +72,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function append(op)
   local seq = redis.call('INCR', KEYS[6])
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], seq .. '-0',
-    'i', index, 'o', op, 'c', count, 'f', frozen_count, 'e', epoch)
+    'i', index, 'o', op, 'c', count, 'f', frozen_count, 'e', epoch, 't', now)
   return seq
 end
 

@@ -4,7 +4,7 @@
 -- KEYS[3]: {B}:count         checked boxes (written into each log entry)
 -- KEYS[4]: {B}:frozen_count  frozen boxes
 -- KEYS[5]: {B}:seq           seq of the last change
--- KEYS[6]: {B}:log           change stream (entries as in set.lua, o = "f", e = the epoch)
+-- KEYS[6]: {B}:log           change stream (entries as in set.lua, o = "f", e = the epoch, t = now)
 -- KEYS[7]: {B}:checked_at    sorted set: index -> ms of last check
 -- ARGV[1]: most boxes to freeze in this call
 -- ARGV[2]: approximate MAXLEN of the log
@@ -28,6 +28,6 @@ for _, index in ipairs(due) do
   redis.call('ZREM', KEYS[7], index)
   local seq = redis.call('INCR', KEYS[5])
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], seq .. '-0',
-    'i', index, 'o', 'f', 'c', count, 'f', frozen_count, 'e', epoch)
+    'i', index, 'o', 'f', 'c', count, 'f', frozen_count, 'e', epoch, 't', now)
 end
 return #due

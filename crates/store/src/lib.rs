@@ -23,6 +23,17 @@
 //!   change feed in seq order, with no holes.
 //! - A board has a random non-zero epoch, chosen when it is created, and a new
 //!   one whenever acknowledged changes may have been lost.
+//! - Every change carries the time the store committed it
+//!   ([`Change::committed_ms`]), from which the worker measures its feed's lag.
+//!
+//! # Metrics
+//! The store records its own, through the `metrics` facade (the worker
+//! installs the recorder): `omcb_store_commands_total{purpose}` and
+//! `omcb_store_command_seconds{script}` for every Redis round trip (and the
+//! Memory store's board file writes, `script="persist"`),
+//! `omcb_store_errors_total{kind}` for every failed one,
+//! `omcb_feed_last_read_timestamp_seconds` on every successful feed read, and
+//! the Memory store's `omcb_persist_failures_total` and `omcb_persist_ok`.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -111,6 +122,14 @@ pub enum StoreError {
 /// Milliseconds since the Unix epoch, the store's clock for check times.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Counts one failed store operation in `omcb_store_errors_total{kind}`:
+/// `unavailable` (Redis unreachable or too slow), `data` (a reply or file
+/// that cannot be read), `io` (the Memory store's data dir), `script` (Redis
+/// answered a command with an error).
+pub(crate) fn count_error(kind: &'static str) {
+    metrics::counter!("omcb_store_errors_total", "kind" => kind).increment(1);
 }
 
 /// A random non-zero epoch.
@@ -209,14 +228,6 @@ impl Store {
             Store::Redis(r) => r.close().await,
         }
     }
-
-    /// Redis commands this worker issued, by purpose (`None` for the Memory backend).
-    pub fn commands(&self) -> Option<&redis::CommandCounts> {
-        match self {
-            Store::Memory(_) => None,
-            Store::Redis(r) => Some(r.commands()),
-        }
-    }
 }
 
 /// A reader of the store's change feed.
@@ -232,9 +243,16 @@ impl ChangeFeed {
     /// Waits for the next changes (or a reset). Cancel-safe: dropping the future
     /// loses nothing.
     pub async fn next(&mut self) -> Result<FeedEvent, StoreError> {
-        match self {
+        let event = match self {
             ChangeFeed::Memory(f) => Ok(f.next().await),
             ChangeFeed::Redis(f) => f.next().await,
+        };
+        if event.is_ok() {
+            // Heartbeats count: a feed that stopped reading shows as the age
+            // of this time, whether or not anything changed.
+            metrics::gauge!("omcb_feed_last_read_timestamp_seconds")
+                .set(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
         }
+        event
     }
 }

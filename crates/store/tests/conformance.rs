@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use omcb_proto::{Board, Op};
 use omcb_store::{BoardConfig, FeedEvent, Refusal, SetOutcome, Store};
-use omcb_testkit::RedisServer;
+use omcb_testkit::{RedisServer, poll};
 
 const SMALL: BoardConfig = BoardConfig { size: 1000, max_checked: None, freeze_after_ms: 0 };
 
@@ -65,11 +65,7 @@ async fn checked_and_read(store: &Store, n: u32) -> (Board, omcb_store::ChangeFe
 
 /// Polls `f` until true; time-based rules need real time to pass.
 async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    poll(what, async || f().await.then_some(())).await
 }
 
 /// Reads the feed until it reaches `seq`, returning every change.
@@ -199,6 +195,45 @@ mod suite {
         assert_eq!(replay, store.snapshot().await.unwrap());
     }
 
+    /// A feed with nothing to read reports "caught up" (no changes) after a
+    /// while (Redis: once a blocked read times out): the heartbeat that turns
+    /// `/readyz` back to 200 after an outage and shows a quiet board from a
+    /// stuck feed (`omcb_feed_last_read_timestamp_seconds`).
+    pub async fn quiet_feed_reports_caught_up(store: Store) {
+        set(&store, 1, true).await;
+        let b = store.snapshot().await.unwrap();
+        let mut feed = store.feed(b.epoch, b.seq);
+        let event =
+            tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap();
+        assert_eq!(event, FeedEvent::Changes(Vec::new()));
+    }
+
+    /// Each change carries the time the store committed it (the worker's feed
+    /// lag is measured from it): a toggle's and a sweep's freeze alike.
+    pub async fn changes_carry_their_commit_time(store: Store) {
+        let epoch = store.snapshot().await.unwrap().epoch;
+        let before = omcb_store::now_ms();
+        set(&store, 3, true).await;
+        let since = Instant::now();
+        eventually("freeze_after to pass", async || since.elapsed() >= Duration::from_millis(80))
+            .await;
+        assert_eq!(store.sweep(10).await.unwrap(), 1);
+        let after = omcb_store::now_ms();
+        let changes = drain(&mut store.feed(epoch, 0), 2).await;
+        assert_eq!(changes.iter().map(|c| c.op).collect::<Vec<_>>(), [Op::Set(true), Op::Freeze]);
+        // Redis' clock is this machine's clock here; a second of slack for
+        // its ms rounding.
+        for c in &changes {
+            assert!(
+                (before.saturating_sub(1000)..=after + 1000).contains(&c.committed_ms),
+                "change {} committed at {} outside [{before}, {after}]",
+                c.seq,
+                c.committed_ms
+            );
+        }
+        assert!(changes[1].committed_ms >= changes[0].committed_ms + 60, "{changes:?}");
+    }
+
     pub async fn feed_from_a_wrong_epoch_resets(store: Store) {
         set(&store, 1, true).await;
         let b = store.snapshot().await.unwrap();
@@ -210,19 +245,18 @@ mod suite {
 /// Reads the feed until it resets (a backend may first report that it is
 /// caught up, or yield changes it had not yet seen were lost).
 async fn next_reset(feed: &mut omcb_store::ChangeFeed) -> Board {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        assert!(Instant::now() < deadline, "no reset");
+    poll("a reset", async || {
         match tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap() {
-            Ok(FeedEvent::Reset(board)) => return *board,
-            Ok(FeedEvent::Changes(_)) => {}
+            Ok(FeedEvent::Reset(board)) => Some(*board),
+            Ok(FeedEvent::Changes(_)) => None,
             // Redis restarting under the feed: it retries.
             Err(e) => {
                 eprintln!("feed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                None
             }
         }
-    }
+    })
+    .await
 }
 
 /// Instantiates every `suite` function as a test for each backend, on a
@@ -255,6 +289,8 @@ conformance! {
     sweep_freezes_due_boxes_bounded_per_call(BoardConfig { freeze_after_ms: 60, ..SMALL }),
     sweep_is_a_no_op_when_freezing_is_off(SMALL),
     feed_yields_every_change_once_in_order(SMALL),
+    quiet_feed_reports_caught_up(SMALL),
+    changes_carry_their_commit_time(BoardConfig { freeze_after_ms: 60, ..SMALL }),
     feed_from_a_wrong_epoch_resets(SMALL),
 }
 
@@ -290,6 +326,38 @@ async fn redis_sets_survive_script_flushes_in_a_tight_loop() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let flushes = flusher.join().unwrap();
     assert!(flushes > 10, "only {flushes} flushes ran beside the sets");
+}
+
+/// One worker of a fleet runs the freeze sweep: the one holding the lease,
+/// and it says so (`Store::sweep_leased`, behind `omcb_sweep_lease_held`).
+#[tokio::test]
+async fn redis_only_the_lease_holder_says_it_sweeps() {
+    let config = BoardConfig { freeze_after_ms: 60_000, ..SMALL };
+    let (a, guard) = redis(config).await;
+    let Guard::Redis(server) = &guard else { unreachable!() };
+    let b = Store::Redis(
+        omcb_store::redis::RedisStore::connect(&server.url(), "main", config).await.unwrap(),
+    );
+    assert_eq!(a.sweep_leased(10).await.unwrap(), Some(0), "the first to ask takes the lease");
+    assert_eq!(b.sweep_leased(10).await.unwrap(), None, "while it is held");
+    assert_eq!(a.sweep_leased(10).await.unwrap(), Some(0), "and keeps it");
+}
+
+/// A log entry written before entries carried their commit time (a fleet
+/// upgraded under traffic) still reads, with the time unknown (0).
+#[tokio::test]
+async fn redis_feed_reads_entries_without_a_commit_time() {
+    let (store, guard) = redis(SMALL).await;
+    let Guard::Redis(server) = &guard else { unreachable!() };
+    let b = store.snapshot().await.unwrap();
+    set(&store, 1, true).await;
+    let epoch = b.epoch.to_string();
+    let old = ["XADD", "{main}:log", "2-0", "i", "2", "o", "1", "c", "2", "f", "0", "e", &epoch];
+    server.command(&old).unwrap();
+    server.command(&["SET", "{main}:seq", "2"]).unwrap();
+    let changes = drain(&mut store.feed(b.epoch, 0), 2).await;
+    assert!(changes[0].committed_ms > 0, "a new entry has its time");
+    assert_eq!((changes[1].seq, changes[1].index, changes[1].committed_ms), (2, 2, 0));
 }
 
 /// In process nothing can be lost behind a reader's back: a feed from a seq
@@ -346,14 +414,7 @@ async fn roll_back(server: &mut RedisServer, work: impl AsyncFnOnce(&RedisServer
 
 /// Sets until Redis answers again after a restart.
 async fn set_when_back(store: &Store, index: u32) -> SetOutcome {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match store.set(index, true).await {
-            Ok(out) => return out,
-            Err(e) => assert!(Instant::now() < deadline, "Redis not back: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll("Redis to be back", async || store.set(index, true).await.ok()).await
 }
 
 /// Checks each of `boxes` once Redis answers again, each a change.

@@ -9,8 +9,15 @@
 //!   ports, its addresses read from its stdout, killed on drop.
 //! - [`Resp`]: a tiny RESP client for the few commands tests send, so the kit
 //!   needs no Redis client crate and depends on nothing of ours.
+//! - [`http`]: a minimal HTTP/1.1 `GET` client (the workers' HTTP API).
+//! - [`poll`]: waits for a condition with a deadline ([`WAIT`]), never a
+//!   fixed sleep.
+//! - [`rng`]: a tiny deterministic generator for tests, benches, examples and
+//!   the load generator (reproducible runs from a seed).
 #![forbid(unsafe_code)]
 
+pub mod http;
+pub mod rng;
 mod worker;
 pub use worker::WorkerProcess;
 
@@ -67,6 +74,22 @@ impl Resp {
     /// The text of a bulk or simple string.
     pub fn as_str(&self) -> Option<&str> {
         self.as_bytes().and_then(|b| std::str::from_utf8(b).ok())
+    }
+}
+
+/// How long [`poll`] waits for a condition before it fails the test.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Polls `f` (every 20 ms) until it returns `Some`, failing after [`WAIT`]:
+/// for states a test waits for, instead of a sleep.
+pub async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -70,10 +70,9 @@ impl Assets {
 
 fn asset(content_type: &'static str, body: Bytes) -> Asset {
     // FNV-1a: a content hash for ETags, not for security.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in body.iter() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
+    let mut h = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut h, &body);
+    let h = std::hash::Hasher::finish(&h);
     Asset { content_type, body, etag: format!("\"{h:016x}\"") }
 }
 

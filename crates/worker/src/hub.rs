@@ -429,7 +429,6 @@ impl Hub {
                     } else {
                         self.metrics.ticks_deferred.increment(1);
                     }
-                    self.metrics.record_store_commands(&store);
                 }
             }
         }
@@ -510,6 +509,11 @@ impl Hub {
         let seq = state.board.seq;
         self.position.send_replace((state.board.epoch, seq));
         drop(state);
+        let applied_ms = omcb_store::now_ms();
+        // 0: a log entry written before entries carried their commit time.
+        for c in changes.iter().filter(|c| c.committed_ms > 0) {
+            self.metrics.feed_lag.record(applied_ms.saturating_sub(c.committed_ms) as f64 / 1e3);
+        }
         self.metrics.batches_published.increment(1);
         self.metrics.batch_changes.record(changes.len() as f64);
         self.metrics.seq.set(seq as f64);

@@ -120,8 +120,10 @@ fn disconnect_index(code: Option<u16>) -> usize {
     }
 }
 
-/// Every metric the worker exports, except the embedded store's
-/// `omcb_persist_failures_total` and `omcb_persist_ok`, which the store
+/// Every metric the worker exports, except the store's own
+/// (`omcb_store_commands_total`, `omcb_store_command_seconds`,
+/// `omcb_store_errors_total`, `omcb_feed_last_read_timestamp_seconds`,
+/// `omcb_persist_failures_total`, `omcb_persist_ok`), which omcb-store
 /// records itself through the same `metrics` facade.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -170,8 +172,8 @@ pub struct Metrics {
     pub seq: Gauge,
     /// Store feed resets (trimmed past, new epoch).
     pub feed_resets: Counter,
-    /// Redis commands by purpose: toggle, snapshot, feed, sweep (fleet mode).
-    pub store_commands: [Counter; 4],
+    /// From a change's commit in the store to its application to the replica.
+    pub feed_lag: Histogram,
     /// From a Toggle frame read to its ToggleResult handed to the socket's
     /// sink (written at once unless earlier frames still wait in it).
     pub toggle_seconds: Histogram,
@@ -229,8 +231,7 @@ impl Metrics {
             toggle_to_send: histogram!("omcb_toggle_to_send_seconds"),
             seq: gauge!("omcb_seq"),
             feed_resets: counter!("omcb_feed_resets_total"),
-            store_commands: ["toggle", "snapshot", "feed", "sweep"]
-                .map(|purpose| counter!("omcb_store_commands_total", "purpose" => purpose)),
+            feed_lag: histogram!("omcb_feed_lag_seconds"),
             toggle_seconds: histogram!("omcb_toggle_seconds"),
             snapshot_bytes_connect: snapshot_bytes("connect"),
             snapshot_bytes_lagged: snapshot_bytes("lagged"),
@@ -295,17 +296,6 @@ impl Metrics {
         let i = disconnect_index(code);
         self.disconnects[i].increment(1);
         tracing::debug!(target: "omcb_worker::conn", code = DISCONNECT_CODES[i], "socket closed");
-    }
-
-    /// Copies the store's command counts into the metrics.
-    pub fn record_store_commands(&self, store: &omcb_store::Store) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if let Some(c) = store.commands() {
-            let counts = [&c.toggle, &c.snapshot, &c.feed, &c.sweep];
-            for (counter, n) in self.store_commands.iter().zip(counts) {
-                counter.absolute(n.load(Relaxed));
-            }
-        }
     }
 
     /// The handles a socket's sink writes through.

@@ -24,7 +24,7 @@ async fn hammer(
     hot: u32,
 ) -> (Client, Vec<(u32, ToggleResult)>) {
     // Deterministic, so a failure replays.
-    let mut rng = omcb_proto::rng::XorShift64::new(seed);
+    let mut rng = omcb_testkit::rng::XorShift64::new(seed);
     let mut results = Vec::new();
     let mut sent = 0;
     while sent < n {
@@ -131,9 +131,8 @@ async fn page_loads_cost_redis_nothing() {
     c.recv().await;
     c.set(1, true).await;
     let series = |p: &str| format!("omcb_store_commands_total{{purpose=\"{p}\"}}");
-    // Counters are copied on the hub's tick: wait for them to include the toggle.
-    poll("toggle counted", || async { (w.metric(&series("toggle")).await >= 1.0).then_some(()) })
-        .await;
+    // The store counts a command when its reply arrives, before the toggle's answer.
+    assert!(w.metric(&series("toggle")).await >= 1.0, "the toggle was counted");
     let before = (w.metric(&series("toggle")).await, w.metric(&series("snapshot")).await);
     for _ in 0..50 {
         api_state(w.addr).await;
@@ -143,9 +142,45 @@ async fn page_loads_cost_redis_nothing() {
         let mut c = connect(&w.ws_url("")).await;
         assert!(matches!(c.recv().await, Msg::Snapshot(_)));
     }
-    tokio::time::sleep(Duration::from_millis(100)).await; // two ticks, so the counters are current
     let after = (w.metric(&series("toggle")).await, w.metric(&series("snapshot")).await);
     assert_eq!(before, after, "page loads and connects issued Redis commands");
+}
+
+/// The store reports its own round trips and failures, and the hub how far
+/// its replica trails the store (a change's commit in Redis to its
+/// application), so an operator sees Redis latency, errors and feed lag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_latency_errors_and_feed_lag_are_exported() {
+    let mut redis = RedisServer::start().unwrap();
+    let w = Worker::start(&flags(&fleet_flags(&redis)));
+    let mut c = connect(&w.ws_url("")).await;
+    c.recv().await;
+    for i in 0..5 {
+        assert!(c.set(i, true).await.accepted);
+    }
+    let set_calls = w.metric("omcb_store_command_seconds_count{script=\"set\"}").await;
+    assert!(set_calls >= 5.0, "set.lua round trips timed: {set_calls}");
+    poll("the feed lag of the five changes", || async {
+        (w.metric("omcb_feed_lag_seconds_count").await >= 5.0).then_some(())
+    })
+    .await;
+    // Each change travelled through Redis and waited at most a tick (20 ms
+    // here): far under 5 s on average, whatever the machine's load.
+    let (sum, count) = (
+        w.metric("omcb_feed_lag_seconds_sum").await,
+        w.metric("omcb_feed_lag_seconds_count").await,
+    );
+    assert!(sum / count < 5.0, "feed lag {sum} s over {count} changes");
+    let read_at = w.metric("omcb_feed_last_read_timestamp_seconds").await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    assert!((now.as_secs_f64() - read_at).abs() < 10.0, "last feed read at {read_at}");
+    let unavailable = "omcb_store_errors_total{kind=\"unavailable\"}";
+    assert_eq!(w.metric(unavailable).await, 0.0, "no store errors while Redis is up");
+
+    redis.kill().unwrap();
+    assert_eq!(c.set(10, true).await.reason, Reason::Unavailable as i32);
+    poll("store errors counted", || async { (w.metric(unavailable).await >= 1.0).then_some(()) })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,11 +264,7 @@ async fn redis_restarts_with_aof_and_workers_recover_on_their_own() {
     })
     .await;
     // The worker reconnects with backoff: retry until a toggle is accepted.
-    let deadline = Instant::now() + WAIT;
-    while !clients[1].set(901, true).await.accepted {
-        assert!(Instant::now() < deadline, "toggles never accepted again");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    set_acked(&mut clients[1], 901, true).await;
     assert_converged(&redis, &mut clients).await;
 }
 
@@ -272,18 +303,11 @@ fn redis_epoch(redis: &RedisServer) -> u64 {
     epoch.as_str().unwrap().parse().unwrap()
 }
 
-/// Toggles until Redis answers again (after a restart): UNAVAILABLE meanwhile.
-async fn set_when_back(c: &mut Client, index: u32) {
-    let deadline = Instant::now() + WAIT;
-    while !c.set(index, true).await.accepted {
-        assert!(Instant::now() < deadline, "toggles never accepted again");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Sets box `index` to `value`, again while the worker answers UNAVAILABLE
 /// (Redis away, or the board being restored), until it is acknowledged.
 async fn set_acked(c: &mut Client, index: u32, value: bool) {
+    // A loop, not `poll`: an async closure holding `c` makes the spawned
+    // callers' futures not `Send` (rustc's higher-ranked lifetime limits).
     let deadline = Instant::now() + WAIT;
     loop {
         let r = c.set(index, value).await;
@@ -305,7 +329,7 @@ async fn own_boxes(
     boxes: std::ops::Range<u32>,
     n: usize,
 ) -> (Client, HashMap<u32, bool>) {
-    let mut rng = omcb_proto::rng::XorShift64::new(seed);
+    let mut rng = omcb_testkit::rng::XorShift64::new(seed);
     let mut acked = HashMap::new();
     for _ in 0..n {
         let index = boxes.start + (rng.next_u64() % u64::from(boxes.end - boxes.start)) as u32;
@@ -364,7 +388,7 @@ async fn redis_restored_from_older_files_keeps_every_acknowledged_toggle_under_a
     // The older data has seq 20; its next changes reuse seqs 21.. for other
     // boxes, past the leaving client's seq, until a worker notices.
     for i in 500..530 {
-        set_when_back(&mut toggler, i).await;
+        set_acked(&mut toggler, i, true).await;
         acked.insert(i, true);
     }
     let mut resumed = connect(&workers[1].ws_url(&format!("?since={since}&epoch={epoch}"))).await;

@@ -81,6 +81,17 @@ async fn stats_health_ready_page_and_metrics() {
         assert!(text.contains(name), "metrics lack `{name}`:\n{text}");
     }
     assert_eq!(w.metric("omcb_api_state_total{status=\"200\"}").await, page_loads_before + 1.0);
+    // The embedded store times its board file writes (one within a second of
+    // a change) and its changes carry their commit time, as Redis' do.
+    poll("a timed write of the board file", || async {
+        let persists = "omcb_store_command_seconds_count{script=\"persist\"}";
+        (w.metric(persists).await >= 1.0).then_some(())
+    })
+    .await;
+    poll("the feed lag of the change", || async {
+        (w.metric("omcb_feed_lag_seconds_count").await >= 1.0).then_some(())
+    })
+    .await;
     // The metrics listener is separate: the public one has no /metrics.
     assert_eq!(http_get(w.addr, "/metrics", &[]).await.status, 404);
 }

@@ -210,15 +210,10 @@ async fn tcp_from(source: [u8; 4], addr: SocketAddr) -> tokio::net::TcpStream {
     socket.connect(addr).await.unwrap()
 }
 
-/// The status of `GET path` from `source`.
+/// The status of `GET path` from `source` (0 when no response came).
 async fn get_from(source: [u8; 4], addr: SocketAddr, path: &str) -> u16 {
-    let mut s = tcp_from(source, addr).await;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw).await;
-    let head = String::from_utf8_lossy(&raw);
-    head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    let s = tcp_from(source, addr).await;
+    omcb_testkit::http::get_on(s, &addr.to_string(), path, &[]).await.map_or(0, |r| r.status)
 }
 
 #[tokio::test]

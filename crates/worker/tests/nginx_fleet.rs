@@ -12,16 +12,6 @@ use common::fleet::{Fleet, running};
 use common::*;
 use omcb_proto::v1::{ToggleResult, server_message::Msg};
 
-async fn stats_of(port: u16) -> Option<serde_json::Value> {
-    let r = tokio::time::timeout(
-        Duration::from_secs(2),
-        http_get(([127, 0, 0, 1], port).into(), "/api/stats", &[]),
-    )
-    .await
-    .ok()?;
-    (r.status == 200).then(|| serde_json::from_slice(&r.body).unwrap())
-}
-
 /// A client through nginx that reconnects (with ?since) when its socket ends.
 async fn connect_fleet(fleet: &Fleet) -> Client {
     let mut c = connect(&fleet.ws("")).await;
@@ -67,7 +57,7 @@ async fn traffic(
     seed: u64,
     n: usize,
 ) -> (Client, Vec<(u32, ToggleResult)>, usize) {
-    let mut rng = omcb_proto::rng::XorShift64::new(seed);
+    let mut rng = omcb_testkit::rng::XorShift64::new(seed);
     let mut results = Vec::new();
     let mut reconnects = 0;
     let mut i = 0;
@@ -137,7 +127,7 @@ async fn assert_converged(
     let seq = poll("workers to agree on the seq", || async {
         let mut seqs = Vec::new();
         for (port, _, _) in workers {
-            seqs.push(stats_of(*port).await?["seq"].as_u64()?);
+            seqs.push(stats(([127, 0, 0, 1], *port).into()).await?["seq"].as_u64()?);
         }
         (!seqs.is_empty() && seqs.iter().all(|s| *s == seqs[0])).then(|| seqs[0])
     })
@@ -237,18 +227,9 @@ async fn scaling_3_to_5_to_2_under_traffic_converges_at_each_step() {
     }
 }
 
-/// GET from a chosen loopback source address.
+/// The status of a GET from a chosen loopback source address.
 async fn get_from(src: [u8; 4], addr: SocketAddr, path: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind((src, 0).into()).unwrap();
-    let mut s = socket.connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    String::from_utf8_lossy(&buf).split(' ').nth(1).unwrap().parse().unwrap()
+    omcb_testkit::http::get_from(src.into(), addr, path).await.unwrap().status
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! Test harness: the real `omcb` binary on port 0, a real WebSocket client
-//! (tokio-tungstenite, a different implementation from the server's), and a
-//! minimal HTTP/1.1 client.
+//! (tokio-tungstenite, a different implementation from the server's), and
+//! omcb-testkit's HTTP client and `poll`.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -12,13 +12,13 @@ use omcb_proto::v1::{ClientMessage, ServerMessage, Toggle, client_message, serve
 use omcb_proto::{Applied, Board};
 pub use omcb_testkit::WorkerProcess;
 use prost::Message as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 pub mod fleet;
 
-pub const WAIT: Duration = Duration::from_secs(10);
+pub use omcb_testkit::http::HttpResponse;
+pub use omcb_testkit::{WAIT, poll};
 
 /// Splits a flag string ("--board-size 1000 --batch-ms 2") into arguments.
 pub fn flags(s: &str) -> Vec<&str> {
@@ -58,9 +58,7 @@ impl Worker {
     }
 
     pub async fn stats(&self) -> serde_json::Value {
-        let r = http_get(self.addr, "/api/stats", &[]).await;
-        assert_eq!(r.status, 200);
-        serde_json::from_slice(&r.body).unwrap()
+        stats(self.addr).await.expect("/api/stats answers 200")
     }
 
     /// Polls `/api/stats` until the worker's replica has published `seq`
@@ -86,54 +84,22 @@ impl Worker {
     }
 }
 
-/// Polls `f` until it returns Some, failing after [`WAIT`].
-pub async fn poll<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-pub struct HttpResponse {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl HttpResponse {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-}
-
 /// GET over a fresh connection (`Connection: close`), enough for tests.
 pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("header end");
-    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    HttpResponse { status, headers, body: raw[split + 4..].to_vec() }
+    omcb_testkit::http::get(&addr.to_string(), path, headers).await.unwrap()
+}
+
+/// `/api/stats` of the worker at `addr`; `None` unless it answers 200 within
+/// 2 s (it may be gone: a test killed it).
+pub async fn stats(addr: SocketAddr) -> Option<serde_json::Value> {
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        omcb_testkit::http::get(&addr.to_string(), "/api/stats", &[]),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    (r.status == 200).then(|| serde_json::from_slice(&r.body).unwrap())
 }
 
 type Ws = tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>;

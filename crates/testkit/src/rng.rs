@@ -1,6 +1,6 @@
 //! A tiny deterministic generator (xorshift64) for benches, examples, tests
-//! and the load generator: reproducible runs without a dependency. Not for
-//! anything that needs unpredictability.
+//! and the load generator: reproducible runs from a seed. Not for anything
+//! that needs unpredictability.
 
 /// xorshift64: fast, full period over non-zero states.
 #[derive(Debug, Clone)]

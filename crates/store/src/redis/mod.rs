@@ -1,0 +1,398 @@
+//! The Redis backend: the board in one Redis, shared by many workers.
+//!
+//! Every write is one Lua script (`lua/*.lua`, loaded with `include_str!`,
+//! run by SHA and reloaded on `NOSCRIPT` after a restart, failover or
+//! `SCRIPT FLUSH`). Keys of a board share one hash tag (`{main}:bits`, ...) so
+//! Redis Cluster can shard boards later. The change feed is the `{B}:log`
+//! stream read with `XREAD BLOCK` from the last applied id: pub/sub is lossy
+//! and carries no state here.
+//!
+//! Stream entry ids are `<seq>-0`, so "the stream position a state is at" and
+//! "the seq a state is at" are the same number.
+//!
+//! # Epochs: a board that lost changes is another board
+//! Every log entry carries the epoch it was written in (field `e`), and the
+//! feed refuses entries of any other epoch: after a `FLUSHALL` the next board
+//! starts again at seq 1, and its entries past the old position must not read
+//! as a continuation of the old board. Redis can also go back in time while
+//! keeping the epoch (a restore of older files, an AOF that lost its last
+//! second, a failover to a lagging replica). The feed notices when Redis' seq
+//! is behind a seq this worker applied or acknowledged, or when the entry at
+//! such a seq is not the change it saw. An epoch the feed had left that shows
+//! up again (a backup from before a `FLUSHALL` or an earlier move) is a loss
+//! too, and so is a board that is gone (Redis restarted empty, `FLUSHALL`).
+//!
+//! # Restoring a board that lost changes
+//! The worker's feed keeps a replica ([`RedisStore::feed_from`]). The feed
+//! that notices a loss first writes its replica back under a new epoch
+//! (`restore.lua`, a compare-and-set on the old epoch or on the board being
+//! gone), so the board is restored once; every worker resets its replica on
+//! it, so every client takes a Snapshot and no `?since=S&epoch=OLD` resumes
+//! across the loss. Each worker then makes again its own recent answers that
+//! the restorer's replica had not read (`Inner::recent`). While the board is
+//! gone, a worker with a replica answers toggles `Unavailable` rather than
+//! create an empty board (`init.lua`) that would win over the restore. A feed
+//! without a replica (`feed`) moves the board to a new epoch with what Redis
+//! still has (`rebirth.lua`).
+//!
+//! # Layout
+//! - this file: [`RedisStore`], its connection and the board operations
+//!   (init, set, snapshot, sweep).
+//! - `keys`: the names of a board's keys.
+//! - `scripts`: the Lua scripts, run by SHA with a fallback to their source,
+//!   each call counted and timed in the store's metrics.
+//! - `feed`: [`RedisFeed`], the change stream reader and its continuity check.
+//! - `recovery`: what this worker remembers of its answers, and how a board
+//!   that lost changes is restored, moved to a new epoch or made again.
+//! - `reply`: reading replies and stream entries.
+
+mod feed;
+mod keys;
+mod recovery;
+mod reply;
+mod scripts;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::prelude::*;
+use omcb_proto::bits;
+
+pub use feed::RedisFeed;
+pub use keys::Keys;
+pub use scripts::lua;
+
+use crate::{Board, BoardConfig, Op, Refusal, SetOutcome, StoreError};
+use recovery::{Acked, Recent};
+use reply::typed;
+use scripts::Scripts;
+
+/// Most log entries kept (`XADD MAXLEN ~`): about a minute at a thousand toggles a second.
+pub const LOG_MAXLEN: u64 = 100_000;
+/// Changes per `XREAD`.
+pub const FEED_CHUNK: u64 = 4096;
+/// How long an `XREAD BLOCK` waits before the feed checks the board's epoch.
+pub const FEED_BLOCK_MS: u64 = 1000;
+/// How long `set.lua` remembers an answer for a retried call.
+pub const OP_MEMORY_MS: u64 = 60_000;
+/// A command that takes longer fails the toggle with `Unavailable`.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A board in Redis. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Commands for toggles, snapshots and sweeps (fred pipelines concurrent calls).
+    client: Client,
+    /// What to build the feed's own connection from (XREAD BLOCK must not
+    /// hold up the toggles' connection).
+    builder: Builder,
+    keys: Keys,
+    scripts: Scripts,
+    /// The settings this worker asked for (the board in Redis wins).
+    wanted: BoardConfig,
+    /// The settings of the board in Redis, learned from init.
+    config: parking_lot::RwLock<BoardConfig>,
+    /// This worker's id, for op ids and the sweep lease.
+    owner: String,
+    /// Calls made by this worker, for op ids.
+    ops: AtomicU64,
+    /// The change with the highest seq this worker acknowledged, so the feed
+    /// notices when Redis lost it even if no worker ever read it back.
+    acked: parking_lot::Mutex<Option<Acked>>,
+    /// A feed of this worker holds a replica of the board: a board that is
+    /// gone from Redis is restored from it (`restore.lua`), never created
+    /// empty by `init.lua`.
+    replicated: AtomicBool,
+    /// The last [`RECENT_ACKS`] changes this worker acknowledged (and sets
+    /// it accepted that changed nothing), oldest first: after another worker
+    /// restored the board from a replica that had not read them yet, this
+    /// worker makes them again.
+    recent: parking_lot::Mutex<VecDeque<Recent>>,
+    /// `(epoch, seq)` the feed has read up to: an acknowledged change with a
+    /// seq at or below it (or below an earlier acknowledgement) was made on a
+    /// board that went back in time, under a reused seq.
+    read: parking_lot::Mutex<(u64, u64)>,
+}
+
+/// A script's refusal of the board's settings (`BOARDSIZE`: the board in Redis
+/// has another size) is a data error; anything else means Redis is unavailable.
+pub(super) fn board_error(e: Error) -> StoreError {
+    if e.details().contains("BOARDSIZE") {
+        StoreError::Data(e.details().to_string())
+    } else {
+        unavailable(e)
+    }
+}
+
+pub(super) fn unavailable(e: Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn builder(url: &str) -> Result<Builder, StoreError> {
+    let config =
+        Config::from_url(url).map_err(|e| StoreError::Data(format!("bad Redis URL {url}: {e}")))?;
+    let mut b = Builder::from_config(config);
+    // Reconnect forever with backoff: a worker outlives Redis restarts.
+    b.set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
+    b.with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT);
+    b.with_connection_config(|c| {
+        c.connection_timeout = Duration::from_secs(2);
+        c.internal_command_timeout = Duration::from_secs(2);
+    });
+    Ok(b)
+}
+
+/// `snapshot.lua`'s answer: bits, frozen, count, frozen_count, seq, epoch,
+/// size, max_checked, freeze_after_ms.
+type SnapshotReply = (Bytes, Bytes, u32, u32, u64, u64, u32, u32, u64);
+
+impl RedisStore {
+    /// Connects (waiting, with backoff, until Redis answers) and creates the
+    /// board `name` if it does not exist.
+    pub async fn connect(url: &str, name: &str, wanted: BoardConfig) -> Result<Self, StoreError> {
+        let builder = builder(url)?;
+        let client = builder.build().map_err(unavailable)?;
+        let mut errors = client.error_rx();
+        client.connect();
+        // fred retries by itself; say why each attempt failed, or a worker
+        // that cannot reach Redis waits in silence.
+        {
+            let connected = client.wait_for_connect();
+            tokio::pin!(connected);
+            loop {
+                tokio::select! {
+                    result = &mut connected => {
+                        result.map_err(unavailable)?;
+                        break;
+                    }
+                    Ok((error, server)) = errors.recv() => {
+                        tracing::warn!(%error, ?server, "cannot reach Redis yet; retrying");
+                    }
+                }
+            }
+        }
+        let store = Self {
+            inner: Arc::new(Inner {
+                client,
+                builder,
+                keys: Keys::new(name),
+                scripts: Scripts::new(),
+                wanted,
+                config: parking_lot::RwLock::new(wanted),
+                owner: format!("{:016x}", crate::new_epoch()),
+                ops: AtomicU64::new(0),
+                acked: parking_lot::Mutex::new(None),
+                replicated: AtomicBool::new(false),
+                recent: parking_lot::Mutex::new(VecDeque::new()),
+                read: parking_lot::Mutex::new((0, 0)),
+            }),
+        };
+        // Redis may be up but still loading its AOF (`LOADING`): wait for it
+        // rather than exit, within reason.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match store.init().await {
+                Ok(_) => return Ok(store),
+                Err(StoreError::Unavailable(why)) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(why, "Redis is not ready yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The board's settings (as stored in Redis).
+    pub fn config(&self) -> BoardConfig {
+        *self.inner.config.read()
+    }
+
+    /// The board's keys.
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    /// Creates the board if it does not exist (with a new epoch); learns its settings.
+    pub async fn init(&self) -> Result<u64, StoreError> {
+        let k = &self.inner.keys;
+        let w = self.inner.wanted;
+        let reply = self
+            .eval(
+                &self.inner.scripts.init,
+                k.board(),
+                vec![
+                    w.size.to_string(),
+                    w.max_checked.unwrap_or(0).to_string(),
+                    w.freeze_after_ms.to_string(),
+                    crate::new_epoch().to_string(),
+                ],
+            )
+            .await
+            .map_err(board_error)?;
+        let (created, size, max_checked, freeze_after_ms, epoch): (u8, u32, u32, u64, u64) =
+            typed(reply, "init.lua")?;
+        let created = created == 1;
+        let config = BoardConfig {
+            size,
+            max_checked: Some(max_checked).filter(|&m| m > 0),
+            freeze_after_ms,
+        };
+        if created {
+            tracing::info!(epoch, size = config.size, "created the board in Redis");
+        } else if config != w {
+            tracing::warn!(?config, wanted = ?w, "the board in Redis has other settings than this worker's flags; using the board's");
+        }
+        *self.inner.config.write() = config;
+        Ok(epoch)
+    }
+
+    /// Sets box `index` to `checked` (the rules are in `lua/set.lua`).
+    pub async fn set(&self, index: u32, checked: bool) -> Result<SetOutcome, StoreError> {
+        let op = self.inner.ops.fetch_add(1, Ordering::Relaxed);
+        let k = &self.inner.keys;
+        let op_key = format!("{}{}:{op}", k.op_prefix, self.inner.owner);
+        let mut keys = k.board();
+        keys.push(&op_key);
+        let args = vec![
+            index.to_string(),
+            u8::from(checked).to_string(),
+            LOG_MAXLEN.to_string(),
+            OP_MEMORY_MS.to_string(),
+        ];
+        let reply = match self.eval(&self.inner.scripts.set, keys.clone(), args.clone()).await {
+            Err(e) if e.details().contains("NOBOARD") => {
+                // The board is gone (Redis restarted empty, FLUSHALL): make a
+                // new one, unless the feed restores it from its replica.
+                self.board_gone().await?;
+                self.eval(&self.inner.scripts.set, keys, args).await
+            }
+            other => other,
+        }
+        .map_err(unavailable)?;
+        let (status, value, seq, _, _, epoch): (i8, u8, u64, u32, u32, u64) =
+            typed(reply, "set.lua")?;
+        let value = value == 1;
+        if seq > 0 {
+            let op = if status == -2 { Op::Freeze } else { Op::Set(value) };
+            self.acknowledged(Acked { epoch, seq, index, op });
+        } else if status == 0 {
+            // No change, but what the client now believes the box is: an older
+            // acknowledgement of the box must not be made again over it.
+            let change = Acked { epoch, seq: 0, index, op: Op::Set(value) };
+            self.remember(Recent { change, reused: false });
+        }
+        Ok(match status {
+            1 => SetOutcome::Changed { seq, checked: value },
+            0 => SetOutcome::Unchanged { checked: value },
+            -1 => SetOutcome::Refused { reason: Refusal::OutOfRange, checked: false },
+            -2 => SetOutcome::Refused { reason: Refusal::Frozen, checked: value },
+            -3 => SetOutcome::Refused { reason: Refusal::BoardFull, checked: value },
+            other => return Err(StoreError::Data(format!("set.lua returned status {other}"))),
+        })
+    }
+
+    /// The whole board, read atomically.
+    pub async fn snapshot(&self) -> Result<Board, StoreError> {
+        match self.read_board().await? {
+            Some(board) => Ok(board),
+            None => {
+                self.board_gone().await?;
+                self.read_board().await?.ok_or_else(|| {
+                    StoreError::Unavailable("the board vanished again right after init".into())
+                })
+            }
+        }
+    }
+
+    /// A board that is gone from Redis: created anew (`init.lua`, a new empty
+    /// board) by a worker without a replica; a worker with one answers
+    /// `Unavailable` instead, and its feed restores the board from the replica
+    /// (an empty board created meanwhile would win over the restore and lose
+    /// every acknowledged change).
+    async fn board_gone(&self) -> Result<(), StoreError> {
+        if self.inner.replicated.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable(
+                "the board is gone from Redis; it is being restored from the workers' replicas"
+                    .into(),
+            ));
+        }
+        self.init().await.map(|_| ())
+    }
+
+    /// The whole board, read atomically; `None` when it does not exist.
+    async fn read_board(&self) -> Result<Option<Board>, StoreError> {
+        let k = &self.inner.keys;
+        // snapshot.lua takes the first six.
+        let keys = k.board()[..6].to_vec();
+        let reply = match self.eval(&self.inner.scripts.snapshot, keys, Vec::<String>::new()).await
+        {
+            Err(e) if e.details().contains("NOBOARD") => return Ok(None),
+            other => other.map_err(unavailable)?,
+        };
+        let (checked, frozen, checked_count, frozen_count, seq, epoch, size, _, freeze_after_ms): SnapshotReply =
+            typed(reply, "snapshot.lua")?;
+        let bits =
+            |b: &[u8]| bits::from_bytes(b, size).map_err(|e| StoreError::Data(e.to_string()));
+        Ok(Some(Board {
+            epoch,
+            seq,
+            size,
+            checked: bits(&checked)?,
+            frozen: bits(&frozen)?,
+            checked_count,
+            frozen_count,
+            freeze_after_ms,
+        }))
+    }
+
+    /// Runs the freeze sweep if this worker holds (or takes) the fleet-wide
+    /// lease: how many boxes froze, or `None` when another worker holds it.
+    pub async fn sweep(&self, limit: usize) -> Result<Option<usize>, StoreError> {
+        if self.config().freeze_after_ms == 0 {
+            return Ok(Some(0));
+        }
+        let k = &self.inner.keys;
+        let held = self
+            .eval(
+                &self.inner.scripts.lease,
+                vec![&k.lease],
+                vec![self.inner.owner.clone(), "10000".into()],
+            )
+            .await
+            .map(|held| held.as_i64() == Some(1));
+        if !held.map_err(unavailable)? {
+            return Ok(None);
+        }
+        let frozen = self
+            .eval(
+                &self.inner.scripts.sweep,
+                vec![
+                    &k.config,
+                    &k.frozen,
+                    &k.count,
+                    &k.frozen_count,
+                    &k.seq,
+                    &k.log,
+                    &k.checked_at,
+                ],
+                vec![limit.to_string(), LOG_MAXLEN.to_string()],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(Some(frozen.as_i64().unwrap_or(0) as usize))
+    }
+
+    /// Closes the connections.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let _ = self.inner.client.quit().await;
+        Ok(())
+    }
+}
