@@ -132,6 +132,15 @@ pub(crate) fn count_error(kind: &'static str) {
     metrics::counter!("omcb_store_errors_total", "kind" => kind).increment(1);
 }
 
+/// Registers every `omcb_store_errors_total{kind}` at zero, so that a healthy
+/// store exports the series (an alert on their rate then has data to read,
+/// and a dashboard shows 0 rather than nothing). Call once the recorder is in.
+pub fn register_metrics() {
+    for kind in ["unavailable", "data", "io", "script"] {
+        metrics::counter!("omcb_store_errors_total", "kind" => kind).increment(0);
+    }
+}
+
 /// A random non-zero epoch.
 pub fn new_epoch() -> u64 {
     loop {

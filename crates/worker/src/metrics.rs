@@ -252,6 +252,7 @@ impl Metrics {
     /// board config (as the store holds it: in a fleet the board's own), limits.
     pub fn configured(&self, config: &crate::config::Config, board: &omcb_store::BoardConfig) {
         gauge!("omcb_build_info", "version" => VERSION, "git" => GIT_COMMIT).set(1.0);
+        omcb_store::register_metrics();
         gauge!("omcb_freeze_after_seconds").set(board.freeze_after_ms as f64 / 1000.0);
         gauge!("omcb_max_connections").set(config.max_connections as f64);
         if let Some(budget) = config.egress_budget {
