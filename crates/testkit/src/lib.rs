@@ -93,6 +93,22 @@ pub async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     }
 }
 
+/// The repository's root (tests read its deploy/ and scripts/).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// Fails the test when `tool` is not on the PATH: scripts/test installs every
+/// tool the tests use, so a missing one is a broken setup, never a reason to
+/// pass (or to print SKIPPED).
+pub fn require(tool: &str) {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(found, "{tool} is not installed: run scripts/test, which installs it");
+}
+
 /// A port that was free a moment ago (bind port 0, read it, release it).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -5,19 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-/// Fails the test when `tool` is missing: scripts/test installs every tool
-/// these tests use, so a missing one is a broken setup, never a reason to pass.
-fn require(tool: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(found, "{tool} is not installed: run scripts/test, which installs it");
-}
+use omcb_testkit::{repo_root as repo, require};
 
 #[test]
 fn systemd_unit_verifies_clean() {

@@ -13,24 +13,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use omcb_testkit::{repo_root as repo, require};
+
 use common::fleet::{Fleet, WORKER_ARGS, running};
 use yaml_rust2::{Yaml, YamlLoader};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn require(tool: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(found, "{tool} is not installed: run scripts/test, which installs it");
-}
 
 /// A Go-style duration from the configs ("5s", "30s", "1m", "2m").
 fn duration(s: &str) -> Duration {
