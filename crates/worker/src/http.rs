@@ -204,6 +204,7 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
         );
     }
     let resume = conn::parse_resume(req.uri().query());
+    let coding = conn::parse_snapshot_coding(req.uri().query());
     let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut *req) {
         Ok(x) => x,
         Err(fastwebsockets::WebSocketError::InvalidSecWebsocketVersion) => {
@@ -235,7 +236,7 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
     };
     let serve = async move {
         match upgrade.await {
-            Ok(ws) => conn::serve(app, slot, ws, resume).await,
+            Ok(ws) => conn::serve(app, slot, ws, resume, coding).await,
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     };
