@@ -11,8 +11,11 @@ const frameHeader = (n) => (n < 126 ? 2 : n < 65536 ? 4 : 10);
 // A page with a counter attached: `load()` navigates (or reloads) and resolves
 // to {http: {path: bytes}, httpBytes, socketBytes, dataBytes, assetBytes, total}
 // where data is /api/state plus the socket and assets the rest.
-export async function countingPage(browser, url) {
+// `headers` go with every request (e.g. Accept-Encoding: identity, to count a
+// server that does not compress).
+export async function countingPage(browser, url, headers = {}) {
   const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+  await page.setExtraHTTPHeaders(headers);
   const cdp = await page.context().newCDPSession(page);
   await cdp.send('Network.enable');
   let urls;
