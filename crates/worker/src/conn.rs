@@ -5,8 +5,9 @@
 //! the hub's batches (written by the fan-out shards, see [`crate::hub`]) and the
 //! writer's snapshots and pings, in one order. The writer task starts the socket
 //! (snapshot or resumed batches, all of it in `Hub::join`), sends the snapshots a lagging, reset or
-//! resyncing socket needs, pings, drains a queue the kernel could not take at
-//! once, and closes a socket stuck for `--send-timeout`. Reading runs apart
+//! resyncing socket needs (deflated for a socket opened with
+//! `snapshot=deflate`, see [`SnapshotCoding`]), pings, drains a queue the
+//! kernel could not take at once, and closes a socket stuck for `--send-timeout`. Reading runs apart
 //! from all of it (a frame read is not cancel-safe), so a socket that stops
 //! reading never stalls anyone else.
 //!
