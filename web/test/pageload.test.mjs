@@ -36,6 +36,8 @@ test('a page load of a near-empty board costs under 10 KB of board data, and und
   console.log('first load', JSON.stringify(first));
   assert.ok(first.dataBytes < 10 * KB, `board data ${first.dataBytes} B (GET /api/state ${first.http['/api/state']} + socket ${first.socketBytes})`);
   assert.ok(first.http['/api/state'] > 0, 'the board came over HTTP');
+  // The page's own files come gzipped: a first visit is about 19 KB in all.
+  assert.ok(first.total < 25 * KB, `first page load ${first.total} B in all (HTTP + socket)`);
   assert.ok(first.socketBytes < KB, `the socket started with batches, not a snapshot: ${first.socketBytes} B`);
   assert.equal(await page.evaluate(() => window.omcb.board.checkedCount), 3);
   // The board the page holds is the server's, bit for bit.
