@@ -79,7 +79,8 @@ pub enum SnapshotCoding {
 impl EncodedSnapshot {
     /// The WebSocket frame of this snapshot in `coding`. The deflated one is
     /// made once per seq, like the snapshot (about 1 ms for a million boxes at
-    /// the fastest level: 0.6 KB empty, 22 KB at 1% checked; docs/BENCHMARKS.md).
+    /// the fastest level: 1.2 KB empty, 23 KB at 1% checked at random;
+    /// docs/BENCHMARKS.md, "Bytes per page load").
     pub fn frame(&self, coding: SnapshotCoding) -> &Bytes {
         match coding {
             SnapshotCoding::Plain => &self.frame,
