@@ -145,6 +145,10 @@ export class Connection {
         }
         this.onMessage(msg);
         this.#maybeLive(ws);
+      }).catch((e) => {
+        // Keep the queue going for the next message, and still report the
+        // error as uncaught (the page's error handlers and tests see it).
+        setTimeout(() => { throw e; });
       });
     };
     ws.onclose = (ev) => {
