@@ -3,7 +3,7 @@
 import { Board } from './board.js';
 import { Connection } from './conn.js';
 import { Grid } from './grid.js';
-import { Reason } from './proto.js';
+import { Reason, decodeSnapshot } from './proto.js';
 
 const $ = (id) => document.getElementById(id);
 const board = new Board();
@@ -24,6 +24,12 @@ function view(i) {
 const grid = new Grid($('grid'), {
   size: 1_000_000,
   view,
+  onFrozen(index) {
+    toast(`Box ${fmt.format(index)} is frozen: it was checked long enough and can no longer change.`);
+  },
+  onFocusBox(index) {
+    $('box-number').textContent = `Box ${fmt.format(index)}`;
+  },
   onToggle(index, checked) {
     if (board.isFrozen(index)) {
       grid.update([index]);
@@ -120,41 +126,78 @@ function onClose(code) {
   if (code === 1013) toast('The server is busy; trying again shortly.');
 }
 
+// The state is a live region: screen readers hear each change of state
+// (live, reconnecting, offline), but not the countdown to the next attempt,
+// which ticks every second beside it, outside the region.
 const stateText = { connecting: 'connecting…', live: 'live', reconnecting: 'reconnecting…', offline: 'offline' };
 let countdown = 0;
 function onState(state, { retryAt }) {
   const el = $('conn-state');
+  const retry = $('retry-in');
   el.dataset.state = state;
+  if (el.textContent !== stateText[state]) el.textContent = stateText[state];
   clearInterval(countdown);
-  const show = () => {
-    const s = Math.max(0, Math.ceil((retryAt - Date.now()) / 1000));
-    el.textContent = `reconnecting in ${s} s`;
-  };
+  retry.textContent = '';
   if (retryAt) {
+    const show = () => {
+      const s = Math.max(0, Math.ceil((retryAt - Date.now()) / 1000));
+      retry.textContent = `in ${s} s`;
+    };
     show();
     countdown = setInterval(show, 1000);
-  } else {
-    el.textContent = stateText[state];
   }
 }
 
+// One toast at a time. The same message again (a burst of refused clicks)
+// only keeps it up longer: the text is not rewritten, so it is announced once.
 let toastTimer = 0;
 function toast(text) {
   const el = $('toast');
-  el.textContent = text;
+  const same = !el.hidden && el.textContent === text;
   el.hidden = false;
+  if (!same) el.textContent = text;
   clearTimeout(toastTimer);
   toastTimer = setTimeout(() => { el.hidden = true; }, 2500);
 }
 
+// A box number as people write it: digits, maybe grouped ("499,993",
+// "499 993"). Anything else (empty included) is refused, not read as 0.
+function parseBox(text) {
+  const digits = text.replace(/[\s,._'\u00a0\u202f]/g, '');
+  return /^\d{1,9}$/.test(digits) ? Number(digits) : null;
+}
+
 $('jump-form').addEventListener('submit', (e) => {
   e.preventDefault();
-  const n = Number($('jump').value);
-  if (!Number.isInteger(n) || !grid.jumpTo(n)) toast(`Pick a box from 0 to ${fmt.format(board.size - 1)}.`);
+  const text = $('jump').value;
+  const n = parseBox(text);
+  const range = `a box number from 0 to ${fmt.format(Math.max(board.size, 1) - 1)}`;
+  if (text.trim() === '') toast(`Type ${range}.`);
+  else if (n === null) toast(`"${text.trim().slice(0, 20)}" is not a number: type ${range}.`);
+  else if (!grid.jumpTo(n)) toast(`There is no box ${fmt.format(n)}: type ${range}.`);
 });
 
 const wsUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
 const conn = new Connection({ url: wsUrl, board, onMessage, onState, onClose });
-conn.start();
+
+// The board comes from GET /api/state: gzipped (about a kilobyte for a
+// near-empty board), revalidated with its ETag, micro-cached by nginx. The
+// socket then resumes from its seq and starts with batches. Without it (an
+// old worker, an error) the socket sends a snapshot instead.
+async function loadState() {
+  try {
+    const resp = await fetch('/api/state');
+    if (!resp.ok) throw new Error(`GET /api/state: ${resp.status}`);
+    const snapshot = decodeSnapshot(new Uint8Array(await resp.arrayBuffer()));
+    if (!board.ready && board.applySnapshot(snapshot)) {
+      grid.setSize(board.size);
+      grid.refresh();
+      counts();
+    }
+  } catch (e) {
+    console.warn('no state over HTTP; the socket will send it', e);
+  }
+}
+loadState().then(() => conn.start());
 // For tests and the curious: the state behind the page.
 window.omcb = { board, conn, grid, pending };

@@ -1,7 +1,11 @@
 // The WebSocket to the worker: reconnects with exponential backoff and full
-// jitter, resumes with ?since=<seq>&epoch=<epoch> so a short outage costs a few
-// batches instead of a 250 KB snapshot (two 125 KB bitsets), and reports its state for the UI.
-import { decodeServerMessage, encodeResync, encodeToggle } from './proto.js';
+// jitter, resumes with ?since=<seq>&epoch=<epoch> so a short outage (and a
+// page load, which takes the board from GET /api/state first) costs a few
+// batches instead of a snapshot, asks for deflated snapshot bitsets
+// (snapshot=deflate, docs/PROTOCOL.md) for when one is needed anyway, and
+// reports its state for the UI: 'live' only while the socket is open, the
+// board holds a state, and the browser is online.
+import { decodeServerMessage, encodeResync, encodeToggle, inflateSnapshot } from './proto.js';
 
 const BASE_DELAY_MS = 500;
 const MAX_DELAY_MS = 30_000;
@@ -52,15 +56,52 @@ export class Connection {
     this.lastCloseCode = null; // for the curious and for tests
     // Without a network there is nothing to retry: wait for it to come back.
     this.waitingForNetwork = false;
+    this.state = null;
+    // Messages are handled one after another, in order: a deflated snapshot
+    // is inflated asynchronously and the batches behind it must wait for it.
+    this.queue = Promise.resolve();
     addEventListener('online', () => {
       if (!this.waitingForNetwork || this.stopped) return;
       this.waitingForNetwork = false;
       this.#open();
     });
+    // An open socket may survive a lost network for minutes without a sign;
+    // the page must not say 'live' over a board that stopped moving. Drop it
+    // and come back (resuming) when the network does.
+    addEventListener('offline', () => {
+      if (this.stopped) return;
+      clearTimeout(this.timer);
+      const ws = this.ws;
+      this.ws = null;
+      this.waitingForNetwork = true;
+      if (ws) {
+        ws.close(1000);
+        this.onClose(1006);
+      }
+      this.#setState('offline', {});
+    });
+  }
+
+  #setState(state, detail) {
+    this.state = state;
+    this.onState(state, detail);
+  }
+
+  // 'live' once the socket is open and the board holds a state to show.
+  #maybeLive(ws) {
+    if (this.ws !== ws || ws.readyState !== WebSocket.OPEN || this.state === 'live') return;
+    if (!this.board.ready || this.board.awaitingSnapshot) return;
+    this.attempt = 0;
+    this.#setState('live', {});
   }
 
   start() {
     this.stopped = false;
+    if (navigator.onLine === false) {
+      this.waitingForNetwork = true;
+      this.#setState('offline', {});
+      return;
+    }
     this.#open();
   }
 
@@ -74,16 +115,13 @@ export class Connection {
     clearTimeout(this.timer);
     const board = this.board;
     // After a gap our seq is not a state worth resuming from: ask for a Snapshot.
-    const resume = board.ready && !board.awaitingSnapshot ? `?since=${board.seq}&epoch=${board.epoch}` : '';
-    this.onState(this.attempt === 0 ? 'connecting' : 'reconnecting', {});
-    const ws = new WebSocket(this.url + resume);
+    const resume = board.ready && !board.awaitingSnapshot ? `since=${board.seq}&epoch=${board.epoch}&` : '';
+    this.#setState(this.attempt === 0 ? 'connecting' : 'reconnecting', {});
+    const ws = new WebSocket(`${this.url}?${resume}snapshot=deflate`);
     ws.binaryType = 'arraybuffer';
     this.ws = ws;
     this.resyncRequested = false;
-    ws.onopen = () => {
-      this.attempt = 0;
-      this.onState('live', {});
-    };
+    ws.onopen = () => this.#maybeLive(ws);
     ws.onmessage = (ev) => {
       if (!(ev.data instanceof ArrayBuffer)) return;
       let msg;
@@ -95,8 +133,23 @@ export class Connection {
         console.error('undecodable server message', e);
         return;
       }
-      if (msg.kind === 'snapshot') this.resyncRequested = false;
-      this.onMessage(msg);
+      this.queue = this.queue.then(async () => {
+        if (msg.kind === 'snapshot') {
+          try {
+            await inflateSnapshot(msg);
+          } catch (e) {
+            console.error('undecodable snapshot', e);
+            return;
+          }
+          this.resyncRequested = false;
+        }
+        this.onMessage(msg);
+        this.#maybeLive(ws);
+      }).catch((e) => {
+        // Keep the queue going for the next message, and still report the
+        // error as uncaught (the page's error handlers and tests see it).
+        setTimeout(() => { throw e; });
+      });
     };
     ws.onclose = (ev) => {
       if (this.ws !== ws) return;
@@ -104,7 +157,7 @@ export class Connection {
       this.lastCloseCode = ev.code;
       this.onClose(ev.code);
       if (this.stopped) {
-        this.onState('offline', { code: ev.code });
+        this.#setState('offline', { code: ev.code });
         return;
       }
       if ([1003, 1007, 1009].includes(ev.code)) console.error(`server rejected our message: close ${ev.code} ${ev.reason}`);
@@ -116,12 +169,12 @@ export class Connection {
   #schedule(code) {
     if (navigator.onLine === false) {
       this.waitingForNetwork = true;
-      this.onState('offline', { code });
+      this.#setState('offline', { code });
       return;
     }
     this.attempt += 1;
     const delay = retryDelay(this.attempt, code);
-    this.onState('reconnecting', { retryAt: Date.now() + delay, code });
+    this.#setState('reconnecting', { retryAt: Date.now() + delay, code });
     this.timer = setTimeout(() => this.#open(), delay);
   }
 

@@ -111,10 +111,51 @@ export function decodeSnapshot(bytes) {
       case 7: if (w !== 0) return false; s.freezeAfterMs = r.varint(); return true;
       case 8: if (w !== 0) return false; s.serverTimeMs = r.varint(); return true;
       case 9: if (w !== 0) return false; s.epoch = r.varint(); return true;
+      // Only on a socket opened with snapshot=deflate, and only when present:
+      // see inflateSnapshot.
+      case 10: if (w !== 2) return false; s.checkedDeflate = r.bytes(); return true;
+      case 11: if (w !== 2) return false; s.frozenDeflate = r.bytes(); return true;
       default: return false;
     }
   });
   return s;
+}
+
+// Inflates the bitsets a socket opened with `snapshot=deflate` sent as raw
+// DEFLATE (checked_deflate, frozen_deflate) into `checked` and `frozen`, with
+// the browser's own DecompressionStream. Each must inflate to exactly
+// ceil(size/8) bytes: more is refused as soon as it shows (a small message
+// cannot make us hold more than the board).
+export async function inflateSnapshot(s) {
+  const bytes = Math.ceil(s.size / 8);
+  if (s.checkedDeflate) s.checked = await inflateRaw(s.checkedDeflate, bytes);
+  if (s.frozenDeflate) s.frozen = await inflateRaw(s.frozenDeflate, bytes);
+  delete s.checkedDeflate;
+  delete s.frozenDeflate;
+  return s;
+}
+
+async function inflateRaw(deflated, length) {
+  const out = new Uint8Array(length);
+  let n = 0;
+  const reader = new Blob([deflated]).stream().pipeThrough(new DecompressionStream('deflate-raw')).getReader();
+  for (;;) {
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch (e) {
+      throw new DecodeError(`bad deflate data: ${e.message}`);
+    }
+    if (chunk.done) break;
+    if (n + chunk.value.length > length) {
+      reader.cancel().catch(() => {});
+      throw new DecodeError('an inflated bitset is larger than the board');
+    }
+    out.set(chunk.value, n);
+    n += chunk.value.length;
+  }
+  if (n !== length) throw new DecodeError(`an inflated bitset is ${n} bytes, not ${length}`);
+  return out;
 }
 
 function decodeBatch(bytes) {

@@ -4,8 +4,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import {
-  decodeServerMessage, decodeSnapshot, encodeResync, encodeToggle, deltaDecode, DecodeError,
+  decodeServerMessage, decodeSnapshot, encodeResync, encodeToggle, deltaDecode, DecodeError, inflateSnapshot,
 } from '../proto.js';
+import { deflateRawSync } from 'node:zlib';
 
 const vectors = JSON.parse(readFileSync(new URL('./golden/vectors.json', import.meta.url)));
 const fromHex = (h) => Uint8Array.from(h.match(/../g) ?? [], (x) => parseInt(x, 16));
@@ -98,4 +99,30 @@ test('a big batch decodes fast (Number arithmetic, not BigInt, per index)', () =
   assert.equal(msg.checked.length, 100_000);
   assert.equal([...deltaDecode(msg.checked)].at(-1), 99_999);
   assert.ok(ms < 200, `${ms.toFixed(1)} ms`);
+});
+
+test('deflated snapshot bitsets (snapshot=deflate) inflate with DecompressionStream, to exactly the board', async () => {
+  const size = 1_000_000;
+  const checked = new Uint8Array(size / 8);
+  checked[0] = 0x80;
+  checked[124_999] = 0x01;
+  const z = deflateRawSync(checked);
+  // Snapshot{size: 1e6 (field 2), checked_deflate (field 10)}: frozen stays plain and empty here.
+  const len = [z.length & 0x7f | 0x80, z.length >> 7];
+  assert.ok(z.length < 16384 && z.length >= 128);
+  const bare = Uint8Array.of(0x10, 0xc0, 0x84, 0x3d, 0x52, ...len, ...z);
+  const s = decodeSnapshot(bare);
+  assert.equal(s.size, size);
+  assert.deepEqual(s.checkedDeflate, Uint8Array.from(z));
+  await inflateSnapshot(s);
+  assert.deepEqual(s.checked, checked);
+  assert.equal(s.checkedDeflate, undefined);
+  // Too long, too short, or not deflate at all: an error, never a wrong board.
+  const tooLong = { size: 8, checkedDeflate: deflateRawSync(new Uint8Array(2)) };
+  await assert.rejects(inflateSnapshot(tooLong), DecodeError);
+  const tooShort = { size: 24, checkedDeflate: deflateRawSync(new Uint8Array(2)) };
+  await assert.rejects(inflateSnapshot(tooShort), DecodeError);
+  const bomb = { size: 8, checkedDeflate: deflateRawSync(new Uint8Array(50_000_000)) };
+  await assert.rejects(inflateSnapshot(bomb), DecodeError);
+  await assert.rejects(inflateSnapshot({ size: 8, checkedDeflate: Uint8Array.of(0xff, 0xff, 0xff) }), DecodeError);
 });

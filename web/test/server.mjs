@@ -18,11 +18,12 @@ export const chromiumArgs = [
 // free port; a restart test passes the previous address and data dir.
 // The page is served from this checkout's web/ (--web-dir), not the copy built
 // into the binary, so the tests exercise the files under test.
-export async function startServer({ listen = '127.0.0.1:0', dataDir, args = [] } = {}) {
+// `web` serves another directory's page (a benchmark of an old page).
+export async function startServer({ listen = '127.0.0.1:0', dataDir, args = [], web = webDir } = {}) {
   dataDir ??= mkdtempSync(join(tmpdir(), 'omcb-web-'));
   const child = spawn(binary, [
     'serve', '--listen', listen, '--metrics-listen', '127.0.0.1:0',
-    '--data-dir', dataDir, '--web-dir', webDir, ...args,
+    '--data-dir', dataDir, '--web-dir', web, ...args,
   ], { stdio: ['ignore', 'pipe', 'pipe'] });
   let log = '';
   child.stderr.on('data', (d) => { log += d; });

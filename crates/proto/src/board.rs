@@ -125,6 +125,8 @@ impl Board {
             freeze_after_ms: self.freeze_after_ms,
             server_time_ms,
             epoch: self.epoch,
+            checked_deflate: Vec::new(),
+            frozen_deflate: Vec::new(),
         }
     }
 

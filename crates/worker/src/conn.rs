@@ -5,8 +5,9 @@
 //! the hub's batches (written by the fan-out shards, see [`crate::hub`]) and the
 //! writer's snapshots and pings, in one order. The writer task starts the socket
 //! (snapshot or resumed batches, all of it in `Hub::join`), sends the snapshots a lagging, reset or
-//! resyncing socket needs, pings, drains a queue the kernel could not take at
-//! once, and closes a socket stuck for `--send-timeout`. Reading runs apart
+//! resyncing socket needs (deflated for a socket opened with
+//! `snapshot=deflate`, see [`SnapshotCoding`]), pings, drains a queue the
+//! kernel could not take at once, and closes a socket stuck for `--send-timeout`. Reading runs apart
 //! from all of it (a frame read is not cancel-safe), so a socket that stops
 //! reading never stalls anyone else.
 //!
@@ -42,7 +43,7 @@ use tracing::Instrument as _;
 use crate::app::App;
 use crate::deadline::WriteDeadline;
 use crate::frames;
-use crate::hub::Start;
+use crate::hub::{SnapshotCoding, Start};
 use crate::limits::{self, Address, Hold};
 use crate::metrics::{Limiter, Metrics};
 use crate::ratelimit::TokenBucket;
@@ -89,6 +90,13 @@ pub fn parse_resume(query: Option<&str>) -> Option<(u64, u64)> {
         }
     }
     Some((epoch?, since?))
+}
+
+/// How the client wants its Snapshots' bitsets: `/ws?snapshot=deflate` asks
+/// for deflated ones; anything else (or nothing) gets plain bitsets.
+pub fn parse_snapshot_coding(query: Option<&str>) -> SnapshotCoding {
+    let deflate = query.is_some_and(|q| q.split('&').any(|pair| pair == "snapshot=deflate"));
+    if deflate { SnapshotCoding::Deflate } else { SnapshotCoding::Plain }
 }
 
 /// Counts a socket for `--max-connections`, `--max-connections-per-ip` and
@@ -159,6 +167,7 @@ pub async fn serve(
     slot: SocketSlot,
     ws: WebSocket<TokioIo<Upgraded>>,
     resume: Option<(u64, u64)>,
+    coding: SnapshotCoding,
 ) {
     // Take the TCP stream back from hyper: writes go through the sink (shared
     // with the hub's fan-out), reads through fastwebsockets' frame parser.
@@ -194,7 +203,8 @@ pub async fn serve(
         return;
     }
     app.metrics.connections_opened.increment(1);
-    let mut writer = tokio::spawn(write_loop(app.clone(), sink.clone(), resume).in_current_span());
+    let mut writer =
+        tokio::spawn(write_loop(app.clone(), sink.clone(), resume, coding).in_current_span());
     tokio::select! {
         () = read_loop(&app, &mut rd, &sink, slot.address()) => {
             // The reader queued whatever must still go out (an Error, a
@@ -403,17 +413,22 @@ async fn flush(sink: &Sink) {
 /// socket lagged, the board was reset or the client asked, pings, drains a
 /// queue the kernel could not take at once, and closes a socket that stays
 /// stuck for `--send-timeout`.
-async fn write_loop(app: Arc<App>, sink: Arc<Sink>, resume: Option<(u64, u64)>) {
+async fn write_loop(
+    app: Arc<App>,
+    sink: Arc<Sink>,
+    resume: Option<(u64, u64)>,
+    coding: SnapshotCoding,
+) {
     // Leaves the fan-out however this task ends, aborted included.
-    let (_joined, start) = app.hub.join(&sink, resume).await;
+    let (_joined, start) = app.hub.join(&sink, resume, coding).await;
     match start {
         Start::Snapshot => app.metrics.snapshots_connect.increment(1),
         Start::Resume => app.metrics.resumes.increment(1),
     }
-    write_loop_inner(&app, &sink).await;
+    write_loop_inner(&app, &sink, coding).await;
 }
 
-async fn write_loop_inner(app: &App, sink: &Sink) {
+async fn write_loop_inner(app: &App, sink: &Sink, coding: SnapshotCoding) {
     let mut shutdown = app.shutdown.clone();
     let shutdown = crate::shutdown::until_set(&mut shutdown);
     tokio::pin!(shutdown);
@@ -426,13 +441,13 @@ async fn write_loop_inner(app: &App, sink: &Sink) {
         let (needed, asked) = sink.snapshot_due();
         let mut resync_at = None;
         if needed {
-            app.hub.send_snapshot(sink);
+            app.hub.send_snapshot(sink, coding);
             last_snapshot = Instant::now();
         } else if asked {
             let earliest = last_snapshot + Duration::from_secs(1);
             if Instant::now() >= earliest {
                 app.metrics.snapshots_resync.increment(1);
-                app.hub.send_snapshot(sink);
+                app.hub.send_snapshot(sink, coding);
                 last_snapshot = Instant::now();
             } else {
                 resync_at = Some(tokio::time::Instant::from_std(earliest));
@@ -771,5 +786,15 @@ mod tests {
         assert_eq!(parse_resume(Some("since=5")), None);
         assert_eq!(parse_resume(Some("since=-1&epoch=9")), None);
         assert_eq!(parse_resume(None), None);
+    }
+
+    #[test]
+    fn snapshot_coding_query() {
+        let d = SnapshotCoding::Deflate;
+        assert_eq!(parse_snapshot_coding(Some("since=5&epoch=9&snapshot=deflate")), d);
+        assert_eq!(parse_snapshot_coding(Some("snapshot=deflate")), d);
+        assert_eq!(parse_snapshot_coding(Some("snapshot=gzip")), SnapshotCoding::Plain);
+        assert_eq!(parse_snapshot_coding(Some("since=5")), SnapshotCoding::Plain);
+        assert_eq!(parse_snapshot_coding(None), SnapshotCoding::Plain);
     }
 }

@@ -164,16 +164,26 @@ async fn static_file(app: &App, req: &Request<Incoming>) -> Response<Body> {
     let Some(asset) = app.assets.get(req.uri().path()).await else {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     };
-    let mut r = if if_none_match(req, &asset.etag) {
+    // The gzipped file when the client takes it: it has its own ETag.
+    let gzip = asset.gzip.as_ref().filter(|_| accepts_gzip(req));
+    let etag = gzip.map_or(&asset.etag, |g| &g.etag);
+    let mut r = if if_none_match(req, etag) {
         let mut r = Response::new(Full::default());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         r
     } else {
-        let mut r = Response::new(Full::new(asset.body));
+        let body = gzip.map_or_else(|| asset.body.clone(), |g| g.body.clone());
+        let mut r = Response::new(Full::new(body));
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type));
+        if gzip.is_some() {
+            r.headers_mut().insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
         r
     };
-    r.headers_mut().insert(header::ETAG, header_value(&asset.etag));
+    r.headers_mut().insert(header::ETAG, header_value(etag));
+    if asset.gzip.is_some() {
+        r.headers_mut().insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+    }
     // Revalidate every time: the files are small and an ETag hit costs a 304.
     r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
@@ -204,6 +214,7 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
         );
     }
     let resume = conn::parse_resume(req.uri().query());
+    let coding = conn::parse_snapshot_coding(req.uri().query());
     let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut *req) {
         Ok(x) => x,
         Err(fastwebsockets::WebSocketError::InvalidSecWebsocketVersion) => {
@@ -235,7 +246,7 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
     };
     let serve = async move {
         match upgrade.await {
-            Ok(ws) => conn::serve(app, slot, ws, resume).await,
+            Ok(ws) => conn::serve(app, slot, ws, resume, coding).await,
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     };

@@ -59,9 +59,59 @@ pub struct EncodedSnapshot {
     /// `bare` gzipped, made on first request: a mostly empty million-box board
     /// is 250 KB bare and about a kilobyte compressed.
     gzip: std::sync::OnceLock<Bytes>,
+    /// The frame with its bitsets deflated, for sockets that asked for
+    /// [`SnapshotCoding::Deflate`]; made on first request.
+    deflate: std::sync::OnceLock<Bytes>,
+}
+
+/// How a socket wants its Snapshots' bitsets (`/ws?snapshot=deflate`,
+/// docs/PROTOCOL.md). Opt-in: a client that does not ask gets plain bitsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SnapshotCoding {
+    /// `checked` and `frozen` as they are.
+    #[default]
+    Plain,
+    /// Each bitset that gets smaller as raw DEFLATE in `checked_deflate` /
+    /// `frozen_deflate`, which the browser's `DecompressionStream` reads.
+    Deflate,
 }
 
 impl EncodedSnapshot {
+    /// The WebSocket frame of this snapshot in `coding`. The deflated one is
+    /// made once per seq, like the snapshot (about 1 ms for a million boxes at
+    /// the fastest level: 1.2 KB empty, 23 KB at 1% checked at random;
+    /// docs/BENCHMARKS.md, "Bytes per page load").
+    pub fn frame(&self, coding: SnapshotCoding) -> &Bytes {
+        match coding {
+            SnapshotCoding::Plain => &self.frame,
+            SnapshotCoding::Deflate => self.deflate.get_or_init(|| {
+                use std::io::Write as _;
+                let Ok(mut snapshot) = omcb_proto::v1::Snapshot::decode(&self.bare[..]) else {
+                    return self.frame.clone(); // cannot happen: we encoded it
+                };
+                let deflate = |bits: &mut Vec<u8>, into: &mut Vec<u8>| {
+                    let mut enc = flate2::write::DeflateEncoder::new(
+                        Vec::with_capacity(bits.len() / 8),
+                        flate2::Compression::fast(),
+                    );
+                    enc.write_all(bits).expect("writing to a Vec cannot fail");
+                    let z = enc.finish().expect("writing to a Vec cannot fail");
+                    // A random half-checked board does not compress: keep it plain.
+                    if z.len() < bits.len() {
+                        *into = z;
+                        bits.clear();
+                    }
+                };
+                deflate(&mut snapshot.checked, &mut snapshot.checked_deflate);
+                deflate(&mut snapshot.frozen, &mut snapshot.frozen_deflate);
+                frames::frame(
+                    fastwebsockets::OpCode::Binary,
+                    &omcb_proto::encode_server(Msg::Snapshot(snapshot)),
+                )
+            }),
+        }
+    }
+
     /// The bare snapshot, gzipped once.
     pub fn gzip(&self) -> &Bytes {
         self.gzip.get_or_init(|| {
@@ -230,7 +280,12 @@ impl Hub {
     ///    the start (the module's invariant).
     ///
     /// The socket leaves the fan-out when the returned [`Joined`] is dropped.
-    pub async fn join(&self, sink: &Arc<Sink>, resume: Option<(u64, u64)>) -> (Joined<'_>, Start) {
+    pub async fn join(
+        &self,
+        sink: &Arc<Sink>,
+        resume: Option<(u64, u64)>,
+        coding: SnapshotCoding,
+    ) -> (Joined<'_>, Start) {
         if let Some((epoch, since)) = resume {
             let mut rx = self.position.subscribe();
             let reached = |&(e, s): &(u64, u64)| e != epoch || s >= since;
@@ -250,9 +305,9 @@ impl Hub {
                 sink.start(epoch, seq, b.into_iter().map(|b| b.frame));
                 Start::Resume
             } else if let Some(frames) =
-                snapshot.as_ref().and_then(|s| Self::snapshot_and_batches(&state, s))
+                snapshot.as_ref().and_then(|s| Self::snapshot_and_batches(&state, s, coding))
             {
-                let bytes = snapshot.as_ref().map_or(0, |s| s.frame.len());
+                let bytes = snapshot.as_ref().map_or(0, |s| s.frame(coding).len());
                 self.metrics.snapshot_bytes_connect.increment(bytes as u64);
                 sink.start(epoch, seq, frames);
                 Start::Snapshot
@@ -264,7 +319,9 @@ impl Hub {
                 Start::Snapshot
             } else {
                 drop(state);
-                snapshot = Some(self.snapshot());
+                let s = self.snapshot();
+                s.frame(coding); // compress outside the lock
+                snapshot = Some(s);
                 continue;
             };
             let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
@@ -301,9 +358,11 @@ impl Hub {
     fn snapshot_and_batches(
         state: &State,
         snapshot: &Arc<EncodedSnapshot>,
+        coding: SnapshotCoding,
     ) -> Option<impl Iterator<Item = Bytes> + use<>> {
         let batches = Self::resume_from(state, snapshot.epoch, snapshot.seq)?;
-        Some(std::iter::once(snapshot.frame.clone()).chain(batches.into_iter().map(|b| b.frame)))
+        let first = snapshot.frame(coding).clone();
+        Some(std::iter::once(first).chain(batches.into_iter().map(|b| b.frame)))
     }
 
     /// The current snapshot, encoded at most once per seq. The encoding (a
@@ -342,6 +401,7 @@ impl Hub {
             frame,
             bare,
             gzip: std::sync::OnceLock::new(),
+            deflate: std::sync::OnceLock::new(),
         }
     }
 
@@ -349,16 +409,20 @@ impl Hub {
     /// skipped. Encoded outside the read lock (see `snapshot`); under it, the
     /// ring's batches after the snapshot are queued with it as one write, so
     /// the next batch the fan-out offers follows.
-    pub fn send_snapshot(&self, sink: &Sink) {
+    pub fn send_snapshot(&self, sink: &Sink, coding: SnapshotCoding) {
         for attempt in 0.. {
             let s = self.snapshot();
+            s.frame(coding); // compress outside the lock
             let state = self.state.read();
             let (epoch, seq) = (state.board.epoch, state.board.seq);
-            if let Some(frames) = Self::snapshot_and_batches(&state, &s) {
+            if let Some(frames) = Self::snapshot_and_batches(&state, &s, coding) {
                 let frames: Vec<Bytes> = frames.collect();
                 // Usually the snapshot alone; else a copy of 250 KB (microseconds).
-                let frame =
-                    if frames.len() == 1 { s.frame.clone() } else { frames.concat().into() };
+                let frame = if frames.len() == 1 {
+                    s.frame(coding).clone()
+                } else {
+                    frames.concat().into()
+                };
                 sink.snapshot(epoch, seq, frame);
                 return;
             }

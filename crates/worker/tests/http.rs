@@ -180,3 +180,37 @@ async fn api_state_is_gzipped_when_asked() {
     let refused = http_get(w.addr, "/api/state", &[("Accept-Encoding", "gzip;q=0")]).await;
     assert!(refused.header("content-encoding").is_none());
 }
+
+#[tokio::test]
+async fn page_files_are_gzipped_when_asked_with_their_own_etag() {
+    let w = Worker::start(&[]);
+    for path in ["/", "/app.js", "/style.css"] {
+        let plain = http_get(w.addr, path, &[]).await;
+        let gz = http_get(w.addr, path, &[("Accept-Encoding", "gzip, deflate")]).await;
+        assert!(plain.header("content-encoding").is_none(), "{path}");
+        assert_eq!(gz.header("content-encoding"), Some("gzip"), "{path}");
+        assert_eq!(gz.header("vary"), Some("Accept-Encoding"), "{path}");
+        assert!(
+            gz.body.len() * 3 < plain.body.len() * 2,
+            "{path}: {} of {}",
+            gz.body.len(),
+            plain.body.len()
+        );
+        let mut unzipped = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(gz.body.as_slice()),
+            &mut unzipped,
+        )
+        .unwrap();
+        assert_eq!(unzipped, plain.body, "{path}");
+        // Each representation has its own validator, and revalidates with it.
+        let (etag, etag_gz) = (plain.header("etag").unwrap(), gz.header("etag").unwrap());
+        assert_ne!(etag, etag_gz);
+        let headers = [("Accept-Encoding", "gzip"), ("If-None-Match", etag_gz)];
+        assert_eq!(http_get(w.addr, path, &headers).await.status, 304, "{path}");
+    }
+    // An icon is not text: served as it is.
+    let icon = http_get(w.addr, "/favicon.ico", &[("Accept-Encoding", "gzip")]).await;
+    assert_eq!((icon.status, icon.header("content-type")), (200, Some("image/x-icon")));
+    assert!(icon.header("content-encoding").is_none());
+}

@@ -340,3 +340,62 @@ async fn per_address_cap_counts_forwarded_clients_only_from_trusted_proxies() {
     let mut b = connect_as(&w, "198.51.100.2").await;
     assert_eq!(b.until_closed().await, Ended::Closed(Some(1013)), "a forged header buys nothing");
 }
+
+#[tokio::test]
+async fn snapshots_are_deflated_only_for_a_socket_that_asks() {
+    let w = Worker::start(&[]);
+    let mut a = connect(&w.ws_url("")).await;
+    a.recv().await;
+    for i in [0, 4_242, 999_999] {
+        assert!(a.set(i, true).await.accepted);
+    }
+    a.until_seq(3).await;
+    let (state, _) = api_state(w.addr).await;
+    // Asked: the bitsets come deflated (a near-empty million-box board is a
+    // few hundred bytes instead of 125 KB each), on connect and on Resync.
+    let mut d = connect(&w.ws_url("?snapshot=deflate")).await;
+    for round in 0..2 {
+        let Msg::Snapshot(s) = d.recv().await else { panic!("a Snapshot first") };
+        assert!(s.checked.is_empty() && s.frozen.is_empty(), "round {round}: plain fields empty");
+        assert!(
+            s.checked_deflate.len() < 2_000,
+            "round {round}: {} bytes",
+            s.checked_deflate.len()
+        );
+        assert!(!s.frozen_deflate.is_empty());
+        let s = inflate_snapshot(&s);
+        assert_eq!((s.seq, &s.checked, &s.frozen), (state.seq, &state.checked, &state.frozen));
+        d.send_msg(client_message::Msg::Resync(omcb_proto::v1::Resync {})).await;
+    }
+    // Not asked (today's clients): plain bitsets, as before.
+    let mut p = connect(&w.ws_url("")).await;
+    let Msg::Snapshot(s) = p.recv().await else { panic!("a Snapshot first") };
+    assert_eq!((s.checked.len(), s.frozen.len()), (125_000, 125_000));
+    assert!(s.checked_deflate.is_empty() && s.frozen_deflate.is_empty());
+}
+
+#[tokio::test]
+async fn a_bitset_that_does_not_compress_stays_plain() {
+    // A 64-box board: 8 bytes of bits, which deflate only makes longer (as it
+    // does a random half-checked board's), so they stay plain.
+    let w =
+        Worker::start(&["--board-size", "64", "--toggle-rate", "1000", "--toggle-burst", "1000"]);
+    let mut a = connect(&w.ws_url("?snapshot=deflate")).await;
+    a.recv().await;
+    // Bits with no pattern to find: 1101 0010 0111 1001 ...
+    let bits = 0xd279_a4e1_3b86_5f0cu64;
+    let boxes: Vec<u32> = (0..64).filter(|i| bits & (1 << (63 - i)) != 0).collect();
+    for &i in &boxes {
+        assert!(a.set(i, true).await.accepted);
+    }
+    a.until_seq(boxes.len() as u64).await;
+    a.send_msg(client_message::Msg::Resync(omcb_proto::v1::Resync {})).await;
+    let s = loop {
+        if let Msg::Snapshot(s) = a.recv().await {
+            break s;
+        }
+    };
+    // 8 bytes of bits: deflate adds more than it saves.
+    assert_eq!((s.checked.len(), s.checked_deflate.len()), (8, 0));
+    assert_eq!(inflate_snapshot(&s).checked, api_state(w.addr).await.0.checked);
+}

@@ -179,7 +179,8 @@ where
         match msg {
             Msg::Snapshot(s) => {
                 self.snapshots += 1;
-                self.board = Some(Board::from_snapshot(s).expect("valid snapshot"));
+                let s = inflate_snapshot(s);
+                self.board = Some(Board::from_snapshot(&s).expect("valid snapshot"));
             }
             Msg::Batch(b) => {
                 self.batches.push((b.from_seq, b.to_seq));
@@ -253,6 +254,27 @@ where
 
     pub fn seq(&self) -> u64 {
         self.board.as_ref().map_or(0, |b| b.seq)
+    }
+}
+
+/// A Snapshot with any deflated bitsets (`/ws?snapshot=deflate`) inflated
+/// into `checked` and `frozen`, as a client that asked for them does.
+pub fn inflate_snapshot(s: &omcb_proto::v1::Snapshot) -> omcb_proto::v1::Snapshot {
+    let inflate = |z: &[u8], plain: &[u8]| {
+        if z.is_empty() {
+            return plain.to_vec();
+        }
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::DeflateDecoder::new(z), &mut out)
+            .expect("valid raw deflate");
+        out
+    };
+    omcb_proto::v1::Snapshot {
+        checked: inflate(&s.checked_deflate, &s.checked),
+        frozen: inflate(&s.frozen_deflate, &s.frozen),
+        checked_deflate: Vec::new(),
+        frozen_deflate: Vec::new(),
+        ..s.clone()
     }
 }
 
