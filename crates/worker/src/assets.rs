@@ -69,12 +69,17 @@ impl Assets {
 }
 
 fn asset(content_type: &'static str, body: Bytes) -> Asset {
-    // FNV-1a: a content hash for ETags, not for security.
+    Asset { content_type, etag: etag(&body), body }
+}
+
+/// A strong ETag for `body`: its FNV-1a hash, quoted (a content hash for
+/// validators, not for security).
+pub fn etag(body: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in body.iter() {
+    for &b in body {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
     }
-    Asset { content_type, body, etag: format!("\"{h:016x}\"") }
+    format!("\"{h:016x}\"")
 }
 
 include!("mime.rs");
