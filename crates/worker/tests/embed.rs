@@ -361,3 +361,34 @@ async fn widget_impressions_cost_redis_nothing() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(before, counters().await, "widget impressions issued Redis commands");
 }
+
+/// Through nginx (deploy/nginx, rendered by scripts/fleet): the widget's
+/// answers are cached (a second impression is a cache hit, no worker asked),
+/// oEmbed names the board by the Host nginx was asked with, and the counts
+/// stream passes event by event, not buffered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_nginx_the_widget_is_cached_and_its_stream_is_not_buffered() {
+    let fleet = common::fleet::Fleet::up(2, &[]);
+    let addr = fleet.addr();
+    let oembed = format!("/oembed?url=http%3A%2F%2F{addr}%2F");
+    for path in ["/embed", "/embed.js", "/badge.svg", oembed.as_str()] {
+        let first = http_get(addr, path, &[]).await;
+        assert_eq!(first.status, 200, "{path}");
+        assert!(first.header("cache-control").unwrap().contains("stale-while-revalidate"));
+        let again = http_get(addr, path, &[]).await;
+        assert_eq!(again.header("x-cache"), Some("HIT"), "{path} the second time");
+        assert_eq!(again.body, first.body);
+    }
+    let o = json(&http_get(addr, &oembed, &[]).await);
+    assert_eq!(o["provider_url"], format!("http://{addr}/"));
+
+    let mut s = Stream::open(addr).await;
+    assert!(s.head.starts_with("HTTP/1.1 200"), "{}", s.head);
+    assert_eq!(s.event(WAIT).await["checked"], 0);
+    let mut c = connect(&fleet.ws("")).await;
+    c.recv().await;
+    let started = Instant::now();
+    assert!(c.set(3, true).await.accepted);
+    assert_eq!(s.event(Duration::from_secs(3)).await, serde_json::json!({"checked": 1}));
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+}
