@@ -444,15 +444,17 @@ fn badge_svg(label: &str, message: &str) -> String {
          <rect x=\"{lw}\" width=\"{mw}\" height=\"20\" fill=\"#007ec6\"/>\
          <rect width=\"{w}\" height=\"20\" fill=\"url(#s)\"/></g>\
          <g fill=\"#fff\" text-anchor=\"middle\" \
-         font-family=\"Verdana,Geneva,DejaVu Sans,sans-serif\" font-size=\"11\">"
+         font-family=\"Verdana,Geneva,DejaVu Sans,sans-serif\" font-size=\"110\">"
     );
-    for (x, text) in [(lw * 5, &label), (lw * 10 + mw * 5, &message)] {
-        // x in tenths of a pixel, like shields, for a centred text.
+    for (x, len, text) in [(lw * 5, lw - 10, &label), (lw * 10 + mw * 5, mw - 10, &message)] {
+        // Drawn at ten times the size and scaled down, like shields: x, y
+        // and the text's length in tenths of a pixel, for a centred text
+        // that fills its box whatever the font.
         let _ = write!(
             svg,
             "<text x=\"{x}\" y=\"150\" fill=\"#010101\" fill-opacity=\".3\" \
-             transform=\"scale(.1)\">{text}</text>\
-             <text x=\"{x}\" y=\"140\" transform=\"scale(.1)\">{text}</text>"
+             transform=\"scale(.1)\" textLength=\"{len}0\">{text}</text>\
+             <text x=\"{x}\" y=\"140\" transform=\"scale(.1)\" textLength=\"{len}0\">{text}</text>"
         );
     }
     svg.push_str("</g></svg>");
