@@ -8,10 +8,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http_body_util::Either;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use http_body_util::Either;
 use hyper::{Method, Request, Response, StatusCode};
 
 use crate::app::App;

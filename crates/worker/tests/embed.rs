@@ -134,7 +134,8 @@ async fn oembed_answers_by_the_spec() {
     assert!(html.contains("width=\"320\" height=\"140\""), "{html}");
 
     // maxwidth and maxheight bound the size; the iframe follows.
-    let o = json(&http_get(w.addr, &format!("{}&maxwidth=200&maxheight=90", url(&base)), &[]).await);
+    let o =
+        json(&http_get(w.addr, &format!("{}&maxwidth=200&maxheight=90", url(&base)), &[]).await);
     assert_eq!((o["width"].as_u64(), o["height"].as_u64()), (Some(200), Some(90)));
     assert!(o["html"].as_str().unwrap().contains("width=\"200\" height=\"90\""));
     // A bound above the widget's size leaves it as it is.
@@ -190,7 +191,9 @@ struct Stream {
 impl Stream {
     async fn open(addr: SocketAddr) -> Stream {
         let mut tcp = TcpStream::connect(addr).await.unwrap();
-        let req = format!("GET /api/counts HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+        let req = format!(
+            "GET /api/counts HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+        );
         tcp.write_all(req.as_bytes()).await.unwrap();
         let mut raw = Vec::new();
         let end = loop {

@@ -128,7 +128,10 @@ pub(super) fn oembed(app: &App, req: &Request<Incoming>, peer: IpAddr) -> Respon
     for pair in req.uri().query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let Some(value) = decode(value) else {
-            return plain(StatusCode::BAD_REQUEST, "a query value is not valid percent-encoded UTF-8\n");
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "a query value is not valid percent-encoded UTF-8\n",
+            );
         };
         match key {
             "url" => url = Some(value),
@@ -149,7 +152,10 @@ pub(super) fn oembed(app: &App, req: &Request<Incoming>, peer: IpAddr) -> Respon
         Some(v) => v.parse::<u32>().ok().filter(|n| *n > 0).map(|n| n.min(default)),
     };
     let (Some(width), Some(height)) = (bound(max_width, WIDTH), bound(max_height, HEIGHT)) else {
-        return plain(StatusCode::BAD_REQUEST, "maxwidth and maxheight must be whole numbers above 0\n");
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "maxwidth and maxheight must be whole numbers above 0\n",
+        );
     };
     let base = base_url(app, req, peer);
     if !is_ours(&base, &url) {
@@ -243,10 +249,8 @@ async fn stream(
     retry_ms: u64,
 ) {
     let mut sent = *feed.borrow_and_update();
-    let mut next = Some(Bytes::from(format!(
-        "retry: {retry_ms}\n{}",
-        event(None, &sent).unwrap_or_default()
-    )));
+    let mut next =
+        Some(Bytes::from(format!("retry: {retry_ms}\n{}", event(None, &sent).unwrap_or_default())));
     let mut heartbeat =
         tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
     loop {
@@ -293,7 +297,7 @@ fn event(prev: Option<&Counts>, now: &Counts) -> Option<String> {
 fn jitter() -> u32 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() / 1000)
+        .map_or(0, |d| d.subsec_micros())
 }
 
 /// The board's address as other sites must use it: `--public-url`, else
@@ -356,7 +360,8 @@ fn decode(s: &str) -> Option<String> {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+                let hex =
+                    bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
                 out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
                 i += 2;
             }
@@ -372,7 +377,7 @@ fn grouped(n: u32) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, d) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(d);
