@@ -104,9 +104,9 @@ pub(super) async fn page(app: &App, req: &Request<Incoming>) -> Response<Body> {
         let html = String::from_utf8_lossy(&template.body)
             .replace("{{checked}}", &grouped(c.checked))
             .replace("{{frozen}}", &grouped(c.frozen))
-            .replace("{{percent}}", &percent(c.checked, c.size))
+            .replace("{{percent}}", &escape(&percent(c.checked, c.size)))
             .replace("{{size}}", &grouped(c.size))
-            // Versioned, so nginx and browsers may keep it for a year.
+            // Versioned by content: nginx's `?v=` rule keeps it for a year.
             .replace("{{widget.js}}", &format!("/widget.js?v={s}"));
         Bytes::from(html)
     })
