@@ -133,6 +133,7 @@ impl Server {
                 app.metrics.clone(),
             )));
         }
+        // One read of the counts a second for every widget stream (counts.rs).
         let widget = app.clone();
         background.push(tokio::spawn(async move { widget.counts.run(&widget.hub).await }));
         if let (Some(l), Some(p)) = (metrics_listener, prometheus) {
