@@ -9,7 +9,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::Config;
 use crate::hub::Hub;
-use crate::{assets, limits, metrics};
+use crate::{assets, counts, limits, metrics};
 
 /// What every connection shares.
 #[derive(Debug)]
@@ -20,6 +20,8 @@ pub struct App {
     pub store: Store,
     /// The replica and fan-out.
     pub hub: Arc<Hub>,
+    /// The counts the widget's live stream sends, published once a second.
+    pub counts: counts::CountsFeed,
     /// Metric handles.
     pub metrics: metrics::Metrics,
     /// The web client's files.

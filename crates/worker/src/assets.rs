@@ -81,15 +81,24 @@ impl Assets {
 }
 
 fn asset(content_type: &'static str, body: Bytes) -> Asset {
-    // FNV-1a: a content hash for ETags, not for security.
-    let mut h = fnv::FnvHasher::default();
-    std::hash::Hasher::write(&mut h, &body);
-    let h = std::hash::Hasher::finish(&h);
+    let h = content_hash(&body);
     let gzip = is_text(content_type)
         .then(|| gzip(&body))
         .flatten()
         .map(|gz| Gzipped { body: gz, etag: format!("\"{h:016x}-gz\"") });
     Asset { content_type, body, etag: format!("\"{h:016x}\""), gzip }
+}
+
+/// FNV-1a of `body`: a content hash for validators, not for security.
+fn content_hash(body: &[u8]) -> u64 {
+    let mut h = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut h, body);
+    std::hash::Hasher::finish(&h)
+}
+
+/// A strong ETag for `body`: its content hash, quoted.
+pub fn etag(body: &[u8]) -> String {
+    format!("\"{:016x}\"", content_hash(body))
 }
 
 fn is_text(content_type: &str) -> bool {

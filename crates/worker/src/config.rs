@@ -202,6 +202,14 @@ pub struct Config {
     #[arg(long, env = "OMCB_EGRESS_BUDGET", value_parser = parse_byte_rate)]
     pub egress_budget: Option<u64>,
 
+    /// The board's public address (`https://board.example`), used in what
+    /// the widget hands to other sites (`/oembed`'s HTML and provider URL).
+    /// Without it the address is taken from each request's `Host` (and
+    /// `X-Forwarded-Proto` from a `--trusted-proxy`); set it in production,
+    /// so no request can choose the address a cache keeps.
+    #[arg(long, env = "OMCB_PUBLIC_URL", value_parser = parse_public_url)]
+    pub public_url: Option<String>,
+
     /// Log lines as `text` or `json` (one object per line, with the
     /// connection id of socket lines); the level comes from `OMCB_LOG`.
     #[arg(long, env = "OMCB_LOG_FORMAT", value_enum, default_value_t)]
@@ -252,6 +260,17 @@ pub fn parse_origin(s: &str) -> Result<String, String> {
             Ok(s.to_ascii_lowercase())
         }
         _ => Err(format!("`{s}` is not an origin like https://board.example or http://host:8080")),
+    }
+}
+
+/// Parses `--public-url`: an `http` or `https` origin (no path), kept
+/// lower-case and without a trailing slash.
+pub fn parse_public_url(s: &str) -> Result<String, String> {
+    let origin = parse_origin(s)?;
+    if origin.starts_with("http://") || origin.starts_with("https://") {
+        Ok(origin)
+    } else {
+        Err(format!("`{s}` is not a public URL like https://board.example or http://host:8080"))
     }
 }
 
@@ -414,6 +433,16 @@ mod tests {
         assert!(parse_rate("-1").is_err());
         assert!(parse_rate("inf").is_err());
         assert_eq!(parse_rate("2.5").unwrap(), 2.5);
+    }
+
+    #[test]
+    fn public_url_is_an_http_origin() {
+        assert_eq!(parse_public_url("https://Board.Example/").unwrap(), "https://board.example");
+        assert_eq!(parse_public_url("http://host:8080").unwrap(), "http://host:8080");
+        for bad in ["*", "board.example", "ftp://board.example", "https://board.example/page"] {
+            assert!(parse_public_url(bad).is_err(), "{bad}");
+        }
+        assert!(parse("--public-url board.example").is_err());
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! HTTP routes of PROTOCOL.md. Every route answers from memory: page loads and
-//! `/api/state` never touch the store.
+//! `/api/state` never touch the store. The widget's routes are in [`embed`].
+
+mod embed;
 
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -15,11 +17,26 @@ use crate::app::App;
 use crate::conn::{self, SocketSlot};
 use crate::limits::Refused;
 
-/// The body type of every response.
+/// The body of a whole response.
 pub type Body = Full<Bytes>;
+
+/// What [`handle`] answers: a whole body, or the widget's live stream.
+pub type Reply = Either<Body, embed::Events>;
 
 /// Routes one request.
 pub async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    peer: IpAddr,
+) -> Result<Response<Reply>, Infallible> {
+    if req.uri().path() == "/api/counts" {
+        return Ok(embed::counts(&app, &req));
+    }
+    route(app, req, peer).await.map(|r| r.map(Either::Left))
+}
+
+/// Routes a request that gets a whole body.
+async fn route(
     app: Arc<App>,
     mut req: Request<Incoming>,
     peer: IpAddr,
@@ -46,6 +63,10 @@ pub async fn handle(
             "not ready: the board cannot be persisted (data dir full or read-only?)\n",
         ),
         "/readyz" => plain(StatusCode::OK, "ready\n"),
+        "/embed" => embed::page(&app, &req).await,
+        "/embed.js" => embed::script(&app, &req).await,
+        "/oembed" => embed::oembed(&app, &req, peer),
+        "/badge.svg" => embed::badge(&app, &req),
         _ => static_file(&app, &req).await,
     };
     if head {

@@ -24,13 +24,17 @@
 //!   one reader of the store's change feed, the tick that encodes one Batch
 //!   for every socket, the fan-out shards that write it, and a socket's start
 //!   (`Hub::join`).
-//! - [`app`] (config, assets, metrics, limits, hub): what every connection
-//!   shares.
+//! - [`counts`] (hub): the board's counts for the widget's live stream,
+//!   published at most once a second.
+//! - [`app`] (config, assets, metrics, limits, hub, counts): what every
+//!   connection shares.
 //! - [`conn`] (config, ratelimit, deadline, frames, shutdown, limits, sink,
 //!   hub, app): one WebSocket: reader (validation, rate limit, toggles) and
 //!   writer (snapshots, pings, full buffers, slow clients).
-//! - [`http`] (limits, app, conn): the HTTP routes (`/`, static files,
-//!   `/api/state`, `/api/stats`, `/healthz`, `/readyz`).
+//! - [`http`] (limits, app, conn, counts): the HTTP routes (`/`, static
+//!   files, `/api/state`, `/api/stats`, `/healthz`, `/readyz`), and in
+//!   `http::embed` the widget's (`/embed`, `/embed.js`, `/oembed`,
+//!   `/badge.svg`, `/api/counts`).
 //! - [`server`] (config, deadline, assets, metrics, shutdown, limits, hub,
 //!   app, http): [`Server`] ties them together: bind, run until a shutdown
 //!   signal, close every socket with 1012, persist, return.
@@ -43,6 +47,7 @@ pub mod app;
 pub mod assets;
 pub mod config;
 pub mod conn;
+pub mod counts;
 pub mod deadline;
 pub mod frames;
 pub mod http;

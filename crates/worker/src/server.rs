@@ -23,7 +23,7 @@ use crate::app::App;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::shutdown::until_set;
-use crate::{assets, deadline, http, limits, metrics};
+use crate::{assets, counts, deadline, http, limits, metrics};
 
 /// Why the worker could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +92,7 @@ impl Server {
             assets: assets::Assets::new(config.web_dir.clone()),
             config,
             store,
+            counts: counts::CountsFeed::new(&hub),
             hub,
             metrics,
             shutdown,
@@ -132,6 +133,9 @@ impl Server {
                 app.metrics.clone(),
             )));
         }
+        // One read of the counts a second for every widget stream (counts.rs).
+        let widget = app.clone();
+        background.push(tokio::spawn(async move { widget.counts.run(&widget.hub).await }));
         if let (Some(l), Some(p)) = (metrics_listener, prometheus) {
             background.push(tokio::spawn(serve_metrics(l, p)));
         }
