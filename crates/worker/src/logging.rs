@@ -43,8 +43,14 @@ pub fn init(format: LogFormat) {
 
 /// The span of one accepted connection: a process-wide sequence number (not
 /// reused while the process lives) and the peer address.
+///
+/// A debug span: every line about one socket is a debug line (at the default
+/// `info` nothing logs per socket), and an enabled span costs each idle
+/// socket ~0.8 KiB in the subscriber's registry (docs/BENCHMARKS.md, idle
+/// sockets). `OMCB_LOG=info,omcb_worker=debug` turns the lines and their
+/// span on together.
 pub fn connection_span(peer: SocketAddr) -> tracing::Span {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     let id = NEXT.fetch_add(1, Ordering::Relaxed);
-    tracing::info_span!("conn", conn = id, peer = %peer)
+    tracing::debug_span!("conn", conn = id, peer = %peer)
 }

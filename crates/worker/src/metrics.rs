@@ -178,8 +178,6 @@ pub struct Metrics {
     /// sink (written at once unless earlier frames still wait in it).
     pub toggle_seconds: Histogram,
     /// Connect snapshot bytes queued to sockets (the other reasons are in [`SinkMetrics`]).
-    ///
-    /// [`SinkMetrics`]: crate::sink::SinkMetrics
     pub snapshot_bytes_connect: Counter,
     snapshot_bytes_lagged: Counter,
     snapshot_bytes_reset: Counter,
