@@ -24,15 +24,20 @@ pub type Body = Full<Bytes>;
 pub type Reply = Either<Body, embed::Events>;
 
 /// Routes one request.
-pub async fn handle(
+///
+/// Not an `async fn`: one that hands its arguments on to `route` would keep
+/// them in its own state as well as in route's (a request is ~250 bytes),
+/// and every connection's task holds this future until its upgrade.
+pub fn handle(
     app: Arc<App>,
     req: Request<Incoming>,
     peer: IpAddr,
-) -> Result<Response<Reply>, Infallible> {
+) -> impl Future<Output = Result<Response<Reply>, Infallible>> {
+    use futures_util::future::{self, Either as OneOf, FutureExt as _};
     if req.uri().path() == "/api/counts" {
-        return Ok(embed::counts(&app, &req));
+        return OneOf::Left(future::ready(Ok(embed::counts(&app, &req))));
     }
-    route(app, req, peer).await.map(|r| r.map(Either::Left))
+    OneOf::Right(route(app, req, peer).map(|r| r.map(|r| r.map(Either::Left))))
 }
 
 /// Routes a request that gets a whole body.
