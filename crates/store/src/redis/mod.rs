@@ -390,6 +390,51 @@ impl RedisStore {
         Ok(Some(frozen.as_i64().unwrap_or(0) as usize))
     }
 
+    /// Sets the board's `freeze_after_ms` in Redis (the sunset; 0 stops it):
+    /// `set.lua` and `sweep.lua` follow it from their next call, and every
+    /// worker's [`reload_config`](Self::reload_config) learns it.
+    pub async fn set_freeze_after(&self, freeze_after_ms: u64) -> Result<BoardConfig, StoreError> {
+        let reply = self
+            .eval(
+                &self.inner.scripts.settings,
+                vec![&self.inner.keys.config],
+                vec![freeze_after_ms.to_string()],
+            )
+            .await
+            .map_err(|e| {
+                if e.details().contains("NOBOARD") {
+                    StoreError::Unavailable("the board does not exist in Redis yet".into())
+                } else {
+                    unavailable(e)
+                }
+            })?;
+        let (size, max_checked, freeze_after_ms): (u32, u32, u64) = typed(reply, "settings.lua")?;
+        let config =
+            BoardConfig { size, max_checked: Some(max_checked).filter(|&m| m > 0), freeze_after_ms };
+        *self.inner.config.write() = config;
+        Ok(config)
+    }
+
+    /// Reads the board's live settings from Redis (one `HGET`, counted as
+    /// feed work): how a worker learns an `omcb admin` change made through
+    /// another worker or Redis. A board that is gone keeps the last known.
+    pub async fn reload_config(&self) -> Result<BoardConfig, StoreError> {
+        let client = &self.inner.client;
+        let key = &self.inner.keys.config;
+        let value: Option<u64> = scripts::measured(
+            "settings",
+            scripts::Purpose::Feed,
+            client.hget(key.as_str(), "freeze_after_ms"),
+        )
+        .await
+        .map_err(unavailable)?;
+        let mut config = self.inner.config.write();
+        if let Some(freeze_after_ms) = value {
+            config.freeze_after_ms = freeze_after_ms;
+        }
+        Ok(*config)
+    }
+
     /// Closes the connections.
     pub async fn close(&self) -> Result<(), StoreError> {
         let _ = self.inner.client.quit().await;
