@@ -264,7 +264,7 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
-const YEARS_100: Duration = Duration::from_secs(100 * 365 * 86_400);
+pub(crate) const YEARS_100: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// Parses a duration (`250ms`, `20s`, `10m`, `1h 30m`, humantime's syntax, or
 /// bare seconds) and refuses one outside `min..=max`. The bounds keep every

@@ -43,6 +43,9 @@ enum Published {
     /// The replica was replaced (new epoch, or the feed lost continuity):
     /// every socket must send a fresh Snapshot before any later batch.
     Reset,
+    /// The board's settings changed (`omcb admin`): a `Settings` frame,
+    /// encoded once, that every socket sends in order with its batches.
+    Settings(Bytes),
 }
 
 /// A snapshot encoded once per seq, for sockets and for `GET /api/state`.
@@ -52,6 +55,9 @@ pub struct EncodedSnapshot {
     pub epoch: u64,
     /// Seq the snapshot is at.
     pub seq: u64,
+    /// The board's `freeze_after_ms` in it: a setting changes without a new
+    /// seq, so it is part of what a cached snapshot must match.
+    pub freeze_after_ms: u64,
     /// The binary WebSocket frame of `ServerMessage{snapshot}`, for sockets.
     pub frame: Bytes,
     /// The bare `Snapshot`, for `/api/state`.
@@ -247,7 +253,11 @@ impl Hub {
             let start = if let Some(b) =
                 resume.and_then(|(e, since)| Self::resume_from(&state, e, since))
             {
-                sink.start(epoch, seq, b.into_iter().map(|b| b.frame));
+                // A resuming client may have missed a settings change (it
+                // was away, or loaded `/api/state` just before): the board's
+                // settings go last in its start.
+                let settings = settings_frame(state.board.freeze_after_ms);
+                sink.start(epoch, seq, b.into_iter().map(|b| b.frame).chain([settings]));
                 Start::Resume
             } else if let Some(frames) =
                 snapshot.as_ref().and_then(|s| Self::snapshot_and_batches(&state, s))
@@ -302,6 +312,10 @@ impl Hub {
         state: &State,
         snapshot: &Arc<EncodedSnapshot>,
     ) -> Option<impl Iterator<Item = Bytes> + use<>> {
+        if snapshot.freeze_after_ms != state.board.freeze_after_ms {
+            // Encoded before a settings change that its sockets already got.
+            return None;
+        }
         let batches = Self::resume_from(state, snapshot.epoch, snapshot.seq)?;
         Some(std::iter::once(snapshot.frame.clone()).chain(batches.into_iter().map(|b| b.frame)))
     }
@@ -318,6 +332,7 @@ impl Hub {
             if let Some(s) = cache.as_ref()
                 && s.epoch == state.board.epoch
                 && s.seq == state.board.seq
+                && s.freeze_after_ms == state.board.freeze_after_ms
             {
                 return s.clone();
             }
@@ -339,6 +354,7 @@ impl Hub {
         EncodedSnapshot {
             epoch: board.epoch,
             seq: board.seq,
+            freeze_after_ms: board.freeze_after_ms,
             frame,
             bare,
             gzip: std::sync::OnceLock::new(),
@@ -453,6 +469,7 @@ impl Hub {
                 match &published {
                     Published::Batch(b) => chunk.iter().for_each(|s| s.offer(b)),
                     Published::Reset => chunk.iter().for_each(|s| s.reset()),
+                    Published::Settings(frame) => chunk.iter().for_each(|s| s.send(frame.clone())),
                 }
                 // Thousands of writes in a row would keep this runtime thread
                 // from the hub's tick, the readers and new connections.
@@ -522,6 +539,32 @@ impl Hub {
         }
     }
 
+    /// Takes the board's settings as the store holds them now (the server's
+    /// settings loop calls this every tick): when `freeze_after_ms` changed,
+    /// the replica (so `/api/stats` and new snapshots) takes it and every
+    /// socket gets a `Settings` message, queued in order with its batches.
+    /// Returns whether it changed.
+    pub fn set_freeze_after(&self, freeze_after_ms: u64) -> bool {
+        if self.state.read().board.freeze_after_ms == freeze_after_ms {
+            return false;
+        }
+        // Under the write lock, like a batch: a socket that starts after
+        // this has the new setting in its start, one before gets the frame.
+        let mut state = self.state.write();
+        if state.board.freeze_after_ms == freeze_after_ms {
+            return false;
+        }
+        tracing::info!(
+            from_ms = state.board.freeze_after_ms,
+            to_ms = freeze_after_ms,
+            "the board's freeze_after changed"
+        );
+        state.board.freeze_after_ms = freeze_after_ms;
+        self.fan_out_all(&Published::Settings(settings_frame(freeze_after_ms)));
+        drop(state);
+        true
+    }
+
     /// Replaces the replica (a new epoch, or continuity lost) and tells every
     /// socket to start over from a snapshot.
     pub fn reset(&self, board: Board) {
@@ -534,6 +577,16 @@ impl Hub {
         drop(state);
         self.metrics.feed_resets.increment(1);
     }
+}
+
+/// The `ServerMessage{settings}` frame for `freeze_after_ms`, stamped now.
+fn settings_frame(freeze_after_ms: u64) -> Bytes {
+    let settings =
+        omcb_proto::v1::Settings { freeze_after_ms, server_time_ms: omcb_store::now_ms() };
+    frames::frame(
+        fastwebsockets::OpCode::Binary,
+        &omcb_proto::encode_server(Msg::Settings(settings)),
+    )
 }
 
 /// Reads the feed in its own task, so the hub's `select!` never cancels a

@@ -31,14 +31,17 @@
 //!   writer (snapshots, pings, full buffers, slow clients).
 //! - [`http`] (limits, app, conn): the HTTP routes (`/`, static files,
 //!   `/api/state`, `/api/stats`, `/healthz`, `/readyz`).
+//! - [`admin`] (config, app): the operator's sunset, on the private
+//!   listener's `/admin/` routes and in `omcb admin`.
 //! - [`server`] (config, deadline, assets, metrics, shutdown, limits, hub,
-//!   app, http): [`Server`] ties them together: bind, run until a shutdown
+//!   app, http, admin): [`Server`] ties them together: bind, run until a shutdown
 //!   signal, close every socket with 1012, persist, return.
 //!
 //! **Invariant:** page loads, `/api/state` and connect snapshots are served
 //! from the hub's replica; only toggles (and the hub's one feed) reach the store.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod assets;
 pub mod config;

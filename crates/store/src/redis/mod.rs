@@ -158,6 +158,45 @@ impl RedisStore {
     /// Connects (waiting, with backoff, until Redis answers) and creates the
     /// board `name` if it does not exist.
     pub async fn connect(url: &str, name: &str, wanted: BoardConfig) -> Result<Self, StoreError> {
+        let store = Self::connect_only(url, name, wanted).await?;
+        // Redis may be up but still loading its AOF (`LOADING`): wait for it
+        // rather than exit, within reason.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match store.init().await {
+                Ok(_) => return Ok(store),
+                Err(StoreError::Unavailable(why)) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(why, "Redis is not ready yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Connects to the board `name` that exists in Redis, for an operator's
+    /// tool (`omcb admin`): never creates one (a mistyped name must not make
+    /// an empty board); [`StoreError::Data`] when there is none.
+    pub async fn open_existing(url: &str, name: &str) -> Result<Self, StoreError> {
+        let store = Self::connect_only(url, name, BoardConfig::default()).await?;
+        let client = &store.inner.client;
+        let (size, max_checked, freeze_after_ms): (Option<u32>, Option<u32>, Option<u64>) = client
+            .hmget(store.inner.keys.config.as_str(), vec!["size", "max_checked", "freeze_after_ms"])
+            .await
+            .map_err(unavailable)?;
+        let Some(size) = size else {
+            return Err(StoreError::Data(format!("there is no board named {name:?} in {url}")));
+        };
+        *store.inner.config.write() = BoardConfig {
+            size,
+            max_checked: max_checked.filter(|&m| m > 0),
+            freeze_after_ms: freeze_after_ms.unwrap_or(0),
+        };
+        Ok(store)
+    }
+
+    /// Connects, waiting with backoff until Redis answers; touches no key.
+    async fn connect_only(url: &str, name: &str, wanted: BoardConfig) -> Result<Self, StoreError> {
         let builder = builder(url)?;
         let client = builder.build().map_err(unavailable)?;
         let mut errors = client.error_rx();
@@ -195,19 +234,7 @@ impl RedisStore {
                 read: parking_lot::Mutex::new((0, 0)),
             }),
         };
-        // Redis may be up but still loading its AOF (`LOADING`): wait for it
-        // rather than exit, within reason.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match store.init().await {
-                Ok(_) => return Ok(store),
-                Err(StoreError::Unavailable(why)) if std::time::Instant::now() < deadline => {
-                    tracing::warn!(why, "Redis is not ready yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        Ok(store)
     }
 
     /// The board's settings (as stored in Redis).
