@@ -15,7 +15,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the board (embedded store: no other service needed).
-    Serve(Config),
+    Serve(Box<Config>),
     /// Operator actions on a running board: start, change or stop a sunset,
     /// read the board's settings (through a worker's private listener, or
     /// straight to Redis in a fleet).
@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
     let result = match cli.command {
         Command::Serve(config) => {
             omcb_worker::logging::init(config.log_format);
-            runtime.block_on(serve(config))
+            runtime.block_on(serve(*config))
         }
         Command::Admin(args) => runtime.block_on(omcb_worker::admin::run(args)),
     };

@@ -31,7 +31,12 @@ fn private(w: &Worker) -> String {
 
 /// Waits until every worker's `/api/stats` and every client say
 /// `freeze_after_ms` is `ms`; how long that took after `since`.
-async fn all_agree(workers: &[Worker], clients: &mut [Client], ms: u64, since: Instant) -> Duration {
+async fn all_agree(
+    workers: &[Worker],
+    clients: &mut [Client],
+    ms: u64,
+    since: Instant,
+) -> Duration {
     for w in workers {
         poll("every worker's /api/stats to show the sunset", || async {
             (w.stats().await["freeze_after_ms"] == ms).then_some(())

@@ -436,8 +436,11 @@ impl RedisStore {
                 }
             })?;
         let (size, max_checked, freeze_after_ms): (u32, u32, u64) = typed(reply, "settings.lua")?;
-        let config =
-            BoardConfig { size, max_checked: Some(max_checked).filter(|&m| m > 0), freeze_after_ms };
+        let config = BoardConfig {
+            size,
+            max_checked: Some(max_checked).filter(|&m| m > 0),
+            freeze_after_ms,
+        };
         *self.inner.config.write() = config;
         Ok(config)
     }
