@@ -4,6 +4,7 @@ import { Board } from './board.js';
 import { Connection } from './conn.js';
 import { Grid } from './grid.js';
 import { Reason } from './proto.js';
+import { Sunset } from './sunset.js';
 
 const $ = (id) => document.getElementById(id);
 const board = new Board();
@@ -42,6 +43,9 @@ const grid = new Grid($('grid'), {
   },
 });
 
+// The sunset's line, countdown and end state, and "you checked N" (sunset.js).
+const sunset = new Sunset({ board, grid: $('grid'), header: document.querySelector('header'), fmt });
+
 const reasonText = {
   [Reason.OUT_OF_RANGE]: 'That box is not on the board.',
   [Reason.FROZEN]: 'That box is frozen.',
@@ -54,6 +58,7 @@ function onToggleResult(r) {
   const index = byRequest.get(r.requestId);
   byRequest.delete(r.requestId);
   if (index === undefined) return;
+  if (r.accepted && r.seq > 0n) sunset.onAccepted(index, r.checked);
   const p = pending.get(index);
   if (!p || p.requestId !== r.requestId) return; // a later click on the same box owns it now
   if (r.accepted && r.seq > board.seq) {
@@ -81,6 +86,7 @@ function onMessage(msg) {
       if (!board.applySnapshot(msg)) return;
       if (epochChanged) pending.clear(); // seqs of the old board mean nothing now
       settle();
+      sunset.onSnapshot(msg);
       grid.setSize(board.size);
       grid.refresh();
       break;
@@ -88,9 +94,15 @@ function onMessage(msg) {
     case 'batch': {
       const r = board.applyBatch(msg);
       if (r.result === 'gap') conn.resync();
-      if (r.result === 'applied') grid.update(r.changed.concat(settle()));
+      if (r.result === 'applied') {
+        sunset.onBatch(msg);
+        grid.update(r.changed.concat(settle()));
+      }
       break;
     }
+    case 'settings':
+      sunset.onSettings(msg);
+      break;
     case 'toggleResult':
       onToggleResult(msg);
       break;
@@ -100,6 +112,7 @@ function onMessage(msg) {
       break;
   }
   counts();
+  sunset.render();
 }
 
 function counts() {
@@ -157,4 +170,4 @@ const wsUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.hos
 const conn = new Connection({ url: wsUrl, board, onMessage, onState, onClose });
 conn.start();
 // For tests and the curious: the state behind the page.
-window.omcb = { board, conn, grid, pending };
+window.omcb = { board, conn, grid, pending, sunset };
