@@ -3,7 +3,8 @@
 //! that every socket sends as it is.
 //!
 //! The fan-out runs in one task per shard of sockets (one shard per core):
-//! each published batch goes to every shard in order, and a shard offers it to
+//! each published batch (or settings change, `Hub::set_freeze_after`) goes
+//! to every shard in order, and a shard offers it to
 //! each of its sockets' [`Sink`]s, which write it straight into the socket
 //! (one non-blocking `write`; see [`crate::sink`]). No per-socket task wakes
 //! for a batch.

@@ -342,19 +342,30 @@ impl MemoryStore {
     /// unchecked and the sweep freezes it, whenever it was checked.
     /// [`StoreError::Unavailable`] while the board cannot be persisted.
     pub async fn set_freeze_after(&self, freeze_after_ms: u64) -> Result<BoardConfig, StoreError> {
-        {
+        let before = {
             let mut s = self.state();
             if s.refusing.is_some() {
                 return Err(StoreError::Unavailable(
                     "the board cannot be persisted now; the setting was not changed".into(),
                 ));
             }
-            if s.board.freeze_after_ms != freeze_after_ms {
+            let before = s.board.freeze_after_ms;
+            if before != freeze_after_ms {
                 s.board.freeze_after_ms = freeze_after_ms;
                 s.index_due();
             }
+            before
+        };
+        if let Err(e) = self.write(false).await {
+            // Not on disk: the board keeps its old setting, so what the
+            // caller is told (refused) stays true after a restart.
+            let mut s = self.state();
+            if s.board.freeze_after_ms == freeze_after_ms && before != freeze_after_ms {
+                s.board.freeze_after_ms = before;
+                s.index_due();
+            }
+            return Err(e);
         }
-        self.write(false).await?;
         Ok(self.config())
     }
 
