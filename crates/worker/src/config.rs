@@ -17,7 +17,8 @@ pub struct Config {
     #[arg(long, env = "OMCB_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Address for Prometheus `/metrics`; off when not given. Keep it private.
+    /// Address for Prometheus `/metrics` and the operator's `/admin/` routes
+    /// (`omcb admin`); off when not given. Keep it private: it has no login.
     #[arg(long, env = "OMCB_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
