@@ -47,7 +47,15 @@ export class Sunset {
     this.storage = storage;
     this.offset = 0; // server clock - local clock, ms
     this.loadedAt = 0; // server time of the last Snapshot: every box it held checked was checked by then
-    this.seenAt = new Map(); // index -> server time this page saw it checked (unfrozen boxes only)
+    // When this page saw each box become checked: ms after `base` plus 1, 0
+    // for none (4 bytes a box, 4 MB for a million: a Map of a busy board's
+    // boxes would take ten times that). `queue` holds (index, time) pairs in
+    // the order seen, which is time order, so the oldest is at its head.
+    this.base = 0;
+    this.seen = new Uint32Array(0);
+    this.seenCount = 0;
+    this.queue = [];
+    this.head = 0;
     this.target = null; // index under the pointer or focused
     this.youChecked = Number(storage?.getItem(STORE_KEY)) || 0;
 
@@ -95,10 +103,67 @@ export class Sunset {
   onSnapshot(s) {
     this.#clockFrom(s.serverTimeMs);
     this.loadedAt = this.now();
-    // Boxes it holds checked were checked by now; keep what we saw exactly.
-    for (const i of [...this.seenAt.keys()]) {
-      if (!this.board.isChecked(i) || this.board.isFrozen(i)) this.seenAt.delete(i);
+    if (this.seen.length !== this.board.size) {
+      this.base = this.loadedAt;
+      this.seen = new Uint32Array(this.board.size);
+      this.seenCount = 0;
+      this.queue = [];
+      this.head = 0;
+      return;
     }
+    // Boxes it holds checked were checked by now; keep what we saw exactly.
+    for (let i = 0; i < this.seen.length; i++) {
+      if (this.seen[i] && (!this.board.isChecked(i) || this.board.isFrozen(i))) this.#forget(i);
+    }
+  }
+
+  #record(i, at) {
+    if (i >= this.seen.length) return;
+    if (!this.seen[i]) this.seenCount += 1;
+    this.seen[i] = Math.max(1, at - this.base + 1);
+    this.queue.push(i, this.seen[i]);
+    // Stale pairs (boxes unchecked, frozen or checked again) pile up when
+    // nothing reads the head (no sunset): rebuild from `seen` once they are
+    // most of it, so the queue stays within a few times the boxes seen.
+    if (this.queue.length - this.head > 4 * this.seenCount + 4096) this.#rebuild();
+  }
+
+  #rebuild() {
+    const pairs = [];
+    for (let j = 0; j < this.seen.length; j++) if (this.seen[j]) pairs.push([this.seen[j], j]);
+    pairs.sort((a, b) => a[0] - b[0]);
+    this.queue = pairs.flatMap(([v, j]) => [j, v]);
+    this.head = 0;
+  }
+
+  #forget(i) {
+    if (i >= this.seen.length || !this.seen[i]) return;
+    this.seen[i] = 0;
+    this.seenCount -= 1;
+  }
+
+  // The server time this page saw box i checked, or undefined.
+  #seenAt(i) {
+    const v = this.seen[i];
+    return v ? this.base + v - 1 : undefined;
+  }
+
+  // The box this page saw checked longest ago that is still checked and
+  // unfrozen: {j, at}, or null. Stale queue entries are dropped on the way.
+  #oldest() {
+    const q = this.queue;
+    while (this.head < q.length) {
+      const [j, v] = [q[this.head], q[this.head + 1]];
+      if (this.seen[j] === v && this.board.isChecked(j) && !this.board.isFrozen(j)) {
+        return { j, at: this.base + v - 1 };
+      }
+      this.head += 2;
+    }
+    if (this.head > 0) {
+      this.queue = [];
+      this.head = 0;
+    }
+    return null;
   }
 
   onSettings(s) {
@@ -110,9 +175,9 @@ export class Sunset {
   onBatch(b) {
     const now = this.now();
     try {
-      for (const i of deltaDecode(b.checked)) this.seenAt.set(i, now);
-      for (const i of deltaDecode(b.unchecked)) this.seenAt.delete(i);
-      for (const i of deltaDecode(b.frozen)) this.seenAt.delete(i);
+      for (const i of deltaDecode(b.checked)) this.#record(i, now);
+      for (const i of deltaDecode(b.unchecked)) this.#forget(i);
+      for (const i of deltaDecode(b.frozen)) this.#forget(i);
     } catch {
       // The board refused it as invalid already.
     }
@@ -121,7 +186,7 @@ export class Sunset {
   // This page's click on box `index` was accepted and changed it.
   onAccepted(index, checked) {
     if (!checked) return;
-    this.seenAt.set(index, this.now());
+    this.#record(index, this.now());
     this.youChecked += 1;
     try {
       this.storage?.setItem(STORE_KEY, String(this.youChecked));
@@ -135,7 +200,7 @@ export class Sunset {
   freezesAt(i) {
     const after = Number(this.board.freezeAfterMs);
     if (after <= 0 || !this.board.isChecked(i) || this.board.isFrozen(i)) return null;
-    const seen = this.seenAt.get(i);
+    const seen = this.#seenAt(i);
     return seen === undefined ? { at: this.loadedAt + after, exact: false } : { at: seen + after, exact: true };
   }
 
@@ -177,9 +242,8 @@ export class Sunset {
     }
     // The next box to freeze that this page saw checked, else the bound for
     // the ones checked before it arrived.
-    let oldest = null;
-    for (const [j, at] of this.seenAt) if (oldest === null || at < oldest.at) oldest = { j, at };
-    const unseen = this.board.checkedCount - this.board.frozenCount - this.seenAt.size > 0;
+    const oldest = this.#oldest();
+    const unseen = this.board.checkedCount - this.board.frozenCount - this.seenCount > 0;
     const after = Number(this.board.freezeAfterMs);
     if (unseen && (oldest === null || this.loadedAt + after < oldest.at + after)) {
       return this.#phrase('Boxes checked before you came', { at: this.loadedAt + after, exact: false }, now);

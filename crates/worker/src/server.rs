@@ -267,8 +267,9 @@ async fn settings_loop(app: Arc<App>) {
 
 /// While the board's live setting has freezing on, freezes due boxes a few
 /// times per `freeze_after` (the seed's periodic job); in a fleet only the
-/// lease holder sweeps. While it is off, it looks again every 100 ms (no
-/// store command: the setting is the one the settings loop keeps).
+/// lease holder sweeps. It looks at the setting every 100 ms (no store
+/// command: the setting is the one the settings loop keeps), so a change
+/// takes effect within that.
 async fn sweep_loop(store: Store, metrics: crate::metrics::Metrics) {
     const OFF: Duration = Duration::from_millis(100);
     loop {
@@ -287,7 +288,14 @@ async fn sweep_loop(store: Store, metrics: crate::metrics::Metrics) {
             Ok(Some(n)) => tracing::debug!(frozen = n, "freeze sweep"),
             Err(e) => tracing::warn!(error = %e, "freeze sweep failed"),
         }
-        tokio::time::sleep(period).await;
+        // Until the next sweep, or sooner when the setting changes (a sunset
+        // shortened from 10m must not wait out the old 5 s period).
+        let next = tokio::time::Instant::now() + period;
+        while tokio::time::Instant::now() < next
+            && store.config().freeze_after_ms == freeze_after.as_millis() as u64
+        {
+            tokio::time::sleep_until(next.min(tokio::time::Instant::now() + OFF)).await;
+        }
     }
 }
 
