@@ -148,6 +148,41 @@ async fn admin_routes_are_not_on_the_public_listener() {
     assert_eq!(http_get(w.metrics, "/admin/settings", &[]).await.status, 200);
     let bad = admin(&["--worker", &private(&w), "sunset", "start", "soon"]).unwrap_err();
     assert!(bad.contains("not a duration"), "{bad}");
+    // A bad body is refused with the reason, and changes nothing.
+    let bodies = [
+        "",
+        "{}",
+        r#"{"freeze_after_ms": -1}"#,
+        r#"{"freeze_after_ms": "10m"}"#,
+        r#"{"freeze_after_ms": 4000000000000}"#,
+    ];
+    for body in bodies {
+        let (status, answer) = post(w.metrics, "/admin/sunset", body).await;
+        assert_eq!(status, 400, "{body:?}: {answer}");
+        assert!(answer.contains("freeze_after_ms"), "{body:?}: {answer}");
+    }
+    let (status, answer) = post(w.metrics, "/admin/sunset", r#"{"freeze_after_ms": 1e99}"#).await;
+    assert_eq!(status, 400, "{answer}");
+    let (status, _) = post(w.metrics, "/admin/settings", "").await;
+    assert_eq!(status, 405);
+    assert_eq!(w.stats().await["freeze_after_ms"], 0);
+}
+
+/// `POST path` with a JSON `body` to `addr`: the status and the body.
+async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let status = answer.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = answer.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (status, body)
 }
 
 /// The embedded store keeps the sunset in its board file, written before the
