@@ -153,12 +153,13 @@ function decodeToggleResult(bytes) {
 // The board's live settings (the sunset), sent when an operator changes them
 // and at the end of a resumed start.
 function decodeSettings(bytes) {
-  const s = { freezeAfterMs: 0n, serverTimeMs: 0n };
+  const s = { freezeAfterMs: 0n, serverTimeMs: 0n, maxChecked: 0 };
   fields(bytes, (f, w, r) => {
     if (w !== 0) return false;
     switch (f) {
       case 1: s.freezeAfterMs = r.varint(); return true;
       case 2: s.serverTimeMs = r.varint(); return true;
+      case 3: s.maxChecked = r.uint32(); return true;
       default: return false;
     }
   });

@@ -57,6 +57,7 @@ export class Sunset {
     this.queue = [];
     this.head = 0;
     this.target = null; // index under the pointer or focused
+    this.maxChecked = 0; // the board's limit (a Settings message says), 0 = its size
     this.youChecked = Number(storage?.getItem(STORE_KEY)) || 0;
 
     const el = (tag, id, cls) => {
@@ -169,6 +170,7 @@ export class Sunset {
   onSettings(s) {
     this.#clockFrom(s.serverTimeMs);
     this.board.freezeAfterMs = s.freezeAfterMs;
+    this.maxChecked = s.maxChecked;
   }
 
   // After the board applied batch `b`: boxes it checked were checked now.
@@ -204,9 +206,15 @@ export class Sunset {
     return seen === undefined ? { at: this.loadedAt + after, exact: false } : { at: seen + after, exact: true };
   }
 
+  // How many boxes may be checked: the size, or the board's limit.
+  get capacity() {
+    return this.maxChecked > 0 ? Math.min(this.maxChecked, this.board.size) : this.board.size;
+  }
+
+  // Every box frozen, or no more box can be checked.
   get finished() {
     const b = this.board;
-    return b.ready && b.size > 0 && (b.frozenCount >= b.size || b.checkedCount >= b.size);
+    return b.ready && b.size > 0 && (b.frozenCount >= b.size || b.checkedCount >= this.capacity);
   }
 
   render() {
@@ -217,7 +225,9 @@ export class Sunset {
     if (this.finished) {
       this.end.hidden = false;
       this.line.hidden = true;
-      const what = b.frozenCount >= b.size ? 'Every box is frozen' : 'Every box is checked';
+      const what = b.frozenCount >= b.size ? 'Every box is frozen'
+        : this.capacity < b.size ? `It is full (at most ${f.format(this.capacity)} may be checked)`
+          : 'Every box is checked';
       this.end.textContent = `The board is finished. ${what}: ${f.format(b.checkedCount)} of ${f.format(b.size)} checked, ${f.format(b.frozenCount)} frozen.`
         + (this.youChecked ? ` You checked ${f.format(this.youChecked)}.` : '');
       return;

@@ -118,3 +118,19 @@ test('a finished board shows the end state with the final numbers and "you check
   assert.equal(await again.locator('#you-checked').textContent(), 'you checked 8');
   await profile.close();
 });
+
+test('a board with a limit is finished when full, and says so', async () => {
+  const s = await server(['--board-size', '20', '--max-checked', '3']);
+  const page = await openBoard(s.url);
+  await page.waitForFunction(() => window.omcb.sunset.maxChecked === 3, null, { timeout: 2000 });
+  for (let i = 0; i < 3; i++) await box(page, i).click();
+  await page.waitForSelector('#board-finished:not([hidden])', { timeout: 5000 });
+  assert.match(
+    await page.locator('#board-finished').textContent(),
+    /The board is finished\. It is full \(at most 3 may be checked\): 3 of 20 checked, 0 frozen\./,
+  );
+  // Unchecking makes room again: no longer finished.
+  await box(page, 0).click();
+  await page.waitForSelector('#board-finished', { state: 'hidden', timeout: 5000 });
+  await page.close();
+});

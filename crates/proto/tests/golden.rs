@@ -44,7 +44,7 @@ fn expected(msg: &Msg) -> Value {
         Msg::Error(e) => json!({"kind": "error", "code": e.code, "message": e.message}),
         Msg::Settings(s) => json!({
             "kind": "settings", "freezeAfterMs": s.freeze_after_ms.to_string(),
-            "serverTimeMs": s.server_time_ms.to_string(),
+            "serverTimeMs": s.server_time_ms.to_string(), "maxChecked": s.max_checked,
         }),
     }
 }
@@ -155,7 +155,11 @@ fn vectors() -> Value {
     }
     server(
         "settings, a ten-minute sunset",
-        Msg::Settings(v1::Settings { freeze_after_ms: 600_000, server_time_ms: 1_780_000_000_123 }),
+        Msg::Settings(v1::Settings {
+            freeze_after_ms: 600_000,
+            server_time_ms: 1_780_000_000_123,
+            max_checked: 250_000,
+        }),
     );
     server("settings, sunset stopped", Msg::Settings(v1::Settings::default()));
     // Bare snapshot, as GET /api/state serves it.

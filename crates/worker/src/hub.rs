@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -162,6 +162,9 @@ pub struct Hub {
     resume_batches: usize,
     /// `(epoch, seq)` of the replica, for resumes that must wait for it.
     position: watch::Sender<(u64, u64)>,
+    /// The board's `max_checked` (0 = none), fixed when the board was
+    /// created; every `Settings` message carries it.
+    max_checked: AtomicU32,
     metrics: Metrics,
 }
 
@@ -179,6 +182,7 @@ impl Hub {
         let position = watch::Sender::new((board.epoch, board.seq));
         Self {
             position,
+            max_checked: AtomicU32::new(0),
             state: RwLock::new(State { board, ring: VecDeque::new() }),
             shards,
             shard_queues: Mutex::new(shard_queues),
@@ -189,6 +193,33 @@ impl Hub {
             resume_batches,
             metrics,
         }
+    }
+
+    /// Sets the board's `max_checked` (0 = none), once at start.
+    pub fn set_max_checked(&self, max_checked: u32) {
+        self.max_checked.store(max_checked, Ordering::Relaxed);
+    }
+
+    /// `ServerMessage{settings}` for the board's settings with this
+    /// `freeze_after_ms`, stamped now.
+    fn settings_frame(&self, freeze_after_ms: u64) -> Bytes {
+        let settings = omcb_proto::v1::Settings {
+            freeze_after_ms,
+            server_time_ms: omcb_store::now_ms(),
+            max_checked: self.max_checked.load(Ordering::Relaxed),
+        };
+        frames::frame(
+            fastwebsockets::OpCode::Binary,
+            &omcb_proto::encode_server(Msg::Settings(settings)),
+        )
+    }
+
+    /// The `Settings` frame a socket's start ends with: always after resumed
+    /// batches (the client may have missed a change), after a Snapshot only
+    /// on a board with a limit (the Snapshot has no field for it).
+    fn start_settings(&self, board: &Board, resumed: bool) -> Option<Bytes> {
+        (resumed || self.max_checked.load(Ordering::Relaxed) > 0)
+            .then(|| self.settings_frame(board.freeze_after_ms))
     }
 
     /// Whether the replica is caught up with its store.
@@ -257,21 +288,22 @@ impl Hub {
                 // A resuming client may have missed a settings change (it
                 // was away, or loaded `/api/state` just before): the board's
                 // settings go last in its start.
-                let settings = settings_frame(state.board.freeze_after_ms);
-                sink.start(epoch, seq, b.into_iter().map(|b| b.frame).chain([settings]));
+                let settings = self.start_settings(&state.board, true);
+                sink.start(epoch, seq, b.into_iter().map(|b| b.frame).chain(settings));
                 Start::Resume
             } else if let Some(frames) =
                 snapshot.as_ref().and_then(|s| Self::snapshot_and_batches(&state, s))
             {
                 let bytes = snapshot.as_ref().map_or(0, |s| s.frame.len());
                 self.metrics.snapshot_bytes_connect.increment(bytes as u64);
-                sink.start(epoch, seq, frames);
+                sink.start(epoch, seq, frames.chain(self.start_settings(&state.board, false)));
                 Start::Snapshot
             } else if attempt >= 3 {
                 // Under constant resets: encode under the lock rather than retry forever.
                 let frame = self.encode_snapshot(&state.board).frame;
                 self.metrics.snapshot_bytes_connect.increment(frame.len() as u64);
-                sink.start(epoch, seq, [frame]);
+                let settings = self.start_settings(&state.board, false);
+                sink.start(epoch, seq, std::iter::once(frame).chain(settings));
                 Start::Snapshot
             } else {
                 drop(state);
@@ -561,7 +593,7 @@ impl Hub {
             "the board's freeze_after changed"
         );
         state.board.freeze_after_ms = freeze_after_ms;
-        self.fan_out_all(&Published::Settings(settings_frame(freeze_after_ms)));
+        self.fan_out_all(&Published::Settings(self.settings_frame(freeze_after_ms)));
         drop(state);
         true
     }
@@ -578,16 +610,6 @@ impl Hub {
         drop(state);
         self.metrics.feed_resets.increment(1);
     }
-}
-
-/// The `ServerMessage{settings}` frame for `freeze_after_ms`, stamped now.
-fn settings_frame(freeze_after_ms: u64) -> Bytes {
-    let settings =
-        omcb_proto::v1::Settings { freeze_after_ms, server_time_ms: omcb_store::now_ms() };
-    frames::frame(
-        fastwebsockets::OpCode::Binary,
-        &omcb_proto::encode_server(Msg::Settings(settings)),
-    )
 }
 
 /// Reads the feed in its own task, so the hub's `select!` never cancels a

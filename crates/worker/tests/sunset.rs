@@ -218,3 +218,24 @@ async fn an_embedded_sunset_survives_restarts() {
     let w = Worker::start_in(dir.path(), &flags(OPEN));
     assert_eq!(w.stats().await["freeze_after_ms"], 1_200_000);
 }
+
+/// A board with `--max-checked` says its limit in a `Settings` message right
+/// after the start's Snapshot (the Snapshot has no field for it), so a page
+/// can tell when the board is full; a board without one sends none there.
+#[tokio::test]
+async fn a_board_with_a_limit_says_so_after_the_snapshot() {
+    use omcb_proto::v1::server_message::Msg;
+    let w = Worker::start(&flags(&format!("{OPEN} --max-checked 3")));
+    let mut c = connect(&w.ws_url("")).await;
+    assert!(matches!(c.next_any().await.unwrap(), Msg::Snapshot(_)));
+    let Msg::Settings(s) = c.next_any().await.unwrap() else { panic!("Settings next") };
+    assert_eq!((s.max_checked, s.freeze_after_ms), (3, 0));
+    assert!(s.server_time_ms > 0);
+
+    let w = Worker::start(&flags(OPEN));
+    let mut c = connect(&w.ws_url("")).await;
+    assert!(matches!(c.next_any().await.unwrap(), Msg::Snapshot(_)));
+    c.toggle(1, true).await;
+    let next = c.next_any().await.unwrap();
+    assert!(matches!(next, Msg::ToggleResult(_)), "the answer, no Settings: {next:?}");
+}
