@@ -75,7 +75,7 @@ test('a sunset started by omcb admin shows at once, counts down, and a box past 
   assert.match(await page.locator('#sunset-rule').textContent(), /checked for 10 minutes can no longer be unchecked/);
   // The pointer on the box this page checked: its own countdown, exact.
   await box(page, 7).hover();
-  await page.waitForFunction(() => /Box 7 freezes in 9:5\d\./.test(document.getElementById('sunset-countdown').textContent));
+  await page.waitForFunction(() => /Box 7 freezes in 9:\d\d\./.test(document.getElementById('sunset-countdown').textContent));
   const first = await page.locator('#sunset-countdown').textContent();
   await page.waitForFunction((t) => document.getElementById('sunset-countdown').textContent !== t, first, { timeout: 3000 });
   assert.ok(await page.evaluate(() => window.notReloaded), 'no reload');
