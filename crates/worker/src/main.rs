@@ -30,7 +30,14 @@ fn main() -> anyhow::Result<()> {
             omcb_worker::logging::init(config.log_format);
             runtime.block_on(serve(*config))
         }
-        Command::Admin(args) => runtime.block_on(omcb_worker::admin::run(args)),
+        Command::Admin(args) => {
+            // An operator's tool: the reason, not a backtrace.
+            if let Err(e) = runtime.block_on(omcb_worker::admin::run(args)) {
+                eprintln!("omcb admin: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     };
     // Everything worth waiting for (sockets closed, board persisted) is done;
     // don't wait for a blocking read on a store connection to time out.

@@ -132,6 +132,11 @@ async fn admin_changes_the_sunset_on_a_running_fleet() {
     }
     let refused = admin(&["--redis", &url, "sunset", "set", "5m"]).unwrap_err();
     assert!(refused.contains("no sunset is running"), "{refused}");
+    // A mistyped board name is an error, never a new board.
+    let refused =
+        admin(&["--redis", &url, "--board", "mian", "sunset", "start", "1m"]).unwrap_err();
+    assert!(refused.contains(r#"there is no board named "mian""#), "{refused}");
+    assert_eq!(redis.command(&["EXISTS", "{mian}:config"]).unwrap(), omcb_testkit::Resp::Int(0));
 }
 
 /// The admin routes live on the private listener only: the public one
