@@ -4,6 +4,7 @@ import { Board } from './board.js';
 import { Connection } from './conn.js';
 import { Grid } from './grid.js';
 import { Reason, decodeSnapshot } from './proto.js';
+import { Sunset } from './sunset.js';
 
 const $ = (id) => document.getElementById(id);
 const board = new Board();
@@ -48,6 +49,9 @@ const grid = new Grid($('grid'), {
   },
 });
 
+// The sunset's line, countdown and end state, and "you checked N" (sunset.js).
+const sunset = new Sunset({ board, grid: $('grid'), header: document.querySelector('header'), fmt });
+
 const reasonText = {
   [Reason.OUT_OF_RANGE]: 'That box is not on the board.',
   [Reason.FROZEN]: 'That box is frozen.',
@@ -60,6 +64,7 @@ function onToggleResult(r) {
   const index = byRequest.get(r.requestId);
   byRequest.delete(r.requestId);
   if (index === undefined) return;
+  if (r.accepted && r.seq > 0n) sunset.onAccepted(index, r.checked);
   const p = pending.get(index);
   if (!p || p.requestId !== r.requestId) return; // a later click on the same box owns it now
   if (r.accepted && r.seq > board.seq) {
@@ -87,6 +92,7 @@ function onMessage(msg) {
       if (!board.applySnapshot(msg)) return;
       if (epochChanged) pending.clear(); // seqs of the old board mean nothing now
       settle();
+      sunset.onSnapshot(msg);
       grid.setSize(board.size);
       grid.refresh();
       break;
@@ -94,9 +100,15 @@ function onMessage(msg) {
     case 'batch': {
       const r = board.applyBatch(msg);
       if (r.result === 'gap') conn.resync();
-      if (r.result === 'applied') grid.update(r.changed.concat(settle()));
+      if (r.result === 'applied') {
+        sunset.onBatch(msg);
+        grid.update(r.changed.concat(settle()));
+      }
       break;
     }
+    case 'settings':
+      sunset.onSettings(msg);
+      break;
     case 'toggleResult':
       onToggleResult(msg);
       break;
@@ -106,6 +118,7 @@ function onMessage(msg) {
       break;
   }
   counts();
+  sunset.render();
 }
 
 function counts() {
@@ -189,15 +202,13 @@ async function loadState() {
     const resp = await fetch('/api/state');
     if (!resp.ok) throw new Error(`GET /api/state: ${resp.status}`);
     const snapshot = decodeSnapshot(new Uint8Array(await resp.arrayBuffer()));
-    if (!board.ready && board.applySnapshot(snapshot)) {
-      grid.setSize(board.size);
-      grid.refresh();
-      counts();
-    }
+    // As if it came on the socket: the grid, the counts and the sunset's
+    // clock and countdowns all start from it.
+    if (!board.ready) onMessage({ kind: 'snapshot', ...snapshot });
   } catch (e) {
     console.warn('no state over HTTP; the socket will send it', e);
   }
 }
 loadState().then(() => conn.start());
 // For tests and the curious: the state behind the page.
-window.omcb = { board, conn, grid, pending };
+window.omcb = { board, conn, grid, pending, sunset };

@@ -191,6 +191,22 @@ function decodeToggleResult(bytes) {
   return t;
 }
 
+// The board's live settings (the sunset), sent when an operator changes them
+// and at the end of a resumed start.
+function decodeSettings(bytes) {
+  const s = { freezeAfterMs: 0n, serverTimeMs: 0n, maxChecked: 0 };
+  fields(bytes, (f, w, r) => {
+    if (w !== 0) return false;
+    switch (f) {
+      case 1: s.freezeAfterMs = r.varint(); return true;
+      case 2: s.serverTimeMs = r.varint(); return true;
+      case 3: s.maxChecked = r.uint32(); return true;
+      default: return false;
+    }
+  });
+  return s;
+}
+
 function decodeError(bytes) {
   const e = { code: 0, message: '' };
   fields(bytes, (f, w, r) => {
@@ -201,7 +217,7 @@ function decodeError(bytes) {
   return e;
 }
 
-// Decodes a ServerMessage into {kind: 'snapshot'|'batch'|'toggleResult'|'error', ...fields}.
+// Decodes a ServerMessage into {kind: 'snapshot'|'batch'|'toggleResult'|'error'|'settings', ...fields}.
 // The last oneof field on the wire wins, as protobuf specifies.
 export function decodeServerMessage(bytes) {
   let msg = null;
@@ -212,6 +228,7 @@ export function decodeServerMessage(bytes) {
       case 2: msg = { kind: 'batch', ...decodeBatch(r.bytes()) }; return true;
       case 3: msg = { kind: 'toggleResult', ...decodeToggleResult(r.bytes()) }; return true;
       case 4: msg = { kind: 'error', ...decodeError(r.bytes()) }; return true;
+      case 5: msg = { kind: 'settings', ...decodeSettings(r.bytes()) }; return true;
       default: return false;
     }
   });

@@ -13,8 +13,9 @@ export const chromiumArgs = [
   '--disable-background-networking', '--disable-component-update', '--disable-sync',
 ];
 
-// Resolves to {url, dataDir, stop} once the server prints its address (no
-// sleeps: we read its stdout until the line appears). `listen` defaults to a
+// Resolves to {url, metricsUrl, dataDir, stop} once the server prints its
+// addresses (no sleeps: we read its stdout until both lines appear).
+// metricsUrl is the private listener (`omcb admin --worker` talks to it). `listen` defaults to a
 // free port; a restart test passes the previous address and data dir.
 // The page is served from this checkout's web/ (--web-dir), not the copy built
 // into the binary, so the tests exercise the files under test.
@@ -28,11 +29,16 @@ export async function startServer({ listen = '127.0.0.1:0', dataDir, args = [], 
   let log = '';
   child.stderr.on('data', (d) => { log += d; });
   const exited = new Promise((ok) => child.once('exit', (code, signal) => ok(code ?? signal)));
+  let metricsUrl;
   const url = await new Promise((ok, fail) => {
     const lines = createInterface({ input: child.stdout });
+    let listening;
     lines.on('line', (line) => {
       const m = line.match(/^listening on (http:\/\/\S+)/);
-      if (m) ok(m[1]);
+      if (m) listening = m[1];
+      const p = line.match(/^metrics on (http:\/\/\S+)\/metrics/);
+      if (p) metricsUrl = p[1];
+      if (listening && metricsUrl) ok(listening);
     });
     child.once('error', fail); // e.g. the binary is not built
     exited.then((code) => fail(new Error(`omcb exited with ${code} before listening:\n${log}`)));
@@ -40,6 +46,7 @@ export async function startServer({ listen = '127.0.0.1:0', dataDir, args = [], 
   });
   return {
     url,
+    metricsUrl,
     dataDir,
     log: () => log,
     // SIGTERM, then the exit code; removes the data dir unless asked to keep it.

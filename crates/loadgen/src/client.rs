@@ -540,6 +540,8 @@ fn handle(
             shared.errors.fetch_add(1, Ordering::Relaxed);
             false
         }
+        // The board's settings (the sunset): nothing to check for the board.
+        Msg::Settings(_) => false,
     }
 }
 

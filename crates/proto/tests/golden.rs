@@ -42,6 +42,10 @@ fn expected(msg: &Msg) -> Value {
             "checked": t.checked, "reason": t.reason, "seq": t.seq.to_string(),
         }),
         Msg::Error(e) => json!({"kind": "error", "code": e.code, "message": e.message}),
+        Msg::Settings(s) => json!({
+            "kind": "settings", "freezeAfterMs": s.freeze_after_ms.to_string(),
+            "serverTimeMs": s.server_time_ms.to_string(), "maxChecked": s.max_checked,
+        }),
     }
 }
 
@@ -149,6 +153,15 @@ fn vectors() -> Value {
             Msg::Error(v1::Error { code, message: format!("bad thing ü {code}") }),
         );
     }
+    server(
+        "settings, a ten-minute sunset",
+        Msg::Settings(v1::Settings {
+            freeze_after_ms: 600_000,
+            server_time_ms: 1_780_000_000_123,
+            max_checked: 250_000,
+        }),
+    );
+    server("settings, sunset stopped", Msg::Settings(v1::Settings::default()));
     // Bare snapshot, as GET /api/state serves it.
     let bare = board(64, 77, &[63], &[]).to_snapshot(5);
     out.push(json!({"name": "bare snapshot (/api/state)", "kind": "snapshot", "hex": hex(&bare.encode_to_vec()), "expected": snapshot_json(&bare)}));

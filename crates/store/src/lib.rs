@@ -19,6 +19,13 @@
 //!   checked for at least `freeze_after_ms` cannot be unchecked. Trying to
 //!   freezes it (a change with its own seq) and refuses with `Refusal::Frozen`;
 //!   [`Store::sweep`] freezes such boxes nobody touched.
+//! - `freeze_after_ms` is the board's live setting, not fixed at creation:
+//!   [`Store::set_freeze_after`] (an operator's `omcb admin sunset`) changes
+//!   it for the whole board, persisted with it (the Redis config hash, the
+//!   embedded board file); the next set and sweep follow it, and every worker
+//!   reads it with [`Store::current_config`] each tick. Starting a sunset
+//!   applies to boxes already checked: one checked longer ago than the new
+//!   setting freezes at the next sweep.
 //! - Every accepted change gets the next seq (1, 2, ...), and appears in the
 //!   change feed in seq order, with no holes.
 //! - A board has a random non-zero epoch, chosen when it is created, and a new
@@ -42,7 +49,8 @@ pub use omcb_proto::{Board, Change, Op};
 pub mod memory;
 pub mod redis;
 
-/// A board's fixed settings.
+/// A board's settings: size and limit fixed when it is created, the sunset
+/// (`freeze_after_ms`) live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BoardConfig {
     /// Number of boxes.
@@ -166,6 +174,25 @@ impl Store {
         match self {
             Store::Memory(m) => m.config(),
             Store::Redis(r) => r.config(),
+        }
+    }
+
+    /// Sets the board's `freeze_after_ms` (0 stops the sunset), persisted
+    /// before it answers; returns the board's settings after the change.
+    pub async fn set_freeze_after(&self, freeze_after_ms: u64) -> Result<BoardConfig, StoreError> {
+        match self {
+            Store::Memory(m) => m.set_freeze_after(freeze_after_ms).await,
+            Store::Redis(r) => r.set_freeze_after(freeze_after_ms).await,
+        }
+    }
+
+    /// The board's settings as the store holds them now: free for the
+    /// embedded store, one `HGET` for Redis (which also refreshes what
+    /// [`config`](Self::config) answers and the sweep reads).
+    pub async fn current_config(&self) -> Result<BoardConfig, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.config()),
+            Store::Redis(r) => r.reload_config().await,
         }
     }
 

@@ -234,6 +234,36 @@ mod suite {
         assert!(changes[1].committed_ms >= changes[0].committed_ms + 60, "{changes:?}");
     }
 
+    /// A sunset started on a live board (`omcb admin sunset start`): boxes
+    /// checked longer ago than the new setting cannot be unchecked and the
+    /// sweep freezes them; stopping it makes unchecking possible again.
+    pub async fn a_sunset_started_on_a_live_board_applies_at_once(store: Store) {
+        check_all(&store, [1, 2, 3]).await;
+        assert_eq!(store.sweep(10).await.unwrap(), 0, "freezing is off");
+        let since = Instant::now();
+        eventually("the boxes to be 60 ms old", async || {
+            since.elapsed() >= Duration::from_millis(80)
+        })
+        .await;
+        let config = store.set_freeze_after(60).await.unwrap();
+        assert_eq!(config.freeze_after_ms, 60);
+        assert_eq!(store.config().freeze_after_ms, 60);
+        assert_eq!(store.current_config().await.unwrap().freeze_after_ms, 60);
+        assert_eq!(store.snapshot().await.unwrap().freeze_after_ms, 60);
+        let refused = set(&store, 1, false).await;
+        assert_eq!(refused, SetOutcome::Refused { reason: Refusal::Frozen, checked: true });
+        assert_eq!(store.sweep(10).await.unwrap(), 2, "boxes 2 and 3 froze");
+        // Stopped: a box checked now stays uncheckable however long ago.
+        assert_eq!(store.set_freeze_after(0).await.unwrap().freeze_after_ms, 0);
+        set(&store, 4, true).await;
+        let since = Instant::now();
+        eventually("box 4 to be 60 ms old", async || since.elapsed() >= Duration::from_millis(80))
+            .await;
+        assert_eq!(store.sweep(10).await.unwrap(), 0);
+        assert!(matches!(set(&store, 4, false).await, SetOutcome::Changed { checked: false, .. }));
+        assert_eq!(store.snapshot().await.unwrap().frozen_count, 3);
+    }
+
     pub async fn feed_from_a_wrong_epoch_resets(store: Store) {
         set(&store, 1, true).await;
         let b = store.snapshot().await.unwrap();
@@ -292,6 +322,7 @@ conformance! {
     quiet_feed_reports_caught_up(SMALL),
     changes_carry_their_commit_time(BoardConfig { freeze_after_ms: 60, ..SMALL }),
     feed_from_a_wrong_epoch_resets(SMALL),
+    a_sunset_started_on_a_live_board_applies_at_once(SMALL),
 }
 
 /// Redis forgets its scripts on a restart, a failover or `SCRIPT FLUSH`; a set
@@ -537,4 +568,19 @@ async fn redis_feed_with_a_replica_restores_a_board_that_lost_changes() {
     })
     .await;
     assert!(matches!(set(&a, 700, true).await, SetOutcome::Changed { .. }));
+}
+
+/// A sunset set through one worker's store is the board's: another worker
+/// learns it with its next `current_config` (the hub's tick), and one that
+/// starts later with other flags takes the board's setting.
+#[tokio::test]
+async fn redis_a_sunset_set_through_one_worker_reaches_the_others() {
+    let (a, server) = redis_server(SMALL).await;
+    let b = redis_store(&server, SMALL).await;
+    assert_eq!(a.set_freeze_after(600_000).await.unwrap().freeze_after_ms, 600_000);
+    assert_eq!(b.config().freeze_after_ms, 0, "b has not read it yet");
+    assert_eq!(b.current_config().await.unwrap().freeze_after_ms, 600_000);
+    assert_eq!(b.config().freeze_after_ms, 600_000);
+    let late = redis_store(&server, BoardConfig { freeze_after_ms: 5, ..SMALL }).await;
+    assert_eq!(late.config().freeze_after_ms, 600_000);
 }

@@ -17,7 +17,8 @@ pub struct Config {
     #[arg(long, env = "OMCB_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Address for Prometheus `/metrics`; off when not given. Keep it private.
+    /// Address for Prometheus `/metrics` and the operator's `/admin/` routes
+    /// (`omcb admin`); off when not given. Keep it private: it has no login.
     #[arg(long, env = "OMCB_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
@@ -283,7 +284,7 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
-const YEARS_100: Duration = Duration::from_secs(100 * 365 * 86_400);
+pub(crate) const YEARS_100: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// Parses a duration (`250ms`, `20s`, `10m`, `1h 30m`, humantime's syntax, or
 /// bare seconds) and refuses one outside `min..=max`. The bounds keep every

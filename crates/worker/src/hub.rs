@@ -3,7 +3,8 @@
 //! that every socket sends as it is.
 //!
 //! The fan-out runs in one task per shard of sockets (one shard per core):
-//! each published batch goes to every shard in order, and a shard offers it to
+//! each published batch (or settings change, `Hub::set_freeze_after`) goes
+//! to every shard in order, and a shard offers it to
 //! each of its sockets' [`Sink`]s, which write it straight into the socket
 //! (one non-blocking `write`; see [`crate::sink`]). No per-socket task wakes
 //! for a batch.
@@ -19,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -43,6 +44,9 @@ enum Published {
     /// The replica was replaced (new epoch, or the feed lost continuity):
     /// every socket must send a fresh Snapshot before any later batch.
     Reset,
+    /// The board's settings changed (`omcb admin`): a `Settings` frame,
+    /// encoded once, that every socket sends in order with its batches.
+    Settings(Bytes),
 }
 
 /// A snapshot encoded once per seq, for sockets and for `GET /api/state`.
@@ -52,6 +56,9 @@ pub struct EncodedSnapshot {
     pub epoch: u64,
     /// Seq the snapshot is at.
     pub seq: u64,
+    /// The board's `freeze_after_ms` in it: a setting changes without a new
+    /// seq, so it is part of what a cached snapshot must match.
+    pub freeze_after_ms: u64,
     /// The binary WebSocket frame of `ServerMessage{snapshot}`, for sockets.
     pub frame: Bytes,
     /// The bare `Snapshot`, for `/api/state`.
@@ -205,6 +212,9 @@ pub struct Hub {
     resume_batches: usize,
     /// `(epoch, seq)` of the replica, for resumes that must wait for it.
     position: watch::Sender<(u64, u64)>,
+    /// The board's `max_checked` (0 = none), fixed when the board was
+    /// created; every `Settings` message carries it.
+    max_checked: AtomicU32,
     metrics: Metrics,
 }
 
@@ -222,6 +232,7 @@ impl Hub {
         let position = watch::Sender::new((board.epoch, board.seq));
         Self {
             position,
+            max_checked: AtomicU32::new(0),
             state: RwLock::new(State { board, ring: VecDeque::new() }),
             shards,
             shard_queues: Mutex::new(shard_queues),
@@ -232,6 +243,33 @@ impl Hub {
             resume_batches,
             metrics,
         }
+    }
+
+    /// Sets the board's `max_checked` (0 = none), once at start.
+    pub fn set_max_checked(&self, max_checked: u32) {
+        self.max_checked.store(max_checked, Ordering::Relaxed);
+    }
+
+    /// `ServerMessage{settings}` for the board's settings with this
+    /// `freeze_after_ms`, stamped now.
+    fn settings_frame(&self, freeze_after_ms: u64) -> Bytes {
+        let settings = omcb_proto::v1::Settings {
+            freeze_after_ms,
+            server_time_ms: omcb_store::now_ms(),
+            max_checked: self.max_checked.load(Ordering::Relaxed),
+        };
+        frames::frame(
+            fastwebsockets::OpCode::Binary,
+            &omcb_proto::encode_server(Msg::Settings(settings)),
+        )
+    }
+
+    /// The `Settings` frame a socket's start ends with: always after resumed
+    /// batches (the client may have missed a change), after a Snapshot only
+    /// on a board with a limit (the Snapshot has no field for it).
+    fn start_settings(&self, board: &Board, resumed: bool) -> Option<Bytes> {
+        (resumed || self.max_checked.load(Ordering::Relaxed) > 0)
+            .then(|| self.settings_frame(board.freeze_after_ms))
     }
 
     /// Whether the replica is caught up with its store.
@@ -302,20 +340,25 @@ impl Hub {
             let start = if let Some(b) =
                 resume.and_then(|(e, since)| Self::resume_from(&state, e, since))
             {
-                sink.start(epoch, seq, b.into_iter().map(|b| b.frame));
+                // A resuming client may have missed a settings change (it
+                // was away, or loaded `/api/state` just before): the board's
+                // settings go last in its start.
+                let settings = self.start_settings(&state.board, true);
+                sink.start(epoch, seq, b.into_iter().map(|b| b.frame).chain(settings));
                 Start::Resume
             } else if let Some(frames) =
                 snapshot.as_ref().and_then(|s| Self::snapshot_and_batches(&state, s, coding))
             {
                 let bytes = snapshot.as_ref().map_or(0, |s| s.frame(coding).len());
                 self.metrics.snapshot_bytes_connect.increment(bytes as u64);
-                sink.start(epoch, seq, frames);
+                sink.start(epoch, seq, frames.chain(self.start_settings(&state.board, false)));
                 Start::Snapshot
             } else if attempt >= 3 {
                 // Under constant resets: encode under the lock rather than retry forever.
                 let frame = self.encode_snapshot(&state.board).frame;
                 self.metrics.snapshot_bytes_connect.increment(frame.len() as u64);
-                sink.start(epoch, seq, [frame]);
+                let settings = self.start_settings(&state.board, false);
+                sink.start(epoch, seq, std::iter::once(frame).chain(settings));
                 Start::Snapshot
             } else {
                 drop(state);
@@ -360,6 +403,10 @@ impl Hub {
         snapshot: &Arc<EncodedSnapshot>,
         coding: SnapshotCoding,
     ) -> Option<impl Iterator<Item = Bytes> + use<>> {
+        if snapshot.freeze_after_ms != state.board.freeze_after_ms {
+            // Encoded before a settings change that its sockets already got.
+            return None;
+        }
         let batches = Self::resume_from(state, snapshot.epoch, snapshot.seq)?;
         let first = snapshot.frame(coding).clone();
         Some(std::iter::once(first).chain(batches.into_iter().map(|b| b.frame)))
@@ -377,6 +424,7 @@ impl Hub {
             if let Some(s) = cache.as_ref()
                 && s.epoch == state.board.epoch
                 && s.seq == state.board.seq
+                && s.freeze_after_ms == state.board.freeze_after_ms
             {
                 return s.clone();
             }
@@ -398,6 +446,7 @@ impl Hub {
         EncodedSnapshot {
             epoch: board.epoch,
             seq: board.seq,
+            freeze_after_ms: board.freeze_after_ms,
             frame,
             bare,
             gzip: std::sync::OnceLock::new(),
@@ -517,6 +566,7 @@ impl Hub {
                 match &published {
                     Published::Batch(b) => chunk.iter().for_each(|s| s.offer(b)),
                     Published::Reset => chunk.iter().for_each(|s| s.reset()),
+                    Published::Settings(frame) => chunk.iter().for_each(|s| s.send(frame.clone())),
                 }
                 // Thousands of writes in a row would keep this runtime thread
                 // from the hub's tick, the readers and new connections.
@@ -584,6 +634,32 @@ impl Hub {
         if let Some(t) = since {
             self.metrics.toggle_to_send.record(t.elapsed().as_secs_f64());
         }
+    }
+
+    /// Takes the board's settings as the store holds them now (the server's
+    /// settings loop calls this every tick): when `freeze_after_ms` changed,
+    /// the replica (so `/api/stats` and new snapshots) takes it and every
+    /// socket gets a `Settings` message, queued in order with its batches.
+    /// Returns whether it changed.
+    pub fn set_freeze_after(&self, freeze_after_ms: u64) -> bool {
+        if self.state.read().board.freeze_after_ms == freeze_after_ms {
+            return false;
+        }
+        // Under the write lock, like a batch: a socket that starts after
+        // this has the new setting in its start, one before gets the frame.
+        let mut state = self.state.write();
+        if state.board.freeze_after_ms == freeze_after_ms {
+            return false;
+        }
+        tracing::info!(
+            from_ms = state.board.freeze_after_ms,
+            to_ms = freeze_after_ms,
+            "the board's freeze_after changed"
+        );
+        state.board.freeze_after_ms = freeze_after_ms;
+        self.fan_out_all(&Published::Settings(self.settings_frame(freeze_after_ms)));
+        drop(state);
+        true
     }
 
     /// Replaces the replica (a new epoch, or continuity lost) and tells every

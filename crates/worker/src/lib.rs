@@ -35,14 +35,17 @@
 //!   files, `/api/state`, `/api/stats`, `/healthz`, `/readyz`), and in
 //!   `http::embed` the widget's (`/embed`, `/embed.js`, `/oembed`,
 //!   `/badge.svg`, `/api/counts`).
+//! - [`admin`] (config, app): the operator's sunset, on the private
+//!   listener's `/admin/` routes and in `omcb admin`.
 //! - [`server`] (config, deadline, assets, metrics, shutdown, limits, hub,
-//!   app, http): [`Server`] ties them together: bind, run until a shutdown
+//!   app, http, admin): [`Server`] ties them together: bind, run until a shutdown
 //!   signal, close every socket with 1012, persist, return.
 //!
 //! **Invariant:** page loads, `/api/state` and connect snapshots are served
 //! from the hub's replica; only toggles (and the hub's one feed) reach the store.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod assets;
 pub mod config;

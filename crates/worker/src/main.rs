@@ -15,16 +15,29 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the board (embedded store: no other service needed).
-    Serve(Config),
+    Serve(Box<Config>),
+    /// Operator actions on a running board: start, change or stop a sunset,
+    /// read the board's settings (through a worker's private listener, or
+    /// straight to Redis in a fleet).
+    Admin(omcb_worker::admin::AdminArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let Command::Serve(config) = &cli.command;
-    omcb_worker::logging::init(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = match cli.command {
-        Command::Serve(config) => runtime.block_on(serve(config)),
+        Command::Serve(config) => {
+            omcb_worker::logging::init(config.log_format);
+            runtime.block_on(serve(*config))
+        }
+        Command::Admin(args) => {
+            // An operator's tool: the reason, not a backtrace.
+            if let Err(e) = runtime.block_on(omcb_worker::admin::run(args)) {
+                eprintln!("omcb admin: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     };
     // Everything worth waiting for (sockets closed, board persisted) is done;
     // don't wait for a blocking read on a store connection to time out.

@@ -258,6 +258,12 @@ impl Metrics {
         }
     }
 
+    /// The board's live `freeze_after` (an `omcb admin` change) in
+    /// `omcb_freeze_after_seconds`.
+    pub fn freeze_after(&self, freeze_after_ms: u64) {
+        gauge!("omcb_freeze_after_seconds").set(freeze_after_ms as f64 / 1000.0);
+    }
+
     /// Counts a refusal by `limiter`.
     pub fn limited(&self, limiter: Limiter) {
         self.limiter_refusals[limiter as usize].increment(1);

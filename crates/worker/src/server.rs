@@ -1,6 +1,7 @@
 //! [`Server`]: binds the listeners, runs the accept loop, the hub, the
-//! sweeper and the metrics listener, and on shutdown closes every socket with
-//! 1012, waits up to `--shutdown-grace` and persists the board.
+//! settings loop, the sweeper and the private listener (`/metrics` and the
+//! `/admin/` routes), and on shutdown closes every socket with 1012, waits up
+//! to `--shutdown-grace` and persists the board.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,7 +24,7 @@ use crate::app::App;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::shutdown::until_set;
-use crate::{assets, counts, deadline, http, limits, metrics};
+use crate::{admin, assets, counts, deadline, http, limits, metrics};
 
 /// Why the worker could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +82,7 @@ impl Server {
         // all shards in parallel.
         let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
         let hub = Arc::new(Hub::new(board, shards, config.resume_batches, metrics.clone()));
+        hub.set_max_checked(store.config().max_checked.unwrap_or(0));
         let listener = bind(config.listen).await?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(bind(addr).await?),
@@ -125,19 +127,17 @@ impl Server {
             app.config.batch_interval(),
             hub_stop,
         ));
-        let mut background = Vec::new();
-        if let Some(after) = app.config.freeze_after {
-            background.push(tokio::spawn(sweep_loop(
-                app.store.clone(),
-                after,
-                app.metrics.clone(),
-            )));
-        }
+        // Every worker runs the sweep loop: the board's live setting says
+        // whether to sweep, and in a fleet the lease says who.
+        let mut background = vec![
+            tokio::spawn(settings_loop(app.clone())),
+            tokio::spawn(sweep_loop(app.store.clone(), app.metrics.clone())),
+        ];
         // One read of the counts a second for every widget stream (counts.rs).
         let widget = app.clone();
         background.push(tokio::spawn(async move { widget.counts.run(&widget.hub).await }));
         if let (Some(l), Some(p)) = (metrics_listener, prometheus) {
-            background.push(tokio::spawn(serve_metrics(l, p)));
+            background.push(tokio::spawn(serve_private(l, p, app.clone())));
         }
 
         tokio::pin!(shutdown);
@@ -254,12 +254,38 @@ async fn refuse_http(mut stream: tokio::net::TcpStream, timeout: Duration) {
     .await;
 }
 
-/// Freezes due boxes a few times per `freeze_after` (the seed's periodic job).
-async fn sweep_loop(store: Store, freeze_after: Duration, metrics: crate::metrics::Metrics) {
-    let period = (freeze_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    let mut tick = tokio::time::interval(period);
+/// Reads the board's settings every tick and applies a change to this
+/// worker (replica, sockets, gauge): how an `omcb admin` change made through
+/// another worker or Redis arrives (see [`admin`] for why a read per tick).
+async fn settings_loop(app: Arc<App>) {
+    let mut tick = tokio::time::interval(app.config.batch_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        match app.store.current_config().await {
+            Ok(config) => admin::apply(&app, config.freeze_after_ms),
+            // The feed reports the store's trouble; this retries next tick.
+            Err(e) => tracing::debug!(error = %e, "reading the board's settings failed"),
+        }
+    }
+}
+
+/// While the board's live setting has freezing on, freezes due boxes a few
+/// times per `freeze_after` (the seed's periodic job); in a fleet only the
+/// lease holder sweeps. It looks at the setting every 100 ms (no store
+/// command: the setting is the one the settings loop keeps), so a change
+/// takes effect within that.
+async fn sweep_loop(store: Store, metrics: crate::metrics::Metrics) {
+    const OFF: Duration = Duration::from_millis(100);
+    loop {
+        let freeze_after = Duration::from_millis(store.config().freeze_after_ms);
+        if freeze_after.is_zero() {
+            // Not sweeping: not the holder either.
+            metrics.swept(&Ok(None));
+            tokio::time::sleep(OFF).await;
+            continue;
+        }
+        let period = (freeze_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
         let swept = store.sweep_leased(10_000).await;
         metrics.swept(&swept);
         match swept {
@@ -267,11 +293,20 @@ async fn sweep_loop(store: Store, freeze_after: Duration, metrics: crate::metric
             Ok(Some(n)) => tracing::debug!(frozen = n, "freeze sweep"),
             Err(e) => tracing::warn!(error = %e, "freeze sweep failed"),
         }
+        // Until the next sweep, or sooner when the setting changes (a sunset
+        // shortened from 10m must not wait out the old 5 s period).
+        let next = tokio::time::Instant::now() + period;
+        while tokio::time::Instant::now() < next
+            && store.config().freeze_after_ms == freeze_after.as_millis() as u64
+        {
+            tokio::time::sleep_until(next.min(tokio::time::Instant::now() + OFF)).await;
+        }
     }
 }
 
-/// The metrics listener: `GET /metrics` in Prometheus text format.
-async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
+/// The private listener (`--metrics-listen`): `GET /metrics` in Prometheus
+/// text format, and the operator's `/admin/` routes ([`admin`]).
+async fn serve_private(listener: TcpListener, handle: PrometheusHandle, app: Arc<App>) {
     let upkeep = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -286,11 +321,15 @@ async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
             continue;
         };
         let handle = handle.clone();
+        let app = app.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let handle = handle.clone();
+                let app = app.clone();
                 async move {
-                    let resp = if req.uri().path() == "/metrics" {
+                    let resp = if req.uri().path().starts_with("/admin/") {
+                        admin::handle(&app, req).await
+                    } else if req.uri().path() == "/metrics" {
                         let mut r = hyper::Response::new(Full::new(Bytes::from(
                             crate::metrics::render(&handle),
                         )));

@@ -312,9 +312,9 @@ async fn refuses_to_start_without_room_for_the_space_reserve() {
     let disk = SmallDisk::mount("1m", "");
     disk.fill();
     let err = start_fails(&disk.mount);
-    // 1,000 boxes: 37 + 2 x 125 + 12 + 12 x 1,000 bytes.
+    // 1,000 boxes: 45 + 2 x 125 + 12 + 12 x 1,000 bytes.
     assert!(
-        err.contains("space reserve") && err.contains("12299 bytes"),
+        err.contains("space reserve") && err.contains("12307 bytes"),
         "a clear error naming the space needed, got: {err}"
     );
 }

@@ -9,7 +9,11 @@ use omcb_proto::bits;
 
 use crate::{Board, StoreError};
 
-const MAGIC: &[u8; 8] = b"OMCBRD01";
+/// The format written now: version 1's layout plus the board's settings.
+const MAGIC: &[u8; 8] = b"OMCBRD02";
+/// Version 1 (before the sunset became a live setting): still read, never
+/// written. Its files carry no `freeze_after_ms`: the flag's value applies.
+const MAGIC_V1: &[u8; 8] = b"OMCBRD01";
 
 /// What a board file holds.
 pub(super) struct Saved {
@@ -17,11 +21,16 @@ pub(super) struct Saved {
     pub checked_at: Vec<u64>,
     /// Written by a clean close (nothing acknowledged can be missing).
     pub clean: bool,
+    /// The board's `freeze_after_ms` (the sunset, set by `omcb admin`);
+    /// `None` in a version 1 file, which did not keep it.
+    pub freeze_after_ms: Option<u64>,
 }
 
-/// Layout (little-endian): magic, clean u8, size u32, epoch u64, seq u64,
-/// checked_count u32, frozen_count u32, checked bits, frozen bits, n u32,
-/// n x (index u32, checked_at u64), FNV-1a-64 of all before.
+/// Layout (little-endian): magic `OMCBRD02`, clean u8, size u32, epoch u64,
+/// seq u64, checked_count u32, frozen_count u32, freeze_after_ms u64, checked
+/// bits, frozen bits, n u32, n x (index u32, checked_at u64), FNV-1a-64 of
+/// all before. Version 1 (`OMCBRD01`, still read) is the same without
+/// freeze_after_ms.
 pub(super) fn encode(board: &Board, checked_at: &[u64], clean: bool) -> Vec<u8> {
     let n = bits::byte_len(board.size);
     let mut out = Vec::with_capacity(64 + 2 * n + board.checked_count as usize * 12);
@@ -32,6 +41,7 @@ pub(super) fn encode(board: &Board, checked_at: &[u64], clean: bool) -> Vec<u8> 
     out.extend_from_slice(&board.seq.to_le_bytes());
     out.extend_from_slice(&board.checked_count.to_le_bytes());
     out.extend_from_slice(&board.frozen_count.to_le_bytes());
+    out.extend_from_slice(&board.freeze_after_ms.to_le_bytes());
     out.extend_from_slice(bits::as_bytes(&board.checked));
     out.extend_from_slice(bits::as_bytes(&board.frozen));
     let times: Vec<(u32, u64)> = checked_at
@@ -53,7 +63,7 @@ pub(super) fn encode(board: &Board, checked_at: &[u64], clean: bool) -> Vec<u8> 
 /// The length of a board file of `size` boxes, `checked` of them checked
 /// (header, two bitsets, the check times, the checksum).
 pub(super) fn len(size: u32, checked: u32) -> u64 {
-    let header = MAGIC.len() + 1 + 4 + 8 + 8 + 4 + 4;
+    let header = MAGIC.len() + 1 + 4 + 8 + 8 + 4 + 4 + 8;
     (header + 2 * bits::byte_len(size) + 4 + 8) as u64 + 12 * u64::from(checked)
 }
 
@@ -73,9 +83,10 @@ pub(super) fn load(path: &Path) -> Result<Option<Saved>, StoreError> {
 }
 
 pub(super) fn decode(bytes: &[u8]) -> Result<Saved, String> {
-    if bytes.len() < MAGIC.len() + 8 || &bytes[..8] != MAGIC {
+    if bytes.len() < MAGIC.len() + 8 || (&bytes[..8] != MAGIC && &bytes[..8] != MAGIC_V1) {
         return Err("not an omcb board file".into());
     }
+    let v1 = &bytes[..8] == MAGIC_V1;
     let (body, sum) = bytes.split_at(bytes.len() - 8);
     if fnv1a(body).to_le_bytes() != sum {
         return Err("checksum mismatch".into());
@@ -87,6 +98,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Saved, String> {
     let seq = r.u64()?;
     let checked_count = r.u32()?;
     let frozen_count = r.u32()?;
+    let freeze_after_ms = if v1 { None } else { Some(r.u64()?) };
     let n = bits::byte_len(size);
     let checked = bits::from_exact_bytes(r.take(n)?, size).map_err(|e| e.to_string())?;
     let frozen = bits::from_exact_bytes(r.take(n)?, size).map_err(|e| e.to_string())?;
@@ -126,9 +138,9 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Saved, String> {
         frozen,
         checked_count,
         frozen_count,
-        freeze_after_ms: 0,
+        freeze_after_ms: freeze_after_ms.unwrap_or(0),
     };
-    Ok(Saved { board, checked_at, clean })
+    Ok(Saved { board, checked_at, clean, freeze_after_ms })
 }
 
 /// temp file + fsync + rename + fsync of the directory: a reader (or a
@@ -297,12 +309,35 @@ mod tests {
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
-        // The golden file of this board (69 bytes and the checksum, computed
-        // outside Rust from the layout in `encode`'s docs): pins the format.
-        let (board, checked_at) = board();
-        let file = encode(&board, &checked_at, true);
+        // The golden version 1 file of this board (69 bytes and the
+        // checksum, computed outside Rust from the layout in `encode`'s
+        // docs): pins the format files written before version 2 have.
+        let file = v1_file();
         assert_eq!(file.len(), 69 + 8);
         assert_eq!(u64::from_le_bytes(file[69..].try_into().unwrap()), 0x36e5_71a6_ae99_5c9c);
+    }
+
+    /// This board's file as version 1 wrote it: version 2's without
+    /// freeze_after_ms, under the old magic, sealed again.
+    fn v1_file() -> Vec<u8> {
+        let mut body = body();
+        body.drain(COUNTS + 8..COUNTS + 16);
+        body[..8].copy_from_slice(MAGIC_V1);
+        sealed(body)
+    }
+
+    /// Files written before the sunset became a live setting still load,
+    /// without one (the store then takes `--freeze-after`); version 2 keeps
+    /// the board's setting.
+    #[test]
+    fn version_1_files_load_and_version_2_keeps_the_sunset() {
+        let (board, checked_at) = board();
+        let old = decode(&v1_file()).unwrap();
+        assert_eq!((old.freeze_after_ms, &old.board, &old.checked_at), (None, &board, &checked_at));
+        let mut sunset = board.clone();
+        sunset.freeze_after_ms = 600_000;
+        let new = decode(&encode(&sunset, &checked_at, true)).unwrap();
+        assert_eq!((new.freeze_after_ms, new.board), (Some(600_000), sunset));
     }
 
     #[test]
@@ -364,7 +399,7 @@ mod tests {
     #[test]
     fn other_files_and_boxes_outside_the_board_are_refused() {
         let mut other = sealed(body());
-        other[..8].copy_from_slice(b"OMCBRD02");
+        other[..8].copy_from_slice(b"OMCBRD03");
         assert_eq!(refusal(&other), "not an omcb board file");
         assert_eq!(refusal(b"OMCB"), "not an omcb board file");
         let index_at = body().len() - 12;

@@ -103,7 +103,8 @@ impl std::fmt::Debug for MemoryStore {
 }
 
 struct Inner {
-    /// The settings this run was started with.
+    /// The settings this run was started with; the live `freeze_after_ms`
+    /// is the board's (`State::board`), which `omcb admin` changes.
     config: BoardConfig,
     /// The board and what changes with it.
     state: Mutex<State>,
@@ -127,7 +128,7 @@ struct State {
     checked_at: Vec<u64>,
     /// `(checked_at, index)` of checked, unfrozen boxes, oldest first, so the
     /// sweep costs O(log n + due) instead of a scan of the board. Kept only
-    /// while freezing is on.
+    /// while freezing is on (`board.freeze_after_ms > 0`, the live setting).
     due: Option<BTreeSet<(u64, u32)>>,
     /// Recent changes, oldest first, contiguous, ending at `board.seq`.
     log: VecDeque<Change>,
@@ -146,8 +147,18 @@ enum Refusing {
 }
 
 impl State {
-    fn new(board: Board, checked_at: Vec<u64>, freeze_after_ms: u64) -> Self {
-        let due = (freeze_after_ms > 0).then(|| {
+    fn new(board: Board, checked_at: Vec<u64>) -> Self {
+        let mut state = Self { board, checked_at, due: None, log: VecDeque::new(), refusing: None };
+        state.index_due();
+        state
+    }
+
+    /// Builds (freezing on) or drops (off) the queue of boxes due to
+    /// freeze, after the board's `freeze_after_ms` was set: O(size), once
+    /// per load or `omcb admin` change.
+    fn index_due(&mut self) {
+        let (board, checked_at) = (&self.board, &self.checked_at);
+        self.due = (board.freeze_after_ms > 0).then(|| {
             checked_at
                 .iter()
                 .enumerate()
@@ -155,7 +166,6 @@ impl State {
                 .map(|(i, &at)| (at, i as u32))
                 .collect()
         });
-        Self { board, checked_at, due, log: VecDeque::new(), refusing: None }
     }
 
     /// Records one accepted change, committed at `now` (ms): next seq, new
@@ -226,7 +236,9 @@ impl MemoryStore {
                     )));
                 }
                 let mut board = saved.board;
-                board.freeze_after_ms = config.freeze_after_ms;
+                // The board's own setting wins (`omcb admin` may have changed
+                // it); a version 1 file has none, so the flag's applies.
+                board.freeze_after_ms = saved.freeze_after_ms.unwrap_or(config.freeze_after_ms);
                 if !saved.clean {
                     let old = board.epoch;
                     board.epoch = crate::new_epoch();
@@ -237,12 +249,11 @@ impl MemoryStore {
                         "the board was not closed cleanly: up to a second of changes may be lost; new epoch"
                     );
                 }
-                State::new(board, saved.checked_at, config.freeze_after_ms)
+                State::new(board, saved.checked_at)
             }
             None => State::new(
                 Board::new(config.size, crate::new_epoch(), config.freeze_after_ms),
                 vec![0; config.size as usize],
-                config.freeze_after_ms,
             ),
         };
         let disk = match path {
@@ -251,6 +262,7 @@ impl MemoryStore {
                     board: state.board.clone(),
                     checked_at: state.checked_at.clone(),
                     written: None,
+                    written_freeze_after: None,
                     failing: false,
                     clean_on_disk: false,
                     has_reserve: false,
@@ -285,6 +297,7 @@ impl MemoryStore {
                         ))
                     })?;
                     copy.written = Some(copy.board.seq);
+                    copy.written_freeze_after = Some(copy.board.freeze_after_ms);
                     drop(copy);
                     Ok::<_, StoreError>(disk)
                 })
@@ -316,9 +329,44 @@ impl MemoryStore {
         Ok(store)
     }
 
-    /// The settings this store was opened with.
+    /// The board's settings: the size and limit it was opened with, and
+    /// the live `freeze_after_ms`.
     pub fn config(&self) -> BoardConfig {
-        self.inner.config
+        let freeze_after_ms = self.state().board.freeze_after_ms;
+        BoardConfig { freeze_after_ms, ..self.inner.config }
+    }
+
+    /// Sets the board's `freeze_after_ms` (the sunset; 0 stops it) and
+    /// persists it before answering, so an acknowledged setting survives a
+    /// crash. From now on a box checked at least that long ago cannot be
+    /// unchecked and the sweep freezes it, whenever it was checked.
+    /// [`StoreError::Unavailable`] while the board cannot be persisted.
+    pub async fn set_freeze_after(&self, freeze_after_ms: u64) -> Result<BoardConfig, StoreError> {
+        let before = {
+            let mut s = self.state();
+            if s.refusing.is_some() {
+                return Err(StoreError::Unavailable(
+                    "the board cannot be persisted now; the setting was not changed".into(),
+                ));
+            }
+            let before = s.board.freeze_after_ms;
+            if before != freeze_after_ms {
+                s.board.freeze_after_ms = freeze_after_ms;
+                s.index_due();
+            }
+            before
+        };
+        if let Err(e) = self.write(false).await {
+            // Not on disk: the board keeps its old setting, so what the
+            // caller is told (refused) stays true after a restart.
+            let mut s = self.state();
+            if s.board.freeze_after_ms == freeze_after_ms && before != freeze_after_ms {
+                s.board.freeze_after_ms = before;
+                s.index_due();
+            }
+            return Err(e);
+        }
+        Ok(self.config())
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -335,8 +383,8 @@ impl MemoryStore {
     /// [`StoreError::Unavailable`] while the board cannot be persisted.
     pub fn set(&self, index: u32, checked: bool) -> Result<SetOutcome, StoreError> {
         let now = (self.inner.clock)();
-        let freeze_after = self.inner.config.freeze_after_ms;
         let mut s = self.state();
+        let freeze_after = s.board.freeze_after_ms;
         if let Some(why) = s.refusing {
             return Err(StoreError::Unavailable(
                 match why {
@@ -394,13 +442,13 @@ impl MemoryStore {
     /// Freezes up to `limit` boxes checked at least `freeze_after_ms` ago.
     /// Freezes nothing while changes are refused (they could not be persisted).
     pub fn sweep(&self, limit: usize) -> usize {
-        let freeze_after = self.inner.config.freeze_after_ms;
+        let now = (self.inner.clock)();
+        let mut s = self.state();
+        let freeze_after = s.board.freeze_after_ms;
         if freeze_after == 0 {
             return 0;
         }
-        let now = (self.inner.clock)();
         let cutoff = now.saturating_sub(freeze_after);
-        let mut s = self.state();
         if s.refusing.is_some() {
             return 0;
         }

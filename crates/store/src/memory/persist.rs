@@ -28,6 +28,9 @@ pub(super) struct DiskCopy {
     pub(super) checked_at: Vec<u64>,
     /// Seq of the board in the last file written; `None` before the first.
     pub(super) written: Option<u64>,
+    /// The `freeze_after_ms` in the last file written: a changed setting
+    /// is written even when no box changed.
+    pub(super) written_freeze_after: Option<u64>,
     /// Whether the last write failed (logs once per change of state).
     pub(super) failing: bool,
     /// Whether the file written last is marked clean while the store runs
@@ -49,14 +52,15 @@ impl State {
         let changes: Vec<Change> =
             self.log.range((seq + 1 - first_in_log) as usize..).copied().collect();
         let times = changes.iter().map(|c| (c.index, self.checked_at[c.index as usize])).collect();
-        Delta::Changes(changes, times)
+        Delta::Changes(changes, times, self.board.freeze_after_ms)
     }
 }
 
 /// See [`State::delta_since`].
 pub(super) enum Delta {
-    /// The changes in seq order, and each touched box's check time now.
-    Changes(Vec<Change>, Vec<(u32, u64)>),
+    /// The changes in seq order, each touched box's check time now, and
+    /// the board's `freeze_after_ms` (a setting, not a change).
+    Changes(Vec<Change>, Vec<(u32, u64)>, u64),
     /// The whole board and every check time.
     Whole(Box<Board>, Vec<u64>),
 }
@@ -64,10 +68,11 @@ pub(super) enum Delta {
 impl DiskCopy {
     pub(super) fn apply(&mut self, delta: Delta) {
         match delta {
-            Delta::Changes(changes, times) => {
+            Delta::Changes(changes, times, freeze_after_ms) => {
                 for c in &changes {
                     self.board.apply_change(c).expect("the log is contiguous from the copy's seq");
                 }
+                self.board.freeze_after_ms = freeze_after_ms;
                 for (index, at) in times {
                     self.checked_at[index as usize] = at;
                 }
@@ -111,7 +116,9 @@ impl MemoryStore {
         let mut copy = disk.copy.lock();
         let delta = {
             let mut s = self.state();
-            let behind = copy.written != Some(s.board.seq) || copy.board.epoch != s.board.epoch;
+            let behind = copy.written != Some(s.board.seq)
+                || copy.board.epoch != s.board.epoch
+                || copy.written_freeze_after != Some(s.board.freeze_after_ms);
             if !clean && !behind && s.refusing.is_none() {
                 return Ok(());
             }
@@ -150,6 +157,7 @@ impl MemoryStore {
         match result {
             Ok(from_reserve) => {
                 copy.written = Some(copy.board.seq);
+                copy.written_freeze_after = Some(copy.board.freeze_after_ms);
                 copy.clean_on_disk = clean || from_reserve;
                 if from_reserve {
                     // The write failed; the reserve saved what was acknowledged.

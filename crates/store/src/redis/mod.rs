@@ -158,6 +158,45 @@ impl RedisStore {
     /// Connects (waiting, with backoff, until Redis answers) and creates the
     /// board `name` if it does not exist.
     pub async fn connect(url: &str, name: &str, wanted: BoardConfig) -> Result<Self, StoreError> {
+        let store = Self::connect_only(url, name, wanted).await?;
+        // Redis may be up but still loading its AOF (`LOADING`): wait for it
+        // rather than exit, within reason.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match store.init().await {
+                Ok(_) => return Ok(store),
+                Err(StoreError::Unavailable(why)) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(why, "Redis is not ready yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Connects to the board `name` that exists in Redis, for an operator's
+    /// tool (`omcb admin`): never creates one (a mistyped name must not make
+    /// an empty board); [`StoreError::Data`] when there is none.
+    pub async fn open_existing(url: &str, name: &str) -> Result<Self, StoreError> {
+        let store = Self::connect_only(url, name, BoardConfig::default()).await?;
+        let client = &store.inner.client;
+        let (size, max_checked, freeze_after_ms): (Option<u32>, Option<u32>, Option<u64>) = client
+            .hmget(store.inner.keys.config.as_str(), vec!["size", "max_checked", "freeze_after_ms"])
+            .await
+            .map_err(unavailable)?;
+        let Some(size) = size else {
+            return Err(StoreError::Data(format!("there is no board named {name:?} in {url}")));
+        };
+        *store.inner.config.write() = BoardConfig {
+            size,
+            max_checked: max_checked.filter(|&m| m > 0),
+            freeze_after_ms: freeze_after_ms.unwrap_or(0),
+        };
+        Ok(store)
+    }
+
+    /// Connects, waiting with backoff until Redis answers; touches no key.
+    async fn connect_only(url: &str, name: &str, wanted: BoardConfig) -> Result<Self, StoreError> {
         let builder = builder(url)?;
         let client = builder.build().map_err(unavailable)?;
         let mut errors = client.error_rx();
@@ -195,19 +234,7 @@ impl RedisStore {
                 read: parking_lot::Mutex::new((0, 0)),
             }),
         };
-        // Redis may be up but still loading its AOF (`LOADING`): wait for it
-        // rather than exit, within reason.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match store.init().await {
-                Ok(_) => return Ok(store),
-                Err(StoreError::Unavailable(why)) if std::time::Instant::now() < deadline => {
-                    tracing::warn!(why, "Redis is not ready yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        Ok(store)
     }
 
     /// The board's settings (as stored in Redis).
@@ -388,6 +415,54 @@ impl RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(Some(frozen.as_i64().unwrap_or(0) as usize))
+    }
+
+    /// Sets the board's `freeze_after_ms` in Redis (the sunset; 0 stops it):
+    /// `set.lua` and `sweep.lua` follow it from their next call, and every
+    /// worker's [`reload_config`](Self::reload_config) learns it.
+    pub async fn set_freeze_after(&self, freeze_after_ms: u64) -> Result<BoardConfig, StoreError> {
+        let reply = self
+            .eval(
+                &self.inner.scripts.settings,
+                vec![&self.inner.keys.config],
+                vec![freeze_after_ms.to_string()],
+            )
+            .await
+            .map_err(|e| {
+                if e.details().contains("NOBOARD") {
+                    StoreError::Unavailable("the board does not exist in Redis yet".into())
+                } else {
+                    unavailable(e)
+                }
+            })?;
+        let (size, max_checked, freeze_after_ms): (u32, u32, u64) = typed(reply, "settings.lua")?;
+        let config = BoardConfig {
+            size,
+            max_checked: Some(max_checked).filter(|&m| m > 0),
+            freeze_after_ms,
+        };
+        *self.inner.config.write() = config;
+        Ok(config)
+    }
+
+    /// Reads the board's live settings from Redis (one `HGET`, counted as
+    /// feed work): how a worker learns an `omcb admin` change made through
+    /// another worker or Redis. A board that is gone keeps the last known.
+    pub async fn reload_config(&self) -> Result<BoardConfig, StoreError> {
+        let client = &self.inner.client;
+        let key = &self.inner.keys.config;
+        let value: Option<u64> = scripts::measured(
+            "settings",
+            scripts::Purpose::Feed,
+            client.hget(key.as_str(), "freeze_after_ms"),
+        )
+        .await
+        .map_err(unavailable)?;
+        let mut config = self.inner.config.write();
+        if let Some(freeze_after_ms) = value {
+            config.freeze_after_ms = freeze_after_ms;
+        }
+        Ok(*config)
     }
 
     /// Closes the connections.

@@ -19,6 +19,7 @@ pub(super) struct Scripts {
     pub(super) position: Named,
     pub(super) rebirth: Named,
     pub(super) restore: Named,
+    pub(super) settings: Named,
 }
 
 impl Scripts {
@@ -34,6 +35,7 @@ impl Scripts {
             position: named(lua::POSITION, "position", Purpose::Feed),
             rebirth: named(lua::REBIRTH, "rebirth", Purpose::Snapshot),
             restore: named(lua::RESTORE, "restore", Purpose::Snapshot),
+            settings: named(lua::SETTINGS, "settings", Purpose::Admin),
         }
     }
 }
@@ -57,10 +59,13 @@ pub(super) enum Purpose {
     /// `snapshot.lua`, `init.lua`, `rebirth.lua`, `restore.lua` and a reset's
     /// read of where a restored board came from (worker start, feed resets).
     Snapshot,
-    /// `XREAD` and `position.lua` of the one change feed.
+    /// `XREAD` and `position.lua` of the one change feed, and the read of
+    /// the board's settings each tick.
     Feed,
     /// Lease and sweep calls.
     Sweep,
+    /// `settings.lua`: an operator's `omcb admin` change (rare).
+    Admin,
 }
 
 impl Purpose {
@@ -70,6 +75,7 @@ impl Purpose {
             Purpose::Snapshot => "snapshot",
             Purpose::Feed => "feed",
             Purpose::Sweep => "sweep",
+            Purpose::Admin => "admin",
         }
     }
 }
@@ -134,6 +140,8 @@ pub mod lua {
     pub const REBIRTH: &str = include_str!("../../lua/rebirth.lua");
     /// `lua/restore.lua`.
     pub const RESTORE: &str = include_str!("../../lua/restore.lua");
+    /// `lua/settings.lua`.
+    pub const SETTINGS: &str = include_str!("../../lua/settings.lua");
 }
 
 impl RedisStore {

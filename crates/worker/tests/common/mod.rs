@@ -119,6 +119,8 @@ pub struct Client<S = Ws> {
     pub batches: Vec<(u64, u64)>,
     pub snapshots: usize,
     pub gaps: usize,
+    /// The board's `freeze_after_ms` as the last Snapshot or Settings said.
+    pub freeze_after_ms: Option<u64>,
     next_request: u32,
 }
 
@@ -143,11 +145,39 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     pub fn new(ws: tokio_tungstenite::WebSocketStream<S>) -> Self {
-        Client { ws, board: None, batches: Vec::new(), snapshots: 0, gaps: 0, next_request: 1 }
+        Client {
+            ws,
+            board: None,
+            batches: Vec::new(),
+            snapshots: 0,
+            gaps: 0,
+            freeze_after_ms: None,
+            next_request: 1,
+        }
     }
 
-    /// The next server message (skipping pings), or how the connection ended.
+    /// The next server message (skipping pings and `Settings`, which
+    /// [`until_freeze_after`](Self::until_freeze_after) waits for), or how
+    /// the connection ended.
     pub async fn next(&mut self) -> Result<Msg, Ended> {
+        loop {
+            match self.next_any().await? {
+                Msg::Settings(_) => continue,
+                msg => return Ok(msg),
+            }
+        }
+    }
+
+    /// Reads until the board's `freeze_after_ms` (from a Snapshot or a
+    /// Settings message) is `ms`.
+    pub async fn until_freeze_after(&mut self, ms: u64) {
+        while self.freeze_after_ms != Some(ms) {
+            self.next_any().await.expect("connection open");
+        }
+    }
+
+    /// The next server message of any kind (skipping pings).
+    pub async fn next_any(&mut self) -> Result<Msg, Ended> {
         loop {
             let m =
                 tokio::time::timeout(WAIT, self.ws.next()).await.expect("server message in time");
@@ -177,7 +207,9 @@ where
     /// Applies snapshots and batches to the board by the convergence rule.
     fn observe(&mut self, msg: &Msg) {
         match msg {
+            Msg::Settings(s) => self.freeze_after_ms = Some(s.freeze_after_ms),
             Msg::Snapshot(s) => {
+                self.freeze_after_ms = Some(s.freeze_after_ms);
                 self.snapshots += 1;
                 let s = inflate_snapshot(s);
                 self.board = Some(Board::from_snapshot(&s).expect("valid snapshot"));
