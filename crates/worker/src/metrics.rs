@@ -285,12 +285,18 @@ impl Metrics {
 
     /// Records one run of the sweep loop: `Some(frozen)` as the lease holder,
     /// `None` when another worker holds the lease.
+    ///
+    /// A failed call leaves `omcb_sweep_lease_held` as it was: whether this
+    /// worker still holds the lease is unknown (it lapses in 10 s if it cannot
+    /// renew), and a holder that blinked to 0 at every slow Redis call would
+    /// raise OmcbFreezingWithoutSweep on a fleet that sweeps.
     pub fn swept(&self, result: &Result<Option<usize>, omcb_store::StoreError>) {
-        let held = matches!(result, Ok(Some(_)));
-        self.sweep_lease_held.set(if held { 1.0 } else { 0.0 });
         match result {
-            Ok(Some(_)) => self.sweeps_ok.increment(1),
-            Ok(None) => {}
+            Ok(Some(_)) => {
+                self.sweep_lease_held.set(1.0);
+                self.sweeps_ok.increment(1);
+            }
+            Ok(None) => self.sweep_lease_held.set(0.0),
             Err(_) => self.sweeps_error.increment(1),
         }
     }

@@ -375,7 +375,12 @@ fn prometheus_scrapes_the_fleet_every_query_returns_data_and_a_killed_worker_ale
     // A healthy fleet under traffic raises nothing (no alert is pending).
     let before = prom.get("/api/v1/alerts", None);
     for alert in before["data"]["alerts"].as_array().unwrap() {
-        problems.push(format!("alert on the healthy fleet: {alert}"));
+        // What the sweep gauges said, to tell a lease blink from a real gap.
+        let sweep = ["omcb_sweep_lease_held", "omcb_sweeps_total", "omcb_freeze_after_seconds"]
+            .map(|m| {
+                prom.get("/api/v1/query", Some(&format!("{m}[30s]")))["data"]["result"].clone()
+            });
+        problems.push(format!("alert on the healthy fleet: {alert}; sweep series: {sweep:?}"));
     }
     assert!(prom.alerts("OmcbWorkerDown").is_empty(), "no worker is down yet");
     let worker_down = rules.iter().find(|r| r.name == "OmcbWorkerDown").unwrap();
