@@ -2,31 +2,20 @@
 // the real omcb binary: two pages see each other's clicks, the last box of a
 // million is reachable and works, refusals revert, and a page survives a
 // server restart.
-import { test, before, after } from 'node:test';
+import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { chromium } from 'playwright-core';
 import { decodeSnapshot } from '../proto.js';
-import { chromiumArgs, startServer } from './server.mjs';
+import { startServer } from './server.mjs';
+import { browserSuite } from './suite.mjs';
 
+const suite = browserSuite();
 let server;
-let browser;
-const pageErrors = [];
-
 before(async () => {
-  server = await startServer();
-  browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', args: chromiumArgs });
-});
-
-after(async () => {
-  await browser?.close();
-  const code = await server?.stop();
-  assert.equal(code, 0, 'the server exits cleanly on SIGTERM');
-  assert.deepEqual(pageErrors, [], 'no uncaught errors in any page');
+  server = await suite.start();
 });
 
 async function openBoard(url = server.url, viewport = { width: 1280, height: 800 }) {
-  const page = await browser.newPage({ viewport });
-  page.on('pageerror', (e) => pageErrors.push(String(e)));
+  const page = await suite.page({ viewport });
   await page.goto(url);
   await page.waitForSelector('#conn-state[data-state="live"]');
   await page.waitForFunction(() => window.omcb.board.ready);
@@ -81,8 +70,7 @@ test('box 999,999 can be reached, checked, and is seen elsewhere', async () => {
 });
 
 test('phone width: the grid adapts and still works', async () => {
-  const page = await browser.newPage({ viewport: { width: 360, height: 740 }, isMobile: true, hasTouch: true });
-  page.on('pageerror', (e) => pageErrors.push(String(e)));
+  const page = await suite.page({ viewport: { width: 360, height: 740 }, isMobile: true, hasTouch: true });
   await page.goto(server.url);
   await page.waitForFunction(() => window.omcb.board.ready);
   const perRow = await page.evaluate(() => window.omcb.grid.cols);

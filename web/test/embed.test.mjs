@@ -5,8 +5,8 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
-import { chromium } from 'playwright-core';
-import { chromiumArgs, startServer } from './server.mjs';
+import { startServer } from './server.mjs';
+import { launchChromium } from './suite.mjs';
 
 let server;
 let blog; // the other site: { url, close }
@@ -33,7 +33,7 @@ before(async () => {
   // "localhost", not 127.0.0.1: another host as well as another port.
   blog = { url: `http://localhost:${http.address().port}`, close: () => new Promise((ok) => http.close(ok)) };
   assert.notEqual(new URL(blog.url).origin, new URL(server.url).origin);
-  browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', args: chromiumArgs });
+  browser = await launchChromium();
 });
 
 after(async () => {

@@ -4,8 +4,8 @@
 // bitsets; and a snapshot the socket must send anyway comes deflated.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { chromium } from 'playwright-core';
-import { chromiumArgs, startServer } from './server.mjs';
+import { startServer } from './server.mjs';
+import { launchChromium } from './suite.mjs';
 import { countingPage } from './bytes.mjs';
 
 let server;
@@ -13,7 +13,7 @@ let browser;
 
 before(async () => {
   server = await startServer();
-  browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', args: chromiumArgs });
+  browser = await launchChromium();
 });
 
 after(async () => {

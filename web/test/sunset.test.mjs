@@ -3,32 +3,18 @@
 // shows its rule and a countdown without a reload; a box past its time shows
 // frozen; a finished board shows the end state with the final numbers and
 // "you checked N".
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { chromium } from 'playwright-core';
-import { binary, chromiumArgs, startServer } from './server.mjs';
+import { binary } from './server.mjs';
+import { browserSuite } from './suite.mjs';
 import { clock, duration } from '../sunset.js';
 
-let browser;
-const servers = [];
-const pageErrors = [];
+const suite = browserSuite();
 
-before(async () => {
-  browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', args: chromiumArgs });
-});
-
-after(async () => {
-  await browser?.close();
-  for (const s of servers) assert.equal(await s.stop(), 0, 'the server exits cleanly on SIGTERM');
-  assert.deepEqual(pageErrors, [], 'no uncaught errors in any page');
-});
-
-async function server(args) {
-  const s = await startServer({ args });
-  servers.push(s);
-  return s;
+function server(args) {
+  return suite.start({ args });
 }
 
 // `omcb admin --worker <private listener> ...`: the board's settings after it.
@@ -40,8 +26,7 @@ async function admin(s, ...args) {
 // A page on `url`; with `context`, another page of that browser profile
 // (same localStorage), else a fresh profile.
 async function openBoard(url, context) {
-  const page = context ? await context.newPage() : await browser.newPage({ viewport: { width: 1280, height: 800 } });
-  page.on('pageerror', (e) => pageErrors.push(String(e)));
+  const page = context ? await suite.page(undefined, context) : await suite.page();
   await page.goto(url);
   await page.waitForFunction(() => window.omcb.board.ready);
   // Marks this document: a reload would lose it.
@@ -97,7 +82,7 @@ test('a sunset started by omcb admin shows at once, counts down, and a box past 
 
 test('a finished board shows the end state with the final numbers and "you checked N"', async () => {
   const s = await server(['--board-size', '8']);
-  const profile = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const profile = await suite.browser.newContext({ viewport: { width: 1280, height: 800 } });
   const page = await openBoard(s.url, profile);
   await page.evaluate(() => localStorage.clear());
   await admin(s, 'sunset', 'start', '200ms');

@@ -5,31 +5,17 @@
 // Tab stop; a jump marks its box, shows its number and refuses non-numbers;
 // a burst of refusals is one toast; the reconnect countdown is not announced;
 // /favicon.ico exists.
-import { test, before, after } from 'node:test';
+import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { chromium } from 'playwright-core';
-import { chromiumArgs, startServer } from './server.mjs';
+import { startServer } from './server.mjs';
+import { browserSuite } from './suite.mjs';
 
+const suite = browserSuite();
 let server;
-let browser;
-const pageErrors = [];
-
 before(async () => {
-  server = await startServer();
-  browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', args: chromiumArgs });
+  server = await suite.start();
 });
-
-after(async () => {
-  await browser?.close();
-  assert.equal(await server?.stop(), 0, 'the server exits cleanly on SIGTERM');
-  assert.deepEqual(pageErrors, [], 'no uncaught errors in any page');
-});
-
-async function newPage(options = { viewport: { width: 1280, height: 800 } }, context = browser) {
-  const page = await context.newPage(options);
-  page.on('pageerror', (e) => pageErrors.push(String(e)));
-  return page;
-}
+const newPage = (options, context) => suite.page(options, context);
 
 async function openBoard(url = server.url, options) {
   const page = await newPage(options);
@@ -71,7 +57,7 @@ function inView(page, i) {
 }
 
 test('the status says "live" only with a state in hand and a network', async () => {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const context = await suite.browser.newContext({ viewport: { width: 1280, height: 800 } });
   const page = await newPage(undefined, context);
   // Every time the status turns "live", note whether the page held a state
   // and the browser was online at that moment.
