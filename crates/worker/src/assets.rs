@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 
+mod minify;
+
 /// `(path, content type, bytes)` of every file under `web/` at build time.
 const EMBEDDED: &[(&str, &str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/assets.rs"));
 
@@ -81,6 +83,7 @@ impl Assets {
 }
 
 fn asset(content_type: &'static str, body: Bytes) -> Asset {
+    let body = stripped(content_type, body);
     let h = content_hash(&body);
     let gzip = is_text(content_type)
         .then(|| gzip(&body))
@@ -99,6 +102,21 @@ fn content_hash(body: &[u8]) -> u64 {
 /// A strong ETag for `body`: its content hash, quoted.
 pub fn etag(body: &[u8]) -> String {
     format!("\"{:016x}\"", content_hash(body))
+}
+
+/// The page's JavaScript, CSS and HTML without comments and needless
+/// whitespace (`minify`); other files, and any that is not UTF-8, as they are.
+fn stripped(content_type: &str, body: Bytes) -> Bytes {
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return body;
+    };
+    let kind = content_type.split(';').next().unwrap_or_default();
+    match kind {
+        "text/javascript" => Bytes::from(minify::js(text)),
+        "text/css" => Bytes::from(minify::css(text)),
+        "text/html" => Bytes::from(minify::html(text)),
+        _ => body,
+    }
 }
 
 fn is_text(content_type: &str) -> bool {

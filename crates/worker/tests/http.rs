@@ -184,7 +184,7 @@ async fn api_state_is_gzipped_when_asked() {
 #[tokio::test]
 async fn page_files_are_gzipped_when_asked_with_their_own_etag() {
     let w = Worker::start(&[]);
-    for path in ["/", "/app.js", "/style.css"] {
+    for path in ["/", "/app.js", "/grid.js"] {
         let plain = http_get(w.addr, path, &[]).await;
         let gz = http_get(w.addr, path, &[("Accept-Encoding", "gzip, deflate")]).await;
         assert!(plain.header("content-encoding").is_none(), "{path}");
