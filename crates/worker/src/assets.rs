@@ -6,7 +6,11 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 
+mod bundle;
 mod minify;
+
+/// The page's module: served with the modules it imports (`bundle`).
+const ENTRY: &str = "app.js";
 
 /// `(path, content type, bytes)` of every file under `web/` at build time.
 const EMBEDDED: &[(&str, &str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/assets.rs"));
@@ -48,14 +52,22 @@ impl Assets {
     pub fn new(dir: Option<PathBuf>) -> Self {
         match dir {
             Some(d) => Assets::Dir(d),
-            None => Assets::Embedded(
-                EMBEDDED
-                    .iter()
-                    .map(|&(path, content_type, body)| {
-                        (path, asset(content_type, Bytes::from_static(body)))
-                    })
-                    .collect(),
-            ),
+            None => {
+                let read = |name: &str| {
+                    let path = format!("/{name}");
+                    let file = EMBEDDED.iter().find(|(p, _, _)| *p == path)?;
+                    String::from_utf8(file.2.to_vec()).ok()
+                };
+                Assets::Embedded(
+                    EMBEDDED
+                        .iter()
+                        .map(|&(path, content_type, body)| {
+                            let body = entry(path, &read).unwrap_or(Bytes::from_static(body));
+                            (path, asset(content_type, body))
+                        })
+                        .collect(),
+                )
+            }
         }
     }
 
@@ -76,8 +88,32 @@ impl Assets {
                 }
                 let content_type = content_type(name)?;
                 let body = tokio::fs::read(dir.join(name)).await.ok()?;
-                Some(asset(content_type, Bytes::from(body)))
+                let dir = dir.clone();
+                let path = path.to_owned();
+                let bundled = tokio::task::spawn_blocking(move || {
+                    entry(&path, &|name: &str| std::fs::read_to_string(dir.join(name)).ok())
+                })
+                .await
+                .ok()
+                .flatten();
+                Some(asset(content_type, bundled.unwrap_or(Bytes::from(body))))
             }
+        }
+    }
+}
+
+/// For the page's module (`/app.js`), the bundle of it and its imports; `None`
+/// for any other path, or (logged) when it cannot be bundled: then the file is
+/// served as it is and the browser fetches its imports one by one.
+fn entry(path: &str, read: &dyn Fn(&str) -> Option<String>) -> Option<Bytes> {
+    if path.strip_prefix('/') != Some(ENTRY) {
+        return None;
+    }
+    match bundle::bundle(ENTRY, read) {
+        Ok(js) => Some(Bytes::from(js)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot bundle {ENTRY}: serving it unbundled");
+            None
         }
     }
 }
