@@ -62,8 +62,11 @@ impl Assets {
                     EMBEDDED
                         .iter()
                         .map(|&(path, content_type, body)| {
-                            let body = entry(path, &read).unwrap_or(Bytes::from_static(body));
-                            (path, asset(content_type, body))
+                            let asset = match entry(path, &read) {
+                                Some(page) => stripped_asset(content_type, page),
+                                None => asset(content_type, Bytes::from_static(body)),
+                            };
+                            (path, asset)
                         })
                         .collect(),
                 )
@@ -96,30 +99,54 @@ impl Assets {
                 .await
                 .ok()
                 .flatten();
-                Some(asset(content_type, bundled.unwrap_or(Bytes::from(body))))
+                Some(match bundled {
+                    Some(page) => stripped_asset(content_type, page),
+                    None => asset(content_type, Bytes::from(body)),
+                })
             }
         }
     }
 }
 
-/// For the page's module (`/app.js`), the bundle of it and its imports; `None`
-/// for any other path, or (logged) when it cannot be bundled: then the file is
-/// served as it is and the browser fetches its imports one by one.
+/// The page's own two files as served, stripped (`minify`): `/app.js` as the
+/// bundle of it and its imports, and `/index.html` with that bundle inline in
+/// place of its `<script type="module" src="/app.js">`, so that a first visit
+/// is one response for the whole page (docs/BENCHMARKS.md, "Bytes per page
+/// load"). `None` for any other path, or (logged) when the page cannot be
+/// bundled: then the files are served as they are, and the browser fetches
+/// the modules one by one.
 fn entry(path: &str, read: &dyn Fn(&str) -> Option<String>) -> Option<Bytes> {
-    if path.strip_prefix('/') != Some(ENTRY) {
+    let page = path == "/index.html";
+    if !page && path.strip_prefix('/') != Some(ENTRY) {
         return None;
     }
-    match bundle::bundle(ENTRY, read) {
-        Ok(js) => Some(Bytes::from(js)),
+    let js = match bundle::bundle(ENTRY, read) {
+        Ok(js) => minify::js(&js),
         Err(e) => {
             tracing::warn!(error = %e, "cannot bundle {ENTRY}: serving it unbundled");
-            None
+            return None;
         }
+    };
+    if !page {
+        return Some(Bytes::from(js));
     }
+    let html = minify::html(&read("index.html")?);
+    let tag = format!("<script type=\"module\" src=\"/{ENTRY}\"></script>");
+    // The script's text must not end the element early.
+    if !html.contains(&tag) || js.to_ascii_lowercase().contains("</script") {
+        tracing::warn!("cannot inline {ENTRY} in index.html: serving it on its own");
+        return None;
+    }
+    Some(Bytes::from(html.replace(&tag, &format!("<script type=\"module\">{}</script>", js.trim_end()))))
 }
 
+/// An asset of `body` stripped by its type.
 fn asset(content_type: &'static str, body: Bytes) -> Asset {
-    let body = stripped(content_type, body);
+    stripped_asset(content_type, stripped(content_type, body))
+}
+
+/// An asset of `body` as it is.
+fn stripped_asset(content_type: &'static str, body: Bytes) -> Asset {
     let h = content_hash(&body);
     let gzip = is_text(content_type)
         .then(|| gzip(&body))
