@@ -80,6 +80,11 @@ export class Sunset {
     this.end.setAttribute('role', 'status');
     this.end.hidden = true;
     this.mine = el('span', 'you-checked', 'you-checked');
+    // Its style comes with it: a first visit without a sunset loads neither.
+    const style = document.createElement('style');
+    style.textContent = '.sunset,.board-finished{flex-basis:100%;margin:0}.sunset-rule,.board-finished{font-weight:600}'
+      + '.sunset-countdown{color:var(--muted);font-variant-numeric:tabular-nums}';
+    document.head.append(style);
     header.querySelector('.stats')?.append(this.mine);
     header.append(this.line, this.end);
 
