@@ -71,8 +71,12 @@ function needSunset() {
   return board.freezeAfterMs > 0n || board.finished(settings.maxChecked) || mine > 0;
 }
 
-// Loads sunset.js once; `then` runs with the Sunset when it is there.
+// Loads sunset.js once; each `then` runs with the Sunset when it is there.
+// A failed load (the server restarting) is tried again with the next message,
+// and the calls waiting for it (a click's count) still run.
+const waiting = [];
 function withSunset(then = () => {}) {
+  waiting.push(then);
   sunsetLoad ??= import('./sunset.js').then(({ Sunset }) => {
     const s = new Sunset({ board, grid: $('grid'), header: document.querySelector('header'), fmt });
     s.offset = clockOffset;
@@ -81,11 +85,11 @@ function withSunset(then = () => {}) {
     // countdowns start from here, as from a Snapshot.
     s.onSnapshot({ serverTimeMs: 0n });
     sunset = s;
-    return s;
-  });
-  sunsetLoad.then((s) => {
-    then(s);
-    s.render();
+  }, () => { sunsetLoad = null; });
+  sunsetLoad.then(() => {
+    if (!sunset) return;
+    for (const f of waiting.splice(0)) f(sunset);
+    sunset.render();
   });
 }
 
@@ -164,7 +168,7 @@ function onMessage(msg) {
   }
   counts();
   if (sunset) sunset.render();
-  else if (needSunset()) withSunset();
+  else if (waiting.length || needSunset()) withSunset();
 }
 
 function counts() {

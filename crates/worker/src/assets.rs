@@ -218,7 +218,7 @@ fn gzip(body: &[u8]) -> Option<Bytes> {
         return gz.clone();
     }
     let options = zopfli::Options {
-        iteration_count: std::num::NonZeroU64::new(5).expect("not zero"),
+        iteration_count: std::num::NonZeroU64::new(15).expect("not zero"),
         ..Default::default()
     };
     let mut gz = Vec::new();
