@@ -26,7 +26,7 @@ pub struct Asset {
     /// A strong validator: a hash of the bytes.
     pub etag: String,
     /// The file gzipped, for clients that take it (text files only, and only
-    /// when smaller): the page's files are 42 KB plain and 14 KB gzipped.
+    /// when smaller; zopfli, see `gzip`).
     pub gzip: Option<Gzipped>,
 }
 
@@ -84,7 +84,8 @@ impl Assets {
                     return Some(ready.clone());
                 }
                 // Compressing takes a moment (zopfli): off the runtime thread.
-                let (content_type, body, ready) = (file.content_type, file.body, file.ready.clone());
+                let (content_type, body, ready) =
+                    (file.content_type, file.body, file.ready.clone());
                 let path = path.to_owned();
                 let make = move || {
                     let read = |name: &str| {
@@ -158,7 +159,9 @@ fn entry(path: &str, read: &dyn Fn(&str) -> Option<String>) -> Option<Bytes> {
         tracing::warn!("cannot inline {ENTRY} in index.html: serving it on its own");
         return None;
     }
-    Some(Bytes::from(html.replace(&tag, &format!("<script type=\"module\">{}</script>", js.trim_end()))))
+    Some(Bytes::from(
+        html.replace(&tag, &format!("<script type=\"module\">{}</script>", js.trim_end())),
+    ))
 }
 
 /// An asset of `body` stripped by its type.
@@ -212,7 +215,8 @@ fn is_text(content_type: &str) -> bool {
 /// compressed on their first request; files of `--web-dir` once per content
 /// (`GZIP_CACHE`). About 0.2 s for the page (index.html with its bundle).
 fn gzip(body: &[u8]) -> Option<Bytes> {
-    static GZIP_CACHE: LazyLock<Mutex<HashMap<u64, Option<Bytes>>>> = LazyLock::new(Default::default);
+    static GZIP_CACHE: LazyLock<Mutex<HashMap<u64, Option<Bytes>>>> =
+        LazyLock::new(Default::default);
     let h = content_hash(body);
     if let Some(gz) = GZIP_CACHE.lock().expect("gzip cache lock").get(&h) {
         return gz.clone();
@@ -222,7 +226,8 @@ fn gzip(body: &[u8]) -> Option<Bytes> {
         ..Default::default()
     };
     let mut gz = Vec::new();
-    zopfli::compress(options, zopfli::Format::Gzip, body, &mut gz).expect("writing to a Vec cannot fail");
+    zopfli::compress(options, zopfli::Format::Gzip, body, &mut gz)
+        .expect("writing to a Vec cannot fail");
     let gz = (gz.len() < body.len()).then(|| Bytes::from(gz));
     let mut cache = GZIP_CACHE.lock().expect("gzip cache lock");
     // Bounded: the files of one directory, a few versions each while editing.

@@ -58,7 +58,11 @@ fn visit(
         if let Some(rest) = line.strip_prefix("import ") {
             let (names, from) = parse_import(rest).ok_or_else(|| format!("{name}: {line}"))?;
             visit(&from, read, path, order)?;
-            body.push_str(&format!("const {{ {} }} = {};\n", names.replace(" as ", ": "), var(&from)));
+            body.push_str(&format!(
+                "const {{ {} }} = {};\n",
+                names.replace(" as ", ": "),
+                var(&from)
+            ));
         } else if let Some(rest) = line.strip_prefix("export ") {
             exports.push(declared_name(rest).ok_or_else(|| format!("{name}: {line}"))?);
             body.push_str(rest);
@@ -113,7 +117,10 @@ mod tests {
     #[test]
     fn modules_come_once_before_their_importers_each_in_its_own_scope() {
         let read = files(&[
-            ("app.js", "import { A } from './a.js';\nimport { B as Bee } from './b.js';\nA(Bee);\n"),
+            (
+                "app.js",
+                "import { A } from './a.js';\nimport { B as Bee } from './b.js';\nA(Bee);\n",
+            ),
             ("a.js", "import { B } from './b.js';\nexport function A(x) { return B + x; }\n"),
             ("b.js", "const secret = 1;\nexport const B = secret;\n"),
         ]);
@@ -131,7 +138,10 @@ mod tests {
         assert!(bundle("app.js", &read).is_err());
         let read = files(&[("app.js", "export default 1;\n")]);
         assert!(bundle("app.js", &read).is_err());
-        let read = files(&[("app.js", "import { a } from './a.js';\n"), ("a.js", "import { b } from './app.js';\n")]);
+        let read = files(&[
+            ("app.js", "import { a } from './a.js';\n"),
+            ("a.js", "import { b } from './app.js';\n"),
+        ]);
         assert!(bundle("app.js", &read).unwrap_err().contains("cycle"));
     }
 

@@ -142,9 +142,7 @@ pub fn html(src: &str) -> String {
     let mut rest = out.as_str();
     while !rest.is_empty() {
         let (text, style, after) = match (rest.find("<style>"), rest.find("</style>")) {
-            (Some(a), Some(b)) if a < b => {
-                (&rest[..a + 7], Some(&rest[a + 7..b]), &rest[b..])
-            }
+            (Some(a), Some(b)) if a < b => (&rest[..a + 7], Some(&rest[a + 7..b]), &rest[b..]),
             _ => (rest, None, ""),
         };
         for line in text.split_inclusive('\n') {
@@ -200,8 +198,20 @@ impl Out {
     /// keyword that takes an expression.
     fn regex_may_follow(&self) -> bool {
         const KEYWORDS: &[&[u8]] = &[
-            b"return", b"typeof", b"instanceof", b"in", b"of", b"new", b"delete", b"void",
-            b"throw", b"case", b"do", b"else", b"yield", b"await",
+            b"return",
+            b"typeof",
+            b"instanceof",
+            b"in",
+            b"of",
+            b"new",
+            b"delete",
+            b"void",
+            b"throw",
+            b"case",
+            b"do",
+            b"else",
+            b"yield",
+            b"await",
         ];
         match self.buf.last() {
             None => true,
@@ -299,7 +309,10 @@ mod tests {
 
     #[test]
     fn js_keeps_spaces_between_words_and_signs() {
-        assert_eq!(js("a - -b; x = y / /re/.source; 1 .toString(); new Foo\n"), "a- -b;x=y/ /re/.source;1 .toString();new Foo\n");
+        assert_eq!(
+            js("a - -b; x = y / /re/.source; 1 .toString(); new Foo\n"),
+            "a- -b;x=y/ /re/.source;1 .toString();new Foo\n"
+        );
         assert_eq!(js("if (x) return typeof y === 'z'\n"), "if(x)return typeof y==='z'\n");
     }
 
