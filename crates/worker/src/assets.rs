@@ -26,16 +26,19 @@ pub struct Asset {
     /// A strong validator: a hash of the bytes.
     pub etag: String,
     /// The file gzipped, for clients that take it (text files only, and only
-    /// when smaller; zopfli, see `gzip`).
-    pub gzip: Option<Gzipped>,
+    /// when smaller; zopfli, see `compressed`).
+    pub gzip: Option<Encoded>,
+    /// The file in brotli, which browsers prefer (text files only, and only
+    /// when smaller): 10% smaller than the gzip for the page.
+    pub br: Option<Encoded>,
 }
 
-/// A gzipped representation of an [`Asset`], with its own validator.
+/// A compressed representation of an [`Asset`], with its own validator.
 #[derive(Debug, Clone)]
-pub struct Gzipped {
-    /// The gzipped bytes.
+pub struct Encoded {
+    /// The compressed bytes.
     pub body: Bytes,
-    /// The plain ETag with `-gz` before its closing quote.
+    /// The plain ETag with `-gz` (or `-br`) before its closing quote.
     pub etag: String,
 }
 
@@ -172,11 +175,10 @@ fn asset(content_type: &'static str, body: Bytes) -> Asset {
 /// An asset of `body` as it is.
 fn stripped_asset(content_type: &'static str, body: Bytes) -> Asset {
     let h = content_hash(&body);
-    let gzip = is_text(content_type)
-        .then(|| gzip(&body))
-        .flatten()
-        .map(|gz| Gzipped { body: gz, etag: format!("\"{h:016x}-gz\"") });
-    Asset { content_type, body, etag: format!("\"{h:016x}\""), gzip }
+    let (gz, br) = if is_text(content_type) { compressed(&body) } else { (None, None) };
+    let gzip = gz.map(|body| Encoded { body, etag: format!("\"{h:016x}-gz\"") });
+    let br = br.map(|body| Encoded { body, etag: format!("\"{h:016x}-br\"") });
+    Asset { content_type, body, etag: format!("\"{h:016x}\""), gzip, br }
 }
 
 /// FNV-1a of `body`: a content hash for validators, not for security.
@@ -210,16 +212,18 @@ fn is_text(content_type: &str) -> bool {
     content_type.starts_with("text/") || content_type.starts_with("image/svg")
 }
 
-/// `body` gzipped by zopfli (about 3% smaller than zlib's best level: 0.3 KB
-/// of a first visit), or `None` when that is not smaller. Embedded files are
-/// compressed on their first request; files of `--web-dir` once per content
-/// (`GZIP_CACHE`). About 0.2 s for the page (index.html with its bundle).
-fn gzip(body: &[u8]) -> Option<Bytes> {
-    static GZIP_CACHE: LazyLock<Mutex<HashMap<u64, Option<Bytes>>>> =
-        LazyLock::new(Default::default);
+/// `body` gzipped by zopfli (about 3% smaller than zlib's best level) and in
+/// brotli at its best quality (another 10% smaller: Chromium asks for it, over
+/// plain HTTP too), each `None` when not smaller. A first visit's page shrinks
+/// from 9.4 KB (zlib) to 8.2 KB. Embedded files are compressed on their first
+/// request; files of `--web-dir` once per content (`CACHE`). About 0.3 s for
+/// the page (index.html with its bundle).
+fn compressed(body: &[u8]) -> (Option<Bytes>, Option<Bytes>) {
+    type Pair = (Option<Bytes>, Option<Bytes>);
+    static CACHE: LazyLock<Mutex<HashMap<u64, Pair>>> = LazyLock::new(Default::default);
     let h = content_hash(body);
-    if let Some(gz) = GZIP_CACHE.lock().expect("gzip cache lock").get(&h) {
-        return gz.clone();
+    if let Some(pair) = CACHE.lock().expect("compression cache lock").get(&h) {
+        return pair.clone();
     }
     let options = zopfli::Options {
         iteration_count: std::num::NonZeroU64::new(15).expect("not zero"),
@@ -228,14 +232,18 @@ fn gzip(body: &[u8]) -> Option<Bytes> {
     let mut gz = Vec::new();
     zopfli::compress(options, zopfli::Format::Gzip, body, &mut gz)
         .expect("writing to a Vec cannot fail");
-    let gz = (gz.len() < body.len()).then(|| Bytes::from(gz));
-    let mut cache = GZIP_CACHE.lock().expect("gzip cache lock");
+    let mut br = Vec::new();
+    let params = brotli::enc::BrotliEncoderParams { quality: 11, lgwin: 22, ..Default::default() };
+    brotli::BrotliCompress(&mut &body[..], &mut br, &params).expect("writing to a Vec cannot fail");
+    let smaller = |c: Vec<u8>| (c.len() < body.len()).then(|| Bytes::from(c));
+    let pair = (smaller(gz), smaller(br));
+    let mut cache = CACHE.lock().expect("compression cache lock");
     // Bounded: the files of one directory, a few versions each while editing.
     if cache.len() > 256 {
         cache.clear();
     }
-    cache.insert(h, gz.clone());
-    gz
+    cache.insert(h, pair.clone());
+    pair
 }
 
 include!("mime.rs");
