@@ -90,17 +90,19 @@ impl Assets {
                 let (content_type, body, ready) =
                     (file.content_type, file.body, file.ready.clone());
                 let path = path.to_owned();
+                // Made once: the first visitors after a start wait for it
+                // rather than each compressing the page again.
                 let make = move || {
                     let read = |name: &str| {
                         let path = format!("/{name}");
                         let file = EMBEDDED.iter().find(|(p, _, _)| *p == path)?;
                         String::from_utf8(file.2.to_vec()).ok()
                     };
-                    let asset = match entry(&path, &read) {
+                    let made = ready.get_or_init(|| match entry(&path, &read) {
                         Some(page) => stripped_asset(content_type, page),
                         None => asset(content_type, Bytes::from_static(body)),
-                    };
-                    ready.get_or_init(|| asset).clone()
+                    });
+                    made.clone()
                 };
                 tokio::task::spawn_blocking(make).await.ok()
             }
