@@ -96,3 +96,32 @@ test('a snapshot on the socket comes deflated when the page asks for it, and the
   assert.ok(exact, `the page holds the server's board at seq ${seq}`);
   await page.close();
 });
+
+test('every module the worker serves stripped parses and loads in Chromium, and the page is one response', async () => {
+  const page = await browser.newPage();
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(String(e)));
+  const paths = [];
+  page.on('request', (r) => paths.push(new URL(r.url()).pathname));
+  await page.goto(server.url);
+  await page.waitForFunction(() => window.omcb?.board.ready && window.omcb.conn.open);
+  // The first paint asks for the page and the state only (and opens the
+  // socket, which is no 'request' here): the modules came
+  // inline, the icon and the style too, and no sunset runs.
+  assert.deepEqual(paths.sort(), ['/', '/api/state']);
+  // Each module on its own path (sunset.js loads that way; the rest are
+  // served for anyone who asks) is stripped (assets/minify.rs) and must still
+  // be a module Chromium reads, with the exports it had.
+  const exports = await page.evaluate(async () => {
+    const out = {};
+    for (const m of ['proto.js', 'board.js', 'conn.js', 'grid.js', 'sunset.js']) {
+      out[m] = Object.keys(await import(`/${m}`)).sort();
+    }
+    return out;
+  });
+  assert.deepEqual(exports['sunset.js'], ['Sunset', 'clock', 'duration']);
+  assert.ok(exports['proto.js'].includes('decodeServerMessage'), JSON.stringify(exports));
+  assert.deepEqual(exports['grid.js'], ['Grid']);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
