@@ -12,6 +12,14 @@
 //! Not a parser: a `/` right after `)`, `]` or `}` is read as division, so a
 //! regular expression literal there (`if (x) /re/.test(s)`) would lose its
 //! spaces. The page has none; write `if (x) { /re/... }` if ever needed.
+//!
+//! Why our own and not a crate: the `minifier` crate (0.3, rustdoc's former
+//! minifier) makes the page's modules no smaller (6,810 against 6,837 B
+//! after brotli) and joins `a` and `++b` on two lines into `a++b`, changing
+//! what automatic semicolon insertion reads; full parsers (swc, oxc) would
+//! cost more compile time than this crate. Comment and whitespace removal by
+//! a tokenizer that knows strings, templates and regular expressions is all
+//! the page needs.
 
 /// `src` (JavaScript) without comments and needless whitespace.
 pub fn js(src: &str) -> String {
