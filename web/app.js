@@ -4,7 +4,6 @@ import { Board } from './board.js';
 import { Connection } from './conn.js';
 import { Grid } from './grid.js';
 import { Reason, decodeSnapshot } from './proto.js';
-import { Sunset } from './sunset.js';
 
 const $ = (id) => document.getElementById(id);
 const board = new Board();
@@ -49,8 +48,50 @@ const grid = new Grid($('grid'), {
   },
 });
 
-// The sunset's line, countdown and end state, and "you checked N" (sunset.js).
-const sunset = new Sunset({ board, grid: $('grid'), header: document.querySelector('header'), fmt });
+// The sunset's line, countdown and end state, and "you checked N" (sunset.js)
+// come only when there is something to show: a sunset runs, the board is
+// finished, or this browser has checked a box. Most visits see none of it, and
+// a first visit's bytes stay under 10 KB (docs/BENCHMARKS.md). Until then the
+// page keeps what the Sunset will need: the server's clock and the settings.
+let sunset = null;
+let sunsetLoad = null;
+let clockOffset = 0; // server clock - local clock, ms
+const settings = { maxChecked: 0 }; // the board's limit (a Settings message says), 0 = its size
+const clockFrom = (serverTimeMs) => {
+  if (serverTimeMs > 0n) clockOffset = Number(serverTimeMs) - Date.now();
+};
+
+function needSunset() {
+  let mine = 0;
+  try {
+    mine = Number(localStorage.getItem('omcb.youChecked')) || 0;
+  } catch {
+    // No storage: nothing counted.
+  }
+  return board.freezeAfterMs > 0n || board.finished(settings.maxChecked) || mine > 0;
+}
+
+// Loads sunset.js once; each `then` runs with the Sunset when it is there.
+// A failed load (the server restarting) is tried again with the next message,
+// and the calls waiting for it (a click's count) still run.
+const waiting = [];
+function withSunset(then = () => {}) {
+  waiting.push(then);
+  sunsetLoad ??= import('./sunset.js').then(({ Sunset }) => {
+    const s = new Sunset({ board, grid: $('grid'), header: document.querySelector('header'), fmt });
+    s.offset = clockOffset;
+    s.maxChecked = settings.maxChecked;
+    // Every box the board holds checked was checked by now: the Sunset's
+    // countdowns start from here, as from a Snapshot.
+    s.onSnapshot({ serverTimeMs: 0n });
+    sunset = s;
+  }, () => { sunsetLoad = null; });
+  sunsetLoad.then(() => {
+    if (!sunset) return;
+    for (const f of waiting.splice(0)) f(sunset);
+    sunset.render();
+  });
+}
 
 const reasonText = {
   [Reason.OUT_OF_RANGE]: 'That box is not on the board.',
@@ -64,7 +105,11 @@ function onToggleResult(r) {
   const index = byRequest.get(r.requestId);
   byRequest.delete(r.requestId);
   if (index === undefined) return;
-  if (r.accepted && r.seq > 0n) sunset.onAccepted(index, r.checked);
+  if (r.accepted && r.seq > 0n && r.checked) {
+    // Checked now, whenever sunset.js arrives: its countdown is exact.
+    const at = Date.now();
+    withSunset((s) => s.onAccepted(index, r.checked, at));
+  }
   const p = pending.get(index);
   if (!p || p.requestId !== r.requestId) return; // a later click on the same box owns it now
   if (r.accepted && r.seq > board.seq) {
@@ -92,7 +137,8 @@ function onMessage(msg) {
       if (!board.applySnapshot(msg)) return;
       if (epochChanged) pending.clear(); // seqs of the old board mean nothing now
       settle();
-      sunset.onSnapshot(msg);
+      clockFrom(msg.serverTimeMs);
+      sunset?.onSnapshot(msg);
       grid.setSize(board.size);
       grid.refresh();
       break;
@@ -101,13 +147,16 @@ function onMessage(msg) {
       const r = board.applyBatch(msg);
       if (r.result === 'gap') conn.resync();
       if (r.result === 'applied') {
-        sunset.onBatch(msg);
+        sunset?.onBatch(msg);
         grid.update(r.changed.concat(settle()));
       }
       break;
     }
     case 'settings':
-      sunset.onSettings(msg);
+      clockFrom(msg.serverTimeMs);
+      board.freezeAfterMs = msg.freezeAfterMs;
+      settings.maxChecked = msg.maxChecked;
+      sunset?.onSettings(msg);
       break;
     case 'toggleResult':
       onToggleResult(msg);
@@ -118,7 +167,8 @@ function onMessage(msg) {
       break;
   }
   counts();
-  sunset.render();
+  if (sunset) sunset.render();
+  else if (waiting.length || needSunset()) withSunset();
 }
 
 function counts() {
@@ -211,4 +261,4 @@ async function loadState() {
 }
 loadState().then(() => conn.start());
 // For tests and the curious: the state behind the page.
-window.omcb = { board, conn, grid, pending, sunset };
+window.omcb = { board, conn, grid, pending, settings, get sunset() { return sunset; } };

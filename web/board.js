@@ -20,6 +20,15 @@ export class Board {
 
   get ready() { return this.seq >= 0n; }
 
+  // How many boxes may be checked: the size, or the board's limit
+  // (`maxChecked` from a Settings message, 0 for none).
+  capacity(maxChecked) { return maxChecked > 0 ? Math.min(maxChecked, this.size) : this.size; }
+
+  // Every box frozen, or no more box can be checked.
+  finished(maxChecked) {
+    return this.ready && this.size > 0 && (this.frozenCount >= this.size || this.checkedCount >= this.capacity(maxChecked));
+  }
+
   isChecked(i) { return (this.checked[i >> 3] & (0x80 >> (i & 7))) !== 0; }
   isFrozen(i) { return (this.frozen[i >> 3] & (0x80 >> (i & 7))) !== 0; }
 

@@ -6,9 +6,6 @@
 export const Reason = Object.freeze({
   UNSPECIFIED: 0, OUT_OF_RANGE: 1, FROZEN: 2, RATE_LIMITED: 3, BOARD_FULL: 4, UNAVAILABLE: 5,
 });
-export const Code = Object.freeze({
-  UNSPECIFIED: 0, BAD_MESSAGE: 1, TOO_LARGE: 2, RATE_LIMITED: 3, OVERLOADED: 4, INTERNAL: 5,
-});
 
 export class DecodeError extends Error {}
 

@@ -11,8 +11,11 @@
 // before the page saw the board was checked before the page loaded it, so it
 // freezes at the latest freeze_after after that: the line says "within".
 //
-// The page's hooks: app.js calls onSnapshot/onSettings/onBatch/onAccepted as
-// messages arrive and update() after each; everything else (the elements it
+// app.js loads this module only when it has something to show (a sunset
+// runs, the board is finished, this browser checked a box), then calls
+// onSnapshot/onSettings/onBatch/onAccepted as messages arrive and render()
+// after each. Boxes checked by others before it loaded count as checked
+// before the page came ("within"). Everything else (the elements it
 // adds to the header, the pointer and focus tracking, the once-a-second
 // countdown) lives here.
 import { deltaDecode } from './proto.js';
@@ -77,6 +80,11 @@ export class Sunset {
     this.end.setAttribute('role', 'status');
     this.end.hidden = true;
     this.mine = el('span', 'you-checked', 'you-checked');
+    // Its style comes with it: a first visit without a sunset loads neither.
+    const style = document.createElement('style');
+    style.textContent = '.sunset,.board-finished{flex-basis:100%;margin:0}.sunset-rule,.board-finished{font-weight:600}'
+      + '.sunset-countdown{color:var(--muted);font-variant-numeric:tabular-nums}';
+    document.head.append(style);
     header.querySelector('.stats')?.append(this.mine);
     header.append(this.line, this.end);
 
@@ -185,10 +193,11 @@ export class Sunset {
     }
   }
 
-  // This page's click on box `index` was accepted and changed it.
-  onAccepted(index, checked) {
+  // This page's click on box `index` was accepted and changed it, at local
+  // time `at` (app.js loads this module on a first click: the click's time).
+  onAccepted(index, checked, at = Date.now()) {
     if (!checked) return;
-    this.#record(index, this.now());
+    this.#record(index, at + this.offset);
     this.youChecked += 1;
     try {
       this.storage?.setItem(STORE_KEY, String(this.youChecked));
@@ -206,16 +215,9 @@ export class Sunset {
     return seen === undefined ? { at: this.loadedAt + after, exact: false } : { at: seen + after, exact: true };
   }
 
-  // How many boxes may be checked: the size, or the board's limit.
-  get capacity() {
-    return this.maxChecked > 0 ? Math.min(this.maxChecked, this.board.size) : this.board.size;
-  }
+  get capacity() { return this.board.capacity(this.maxChecked); }
 
-  // Every box frozen, or no more box can be checked.
-  get finished() {
-    const b = this.board;
-    return b.ready && b.size > 0 && (b.frozenCount >= b.size || b.checkedCount >= this.capacity);
-  }
+  get finished() { return this.board.finished(this.maxChecked); }
 
   render() {
     const b = this.board;

@@ -6,7 +6,9 @@
 //   node test/pageload-bench.mjs [OLD_WEB_DIR]
 //
 // OLD_WEB_DIR holds the old page's files (e.g. `git archive 29cab6c web`);
-// without it only today's page is measured. The board is filled in a private
+// without it only today's page is measured. Note: today's worker strips,
+// bundles and compresses any --web-dir it serves, the old page's too, so the
+// old page measured this way is smaller than it was with its own worker. The board is filled in a private
 // redis-server (random boxes, written straight into its bitset and count)
 // and served by the real binary in fleet mode.
 import { spawn, execFileSync } from 'node:child_process';

@@ -107,7 +107,7 @@ test('a finished board shows the end state with the final numbers and "you check
 test('a board with a limit is finished when full, and says so', async () => {
   const s = await server(['--board-size', '20', '--max-checked', '3']);
   const page = await openBoard(s.url);
-  await page.waitForFunction(() => window.omcb.sunset.maxChecked === 3, null, { timeout: 2000 });
+  await page.waitForFunction(() => window.omcb.settings.maxChecked === 3, null, { timeout: 2000 });
   for (let i = 0; i < 3; i++) await box(page, i).click();
   await page.waitForSelector('#board-finished:not([hidden])', { timeout: 5000 });
   assert.match(

@@ -149,6 +149,12 @@ async fn state(app: &Arc<App>, req: &Request<Incoming>) -> Response<Body> {
 
 /// Whether the request accepts a gzip body (and does not refuse it with q=0).
 fn accepts_gzip(req: &Request<Incoming>) -> bool {
+    accepts(req, "gzip")
+}
+
+/// Whether the request accepts content coding `name` (and does not refuse it
+/// with q=0).
+fn accepts(req: &Request<Incoming>, wanted: &str) -> bool {
     req.headers()
         .get_all(header::ACCEPT_ENCODING)
         .iter()
@@ -160,7 +166,7 @@ fn accepts_gzip(req: &Request<Incoming>) -> bool {
             let refused = parts.any(|p| {
                 p.trim().strip_prefix("q=").and_then(|q| q.parse::<f32>().ok()) == Some(0.0)
             });
-            name.eq_ignore_ascii_case("gzip") && !refused
+            name.eq_ignore_ascii_case(wanted) && !refused
         })
 }
 
@@ -190,24 +196,29 @@ async fn static_file(app: &App, req: &Request<Incoming>) -> Response<Body> {
     let Some(asset) = app.assets.get(req.uri().path()).await else {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     };
-    // The gzipped file when the client takes it: it has its own ETag.
-    let gzip = asset.gzip.as_ref().filter(|_| accepts_gzip(req));
-    let etag = gzip.map_or(&asset.etag, |g| &g.etag);
+    // The brotli or gzipped file when the client takes it (brotli first: it
+    // is smaller); each has its own ETag.
+    let encoded = match (&asset.br, &asset.gzip) {
+        (Some(br), _) if accepts(req, "br") => Some((br, "br")),
+        (_, Some(gz)) if accepts_gzip(req) => Some((gz, "gzip")),
+        _ => None,
+    };
+    let etag = encoded.map_or(&asset.etag, |(e, _)| &e.etag);
     let mut r = if if_none_match(req, etag) {
         let mut r = Response::new(Full::default());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         r
     } else {
-        let body = gzip.map_or_else(|| asset.body.clone(), |g| g.body.clone());
+        let body = encoded.map_or_else(|| asset.body.clone(), |(e, _)| e.body.clone());
         let mut r = Response::new(Full::new(body));
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type));
-        if gzip.is_some() {
-            r.headers_mut().insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        if let Some((_, coding)) = encoded {
+            r.headers_mut().insert(header::CONTENT_ENCODING, HeaderValue::from_static(coding));
         }
         r
     };
     r.headers_mut().insert(header::ETAG, header_value(etag));
-    if asset.gzip.is_some() {
+    if asset.gzip.is_some() || asset.br.is_some() {
         r.headers_mut().insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
     }
     // Revalidate every time: the files are small and an ETag hit costs a 304.

@@ -85,9 +85,7 @@ pub enum SnapshotCoding {
 
 impl EncodedSnapshot {
     /// The WebSocket frame of this snapshot in `coding`. The deflated one is
-    /// made once per seq, like the snapshot (about 1 ms for a million boxes at
-    /// the fastest level: 1.2 KB empty, 23 KB at 1% checked at random;
-    /// docs/BENCHMARKS.md, "Bytes per page load").
+    /// made once per seq, like the snapshot, at [`SNAPSHOT_LEVEL`].
     pub fn frame(&self, coding: SnapshotCoding) -> &Bytes {
         match coding {
             SnapshotCoding::Plain => &self.frame,
@@ -99,7 +97,7 @@ impl EncodedSnapshot {
                 let deflate = |bits: &mut Vec<u8>, into: &mut Vec<u8>| {
                     let mut enc = flate2::write::DeflateEncoder::new(
                         Vec::with_capacity(bits.len() / 8),
-                        flate2::Compression::fast(),
+                        SNAPSHOT_LEVEL,
                     );
                     enc.write_all(bits).expect("writing to a Vec cannot fail");
                     let z = enc.finish().expect("writing to a Vec cannot fail");
@@ -125,13 +123,20 @@ impl EncodedSnapshot {
             use std::io::Write as _;
             let mut enc = flate2::write::GzEncoder::new(
                 Vec::with_capacity(self.bare.len() / 8),
-                flate2::Compression::fast(),
+                SNAPSHOT_LEVEL,
             );
             enc.write_all(&self.bare).expect("writing to a Vec cannot fail");
             Bytes::from(enc.finish().expect("writing to a Vec cannot fail"))
         })
     }
 }
+
+/// The compression level of a snapshot's bitsets (the socket's deflate and
+/// `GET /api/state`'s gzip), made once per seq. Level 1 leaves about 1 KB of
+/// a near-empty board's 250 KB of zeros (its matches are short); level 4
+/// takes it to about 0.3 KB at the same few milliseconds for a million boxes
+/// (docs/BENCHMARKS.md, "Bytes per page load").
+const SNAPSHOT_LEVEL: flate2::Compression = flate2::Compression::new(4);
 
 /// Sockets a fan-out task writes before it lets other tasks run.
 const FAN_OUT_CHUNK: usize = 256;

@@ -395,3 +395,32 @@ async fn through_nginx_the_widget_is_cached_and_its_stream_is_not_buffered() {
     assert_eq!(s.event(Duration::from_secs(3)).await, serde_json::json!({"checked": 1}));
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
 }
+
+/// Each `/api/counts` stream holds one of `--max-connections`, shared with
+/// the board's sockets: past them a stream is refused with 503 and
+/// `Retry-After` (EventSource gives up on it; widget.js tries again), and a
+/// closed stream gives its place back.
+#[tokio::test]
+async fn counts_streams_count_against_max_connections() {
+    let w = Worker::start(&flags(&format!("{SMALL} --max-connections 2")));
+    let first = Stream::open(w.addr).await;
+    let second = Stream::open(w.addr).await;
+    for s in [&first, &second] {
+        assert!(s.head.to_ascii_lowercase().starts_with("http/1.1 200"), "{}", s.head);
+    }
+    let refused = Stream::open(w.addr).await;
+    let head = refused.head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 503"), "{head}");
+    assert!(head.contains("retry-after: 5"), "{head}");
+    // A board socket finds no place either.
+    let mut c = connect(&w.ws_url("")).await;
+    assert_eq!(c.until_closed().await, Ended::Closed(Some(1013)));
+
+    // A closed stream gives its place back.
+    drop(first);
+    poll("a closed stream's place", || async {
+        let again = Stream::open(w.addr).await;
+        again.head.to_ascii_lowercase().starts_with("http/1.1 200").then_some(())
+    })
+    .await;
+}

@@ -184,7 +184,7 @@ async fn api_state_is_gzipped_when_asked() {
 #[tokio::test]
 async fn page_files_are_gzipped_when_asked_with_their_own_etag() {
     let w = Worker::start(&[]);
-    for path in ["/", "/app.js", "/style.css"] {
+    for path in ["/", "/app.js", "/grid.js"] {
         let plain = http_get(w.addr, path, &[]).await;
         let gz = http_get(w.addr, path, &[("Accept-Encoding", "gzip, deflate")]).await;
         assert!(plain.header("content-encoding").is_none(), "{path}");
@@ -209,6 +209,28 @@ async fn page_files_are_gzipped_when_asked_with_their_own_etag() {
         let headers = [("Accept-Encoding", "gzip"), ("If-None-Match", etag_gz)];
         assert_eq!(http_get(w.addr, path, &headers).await.status, 304, "{path}");
     }
+    // Brotli, which browsers ask for first, is smaller again, with its own
+    // validator; the page (index.html with its style and module bundle
+    // inline) is then about 8 KB (docs/BENCHMARKS.md, "Bytes per page load").
+    for path in ["/", "/app.js", "/sunset.js"] {
+        let plain = http_get(w.addr, path, &[]).await;
+        let gz = http_get(w.addr, path, &[("Accept-Encoding", "gzip")]).await;
+        let br = http_get(w.addr, path, &[("Accept-Encoding", "gzip, deflate, br, zstd")]).await;
+        assert_eq!(br.header("content-encoding"), Some("br"), "{path}");
+        assert_eq!(br.header("vary"), Some("Accept-Encoding"), "{path}");
+        assert!(br.body.len() < gz.body.len(), "{path}: br {} gz {}", br.body.len(), gz.body.len());
+        let mut unpacked = Vec::new();
+        brotli::BrotliDecompress(&mut br.body.as_slice(), &mut unpacked).unwrap();
+        assert_eq!(unpacked, plain.body, "{path}");
+        let etag = br.header("etag").unwrap();
+        assert!(etag.ends_with("-br\""), "{etag}");
+        let headers = [("Accept-Encoding", "br"), ("If-None-Match", etag)];
+        assert_eq!(http_get(w.addr, path, &headers).await.status, 304, "{path}");
+        let refused = http_get(w.addr, path, &[("Accept-Encoding", "br;q=0, gzip")]).await;
+        assert_eq!(refused.header("content-encoding"), Some("gzip"), "{path}");
+    }
+    let page = http_get(w.addr, "/", &[("Accept-Encoding", "br")]).await;
+    assert!(page.body.len() < 8_800, "the page in brotli: {} B", page.body.len());
     // An icon is not text: served as it is.
     let icon = http_get(w.addr, "/favicon.ico", &[("Accept-Encoding", "gzip")]).await;
     assert_eq!((icon.status, icon.header("content-type")), (200, Some("image/x-icon")));

@@ -23,12 +23,16 @@
 //! once a second. Server-Sent Events rather than a counts-only `/ws`: the
 //! browser's `EventSource` reconnects by itself, the events are text that
 //! needs no protobuf decoder in the widget, and the stream is a plain HTTP
-//! response, so it takes none of a board socket's slots or budgets.
+//! response. Each open stream takes one of the worker's `--max-connections`
+//! (a stream is held as long as a socket): past them a stream is refused
+//! with 503 and `Retry-After`, and the widget tries again a few seconds later.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -43,6 +47,7 @@ use super::{Body, Reply, header_value, if_none_match, plain};
 use crate::app::App;
 use crate::assets;
 use crate::counts::Counts;
+use crate::metrics::Limiter;
 use crate::shutdown::until_set;
 
 /// `/embed` and `/badge.svg` show live numbers: a cache may keep them a few
@@ -196,7 +201,7 @@ pub(super) fn badge(app: &App, req: &Request<Incoming>) -> Response<Body> {
 /// `checked`, `frozen` and `size` (and a jittered `retry:`, so a worker's
 /// widgets do not all come back in the same millisecond); each later event
 /// only the fields that changed, at most once per [`crate::counts::PERIOD`].
-pub(super) fn counts(app: &App, req: &Request<Incoming>) -> Response<Reply> {
+pub(super) fn counts(app: &Arc<App>, req: &Request<Incoming>) -> Response<Reply> {
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n").map(Either::Left);
@@ -204,9 +209,19 @@ pub(super) fn counts(app: &App, req: &Request<Incoming>) -> Response<Reply> {
     let body = if head {
         Either::Left(Full::default())
     } else {
+        let Some(slot) = StreamSlot::take(app) else {
+            app.metrics.limited(Limiter::MaxConnections);
+            let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, "too many connections; try again\n");
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return r.map(Either::Left);
+        };
         let (tx, rx) = mpsc::channel(1);
         let retry = 1000 + u64::from(jitter() % 2000);
-        tokio::spawn(stream(app.counts.subscribe(), app.shutdown.clone(), tx, retry));
+        let feed = app.counts.subscribe();
+        tokio::spawn(async move {
+            stream(feed, slot.0.shutdown.clone(), tx, retry).await;
+            drop(slot);
+        });
         Either::Right(Events { rx })
     };
     let mut r = Response::new(body);
@@ -217,6 +232,29 @@ pub(super) fn counts(app: &App, req: &Request<Incoming>) -> Response<Reply> {
     // nginx passes each event on at once instead of buffering the stream.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     r
+}
+
+/// An open `/api/counts` stream's place among the worker's
+/// `--max-connections`, shared with the board's sockets (`App::sockets`,
+/// which shutdown waits to drain); given back when the stream's task ends.
+struct StreamSlot(Arc<App>);
+
+impl StreamSlot {
+    fn take(app: &Arc<App>) -> Option<Self> {
+        let max = app.config.max_connections;
+        app.sockets
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+            .ok()?;
+        Some(Self(app.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if self.0.sockets.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.sockets_gone.notify_waiters();
+        }
+    }
 }
 
 /// The body of `/api/counts`: the events its task sends.
