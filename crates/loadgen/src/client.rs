@@ -871,7 +871,13 @@ pub async fn converge(truth: &Truth, clients: &[ClientHandle], timeout: f64) -> 
     let want = board_hash(&truth);
     let mut example = None;
     for c in clients {
-        let Some(a) = c.audit().await else {
+        // A client answers between messages of a socket: one still trying
+        // to connect (nginx answering 502 for ever) must not hang the run.
+        let Ok(answer) = tokio::time::timeout(Duration::from_secs(5), c.audit()).await else {
+            example.get_or_insert_with(|| "a client had no socket to answer from".to_string());
+            continue;
+        };
+        let Some(a) = answer else {
             example.get_or_insert_with(|| "a client task ended early".to_string());
             continue;
         };
