@@ -870,10 +870,15 @@ pub async fn converge(truth: &Truth, clients: &[ClientHandle], timeout: f64) -> 
     audit.final_seq = truth.seq;
     let want = board_hash(&truth);
     let mut example = None;
-    for c in clients {
-        // A client answers between messages of a socket: one still trying
-        // to connect (nginx answering 502 for ever) must not hang the run.
-        let Ok(answer) = tokio::time::timeout(Duration::from_secs(5), c.audit()).await else {
+    // A client answers between messages of a socket: one still trying to
+    // connect (nginx answering 502 for ever) must not hang the run, so all
+    // are asked at once and given 5 s.
+    let answers = futures_util::future::join_all(
+        clients.iter().map(|c| tokio::time::timeout(Duration::from_secs(5), c.audit())),
+    )
+    .await;
+    for (c, answer) in clients.iter().zip(answers) {
+        let Ok(answer) = answer else {
             example.get_or_insert_with(|| "a client had no socket to answer from".to_string());
             continue;
         };
