@@ -103,7 +103,7 @@ fn rolling_upgrade_of_every_worker_under_1000_clients_loses_no_ack_and_moves_eac
     let mut load = Child(
         Command::new(&loadgen)
             .args(["--url", &fleet.ws(""), "--clients", &CLIENTS.to_string(), "--ramp", "1000"])
-            .args(["--source-ips", "20", "--rate", "200", "--duration", "35", "--own-boxes", "2"])
+            .args(["--source-ips", "20", "--rate", "200", "--duration", "40", "--own-boxes", "2"])
             .args(["--truth-redis", &format!("redis://127.0.0.1:{}", redis_port.trim())])
             .args(["--converge-timeout", "20", "--json", "--ready-file"])
             .arg(&ready_file)
