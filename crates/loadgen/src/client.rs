@@ -40,6 +40,14 @@ pub struct Shared {
     pub frames: AtomicU64,
     pub bytes: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Sockets that ended, by client (clients whose socket never ended are
+    /// absent): a rolling upgrade must end each client's socket at most once
+    /// per worker it was on.
+    pub reconnects_by_client: Mutex<HashMap<usize, u64>>,
+    /// Attempts to resume that did not get a working socket: a connect that
+    /// failed (refused, HTTP error, 429) or a socket that ended before its
+    /// first message. A clean drain (1012, then one connect elsewhere) has none.
+    pub failed_reconnects: AtomicU64,
     pub snapshots: AtomicU64,
     pub errors: AtomicU64,
     /// Snapshots a client got on a socket that already had one (a reset or a
@@ -78,6 +86,8 @@ impl Shared {
             frames: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            reconnects_by_client: Mutex::new(HashMap::new()),
+            failed_reconnects: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             mid_snapshots: AtomicU64::new(0),
@@ -319,6 +329,7 @@ async fn client(
             Err(_) => {
                 shared.errors.fetch_add(1, Ordering::Relaxed);
                 if st.connected_once {
+                    shared.failed_reconnects.fetch_add(1, Ordering::Relaxed);
                     shared.disrupted();
                 }
                 tokio::time::sleep(backoff).await;
@@ -390,6 +401,10 @@ async fn client(
         // dropped it): resume, backing off with jitter while the server keeps
         // refusing. What was in flight has an unknown outcome.
         shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        *shared.reconnects_by_client.lock().expect("lock").entry(id).or_default() += 1;
+        if !healthy {
+            shared.failed_reconnects.fetch_add(1, Ordering::Relaxed);
+        }
         if st.connected_once {
             shared.disrupted();
         }
@@ -855,8 +870,19 @@ pub async fn converge(truth: &Truth, clients: &[ClientHandle], timeout: f64) -> 
     audit.final_seq = truth.seq;
     let want = board_hash(&truth);
     let mut example = None;
-    for c in clients {
-        let Some(a) = c.audit().await else {
+    // A client answers between messages of a socket: one still trying to
+    // connect (nginx answering 502 for ever) must not hang the run, so all
+    // are asked at once and given 5 s.
+    let answers = futures_util::future::join_all(
+        clients.iter().map(|c| tokio::time::timeout(Duration::from_secs(5), c.audit())),
+    )
+    .await;
+    for (c, answer) in clients.iter().zip(answers) {
+        let Ok(answer) = answer else {
+            example.get_or_insert_with(|| "a client had no socket to answer from".to_string());
+            continue;
+        };
+        let Some(a) = answer else {
             example.get_or_insert_with(|| "a client task ended early".to_string());
             continue;
         };

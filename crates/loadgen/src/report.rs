@@ -1,6 +1,6 @@
 //! What a run measured, mergeable across processes, as a table and as JSON.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 
 use hdrhistogram::Histogram;
@@ -21,6 +21,11 @@ pub struct Report {
     pub toggles_accepted: u64,
     pub refusals: HashMap<String, u64>,
     pub reconnects: u64,
+    /// Clients by how many times their socket ended (0 included).
+    pub reconnects_by_count: BTreeMap<u64, u64>,
+    /// Attempts to resume that got no working socket (see
+    /// `Shared::failed_reconnects`).
+    pub failed_reconnects: u64,
     pub snapshots: u64,
     pub errors: u64,
     pub rx_bytes: u64,
@@ -115,6 +120,19 @@ impl Report {
             toggles_accepted: s.accepted.load(Ordering::Relaxed),
             refusals,
             reconnects: s.reconnects.load(Ordering::Relaxed),
+            reconnects_by_count: {
+                let by_client = s.reconnects_by_client.lock().expect("lock");
+                let mut m = BTreeMap::new();
+                for n in by_client.values() {
+                    *m.entry(*n).or_default() += 1;
+                }
+                let quiet = clients.saturating_sub(by_client.len()) as u64;
+                if quiet > 0 {
+                    m.insert(0, quiet);
+                }
+                m
+            },
+            failed_reconnects: s.failed_reconnects.load(Ordering::Relaxed),
             snapshots: s.snapshots.load(Ordering::Relaxed),
             errors: s.errors.load(Ordering::Relaxed),
             rx_bytes,
@@ -150,6 +168,10 @@ impl Report {
             *self.refusals.entry(k).or_default() += v;
         }
         self.reconnects += o.reconnects;
+        for (n, c) in o.reconnects_by_count {
+            *self.reconnects_by_count.entry(n).or_default() += c;
+        }
+        self.failed_reconnects += o.failed_reconnects;
         self.snapshots += o.snapshots;
         self.errors += o.errors;
         self.rx_bytes += o.rx_bytes;
@@ -210,6 +232,9 @@ impl Report {
             "frames_per_client_per_s": self.per_client_per_s(self.rx_frames),
             "delivered_toggle_events_per_s": self.toggles_accepted as f64 * self.clients as f64 / self.traffic_s.max(1e-9),
             "reconnects": self.reconnects,
+            "reconnects_by_count": self.reconnects_by_count,
+            "max_reconnects_per_client": self.reconnects_by_count.keys().max().copied().unwrap_or(0),
+            "failed_reconnects": self.failed_reconnects,
             "snapshots": self.snapshots,
             "errors": self.errors,
             "converged": self.converged,
@@ -241,7 +266,7 @@ impl Report {
             )
         };
         format!(
-            "\n  clients connected       {} / {}\n  traffic                 {:.1} s, {} toggles sent ({:.0}/s), {} accepted, refused {:?}\n  toggle -> other clients {}\n  toggle -> its result    {}\n  received per client     {:.0} B/s in {:.1} frames/s\n  reconnects / snapshots  {} / {}\n  errors                  {}\n  converged               {} ({})\n",
+            "\n  clients connected       {} / {}\n  traffic                 {:.1} s, {} toggles sent ({:.0}/s), {} accepted, refused {:?}\n  toggle -> other clients {}\n  toggle -> its result    {}\n  received per client     {:.0} B/s in {:.1} frames/s\n  reconnects / snapshots  {} / {} (at most {} per client; {} attempts failed)\n  errors                  {}\n  converged               {} ({})\n",
             self.clients_connected,
             self.clients,
             self.traffic_s,
@@ -255,6 +280,8 @@ impl Report {
             s["frames_per_client_per_s"].as_f64().unwrap_or(0.0),
             self.reconnects,
             self.snapshots,
+            s["max_reconnects_per_client"],
+            self.failed_reconnects,
             self.errors,
             if self.converged { "yes" } else { "NO" },
             self.convergence_detail,

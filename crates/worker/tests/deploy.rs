@@ -312,10 +312,7 @@ fn provision_adds_and_removes_tagged_droplets_and_keeps_the_upstream_in_step() {
     assert!(calls().contains("compute droplet create"), "{}", calls());
     assert_eq!(
         servers(),
-        [
-            "server 10.10.0.10:8080 max_fails=2 fail_timeout=5s;",
-            "server 10.10.0.11:8080 max_fails=2 fail_timeout=5s;"
-        ]
+        ["server 10.10.0.10:8080 max_fails=0;", "server 10.10.0.11:8080 max_fails=0;"]
     );
     assert_eq!(
         std::fs::read_to_string(&reloads).unwrap().lines().count(),
@@ -352,11 +349,7 @@ fn provision_adds_and_removes_tagged_droplets_and_keeps_the_upstream_in_step() {
 
     let (ok, _, err) = provision(&["down", &victim]);
     assert!(ok, "{err}");
-    assert_eq!(
-        servers(),
-        ["server 10.10.0.11:8080 max_fails=2 fail_timeout=5s;"],
-        "it left the upstream"
-    );
+    assert_eq!(servers(), ["server 10.10.0.11:8080 max_fails=0;"], "it left the upstream");
     assert_eq!(scraped(), [two[1].clone()], "and the Prometheus targets");
     assert_eq!(two[0].1, victim, "the removed target was the deleted droplet");
     let log_text = calls();
