@@ -224,7 +224,8 @@ async fn a_killed_worker_s_clients_resume_elsewhere_and_it_catches_up_on_restart
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarts_with_aof_and_workers_recover_on_their_own() {
-    let mut redis = RedisServer::start_with(RedisOptions { aof: true }).unwrap();
+    let mut redis =
+        RedisServer::start_with(RedisOptions { aof: true, ..Default::default() }).unwrap();
     let f = fleet_flags(&redis);
     let workers: Vec<Worker> = (0..2).map(|_| Worker::start(&flags(&f))).collect();
     let mut clients = clients_on(&workers, 1).await;
