@@ -39,6 +39,10 @@ impl TestCa {
     pub fn new() -> anyhow::Result<Self> {
         crate::require("openssl");
         let dir = tempfile::tempdir()?;
+        // A name of its own: a certificate from another test CA must fail as
+        // an unknown issuer, not as a bad signature from a namesake.
+        let unique = dir.path().file_name().unwrap_or_default().to_string_lossy();
+        let subject = format!("/CN=omcb test CA {unique}");
         openssl(
             dir.path(),
             &[
@@ -56,7 +60,7 @@ impl TestCa {
                 "-days",
                 "2",
                 "-subj",
-                "/CN=omcb test CA",
+                &subject,
             ],
         )?;
         Ok(Self { dir })
