@@ -69,11 +69,15 @@ impl RedisTarget {
     /// have); [`StoreError::Config`] with a message that names what is wrong.
     pub fn new(url: &str, ca_file: Option<&Path>) -> Result<Self, StoreError> {
         let redacted = redact(url);
-        // `rediss://` and `rediss-cluster://`: fred would build its default
-        // TLS setup while parsing, and fail on any unreadable file in the
-        // system store; parse the plain URL and set the roots ourselves.
-        let (tls, plain) = match url.strip_prefix("rediss") {
-            Some(rest) => (true, format!("redis{rest}")),
+        // `rediss://` (and `valkeys://`, `rediss-cluster://`): fred would
+        // build its default TLS setup while parsing, and fail on any
+        // unreadable file in the system store; parse the plain URL and set
+        // the roots ourselves.
+        let plain = [("rediss", "redis"), ("valkeys", "valkey")]
+            .iter()
+            .find_map(|(tls, plain)| url.strip_prefix(tls).map(|rest| format!("{plain}{rest}")));
+        let (tls, plain) = match plain {
+            Some(plain) => (true, plain),
             None => (false, url.to_string()),
         };
         Config::from_url(&plain).map_err(|e| {
@@ -132,7 +136,7 @@ impl RedisTarget {
     pub(super) fn fatal(&self, error: &Error) -> Option<String> {
         if *error.kind() == ErrorKind::Auth {
             return Some(format!(
-                "Redis at {} does not let this worker in (check the user and password in the \
+                "Redis at {} refused the login (check the user and password in the \
                  URL): {}",
                 self.redacted,
                 error.details()
@@ -245,6 +249,8 @@ mod tests {
         assert!(e.contains("holds no PEM certificate"), "{e}");
         let e = msg(RedisTarget::new("redis://u:s3cret@db:1", Some(&empty)));
         assert!(e.contains("is not TLS: use rediss://") && !e.contains("s3cret"), "{e}");
+        let e = msg(RedisTarget::new("valkeys://db:1", Some(&empty)));
+        assert!(e.contains("holds no PEM certificate"), "valkeys:// is TLS too: {e}");
         let target = RedisTarget::new("redis://u:s3cret@db:1", None).unwrap();
         assert!(!format!("{target:?}").contains("s3cret"));
         assert!(!target.is_tls());
