@@ -125,6 +125,11 @@ pub enum StoreError {
     /// Reading or writing the data directory failed.
     #[error("store I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The store cannot be used as configured and waiting will not help: a
+    /// bad Redis URL or CA file, a user or password Redis refuses, a TLS
+    /// handshake that fails. Refused at start; the message says what to fix.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Milliseconds since the Unix epoch, the store's clock for check times.

@@ -4,7 +4,10 @@
 //! - [`RedisServer`]: a real `redis-server` (from `PATH`, or `OMCB_REDIS_BIN`)
 //!   on a free port in its own temp dir, polled until it answers `PING`,
 //!   restartable on the same port (with or without its AOF), killed and waited
-//!   for on drop, its log printed when a test panics.
+//!   for on drop, its log printed when a test panics. With
+//!   [`RedisOptions::tls`] it listens for TLS only, with a certificate from
+//!   its own [`tls::TestCa`]; with [`RedisOptions::user`] it wants that ACL
+//!   user and password (the default user is off).
 //! - [`WorkerProcess`]: the built `omcb` binary as a child process on free
 //!   ports, its addresses read from its stdout, killed on drop.
 //! - [`Resp`]: a tiny RESP client for the few commands tests send, so the kit
@@ -18,10 +21,11 @@
 
 pub mod http;
 pub mod rng;
+pub mod tls;
 mod worker;
 pub use worker::WorkerProcess;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -33,6 +37,12 @@ pub struct RedisOptions {
     /// Append-only file with `appendfsync everysec` (what production runs), so
     /// a restart keeps the data.
     pub aof: bool,
+    /// TLS only (`--port 0 --tls-port P`), with a CA of its own
+    /// ([`RedisServer::ca_file`]); [`RedisServer::url`] is `rediss://`.
+    pub tls: bool,
+    /// An ACL user and its password, the only user allowed in (the default
+    /// user is off); [`RedisServer::url`] carries them.
+    pub user: Option<(String, String)>,
 }
 
 /// A real redis-server process; see the crate docs.
@@ -43,6 +53,8 @@ pub struct RedisServer {
     /// Its `--dir`: AOF, RDB and `redis.log`.
     dir: tempfile::TempDir,
     opts: RedisOptions,
+    /// With [`RedisOptions::tls`]: its CA and the certificate it serves.
+    tls: Option<(tls::TestCa, tls::ServerCert)>,
     /// The process while it runs.
     child: Option<Child>,
 }
@@ -122,7 +134,15 @@ impl RedisServer {
 
     /// Starts a server; retries another port if the chosen one was taken meanwhile.
     pub fn start_with(opts: RedisOptions) -> anyhow::Result<Self> {
-        let mut s = RedisServer { port: 0, dir: tempfile::tempdir()?, opts, child: None };
+        let tls = match opts.tls {
+            true => {
+                let ca = tls::TestCa::new()?;
+                let cert = ca.issue("redis")?;
+                Some((ca, cert))
+            }
+            false => None,
+        };
+        let mut s = RedisServer { port: 0, dir: tempfile::tempdir()?, opts, tls, child: None };
         for _ in 0..5 {
             s.port = free_port();
             if s.spawn().is_ok() {
@@ -137,17 +157,28 @@ impl RedisServer {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let bin = std::env::var("OMCB_REDIS_BIN").unwrap_or_else(|_| "redis-server".into());
-        let child = Command::new(bin)
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--daemonize",
-                "no",
-            ])
+        let mut cmd = Command::new(bin);
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some((ca, cert)) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string(), "--tls-cert-file"])
+                .arg(&cert.cert)
+                .arg("--tls-key-file")
+                .arg(&cert.key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca.cert())
+                .args(["--tls-auth-clients", "no"]),
+        };
+        if let Some((user, pass)) = &self.opts.user {
+            // Each word its own argument: redis-server joins them into the
+            // config line `user NAME on >PASS ...`.
+            let rule = format!(">{pass}");
+            cmd.args([
+                "--user", "default", "off", "--user", user, "on", &rule, "~*", "&*", "+@all",
+            ]);
+        }
+        let child = cmd
+            .args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
             .args([
                 "--protected-mode",
                 "no",
@@ -179,9 +210,21 @@ impl RedisServer {
         }
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT`, or `rediss://` with [`RedisOptions::tls`],
+    /// with `USER:PASSWORD@` when it has a [`RedisOptions::user`].
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        let auth = match &self.opts.user {
+            Some((user, pass)) => format!("{user}:{pass}@"),
+            None => String::new(),
+        };
+        format!("{scheme}://{auth}127.0.0.1:{}", self.port)
+    }
+
+    /// The certificate of the CA that signed its TLS certificate (PEM); a
+    /// server without [`RedisOptions::tls`] has none.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.tls.as_ref().map(|(ca, _)| ca.cert())
     }
 
     /// Its port.
@@ -239,19 +282,43 @@ impl RedisServer {
         self.spawn()
     }
 
-    /// One command over a fresh connection.
+    /// One command over a fresh connection (over TLS and after `AUTH` when
+    /// the server wants them).
     pub fn command(&self, args: &[&str]) -> anyhow::Result<Resp> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut req = format!("*{}\r\n", args.len()).into_bytes();
-        for a in args {
-            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            req.extend_from_slice(a.as_bytes());
-            req.extend_from_slice(b"\r\n");
+        let tcp = TcpStream::connect(("127.0.0.1", self.port))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        match &self.tls {
+            None => self.authenticated(tcp, args),
+            Some((ca, _)) => {
+                let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+                let conn = rustls::ClientConnection::new(ca.client_config()?, name)?;
+                self.authenticated(rustls::StreamOwned::new(conn, tcp), args)
+            }
         }
-        s.write_all(&req)?;
-        read_resp(&mut BufReader::new(s))
     }
+
+    fn authenticated(&self, mut s: impl Read + Write, args: &[&str]) -> anyhow::Result<Resp> {
+        if let Some((user, pass)) = &self.opts.user {
+            s.write_all(&request(&["AUTH", user, pass]))?;
+        }
+        s.write_all(&request(args))?;
+        let mut r = BufReader::new(s);
+        if self.opts.user.is_some() {
+            let auth = read_resp(&mut r)?;
+            anyhow::ensure!(auth == Resp::Simple("OK".into()), "AUTH failed: {auth:?}");
+        }
+        read_resp(&mut r)
+    }
+}
+
+fn request(args: &[&str]) -> Vec<u8> {
+    let mut req = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        req.extend_from_slice(a.as_bytes());
+        req.extend_from_slice(b"\r\n");
+    }
+    req
 }
 
 fn read_resp(r: &mut impl BufRead) -> anyhow::Result<Resp> {

@@ -9,7 +9,7 @@ fn get(r: &RedisServer, key: &str) -> Resp {
 
 #[test]
 fn start_command_restart_and_cleanup() {
-    let mut r = RedisServer::start_with(RedisOptions { aof: true }).unwrap();
+    let mut r = RedisServer::start_with(RedisOptions { aof: true, ..Default::default() }).unwrap();
     assert_eq!(r.command(&["PING"]).unwrap(), Resp::Simple("PONG".into()));
     assert_eq!(r.command(&["SET", "k", "v"]).unwrap(), Resp::Simple("OK".into()));
     assert!(matches!(r.command(&["NOSUCHCOMMAND"]).unwrap(), Resp::Error(_)));
@@ -39,4 +39,27 @@ fn servers_run_side_by_side() {
     assert_ne!(a.port(), b.port());
     a.command(&["SET", "x", "1"]).unwrap();
     assert_eq!(get(&b, "x"), Resp::Bulk(None));
+}
+
+/// The TLS variant speaks TLS only, with its own CA, and lets in only its ACL
+/// user: what `rediss://user:pass@` tests run against.
+#[test]
+fn tls_with_an_acl_user_answers_over_tls_only_and_after_auth_only() {
+    let user = Some(("omcb".to_string(), "s3cret".to_string()));
+    let r =
+        RedisServer::start_with(RedisOptions { tls: true, user, ..Default::default() }).unwrap();
+    assert_eq!(r.url(), format!("rediss://omcb:s3cret@127.0.0.1:{}", r.port()));
+    let ca = r.ca_file().expect("a TLS server has a CA");
+    assert!(std::fs::read_to_string(ca).unwrap().contains("BEGIN CERTIFICATE"));
+    assert_eq!(r.command(&["PING"]).unwrap(), Resp::Simple("PONG".into()));
+    assert_eq!(r.command(&["ACL", "WHOAMI"]).unwrap().as_str(), Some("omcb"));
+    // Plain RESP on the TLS port gets no answer (the server waits for a TLS
+    // hello, then drops the connection).
+    use std::io::{Read, Write};
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", r.port())).unwrap();
+    plain.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    plain.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+    let mut buf = [0; 64];
+    let n = plain.read(&mut buf).unwrap_or(0);
+    assert!(!buf[..n].starts_with(b"+PONG"), "a TLS-only server answered plain RESP");
 }

@@ -27,6 +27,7 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
+use omcb_store::redis::{RedisStore, RedisTarget};
 use omcb_store::{BoardConfig, Store, StoreError};
 
 use crate::app::App;
@@ -136,6 +137,9 @@ pub struct AdminArgs {
     /// directly; used when no `--worker` is given.
     #[arg(long, env = "OMCB_REDIS")]
     pub redis: Option<String>,
+    /// For `rediss://`: trust only the CA certificates in this PEM file.
+    #[arg(long, env = "OMCB_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// Name of the board in Redis.
     #[arg(long, env = "OMCB_BOARD", default_value = "main")]
     pub board: String,
@@ -186,7 +190,7 @@ fn after(s: &str) -> Result<Duration, String> {
 /// Where `omcb admin` sends its reads and writes.
 enum Target {
     Worker(String),
-    Redis(omcb_store::redis::RedisStore),
+    Redis(RedisStore),
 }
 
 impl Target {
@@ -218,14 +222,16 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     const PATIENCE: Duration = Duration::from_secs(10);
     let target = match (&args.worker, &args.redis) {
         (Some(url), _) => Target::Worker(url.clone()),
-        (None, Some(url)) => Target::Redis(
-            tokio::time::timeout(
-                PATIENCE,
-                omcb_store::redis::RedisStore::open_existing(url, &args.board),
+        (None, Some(url)) => {
+            let target = RedisTarget::new(url, args.redis_ca_file.as_deref())?;
+            Target::Redis(
+                tokio::time::timeout(PATIENCE, RedisStore::open_existing(&target, &args.board))
+                    .await
+                    .with_context(|| {
+                        format!("Redis at {} did not answer within {PATIENCE:?}", target.redacted())
+                    })??,
             )
-            .await
-            .with_context(|| format!("Redis at {url} did not answer within {PATIENCE:?}"))??,
-        ),
+        }
         (None, None) => anyhow::bail!(
             "say where the board is: --worker http://HOST:PORT (a worker's --metrics-listen) \
              or --redis redis://HOST:PORT (OMCB_ADMIN_WORKER, OMCB_REDIS)"

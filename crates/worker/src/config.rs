@@ -24,8 +24,16 @@ pub struct Config {
 
     /// Fleet mode: keep the board in this Redis (`redis://HOST:PORT`), shared by
     /// every worker pointed at it. Without it the board is embedded in this process.
+    /// `rediss://` is TLS; `USER:PASSWORD@` (or `:PASSWORD@`) logs in. Checked by
+    /// the store, not here: clap's message would print the password.
     #[arg(long, env = "OMCB_REDIS")]
     pub redis: Option<String>,
+
+    /// For `rediss://`: trust only the CA certificates in this PEM file (a
+    /// private CA, such as a managed Redis' downloadable CA) instead of the
+    /// system's CA store.
+    #[arg(long, env = "OMCB_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
 
     /// Name of the board in Redis (its keys are `{NAME}:bits`, ...).
     #[arg(long, env = "OMCB_BOARD", default_value = "main")]

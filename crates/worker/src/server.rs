@@ -15,7 +15,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
-use omcb_store::{ChangeFeed, Store, StoreError, memory::MemoryStore, redis::RedisStore};
+use omcb_store::redis::{RedisStore, RedisTarget};
+use omcb_store::{ChangeFeed, Store, StoreError, memory::MemoryStore};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tracing::Instrument as _;
@@ -66,8 +67,14 @@ impl Server {
     ) -> Result<Self, ServeError> {
         let store = match &config.redis {
             Some(url) => {
-                tracing::info!(url, board = config.board, "fleet mode: connecting to Redis");
-                Store::Redis(RedisStore::connect(url, &config.board, config.board()).await?)
+                let target = RedisTarget::new(url, config.redis_ca_file.as_deref())?;
+                tracing::info!(
+                    url = target.redacted(),
+                    tls = target.is_tls(),
+                    board = config.board,
+                    "fleet mode: connecting to Redis"
+                );
+                Store::Redis(RedisStore::connect_to(&target, &config.board, config.board()).await?)
             }
             None => {
                 Store::Memory(MemoryStore::open(config.board(), config.data_dir.clone()).await?)

@@ -13,7 +13,8 @@ use omcb_testkit::{RedisOptions, RedisServer};
 const OPEN: &str = "--board-size 1000 --toggle-rate 1000000 --toggle-burst 1000000 --batch-ms 20";
 
 fn fleet_flags(redis: &RedisServer) -> String {
-    format!("--redis {} {OPEN}", redis.url())
+    let ca = redis.ca_file().map(|f| format!("--redis-ca-file {}", f.display()));
+    format!("--redis {} {} {OPEN}", redis.url(), ca.unwrap_or_default())
 }
 
 /// Sends `n` toggles on boxes `0..hot` in windows of 50 and returns every answer.
@@ -93,7 +94,19 @@ async fn clients_on(workers: &[Worker], per_worker: usize) -> Vec<Client> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_converge_under_concurrent_toggles_on_a_hot_region() {
-    let redis = RedisServer::start().unwrap();
+    converge_under_concurrent_toggles(RedisServer::start().unwrap()).await;
+}
+
+/// The same over `rediss://` with an ACL user's password, against a Redis
+/// that listens for TLS only: the fleet path works over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_converge_over_rediss_with_a_password() {
+    let user = Some(("omcb".to_string(), "fleet-pw".to_string()));
+    let opts = RedisOptions { tls: true, user, ..Default::default() };
+    converge_under_concurrent_toggles(RedisServer::start_with(opts).unwrap()).await;
+}
+
+async fn converge_under_concurrent_toggles(redis: RedisServer) {
     let workers: Vec<Worker> =
         (0..3).map(|_| Worker::start(&flags(&fleet_flags(&redis)))).collect();
     let clients = clients_on(&workers, 2).await;
@@ -224,7 +237,8 @@ async fn a_killed_worker_s_clients_resume_elsewhere_and_it_catches_up_on_restart
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarts_with_aof_and_workers_recover_on_their_own() {
-    let mut redis = RedisServer::start_with(RedisOptions { aof: true }).unwrap();
+    let mut redis =
+        RedisServer::start_with(RedisOptions { aof: true, ..Default::default() }).unwrap();
     let f = fleet_flags(&redis);
     let workers: Vec<Worker> = (0..2).map(|_| Worker::start(&flags(&f))).collect();
     let mut clients = clients_on(&workers, 1).await;

@@ -127,7 +127,7 @@ enum Continuity {
 impl RedisFeed {
     async fn client(&mut self) -> Result<Client, StoreError> {
         if self.client.is_none() {
-            let client = self.store.inner.builder.build().map_err(unavailable)?;
+            let client = self.store.inner.target.builder()?.build().map_err(unavailable)?;
             // The block time must not count as a timeout.
             let reconnects = client.reconnect_rx();
             client.connect();

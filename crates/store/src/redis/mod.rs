@@ -45,12 +45,15 @@
 //! - `recovery`: what this worker remembers of its answers, and how a board
 //!   that lost changes is restored, moved to a new epoch or made again.
 //! - `reply`: reading replies and stream entries.
+//! - `target`: [`RedisTarget`], the checked URL, TLS roots and the password
+//!   kept out of logs; which connection errors stop a worker at start.
 
 mod feed;
 mod keys;
 mod recovery;
 mod reply;
 mod scripts;
+mod target;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -64,6 +67,7 @@ use omcb_proto::bits;
 pub use feed::RedisFeed;
 pub use keys::Keys;
 pub use scripts::lua;
+pub use target::{RedisTarget, redact};
 
 use crate::{Board, BoardConfig, Op, Refusal, SetOutcome, StoreError};
 use recovery::{Acked, Recent};
@@ -93,7 +97,7 @@ struct Inner {
     client: Client,
     /// What to build the feed's own connection from (XREAD BLOCK must not
     /// hold up the toggles' connection).
-    builder: Builder,
+    target: RedisTarget,
     keys: Keys,
     scripts: Scripts,
     /// The settings this worker asked for (the board in Redis wins).
@@ -136,29 +140,26 @@ pub(super) fn unavailable(e: Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-fn builder(url: &str) -> Result<Builder, StoreError> {
-    let config =
-        Config::from_url(url).map_err(|e| StoreError::Data(format!("bad Redis URL {url}: {e}")))?;
-    let mut b = Builder::from_config(config);
-    // Reconnect forever with backoff: a worker outlives Redis restarts.
-    b.set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
-    b.with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT);
-    b.with_connection_config(|c| {
-        c.connection_timeout = Duration::from_secs(2);
-        c.internal_command_timeout = Duration::from_secs(2);
-    });
-    Ok(b)
-}
-
 /// `snapshot.lua`'s answer: bits, frozen, count, frozen_count, seq, epoch,
 /// size, max_checked, freeze_after_ms.
 type SnapshotReply = (Bytes, Bytes, u32, u32, u64, u64, u32, u32, u64);
 
 impl RedisStore {
-    /// Connects (waiting, with backoff, until Redis answers) and creates the
-    /// board `name` if it does not exist.
+    /// [`connect_to`](Self::connect_to) a plain URL (or `rediss://` trusting
+    /// the system's CA store).
     pub async fn connect(url: &str, name: &str, wanted: BoardConfig) -> Result<Self, StoreError> {
-        let store = Self::connect_only(url, name, wanted).await?;
+        Self::connect_to(&RedisTarget::new(url, None)?, name, wanted).await
+    }
+
+    /// Connects (waiting, with backoff, until Redis answers) and creates the
+    /// board `name` if it does not exist. A wrong user or password, or a
+    /// failed TLS handshake, is [`StoreError::Config`] at once.
+    pub async fn connect_to(
+        target: &RedisTarget,
+        name: &str,
+        wanted: BoardConfig,
+    ) -> Result<Self, StoreError> {
+        let store = Self::connect_only(target, name, wanted).await?;
         // Redis may be up but still loading its AOF (`LOADING`): wait for it
         // rather than exit, within reason.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -177,15 +178,18 @@ impl RedisStore {
     /// Connects to the board `name` that exists in Redis, for an operator's
     /// tool (`omcb admin`): never creates one (a mistyped name must not make
     /// an empty board); [`StoreError::Data`] when there is none.
-    pub async fn open_existing(url: &str, name: &str) -> Result<Self, StoreError> {
-        let store = Self::connect_only(url, name, BoardConfig::default()).await?;
+    pub async fn open_existing(target: &RedisTarget, name: &str) -> Result<Self, StoreError> {
+        let store = Self::connect_only(target, name, BoardConfig::default()).await?;
         let client = &store.inner.client;
         let (size, max_checked, freeze_after_ms): (Option<u32>, Option<u32>, Option<u64>) = client
             .hmget(store.inner.keys.config.as_str(), vec!["size", "max_checked", "freeze_after_ms"])
             .await
             .map_err(unavailable)?;
         let Some(size) = size else {
-            return Err(StoreError::Data(format!("there is no board named {name:?} in {url}")));
+            return Err(StoreError::Data(format!(
+                "there is no board named {name:?} in {}",
+                target.redacted()
+            )));
         };
         *store.inner.config.write() = BoardConfig {
             size,
@@ -196,9 +200,12 @@ impl RedisStore {
     }
 
     /// Connects, waiting with backoff until Redis answers; touches no key.
-    async fn connect_only(url: &str, name: &str, wanted: BoardConfig) -> Result<Self, StoreError> {
-        let builder = builder(url)?;
-        let client = builder.build().map_err(unavailable)?;
+    async fn connect_only(
+        target: &RedisTarget,
+        name: &str,
+        wanted: BoardConfig,
+    ) -> Result<Self, StoreError> {
+        let client = target.builder()?.build().map_err(unavailable)?;
         let mut errors = client.error_rx();
         client.connect();
         // fred retries by itself; say why each attempt failed, or a worker
@@ -209,10 +216,18 @@ impl RedisStore {
             loop {
                 tokio::select! {
                     result = &mut connected => {
+                        if let Err(error) = &result
+                            && let Some(why) = target.fatal(error)
+                        {
+                            return Err(StoreError::Config(why));
+                        }
                         result.map_err(unavailable)?;
                         break;
                     }
                     Ok((error, server)) = errors.recv() => {
+                        if let Some(why) = target.fatal(&error) {
+                            return Err(StoreError::Config(why));
+                        }
                         tracing::warn!(%error, ?server, "cannot reach Redis yet; retrying");
                     }
                 }
@@ -221,7 +236,7 @@ impl RedisStore {
         let store = Self {
             inner: Arc::new(Inner {
                 client,
-                builder,
+                target: target.clone(),
                 keys: Keys::new(name),
                 scripts: Scripts::new(),
                 wanted,
