@@ -59,7 +59,9 @@ if want ~= 0 and want ~= 1 then
 end
 
 local current = redis.call('GETBIT', KEYS[2], index)
-if redis.call('GETBIT', KEYS[3], index) == 1 then
+-- frozen_count is the frozen bitset's ones (every script that sets a frozen bit
+-- counts it): while nothing is frozen, the frozen bitset need not be read.
+if frozen_count > 0 and redis.call('GETBIT', KEYS[3], index) == 1 then
   return answer(-2, current, 0)
 end
 if current == want then

@@ -391,6 +391,46 @@ async fn redis_feed_reads_entries_without_a_commit_time() {
     assert_eq!((changes[1].seq, changes[1].index, changes[1].committed_ms), (2, 2, 0));
 }
 
+/// A busy log is read in batches: a blocking `XREAD` wakes on every change,
+/// so unpaced the feed read (and Redis answered) once per change; paced, at
+/// most once per `FEED_PACE` while changes keep coming (issue 13, part 1).
+#[tokio::test]
+async fn redis_feed_reads_a_busy_log_at_most_once_per_pace() {
+    const CHANGES: u32 = 100;
+    let pace = omcb_store::redis::FEED_PACE;
+    let (store, _g) = redis(SMALL).await;
+    let b = store.snapshot().await.unwrap();
+    let mut feed = store.feed(b.epoch, b.seq);
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..CHANGES {
+                set(&store, i, true).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let (mut reads, mut seq) = (0u128, 0);
+    while seq < u64::from(CHANGES) {
+        match tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap() {
+            FeedEvent::Changes(cs) => {
+                reads += 1;
+                seq = cs.last().map_or(seq, |c| c.seq);
+            }
+            FeedEvent::Reset(b) => panic!("unexpected reset at seq {}", b.seq),
+        }
+    }
+    writer.await.unwrap();
+    let elapsed = started.elapsed();
+    // The first read goes at once, each later one at least a pace after the last.
+    let most = elapsed.as_millis() / pace.as_millis() + 2;
+    assert!(
+        reads <= most,
+        "{reads} reads for {CHANGES} changes in {elapsed:?}: at most {most} (one per {pace:?})"
+    );
+}
+
 /// In process nothing can be lost behind a reader's back: a feed from a seq
 /// the board never had is the caller's mistake, and it gets the board as is.
 #[tokio::test]

@@ -6,13 +6,15 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use fred::prelude::*;
 use fred::types::streams::XReadResponse;
 use tokio::sync::broadcast::error::TryRecvError;
 
 use super::reply::{Entry, RawEntry, bad, entries, typed};
 use super::scripts::{Purpose, measured};
-use super::{COMMAND_TIMEOUT, FEED_BLOCK_MS, FEED_CHUNK, RedisStore, unavailable};
+use super::{COMMAND_TIMEOUT, FEED_BLOCK_MS, FEED_CHUNK, FEED_PACE, RedisStore, unavailable};
 use crate::{Board, FeedEvent, StoreError};
 
 /// What `position.lua` read, all of one moment.
@@ -72,6 +74,7 @@ impl RedisStore {
             verify: true,
             left: VecDeque::new(),
             replica: None,
+            busy_since: None,
         }
     }
 
@@ -108,6 +111,9 @@ pub struct RedisFeed {
     /// returned since), when the feed was made with one: what a board that
     /// lost changes is restored from.
     replica: Option<Board>,
+    /// When the last read that returned changes was sent: the next read waits
+    /// until [`FEED_PACE`] after it. `None` after a quiet read.
+    busy_since: Option<Instant>,
 }
 
 /// Epochs a feed remembers having left.
@@ -164,10 +170,15 @@ impl RedisFeed {
                     other => return self.reset(other == Continuity::Lost).await,
                 }
             }
+            if let Some(since) = self.busy_since.take() {
+                // Cancel-safe: a dropped call has read nothing yet.
+                tokio::time::sleep_until(since + FEED_PACE).await;
+            }
             let options = Options {
                 timeout: Some(Duration::from_millis(FEED_BLOCK_MS) + COMMAND_TIMEOUT),
                 ..Default::default()
             };
+            let sent = Instant::now();
             let read = measured(
                 "feed",
                 Purpose::Feed,
@@ -216,6 +227,7 @@ impl RedisFeed {
                 self.seq = last.change.seq;
                 self.last = Some(last);
                 self.store.read_up_to(self.epoch, self.seq);
+                self.busy_since = Some(sent);
                 return Ok(FeedEvent::Changes(entries.into_iter().map(|e| e.change).collect()));
             }
             // Quiet for a whole block: is this still the same board, with all

@@ -76,6 +76,15 @@ pub const LOG_MAXLEN: u64 = 100_000;
 pub const FEED_CHUNK: u64 = 4096;
 /// How long an `XREAD BLOCK` waits before the feed checks the board's epoch.
 pub const FEED_BLOCK_MS: u64 = 1000;
+/// The least time from one feed read that returned changes to the next
+/// read. A blocking `XREAD` wakes on every `XADD`, so a busy board was read
+/// once per change (about 1,000 reads a second per worker at 1,000 changes a
+/// second, most of a toggle's Redis CPU after `set.lua`); paced, a worker
+/// reads at most 50 times a second, each read taking every change since the
+/// last. The hub coalesces changes into one batch per tick (50 ms) anyway, so
+/// this adds at most this much to a change's delivery, and nothing on a quiet
+/// board: the first change after a quiet read wakes the read at once.
+pub const FEED_PACE: Duration = Duration::from_millis(20);
 /// How long `set.lua` remembers an answer for a retried call.
 pub const OP_MEMORY_MS: u64 = 60_000;
 /// A command that takes longer fails the toggle with `Unavailable`.
