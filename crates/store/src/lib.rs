@@ -226,7 +226,7 @@ impl Store {
     pub fn feed(&self, epoch: u64, seq: u64) -> ChangeFeed {
         match self {
             Store::Memory(m) => ChangeFeed::Memory(m.feed(epoch, seq)),
-            Store::Redis(r) => ChangeFeed::Redis(r.feed(epoch, seq)),
+            Store::Redis(r) => ChangeFeed::Redis(Box::new(r.feed(epoch, seq))),
         }
     }
 
@@ -236,7 +236,7 @@ impl Store {
     pub fn feed_from(&self, board: &Board) -> ChangeFeed {
         match self {
             Store::Memory(m) => ChangeFeed::Memory(m.feed(board.epoch, board.seq)),
-            Store::Redis(r) => ChangeFeed::Redis(r.feed_from(board)),
+            Store::Redis(r) => ChangeFeed::Redis(Box::new(r.feed_from(board))),
         }
     }
 
@@ -272,7 +272,8 @@ pub enum ChangeFeed {
     /// From the Memory backend.
     Memory(memory::MemoryFeed),
     /// From the Redis backend's change stream.
-    Redis(redis::RedisFeed),
+    /// Boxed: ten times the size of the memory feed, and made once per reset.
+    Redis(Box<redis::RedisFeed>),
 }
 
 impl ChangeFeed {
