@@ -39,8 +39,10 @@ local max_checked = tonumber(config[2]) or 0
 local freeze_after = tonumber(config[3]) or 0
 local epoch = config[4]
 
-local count = tonumber(redis.call('GET', KEYS[4]) or '0')
-local frozen_count = tonumber(redis.call('GET', KEYS[5]) or '0')
+-- One call for both counts: a script's cost here is mostly per redis.call.
+local counts = redis.call('MGET', KEYS[4], KEYS[5])
+local count = tonumber(counts[1] or '0')
+local frozen_count = tonumber(counts[2] or '0')
 
 local function answer(status, value, seq)
   local result = {status, value, seq, count, frozen_count, epoch}
