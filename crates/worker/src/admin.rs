@@ -258,8 +258,8 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One request to a worker's private listener (`Connection: close`, read to
-/// the end): the JSON it answers, or its error message.
+/// One request to a worker's private listener, over hyper's HTTP/1.1 client:
+/// the JSON it answers, or its error message.
 async fn request(
     url: &str,
     method: &str,
@@ -267,36 +267,37 @@ async fn request(
     body: Option<&str>,
 ) -> anyhow::Result<serde_json::Value> {
     use anyhow::Context as _;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let host = url
         .strip_prefix("http://")
         .with_context(|| format!("--worker {url}: expected http://HOST:PORT"))?
         .trim_end_matches('/');
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, host)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))?;
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(host).await?;
-        let body = body.unwrap_or("");
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(req.as_bytes()).await?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).await?;
-        Ok::<_, std::io::Error>(answer)
+        let stream = tokio::net::TcpStream::connect(host).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok::<_, anyhow::Error>((status, body))
     };
-    let answer = tokio::time::timeout(Duration::from_secs(10), exchange)
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
         .with_context(|| format!("{url} did not answer within 10 s"))?
         .with_context(|| format!("talking to {url}"))?;
-    let text = String::from_utf8_lossy(&answer);
-    let (head, body) = text.split_once("\r\n\r\n").context("not an HTTP answer")?;
-    let status = head.split(' ').nth(1).unwrap_or("?");
+    let body = String::from_utf8_lossy(&body);
     let value: serde_json::Value = serde_json::from_str(body.trim())
         .with_context(|| format!("{url}{path} answered {status}: {body}"))?;
-    if status != "200" {
+    if status != StatusCode::OK {
         anyhow::bail!(
-            "{url}{path} answered {status}: {}",
+            "{url}{path} answered {}: {}",
+            status.as_u16(),
             value["error"].as_str().unwrap_or(body.trim())
         );
     }

@@ -373,14 +373,47 @@ fn prometheus_scrapes_the_fleet_every_query_returns_data_and_a_killed_worker_ale
     // Kill one worker under traffic: OmcbWorkerDown is pending or firing for
     // it (and only it) within its `for` plus one scrape interval.
     // A healthy fleet under traffic raises nothing (no alert is pending).
-    let before = prom.get("/api/v1/alerts", None);
-    for alert in before["data"]["alerts"].as_array().unwrap() {
+    // Except the alerts on how fast this machine is: on 2 cores starved by a
+    // parallel test run, a Redis round trip can take 100 ms, and then store
+    // latency, feed lag and slow consumers rightly read high. Their thresholds
+    // are checked by the promtool unit tests (deploy/prometheus/tests).
+    const MACHINE_SPEED: [&str; 3] =
+        ["OmcbStoreLatencyHigh", "OmcbFeedLagging", "OmcbSlowConsumerStorm"];
+    // A rule reads what was scraped and recorded before it ran: in the fleet's
+    // first seconds the lease holder's first scrape can land after a rule that
+    // read only the other worker, so an alert can be pending for one or two
+    // evaluations (each alert's `for` covers that in production). What must
+    // hold: every such alert clears within two scrape-and-evaluate rounds and
+    // stays clear; one that is still pending then is a real problem.
+    let evaluation = duration(config["global"]["evaluation_interval"].as_str().unwrap());
+    let settle = 2 * (scrape + evaluation);
+    let settle_deadline = Instant::now() + settle;
+    let pending = loop {
+        let now = prom.get("/api/v1/alerts", None);
+        let pending: Vec<serde_json::Value> = now["data"]["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|alert| {
+                let name = alert["labels"]["alertname"].as_str().unwrap_or_default();
+                !MACHINE_SPEED.contains(&name)
+            })
+            .cloned()
+            .collect();
+        if pending.is_empty() || Instant::now() >= settle_deadline {
+            break pending;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for alert in pending {
         // What the sweep gauges said, to tell a lease blink from a real gap.
         let sweep = ["omcb_sweep_lease_held", "omcb_sweeps_total", "omcb_freeze_after_seconds"]
             .map(|m| {
                 prom.get("/api/v1/query", Some(&format!("{m}[30s]")))["data"]["result"].clone()
             });
-        problems.push(format!("alert on the healthy fleet: {alert}; sweep series: {sweep:?}"));
+        problems.push(format!(
+            "alert still active on the healthy fleet after {settle:?}: {alert}; sweep series: {sweep:?}"
+        ));
     }
     assert!(prom.alerts("OmcbWorkerDown").is_empty(), "no worker is down yet");
     let worker_down = rules.iter().find(|r| r.name == "OmcbWorkerDown").unwrap();
