@@ -7,11 +7,15 @@
 -- KEYS[6]: {B}:seq           seq of the last change
 -- KEYS[7]: {B}:log           change stream; entry id "<seq>-0", fields i (index), o ("1", "0" or "f"), c, f (counts after), e (the board's epoch), t (commit time, ms, from TIME)
 -- KEYS[8]: {B}:checked_at    sorted set: index -> ms of last check, for checked unfrozen boxes
--- KEYS[9]: {B}:op:<id>       this call's answer, kept so a retried call (a client resending after a reconnect) gets the same answer
+-- KEYS[9]: {B}:op:<id>       this call's answer when it changed the board, kept so a retried call (the
+--                            Redis client resending after a reconnect) gets the same answer. A call that
+--                            changed nothing stores none: running it again is as if its first run never
+--                            happened, so the retry's answer is the call's answer, at the retry's moment.
 -- ARGV[1]: index
 -- ARGV[2]: value, "1" or "0"
 -- ARGV[3]: approximate MAXLEN of the log
 -- ARGV[4]: ms to remember the answer under KEYS[9]
+-- KEYS[9] holds the answer as "status,value,seq,checked_count,frozen_count,epoch".
 -- Returns: {status, value, seq, checked_count, frozen_count, epoch}
 --   status  1: changed, seq is the change's
 --   status  0: the box already had the value; seq 0
@@ -27,7 +31,8 @@
 
 local done = redis.call('GET', KEYS[9])
 if done then
-  return cjson.decode(done)
+  local status, value, seq, c, f, e = string.match(done, '^(-?%d+),(%d+),(%d+),(%d+),(%d+),(%d+)$')
+  return {tonumber(status), tonumber(value), tonumber(seq), tonumber(c), tonumber(f), e}
 end
 
 local config = redis.call('HMGET', KEYS[1], 'size', 'max_checked', 'freeze_after_ms', 'epoch')
@@ -44,10 +49,14 @@ local counts = redis.call('MGET', KEYS[4], KEYS[5])
 local count = tonumber(counts[1] or '0')
 local frozen_count = tonumber(counts[2] or '0')
 
+-- Only an answer that changed the board is stored (see KEYS[9]); a plain
+-- string, as cjson costs more than the rest of a no-op call.
 local function answer(status, value, seq)
-  local result = {status, value, seq, count, frozen_count, epoch}
-  redis.call('SET', KEYS[9], cjson.encode(result), 'PX', ARGV[4])
-  return result
+  if seq > 0 then
+    redis.call('SET', KEYS[9], table.concat({status, value, seq, count, frozen_count, epoch}, ','),
+      'PX', ARGV[4])
+  end
+  return {status, value, seq, count, frozen_count, epoch}
 end
 
 -- Never trust the caller: a bad index must not grow the bitset.

@@ -284,12 +284,31 @@ impl ChangeFeed {
             ChangeFeed::Memory(f) => Ok(f.next().await),
             ChangeFeed::Redis(f) => f.next().await,
         };
-        if event.is_ok() {
-            // Heartbeats count: a feed that stopped reading shows as the age
-            // of this time, whether or not anything changed.
-            metrics::gauge!("omcb_feed_last_read_timestamp_seconds")
-                .set(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
-        }
-        event
+        read(event)
     }
+
+    /// The changes the store has now after the feed's position, without
+    /// waiting: an empty `Changes` when there are none yet (not a
+    /// heartbeat), or a `Reset`. How a reader that publishes once per tick
+    /// reads a busy board: once per tick, rather than once per change as
+    /// repeated [`next`](Self::next) calls would (a Redis `XREAD BLOCK`
+    /// wakes on every change).
+    pub async fn read_now(&mut self) -> Result<FeedEvent, StoreError> {
+        let event = match self {
+            ChangeFeed::Memory(f) => Ok(f.read_now()),
+            ChangeFeed::Redis(f) => f.read_now().await,
+        };
+        read(event)
+    }
+}
+
+/// Records a successful read of the feed.
+fn read(event: Result<FeedEvent, StoreError>) -> Result<FeedEvent, StoreError> {
+    if event.is_ok() {
+        // Heartbeats count: a feed that stopped reading shows as the age
+        // of this time, whether or not anything changed.
+        metrics::gauge!("omcb_feed_last_read_timestamp_seconds")
+            .set(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
+    }
+    event
 }

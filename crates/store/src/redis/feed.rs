@@ -6,15 +6,13 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use fred::prelude::*;
 use fred::types::streams::XReadResponse;
 use tokio::sync::broadcast::error::TryRecvError;
 
 use super::reply::{Entry, RawEntry, bad, entries, typed};
 use super::scripts::{Purpose, measured};
-use super::{COMMAND_TIMEOUT, FEED_BLOCK_MS, FEED_CHUNK, FEED_PACE, RedisStore, unavailable};
+use super::{COMMAND_TIMEOUT, FEED_BLOCK_MS, FEED_CHUNK, RedisStore, unavailable};
 use crate::{Board, FeedEvent, StoreError};
 
 /// What `position.lua` read, all of one moment.
@@ -74,7 +72,6 @@ impl RedisStore {
             verify: true,
             left: VecDeque::new(),
             replica: None,
-            busy_since: None,
         }
     }
 
@@ -111,9 +108,6 @@ pub struct RedisFeed {
     /// returned since), when the feed was made with one: what a board that
     /// lost changes is restored from.
     replica: Option<Board>,
-    /// When the last read that returned changes was sent: the next read waits
-    /// until [`FEED_PACE`] after it. `None` after a quiet read.
-    busy_since: Option<Instant>,
 }
 
 /// Epochs a feed remembers having left.
@@ -161,7 +155,25 @@ impl RedisFeed {
     /// epoch, Redis lost writes), an empty `Changes` after a quiet block (the
     /// heartbeat), or `Unavailable` while Redis is away. Run it in a task of its
     /// own: a dropped call loses nothing, but wastes a blocking read.
+    ///
+    /// A blocking `XREAD` wakes on every `XADD`: called again at once after
+    /// each answer, it reads a busy board once per change (most of a
+    /// toggle's Redis CPU after `set.lua`). A reader that only needs the
+    /// changes once per tick reads a busy board with [`read_now`](Self::read_now)
+    /// instead, just before its tick, and blocks here only once the board
+    /// has gone quiet.
     pub async fn next(&mut self) -> Result<FeedEvent, StoreError> {
+        self.read(true).await
+    }
+
+    /// The changes Redis has now after the feed's position, without waiting:
+    /// an empty `Changes` when there are none (nothing new yet, not a
+    /// heartbeat), or a `Reset` as [`next`](Self::next) gives it.
+    pub async fn read_now(&mut self) -> Result<FeedEvent, StoreError> {
+        self.read(false).await
+    }
+
+    async fn read(&mut self, block: bool) -> Result<FeedEvent, StoreError> {
         loop {
             let client = self.client().await?;
             if self.verify {
@@ -170,21 +182,16 @@ impl RedisFeed {
                     other => return self.reset(other == Continuity::Lost).await,
                 }
             }
-            if let Some(since) = self.busy_since.take() {
-                // Cancel-safe: a dropped call has read nothing yet.
-                tokio::time::sleep_until(since + FEED_PACE).await;
-            }
             let options = Options {
-                timeout: Some(Duration::from_millis(FEED_BLOCK_MS) + COMMAND_TIMEOUT),
+                timeout: Some(Duration::from_millis(if block { FEED_BLOCK_MS } else { 0 }) + COMMAND_TIMEOUT),
                 ..Default::default()
             };
-            let sent = Instant::now();
             let read = measured(
                 "feed",
                 Purpose::Feed,
                 client.with_options(&options).xread::<Value, _, _>(
                     Some(FEED_CHUNK),
-                    Some(FEED_BLOCK_MS),
+                    block.then_some(FEED_BLOCK_MS),
                     &self.store.inner.keys.log,
                     format!("{}-0", self.seq),
                 ),
@@ -227,8 +234,12 @@ impl RedisFeed {
                 self.seq = last.change.seq;
                 self.last = Some(last);
                 self.store.read_up_to(self.epoch, self.seq);
-                self.busy_since = Some(sent);
                 return Ok(FeedEvent::Changes(entries.into_iter().map(|e| e.change).collect()));
+            }
+            if !block {
+                // Nothing new since the last read, a moment ago: not a quiet
+                // block, so no continuity check.
+                return Ok(FeedEvent::Changes(Vec::new()));
             }
             // Quiet for a whole block: is this still the same board, with all
             // we applied and acknowledged? If so, say we are caught up (the

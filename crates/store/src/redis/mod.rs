@@ -76,18 +76,6 @@ pub const LOG_MAXLEN: u64 = 100_000;
 pub const FEED_CHUNK: u64 = 4096;
 /// How long an `XREAD BLOCK` waits before the feed checks the board's epoch.
 pub const FEED_BLOCK_MS: u64 = 1000;
-/// The least time from one feed read that returned changes to the next
-/// read. A blocking `XREAD` wakes on every `XADD`, so a busy board was read
-/// once per change (about 1,000 reads a second per worker at 1,000 changes a
-/// second, most of a toggle's Redis CPU after `set.lua`); paced, a worker
-/// reads at most 50 times a second, each read taking every change since the
-/// last. The cost is latency: a change can reach the hub up to this much
-/// later and so miss a tick (docs/BENCHMARKS.md, "Redis CPU per toggle":
-/// delivery p50 +10 ms, p99 +17 ms at 1,000 toggles/s); nothing on a quiet
-/// board, where the first change after a quiet read wakes the read at once.
-/// Reading once per tick, just before it, would keep the saving without the
-/// latency.
-pub const FEED_PACE: Duration = Duration::from_millis(20);
 /// How long `set.lua` remembers an answer for a retried call.
 pub const OP_MEMORY_MS: u64 = 60_000;
 /// A command that takes longer fails the toggle with `Unavailable`.
