@@ -15,7 +15,7 @@
 -- ARGV[2]: value, "1" or "0"
 -- ARGV[3]: approximate MAXLEN of the log
 -- ARGV[4]: ms to remember the answer under KEYS[9]
--- KEYS[9] holds the answer as "status,value,seq,checked_count,frozen_count,epoch".
+-- The answer under KEYS[9] is "status,value,seq,checked_count,frozen_count,epoch".
 -- Returns: {status, value, seq, checked_count, frozen_count, epoch}
 --   status  1: changed, seq is the change's
 --   status  0: the box already had the value; seq 0
