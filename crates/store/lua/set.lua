@@ -29,7 +29,10 @@
 -- Each log entry carries the epoch it was written in: a reader never takes another
 -- board's entries (after FLUSHALL or a rollback moved the epoch) as its own.
 
-local done = redis.call('GET', KEYS[9])
+-- One call for this call's stored answer and both counts: a script's cost
+-- here is mostly per redis.call.
+local got = redis.call('MGET', KEYS[9], KEYS[4], KEYS[5])
+local done = got[1]
 if done then
   local status, value, seq, c, f, e = string.match(done, '^(-?%d+),(%d+),(%d+),(%d+),(%d+),(%d+)$')
   return {tonumber(status), tonumber(value), tonumber(seq), tonumber(c), tonumber(f), e}
@@ -44,10 +47,8 @@ local max_checked = tonumber(config[2]) or 0
 local freeze_after = tonumber(config[3]) or 0
 local epoch = config[4]
 
--- One call for both counts: a script's cost here is mostly per redis.call.
-local counts = redis.call('MGET', KEYS[4], KEYS[5])
-local count = tonumber(counts[1] or '0')
-local frozen_count = tonumber(counts[2] or '0')
+local count = tonumber(got[2] or '0')
+local frozen_count = tonumber(got[3] or '0')
 
 -- Only an answer that changed the board is stored (see KEYS[9]); a plain
 -- string, as cjson costs more than the rest of a no-op call.
