@@ -283,7 +283,9 @@ mod suite {
         assert_eq!(nothing.expect("no wait").unwrap(), FeedEvent::Changes(Vec::new()));
         set(&store, 100, true).await;
         match feed.next().await.unwrap() {
-            FeedEvent::Changes(cs) => assert_eq!(cs.iter().map(|c| c.index).collect::<Vec<_>>(), [100]),
+            FeedEvent::Changes(cs) => {
+                assert_eq!(cs.iter().map(|c| c.index).collect::<Vec<_>>(), [100])
+            }
             FeedEvent::Reset(b) => panic!("unexpected reset at seq {}", b.seq),
         }
     }

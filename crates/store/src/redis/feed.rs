@@ -183,7 +183,9 @@ impl RedisFeed {
                 }
             }
             let options = Options {
-                timeout: Some(Duration::from_millis(if block { FEED_BLOCK_MS } else { 0 }) + COMMAND_TIMEOUT),
+                timeout: Some(
+                    Duration::from_millis(if block { FEED_BLOCK_MS } else { 0 }) + COMMAND_TIMEOUT,
+                ),
                 ..Default::default()
             };
             let read = measured(
