@@ -287,6 +287,15 @@ impl ChangeFeed {
         read(event)
     }
 
+    /// Most changes one read returns: a read that returned this many may
+    /// have left more behind it.
+    pub fn chunk(&self) -> usize {
+        match self {
+            ChangeFeed::Memory(_) => memory::FEED_CHUNK,
+            ChangeFeed::Redis(_) => redis::FEED_CHUNK as usize,
+        }
+    }
+
     /// The changes the store has now after the feed's position, without
     /// waiting: an empty `Changes` when there are none yet (not a
     /// heartbeat), or a `Reset`. How a reader that publishes once per tick

@@ -513,9 +513,14 @@ impl Hub {
                     if self.fanning_out.load(Ordering::Acquire) == 0 {
                         // Take in what the store has now, so this batch
                         // carries every change committed before the tick.
+                        let want = feed.want.clone();
                         for event in feed.read_now(tick).await {
                             if !self.on_feed_event(Some(event), &mut pending, &store, &mut feed).await {
                                 break 'run;
+                            }
+                            if !Arc::ptr_eq(&want, &feed.want) {
+                                // The feed was replaced: the rest is the old one's.
+                                break;
                             }
                         }
                         self.publish(&mut pending);
@@ -733,15 +738,25 @@ impl FeedTask {
         let task = {
             let (want, parked) = (want.clone(), parked.clone());
             tokio::spawn(async move {
-                let mut busy = false;
+                let (mut busy, mut more) = (false, false);
                 loop {
                     let event = if busy {
                         want.notified().await;
                         feed.read_now().await
+                    } else if more {
+                        feed.read_now().await
                     } else {
                         feed.next().await
                     };
-                    busy = matches!(&event, Ok(FeedEvent::Changes(c)) if !c.is_empty());
+                    let read = match &event {
+                        Ok(FeedEvent::Changes(c)) => c.len(),
+                        _ => 0,
+                    };
+                    // A full read may have left more behind it: read on at
+                    // once until caught up, so a backlog larger than one
+                    // read per tick is never left behind.
+                    more = read >= feed.chunk();
+                    busy = read > 0 && !more;
                     // Before the send: a hub that has this event sees the
                     // task parked (or about to be) behind it.
                     parked.store(busy, Ordering::Release);
