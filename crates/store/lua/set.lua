@@ -7,11 +7,15 @@
 -- KEYS[6]: {B}:seq           seq of the last change
 -- KEYS[7]: {B}:log           change stream; entry id "<seq>-0", fields i (index), o ("1", "0" or "f"), c, f (counts after), e (the board's epoch), t (commit time, ms, from TIME)
 -- KEYS[8]: {B}:checked_at    sorted set: index -> ms of last check, for checked unfrozen boxes
--- KEYS[9]: {B}:op:<id>       this call's answer, kept so a retried call (a client resending after a reconnect) gets the same answer
+-- KEYS[9]: {B}:op:<id>       this call's answer when it changed the board, kept so a retried call (the
+--                            Redis client resending after a reconnect) gets the same answer. A call that
+--                            changed nothing stores none: running it again is as if its first run never
+--                            happened, so the retry's answer is the call's answer, at the retry's moment.
 -- ARGV[1]: index
 -- ARGV[2]: value, "1" or "0"
 -- ARGV[3]: approximate MAXLEN of the log
 -- ARGV[4]: ms to remember the answer under KEYS[9]
+-- The answer under KEYS[9] is "status,value,seq,checked_count,frozen_count,epoch".
 -- Returns: {status, value, seq, checked_count, frozen_count, epoch}
 --   status  1: changed, seq is the change's
 --   status  0: the box already had the value; seq 0
@@ -25,9 +29,13 @@
 -- Each log entry carries the epoch it was written in: a reader never takes another
 -- board's entries (after FLUSHALL or a rollback moved the epoch) as its own.
 
-local done = redis.call('GET', KEYS[9])
+-- One call for this call's stored answer and both counts: a script's cost
+-- here is mostly per redis.call.
+local got = redis.call('MGET', KEYS[9], KEYS[4], KEYS[5])
+local done = got[1]
 if done then
-  return cjson.decode(done)
+  local status, value, seq, c, f, e = string.match(done, '^(-?%d+),(%d+),(%d+),(%d+),(%d+),(%d+)$')
+  return {tonumber(status), tonumber(value), tonumber(seq), tonumber(c), tonumber(f), e}
 end
 
 local config = redis.call('HMGET', KEYS[1], 'size', 'max_checked', 'freeze_after_ms', 'epoch')
@@ -39,13 +47,17 @@ local max_checked = tonumber(config[2]) or 0
 local freeze_after = tonumber(config[3]) or 0
 local epoch = config[4]
 
-local count = tonumber(redis.call('GET', KEYS[4]) or '0')
-local frozen_count = tonumber(redis.call('GET', KEYS[5]) or '0')
+local count = tonumber(got[2] or '0')
+local frozen_count = tonumber(got[3] or '0')
 
+-- Only an answer that changed the board is stored (see KEYS[9]); a plain
+-- string, as cjson costs more than the rest of a no-op call.
 local function answer(status, value, seq)
-  local result = {status, value, seq, count, frozen_count, epoch}
-  redis.call('SET', KEYS[9], cjson.encode(result), 'PX', ARGV[4])
-  return result
+  if seq > 0 then
+    redis.call('SET', KEYS[9], table.concat({status, value, seq, count, frozen_count, epoch}, ','),
+      'PX', ARGV[4])
+  end
+  return {status, value, seq, count, frozen_count, epoch}
 end
 
 -- Never trust the caller: a bad index must not grow the bitset.
@@ -59,7 +71,9 @@ if want ~= 0 and want ~= 1 then
 end
 
 local current = redis.call('GETBIT', KEYS[2], index)
-if redis.call('GETBIT', KEYS[3], index) == 1 then
+-- frozen_count is the frozen bitset's ones (every script that sets a frozen bit
+-- counts it): while nothing is frozen, the frozen bitset need not be read.
+if frozen_count > 0 and redis.call('GETBIT', KEYS[3], index) == 1 then
   return answer(-2, current, 0)
 end
 if current == want then

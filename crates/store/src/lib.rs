@@ -231,7 +231,7 @@ impl Store {
     pub fn feed(&self, epoch: u64, seq: u64) -> ChangeFeed {
         match self {
             Store::Memory(m) => ChangeFeed::Memory(m.feed(epoch, seq)),
-            Store::Redis(r) => ChangeFeed::Redis(r.feed(epoch, seq)),
+            Store::Redis(r) => ChangeFeed::Redis(Box::new(r.feed(epoch, seq))),
         }
     }
 
@@ -241,7 +241,7 @@ impl Store {
     pub fn feed_from(&self, board: &Board) -> ChangeFeed {
         match self {
             Store::Memory(m) => ChangeFeed::Memory(m.feed(board.epoch, board.seq)),
-            Store::Redis(r) => ChangeFeed::Redis(r.feed_from(board)),
+            Store::Redis(r) => ChangeFeed::Redis(Box::new(r.feed_from(board))),
         }
     }
 
@@ -277,7 +277,8 @@ pub enum ChangeFeed {
     /// From the Memory backend.
     Memory(memory::MemoryFeed),
     /// From the Redis backend's change stream.
-    Redis(redis::RedisFeed),
+    /// Boxed: ten times the size of the memory feed, and made once per reset.
+    Redis(Box<redis::RedisFeed>),
 }
 
 impl ChangeFeed {
@@ -288,12 +289,40 @@ impl ChangeFeed {
             ChangeFeed::Memory(f) => Ok(f.next().await),
             ChangeFeed::Redis(f) => f.next().await,
         };
-        if event.is_ok() {
-            // Heartbeats count: a feed that stopped reading shows as the age
-            // of this time, whether or not anything changed.
-            metrics::gauge!("omcb_feed_last_read_timestamp_seconds")
-                .set(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
-        }
-        event
+        read(event)
     }
+
+    /// Most changes one read returns: a read that returned this many may
+    /// have left more behind it.
+    pub fn chunk(&self) -> usize {
+        match self {
+            ChangeFeed::Memory(_) => memory::FEED_CHUNK,
+            ChangeFeed::Redis(_) => redis::FEED_CHUNK as usize,
+        }
+    }
+
+    /// The changes the store has now after the feed's position, without
+    /// waiting: an empty `Changes` when there are none yet (not a
+    /// heartbeat), or a `Reset`. How a reader that publishes once per tick
+    /// reads a busy board: once per tick, rather than once per change as
+    /// repeated [`next`](Self::next) calls would (a Redis `XREAD BLOCK`
+    /// wakes on every change).
+    pub async fn read_now(&mut self) -> Result<FeedEvent, StoreError> {
+        let event = match self {
+            ChangeFeed::Memory(f) => Ok(f.read_now()),
+            ChangeFeed::Redis(f) => f.read_now().await,
+        };
+        read(event)
+    }
+}
+
+/// Records a successful read of the feed.
+fn read(event: Result<FeedEvent, StoreError>) -> Result<FeedEvent, StoreError> {
+    if event.is_ok() {
+        // Heartbeats count: a feed that stopped reading shows as the age
+        // of this time, whether or not anything changed.
+        metrics::gauge!("omcb_feed_last_read_timestamp_seconds")
+            .set(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
+    }
+    event
 }

@@ -264,6 +264,32 @@ mod suite {
         assert_eq!(store.snapshot().await.unwrap().frozen_count, 3);
     }
 
+    /// `read_now` takes every change so far in one read and answers at once
+    /// when there is nothing new: how a hub reads a busy board once per tick
+    /// (issue 13, part 1) rather than once per change.
+    pub async fn read_now_takes_every_change_so_far_without_waiting(store: Store) {
+        let b = store.snapshot().await.unwrap();
+        let mut feed = store.feed(b.epoch, b.seq);
+        check_all(&store, 0..100).await;
+        match feed.read_now().await.unwrap() {
+            FeedEvent::Changes(cs) => {
+                let seqs: Vec<u64> = cs.iter().map(|c| c.seq).collect();
+                assert_eq!(seqs, (b.seq + 1..=b.seq + 100).collect::<Vec<_>>(), "one read");
+            }
+            FeedEvent::Reset(b) => panic!("unexpected reset at seq {}", b.seq),
+        }
+        // Well under a blocking read's wait (a second for Redis, more in memory).
+        let nothing = tokio::time::timeout(Duration::from_millis(500), feed.read_now()).await;
+        assert_eq!(nothing.expect("no wait").unwrap(), FeedEvent::Changes(Vec::new()));
+        set(&store, 100, true).await;
+        match feed.next().await.unwrap() {
+            FeedEvent::Changes(cs) => {
+                assert_eq!(cs.iter().map(|c| c.index).collect::<Vec<_>>(), [100])
+            }
+            FeedEvent::Reset(b) => panic!("unexpected reset at seq {}", b.seq),
+        }
+    }
+
     pub async fn feed_from_a_wrong_epoch_resets(store: Store) {
         set(&store, 1, true).await;
         let b = store.snapshot().await.unwrap();
@@ -322,6 +348,7 @@ conformance! {
     quiet_feed_reports_caught_up(SMALL),
     changes_carry_their_commit_time(BoardConfig { freeze_after_ms: 60, ..SMALL }),
     feed_from_a_wrong_epoch_resets(SMALL),
+    read_now_takes_every_change_so_far_without_waiting(SMALL),
     a_sunset_started_on_a_live_board_applies_at_once(SMALL),
 }
 

@@ -148,6 +148,16 @@ fn scripts_called_as_documented_answer_as_documented() {
         "a retry answers the same"
     );
     assert_eq!(&items(&reply)[..3], &[Resp::Int(1), Resp::Int(1), Resp::Int(1)]);
+    assert_eq!(
+        items(&reply)[5].as_str(),
+        Some("12345678901234567890"),
+        "a stored answer keeps every digit"
+    );
+    // A call that changed nothing stores no answer (its retry may run it again).
+    keys[8] = "{t}:op:test:noop";
+    let reply = eval(&redis, lua::SET, &keys, &["5", "1", "1000", "60000"]);
+    assert_eq!(&items(&reply)[..3], &[Resp::Int(0), Resp::Int(1), Resp::Int(0)]);
+    assert_eq!(redis.command(&["EXISTS", "{t}:op:test:noop"]).unwrap(), Resp::Int(0));
     keys[8] = "{t}:op:test:2";
     let reply = eval(&redis, lua::SET, &keys, &["1000", "1", "1000", "60000"]);
     assert_eq!(items(&reply)[0], Resp::Int(-1), "out of range");

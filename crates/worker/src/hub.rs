@@ -505,44 +505,29 @@ impl Hub {
         let mut pending = Pending::default();
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let (mut events, mut reader) = spawn_feed(feed);
-        loop {
+        let mut feed = FeedTask::spawn(feed);
+        'run: loop {
             tokio::select! {
                 () = crate::shutdown::until_set(&mut stop) => break,
-                event = events.recv() => match event {
-                    None => break,
-                    Some(Ok(FeedEvent::Changes(changes))) => {
-                        self.ready.store(true, Ordering::Relaxed);
-                        if let Err(e) = pending.push(&changes) {
-                            // The store promised contiguous changes; if that ever
-                            // breaks, start over from a snapshot and a new feed.
-                            tracing::error!(error = %e, "store feed out of order; reloading the board");
-                            pending = Pending::default();
-                            reader.abort();
-                            match store.snapshot().await {
-                                Ok(board) => {
-                                    (events, reader) = spawn_feed(store.feed_from(&board));
-                                    self.reset(board);
-                                }
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "reload failed; retrying from the replica's position");
-                                    (events, reader) = spawn_feed(self.with_board(|b| store.feed_from(b)));
-                                }
-                            }
-                        }
+                event = feed.events.recv() => {
+                    if !self.on_feed_event(event, &mut pending, &store, &mut feed).await {
+                        break;
                     }
-                    Some(Ok(FeedEvent::Reset(board))) => {
-                        self.ready.store(true, Ordering::Relaxed);
-                        pending = Pending::default();
-                        self.reset(*board);
-                    }
-                    Some(Err(e)) => {
-                        self.ready.store(false, Ordering::Relaxed);
-                        tracing::warn!(error = %e, "store feed failed; retrying");
-                    }
-                },
+                }
                 _ = ticker.tick() => {
                     if self.fanning_out.load(Ordering::Acquire) == 0 {
+                        // Take in what the store has now, so this batch
+                        // carries every change committed before the tick.
+                        let want = feed.want.clone();
+                        for event in feed.read_now(tick).await {
+                            if !self.on_feed_event(Some(event), &mut pending, &store, &mut feed).await {
+                                break 'run;
+                            }
+                            if !Arc::ptr_eq(&want, &feed.want) {
+                                // The feed was replaced: the rest is the old one's.
+                                break;
+                            }
+                        }
                         self.publish(&mut pending);
                     } else {
                         self.metrics.ticks_deferred.increment(1);
@@ -550,13 +535,57 @@ impl Hub {
                 }
             }
         }
-        reader.abort();
+        feed.task.abort();
         // Publish what was accepted before the stop so it is not lost to clients
         // still connected during the grace period.
         self.publish(&mut pending);
         for task in fan_out {
             task.abort();
         }
+    }
+
+    /// Takes one event of the feed task into `pending` (or the replica);
+    /// `false` when the feed task is gone.
+    async fn on_feed_event(
+        &self,
+        event: Option<Result<FeedEvent, omcb_store::StoreError>>,
+        pending: &mut Pending,
+        store: &Store,
+        feed: &mut FeedTask,
+    ) -> bool {
+        match event {
+            None => return false,
+            Some(Ok(FeedEvent::Changes(changes))) => {
+                self.ready.store(true, Ordering::Relaxed);
+                if let Err(e) = pending.push(&changes) {
+                    // The store promised contiguous changes; if that ever
+                    // breaks, start over from a snapshot and a new feed.
+                    tracing::error!(error = %e, "store feed out of order; reloading the board");
+                    *pending = Pending::default();
+                    feed.task.abort();
+                    match store.snapshot().await {
+                        Ok(board) => {
+                            *feed = FeedTask::spawn(store.feed_from(&board));
+                            self.reset(board);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reload failed; retrying from the replica's position");
+                            *feed = FeedTask::spawn(self.with_board(|b| store.feed_from(b)));
+                        }
+                    }
+                }
+            }
+            Some(Ok(FeedEvent::Reset(board))) => {
+                self.ready.store(true, Ordering::Relaxed);
+                *pending = Pending::default();
+                self.reset(*board);
+            }
+            Some(Err(e)) => {
+                self.ready.store(false, Ordering::Relaxed);
+                tracing::warn!(error = %e, "store feed failed; retrying");
+            }
+        }
+        true
     }
 
     /// One shard's fan-out task: offers each published batch to every sink of
@@ -681,29 +710,94 @@ impl Hub {
     }
 }
 
-/// Reads the feed in its own task, so the hub's `select!` never cancels a
-/// read in flight (an `XREAD BLOCK` dropped every tick would never finish).
-fn spawn_feed(
-    mut feed: ChangeFeed,
-) -> (
-    tokio::sync::mpsc::Receiver<Result<FeedEvent, omcb_store::StoreError>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let task = tokio::spawn(async move {
-        loop {
-            let event = feed.next().await;
-            let failed = event.is_err();
-            if tx.send(event).await.is_err() {
-                return;
-            }
-            if failed {
-                // The backend reconnects by itself; don't spin meanwhile.
-                tokio::time::sleep(Duration::from_millis(200)).await;
+/// The feed's reader, in a task of its own so the hub's `select!` never
+/// cancels a read in flight (an `XREAD BLOCK` dropped every tick would never
+/// finish).
+///
+/// While the board is quiet the task waits in the store's blocking read
+/// ([`ChangeFeed::next`]), so the first change after a quiet spell reaches
+/// the hub at once. After a read that brought changes it does not read
+/// again until the hub's next tick asks ([`FeedTask::read_now`]): a busy
+/// board is read once per tick, not once per change (a Redis `XREAD BLOCK`
+/// wakes on every `XADD`, so reading again at once cost Redis one read per
+/// change per worker; issue 13, part 1), and that read is taken just before
+/// the tick, so it adds no latency beyond the tick's own.
+struct FeedTask {
+    events: mpsc::Receiver<Result<FeedEvent, omcb_store::StoreError>>,
+    task: tokio::task::JoinHandle<()>,
+    /// The hub's tick asks the parked task for a read.
+    want: Arc<tokio::sync::Notify>,
+    /// The task's last read brought changes, and it waits for `want`.
+    parked: Arc<AtomicBool>,
+}
+
+/// Longest a tick waits for the read it asked the feed task for; a read
+/// that takes longer lands in the next tick.
+const TICK_READ_WAIT: Duration = Duration::from_millis(10);
+
+impl FeedTask {
+    fn spawn(mut feed: ChangeFeed) -> Self {
+        let (tx, events) = mpsc::channel(16);
+        let want = Arc::new(tokio::sync::Notify::new());
+        let parked = Arc::new(AtomicBool::new(false));
+        let task = {
+            let (want, parked) = (want.clone(), parked.clone());
+            tokio::spawn(async move {
+                let (mut busy, mut more) = (false, false);
+                loop {
+                    let event = if busy {
+                        want.notified().await;
+                        feed.read_now().await
+                    } else if more {
+                        feed.read_now().await
+                    } else {
+                        feed.next().await
+                    };
+                    let read = match &event {
+                        Ok(FeedEvent::Changes(c)) => c.len(),
+                        _ => 0,
+                    };
+                    // A full read may have left more behind it: read on at
+                    // once until caught up, so a backlog larger than one
+                    // read per tick is never left behind.
+                    more = read >= feed.chunk();
+                    busy = read > 0 && !more;
+                    // Before the send: a hub that has this event sees the
+                    // task parked (or about to be) behind it.
+                    parked.store(busy, Ordering::Release);
+                    let failed = event.is_err();
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                    if failed {
+                        // The backend reconnects by itself; don't spin meanwhile.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            })
+        };
+        Self { events, task, want, parked }
+    }
+
+    /// The events the feed has for a tick that is about to publish: those
+    /// already sent, then, when the task is parked after a busy read, the
+    /// read it makes now (waiting at most a quarter of the tick, and
+    /// [`TICK_READ_WAIT`]). Nothing waits while the task is in a blocking
+    /// read: the board is quiet, and a change would come through at once.
+    async fn read_now(&mut self, tick: Duration) -> Vec<Result<FeedEvent, omcb_store::StoreError>> {
+        let mut events = Vec::new();
+        while let Ok(event) = self.events.try_recv() {
+            events.push(event);
+        }
+        if self.parked.swap(false, Ordering::AcqRel) {
+            self.want.notify_one();
+            let wait = (tick / 4).min(TICK_READ_WAIT);
+            if let Ok(Some(event)) = tokio::time::timeout(wait, self.events.recv()).await {
+                events.push(event);
             }
         }
-    });
-    (rx, task)
+        events
+    }
 }
 
 /// Changes received since the last tick.

@@ -482,3 +482,49 @@ async fn flushall_under_traffic_restores_the_board_under_a_new_epoch() {
     })
     .await;
 }
+
+/// Calls of `cmd` since the last `CONFIG RESETSTAT`, from `INFO commandstats`.
+fn redis_calls(redis: &RedisServer, cmd: &str) -> u64 {
+    let info = redis.command(&["INFO", "commandstats"]).unwrap();
+    let prefix = format!("cmdstat_{cmd}:calls=");
+    info.as_str()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+/// A busy board is read once per tick, not once per change: a blocking
+/// `XREAD` wakes on every `XADD`, so a worker that read again at once after
+/// each answer made Redis answer a read per change (issue 13, part 1). Every
+/// change still reaches the clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_board_is_read_once_per_tick() {
+    const TICK_MS: u64 = 200;
+    let redis = RedisServer::start().unwrap();
+    let args = format!(
+        "--redis {} --board-size 1000 --toggle-rate 1000000 --toggle-burst 1000000 --batch-ms {TICK_MS}",
+        redis.url()
+    );
+    let w = Worker::start(&flags(&args));
+    let mut c = connect(&w.ws_url("")).await;
+    c.recv().await;
+    redis.command(&["CONFIG", "RESETSTAT"]).unwrap();
+    let started = Instant::now();
+    // A change every few milliseconds for about a second: about 200, so
+    // several per tick.
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(1) {
+        assert_eq!(c.set(i, true).await.seq, u64::from(i) + 1);
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    c.until_seq(u64::from(i)).await;
+    let elapsed = started.elapsed();
+    let reads = redis_calls(&redis, "xread");
+    // One read per tick, plus the first change's wake-up and the read a
+    // quiet board blocks in.
+    let most = elapsed.as_millis() as u64 / TICK_MS + 3;
+    assert!(i >= 20 && i as u64 > 3 * most, "too few changes to tell: {i}");
+    assert!(reads <= most, "{reads} XREADs for {i} changes in {elapsed:?}: at most {most}");
+}

@@ -49,6 +49,12 @@ impl MemoryFeed {
         }
     }
 
+    /// The changes after the reader's position now, without waiting (an
+    /// empty `Changes` when there are none), or a `Reset` as in [`next`](Self::next).
+    pub fn read_now(&mut self) -> FeedEvent {
+        self.poll_log().unwrap_or(FeedEvent::Changes(Vec::new()))
+    }
+
     fn poll_log(&mut self) -> Option<FeedEvent> {
         let s = self.store.state();
         let board = &s.board;

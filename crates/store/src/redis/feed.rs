@@ -155,7 +155,25 @@ impl RedisFeed {
     /// epoch, Redis lost writes), an empty `Changes` after a quiet block (the
     /// heartbeat), or `Unavailable` while Redis is away. Run it in a task of its
     /// own: a dropped call loses nothing, but wastes a blocking read.
+    ///
+    /// A blocking `XREAD` wakes on every `XADD`: called again at once after
+    /// each answer, it reads a busy board once per change (most of a
+    /// toggle's Redis CPU after `set.lua`). A reader that only needs the
+    /// changes once per tick reads a busy board with [`read_now`](Self::read_now)
+    /// instead, just before its tick, and blocks here only once the board
+    /// has gone quiet.
     pub async fn next(&mut self) -> Result<FeedEvent, StoreError> {
+        self.read(true).await
+    }
+
+    /// The changes Redis has now after the feed's position, without waiting:
+    /// an empty `Changes` when there are none (nothing new yet, not a
+    /// heartbeat), or a `Reset` as [`next`](Self::next) gives it.
+    pub async fn read_now(&mut self) -> Result<FeedEvent, StoreError> {
+        self.read(false).await
+    }
+
+    async fn read(&mut self, block: bool) -> Result<FeedEvent, StoreError> {
         loop {
             let client = self.client().await?;
             if self.verify {
@@ -165,7 +183,9 @@ impl RedisFeed {
                 }
             }
             let options = Options {
-                timeout: Some(Duration::from_millis(FEED_BLOCK_MS) + COMMAND_TIMEOUT),
+                timeout: Some(
+                    Duration::from_millis(if block { FEED_BLOCK_MS } else { 0 }) + COMMAND_TIMEOUT,
+                ),
                 ..Default::default()
             };
             let read = measured(
@@ -173,7 +193,7 @@ impl RedisFeed {
                 Purpose::Feed,
                 client.with_options(&options).xread::<Value, _, _>(
                     Some(FEED_CHUNK),
-                    Some(FEED_BLOCK_MS),
+                    block.then_some(FEED_BLOCK_MS),
                     &self.store.inner.keys.log,
                     format!("{}-0", self.seq),
                 ),
@@ -217,6 +237,11 @@ impl RedisFeed {
                 self.last = Some(last);
                 self.store.read_up_to(self.epoch, self.seq);
                 return Ok(FeedEvent::Changes(entries.into_iter().map(|e| e.change).collect()));
+            }
+            if !block {
+                // Nothing new since the last read, a moment ago: not a quiet
+                // block, so no continuity check.
+                return Ok(FeedEvent::Changes(Vec::new()));
             }
             // Quiet for a whole block: is this still the same board, with all
             // we applied and acknowledged? If so, say we are caught up (the
