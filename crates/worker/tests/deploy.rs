@@ -478,6 +478,67 @@ fn egress_cap_holds_throughput_within_ten_percent() {
     assert!(!String::from_utf8_lossy(&show.stdout).contains("htb"), "cleared");
 }
 
+/// The cap goes where billed bytes leave: `cap-egress set auto RATE` picks the
+/// interface of the route to the internet, whatever the interfaces are called.
+/// A namespace like a droplet with the names the wrong way round: `eth0` is
+/// the private (VPC) side, `eth1` carries the default route; only `eth1` gets
+/// the HTB root. `OMCB_EGRESS_PROBE` moves the probe onto the private network
+/// and the pick follows; an explicit name still wins.
+#[test]
+fn egress_cap_goes_on_the_interface_that_faces_the_internet() {
+    require("tc");
+    let id = std::process::id() % 100_000;
+    let ns = format!("omcb-cap{id}");
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let sh = |c: &str| {
+        let out = Command::new("sh").args(["-c", c]).output().unwrap();
+        assert!(out.status.success(), "{c}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    sh(&format!("ip netns add {ns}"));
+    let _gone = Gone(ns.clone());
+    // Two veth pairs inside the namespace: names and routes are all the pick looks at.
+    sh(&format!(
+        "ip -n {ns} link add eth0 type veth peer name peer0 && ip -n {ns} link add eth1 type veth peer name peer1 && \
+         ip -n {ns} link set peer0 up && ip -n {ns} link set peer1 up && \
+         ip -n {ns} addr add 10.10.0.7/16 dev eth0 && ip -n {ns} addr add 203.0.113.7/24 dev eth1 && \
+         ip -n {ns} link set eth0 up && ip -n {ns} link set eth1 up && \
+         ip -n {ns} route add default via 203.0.113.1 dev eth1"
+    ));
+    let cap = repo().join("deploy/tc/cap-egress");
+    let cap = cap.to_str().unwrap();
+    let htb_on = |dev: &str| sh(&format!("ip netns exec {ns} tc qdisc show dev {dev}")).contains("htb");
+
+    assert_eq!(sh(&format!("ip netns exec {ns} {cap} iface")).trim(), "eth1");
+    let out = sh(&format!("ip netns exec {ns} {cap} set auto 20mbit"));
+    assert!(out.contains("eth1 egress capped at 20mbit"), "{out}");
+    assert!(htb_on("eth1") && !htb_on("eth0"), "the cap is on the public interface only");
+    sh(&format!("ip netns exec {ns} {cap} clear"));
+    assert!(!htb_on("eth1"), "cleared");
+
+    // The probe address is overridable (here: one on the private side).
+    let picked = sh(&format!("ip netns exec {ns} env OMCB_EGRESS_PROBE=10.10.0.9 {cap} iface"));
+    assert_eq!(picked.trim(), "eth0");
+    // An explicit interface overrides the pick.
+    sh(&format!("ip netns exec {ns} {cap} set eth0 20mbit"));
+    assert!(htb_on("eth0") && !htb_on("eth1"));
+
+    // No route to the internet: a clear refusal, nothing capped.
+    sh(&format!("ip -n {ns} route del default && ip netns exec {ns} {cap} clear eth0"));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns, cap, "set", "auto", "20mbit"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no interface faces the internet"));
+    assert!(!htb_on("eth0") && !htb_on("eth1"));
+}
+
 fn yaml_file(path: &str) -> yaml_rust2::Yaml {
     let text = std::fs::read_to_string(repo().join(path)).unwrap();
     yaml_rust2::YamlLoader::load_from_str(&text).unwrap().remove(0)
