@@ -512,7 +512,8 @@ fn egress_cap_goes_on_the_interface_that_faces_the_internet() {
     ));
     let cap = repo().join("deploy/tc/cap-egress");
     let cap = cap.to_str().unwrap();
-    let htb_on = |dev: &str| sh(&format!("ip netns exec {ns} tc qdisc show dev {dev}")).contains("htb");
+    let htb_on =
+        |dev: &str| sh(&format!("ip netns exec {ns} tc qdisc show dev {dev}")).contains("htb");
 
     assert_eq!(sh(&format!("ip netns exec {ns} {cap} iface")).trim(), "eth1");
     let out = sh(&format!("ip netns exec {ns} {cap} set auto 20mbit"));
