@@ -364,7 +364,7 @@ fn curl(args: &[&str]) -> (bool, String) {
 }
 
 /// nginx with a certificate (deploy/nginx's `#tls:` lines, rendered by
-/// deploy/nginx/render through scripts/fleet): the page, the API (micro-cache
+/// deploy/render through scripts/fleet): the page, the API (micro-cache
 /// included) and the WebSocket over TLS, a client that does not trust the
 /// certificate refused, plain HTTP on the HTTPS port refused, and the HTTP
 /// port redirecting everything to HTTPS except ACME challenges (certbot
