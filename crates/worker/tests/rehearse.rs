@@ -386,10 +386,10 @@ fn public_bytes(r: &Rehearsal) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cap_holds_on_the_public_interface_under_2000_clients_and_they_get_later_state() {
     const CLIENTS: usize = 2000;
-    const CAP_BPS: f64 = 5e6;
+    const CAP_BPS: f64 = 4e6;
     let r = Rehearsal::up(
         "b",
-        &["--workers", "2", "--rate", "5mbit"],
+        &["--workers", "2", "--rate", "4mbit"],
         &[
             ("OMCB_NGINX_CONN_PER_IP", "200"),
             ("OMCB_NGINX_WS_RATE", "200"),
