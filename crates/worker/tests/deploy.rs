@@ -293,6 +293,19 @@ esac
     let path = bin.join("doctl");
     std::fs::write(&path, script).unwrap();
     Command::new("chmod").arg("+x").arg(&path).status().unwrap();
+    // A fake `ssh` that records its destination and runs the remote command
+    // here, as if this machine were the load balancer.
+    let ssh = r#"#!/usr/bin/env bash
+set -euo pipefail
+while [[ $1 == -o ]]; do shift 2; done
+echo "ssh $1 $2" >>"$FAKE_DOCTL_LOG"
+shift
+# The load balancer's cloud-init is done at once.
+[[ "$*" == "cloud-init status --wait"* ]] && exit 0
+exec bash -c "$*"
+"#;
+    std::fs::write(bin.join("ssh"), ssh).unwrap();
+    Command::new("chmod").arg("+x").arg(bin.join("ssh")).status().unwrap();
     (bin, dir.join("doctl.log"))
 }
 
@@ -469,11 +482,12 @@ fn provision_up_from_zero_creates_every_role_behind_its_firewall() {
             .env("OMCB_STATE_FILE", dir.path().join("provision.env"))
             .env("OMCB_UPSTREAM_FILE", dir.path().join("upstream.conf"))
             .env("OMCB_PROMETHEUS_TARGETS", dir.path().join("workers.json"))
-            .env("OMCB_NGINX_RELOAD", "true")
             .env("OMCB_TLS_CERT_FILE", certs.join("cert.pem"))
             .env("OMCB_TLS_KEY_FILE", certs.join("key.pem"))
             .env("OMCB_REDIS_PASSWORD", "0123456789abcdef0123")
             .env("OMCB_VPC_CIDR", "10.10.0.0/16")
+            .env("OMCB_SSH_FROM", "198.51.100.7/32")
+            .env("OMCB_NGINX_RELOAD", "echo reload >>\"$FAKE_DOCTL_LOG\"")
             .env_remove("OMCB_REDIS_URL")
             .envs(extra.iter().copied())
             .output()
@@ -506,13 +520,18 @@ fn provision_up_from_zero_creates_every_role_behind_its_firewall() {
     };
     assert_eq!(
         inbound(&lb),
-        "protocol:tcp,ports:80,address:0.0.0.0/0,address:::/0 protocol:tcp,ports:443,address:0.0.0.0/0,address:::/0"
+        "protocol:tcp,ports:80,address:0.0.0.0/0,address:::/0 protocol:tcp,ports:443,address:0.0.0.0/0,address:::/0 \
+         protocol:tcp,ports:22,address:198.51.100.7/32"
     );
     assert_eq!(
         inbound(&worker),
-        "protocol:tcp,ports:8080,tag:omcb-lb protocol:tcp,ports:9478,address:10.10.0.0/16"
+        "protocol:tcp,ports:8080,tag:omcb-lb protocol:tcp,ports:9478,address:10.10.0.0/16 \
+         protocol:tcp,ports:22,address:198.51.100.7/32"
     );
-    assert_eq!(inbound(&redis), "protocol:tcp,ports:6379,tag:omcb-worker");
+    assert_eq!(
+        inbound(&redis),
+        "protocol:tcp,ports:6379,tag:omcb-worker protocol:tcp,ports:22,address:198.51.100.7/32"
+    );
     for cmd in [&lb, &worker, &redis] {
         assert!(cmd.contains("--tag-names omcb-"), "{cmd}");
     }
@@ -619,6 +638,20 @@ fn provision_up_from_zero_creates_every_role_behind_its_firewall() {
     assert!(worker_data.contains("OMCB_TRUSTED_PROXY=10.10.0.11"), "{worker_data}");
     let upstream = std::fs::read_to_string(dir.path().join("upstream.conf")).unwrap();
     assert_eq!(upstream.lines().filter(|l| l.starts_with("server ")).count(), 2, "{upstream}");
+    // Written on the load balancer (its public address, over SSH), then nginx
+    // reloaded there.
+    let log_text = calls();
+    let ssh = log_text.find("ssh root@203.0.113.11").expect("the upstream went over SSH");
+    assert!(log_text[ssh..].contains("reload"), "{log_text}");
+    // Without OMCB_SSH_FROM the load balancer could not be reached: refused.
+    let out = Command::new(repo().join("scripts/provision"))
+        .args(["--dry-run", "up", "--lb"])
+        .env("OMCB_STATE_FILE", dir.path().join("none.env"))
+        .env_remove("OMCB_SSH_FROM")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set OMCB_SSH_FROM"));
     // A later `up --workers 1` needs no Redis URL: the state file has it;
     // the firewalls exist and are not created again.
     provision(&["up", "--workers", "1"], &[]);
