@@ -574,7 +574,7 @@ fn provision_up_from_zero_creates_every_role_behind_its_firewall() {
     assert!(env.contains("\nOMCB_TRUSTED_PROXY=10.10.0.2\n"), "{env}");
     assert!(env.contains("\nOMCB_LISTEN=private-address-unknown:8080\n"), "{env}");
     let lb_doc = doc("lb");
-    let nginx = written_file(&lb_doc, "/etc/nginx/nginx.conf");
+    let nginx = written_file(&lb_doc, "/etc/omcb/nginx.conf");
     assert!(nginx.contains("listen 0.0.0.0:443 ssl reuseport;"), "{nginx}");
     assert!(nginx.contains("ssl_certificate /etc/omcb/tls/fullchain.pem;"));
     assert!(nginx.contains("listen 0.0.0.0:80 reuseport;"));
