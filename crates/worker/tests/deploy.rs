@@ -45,6 +45,8 @@ fn rendered_user_data() -> String {
         .env("FAKE_DOCTL_STATE", dir.path().join("state"))
         .env("OMCB_REDIS_URL", "redis://10.0.0.5:6379")
         .env("OMCB_UPSTREAM_FILE", dir.path().join("upstream.conf"))
+        .env("OMCB_PROMETHEUS_TARGETS", dir.path().join("workers.json"))
+        .env("OMCB_STATE_FILE", dir.path().join("provision.env"))
         .env("OMCB_NGINX_RELOAD", "true")
         .output()
         .unwrap();
@@ -80,7 +82,6 @@ fn cloud_init_user_data_has_the_shape_of_a_worker() {
         runcmd.contains("omcb-worker.service") && runcmd.contains("enable"),
         "it enables the worker"
     );
-    assert!(runcmd.contains("omcb-egress-cap.service"), "it applies the egress cap");
     let written = |path: &str| {
         doc["write_files"]
             .as_vec()
@@ -96,46 +97,50 @@ fn cloud_init_user_data_has_the_shape_of_a_worker() {
     metrics_listen_is_filled_from_the_private_address(doc, env);
     // The unit travels base64-encoded and decodes to the repo's unit.
     let unit = written("/etc/systemd/system/omcb-worker.service");
-    let decoded = Command::new("base64")
-        .arg("-d")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(unit["content"].as_str().unwrap().as_bytes())?;
-            c.wait_with_output()
-        });
     assert_eq!(
-        String::from_utf8(decoded.unwrap().stdout).unwrap(),
+        decode_b64(unit["content"].as_str().unwrap()),
         std::fs::read_to_string(repo().join("deploy/systemd/omcb-worker.service")).unwrap()
+    );
+    // The egress cap is installed but not started: a worker's bytes to its
+    // clients leave through the load balancer, which is capped.
+    assert!(
+        runcmd.contains(r#"String("disable"), String("--now"), String("omcb-egress-cap.service")"#),
+        "{runcmd}"
     );
 }
 
-/// Metrics listen on the droplet's private address, port 9478 (never on the
-/// public interface, never the old 127.0.0.1:9100): the user data carries a
-/// placeholder that omcb-metrics-listen replaces at boot, before the worker
-/// starts, from the metadata service. Runs that script against a fake `curl`.
+/// The listener (8080, for the load balancer) and metrics (9478, for
+/// Prometheus) are on the droplet's private address only (never the public
+/// interface): the user data carries a placeholder that omcb-private-address
+/// replaces at boot, before the worker starts, from the metadata service.
+/// Runs that script against a fake `curl`.
 fn metrics_listen_is_filled_from_the_private_address(doc: &yaml_rust2::Yaml, env: &str) {
     let line = env.lines().find(|l| l.starts_with("OMCB_METRICS_LISTEN=")).expect("metrics listen");
     assert_eq!(line, "OMCB_METRICS_LISTEN=private-address-unknown:9478");
+    let line = env.lines().find(|l| l.starts_with("OMCB_LISTEN=")).expect("listen");
+    assert_eq!(line, "OMCB_LISTEN=private-address-unknown:8080", "workers listen privately");
     let runcmd: Vec<String> =
         doc["runcmd"].as_vec().unwrap().iter().map(|c| format!("{c:?}")).collect();
     let fill =
-        runcmd.iter().position(|c| c.contains("omcb-metrics-listen")).expect("runcmd fills it");
-    assert!(runcmd[fill].contains("/etc/omcb/worker.env") && runcmd[fill].contains("9478"));
+        runcmd.iter().position(|c| c.contains("omcb-private-address")).expect("runcmd fills it");
+    assert!(runcmd[fill].contains("/etc/omcb/worker.env"));
     let start = runcmd.iter().position(|c| c.contains("omcb-worker.service")).unwrap();
     assert!(fill < start, "the address is filled in before the worker starts");
 
-    let script = doc["write_files"]
-        .as_vec()
-        .unwrap()
-        .iter()
-        .find(|f| f["path"].as_str() == Some("/usr/local/sbin/omcb-metrics-listen"))
-        .expect("user data writes omcb-metrics-listen")["content"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let script = decode_b64(
+        doc["write_files"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|f| f["path"].as_str() == Some("/usr/local/sbin/omcb-private-address"))
+            .expect("user data writes omcb-private-address")["content"]
+            .as_str()
+            .unwrap(),
+    );
+    assert_eq!(
+        script,
+        std::fs::read_to_string(repo().join("deploy/cloud-init/omcb-private-address")).unwrap()
+    );
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin");
     std::fs::create_dir_all(&bin).unwrap();
@@ -148,18 +153,17 @@ fn metrics_listen_is_filled_from_the_private_address(doc: &yaml_rust2::Yaml, env
             ),
         )
         .unwrap();
-        std::fs::write(dir.path().join("omcb-metrics-listen"), &script).unwrap();
+        std::fs::write(dir.path().join("omcb-private-address"), &script).unwrap();
         Command::new("chmod")
             .arg("+x")
             .arg(bin.join("curl"))
-            .arg(dir.path().join("omcb-metrics-listen"))
+            .arg(dir.path().join("omcb-private-address"))
             .status()
             .unwrap();
         let env_file = dir.path().join("worker.env");
         std::fs::write(&env_file, env).unwrap();
-        let out = Command::new(dir.path().join("omcb-metrics-listen"))
+        let out = Command::new(dir.path().join("omcb-private-address"))
             .arg(&env_file)
-            .arg("9478")
             .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()))
             .output()
             .unwrap();
@@ -168,6 +172,7 @@ fn metrics_listen_is_filled_from_the_private_address(doc: &yaml_rust2::Yaml, env
     let (ok, filled) = fill_with("10.10.0.7");
     assert!(ok);
     assert!(filled.contains("\nOMCB_METRICS_LISTEN=10.10.0.7:9478\n"), "{filled}");
+    assert!(filled.contains("\nOMCB_LISTEN=10.10.0.7:8080\n"), "{filled}");
     assert_eq!(filled.matches("OMCB_METRICS_LISTEN=").count(), 1);
     let asked = std::fs::read_to_string(dir.path().join("curl.log")).unwrap();
     assert!(asked.contains("http://169.254.169.254/metadata/v1/interfaces/private/0/ipv4/address"));
@@ -198,6 +203,21 @@ fn metrics_listen_is_filled_from_the_private_address(doc: &yaml_rust2::Yaml, env
     assert!(line.ends_with(":9478") && !line.contains("127.0.0.1"), "{line}");
 }
 
+/// base64 -d, with the system's tool (what cloud-init's `encoding: b64` does).
+fn decode_b64(text: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// A fake `doctl` that records its calls and keeps droplets in a state file,
 /// answering `list` like the real one (`--format` columns, `--no-header`).
 fn fake_doctl(dir: &Path) -> (PathBuf, PathBuf) {
@@ -224,6 +244,7 @@ case "$1 $2 $3" in
     done
     [[ -f "$ud" ]] || { echo "Error: open $ud: no such file" >&2; exit 1; }
     cp "$ud" "${FAKE_DOCTL_LOG%.*}.userdata"
+    cp "$ud" "${FAKE_DOCTL_LOG%.*}.$tag.userdata"
     echo "ID        Name    Public IPv4    Private IPv4    Status"
     for n in "${names[@]}"; do
       i=$(( $(wc -l <"$state") + 10 ))
@@ -249,6 +270,18 @@ case "$1 $2 $3" in
       done
       echo "${row[*]}"
     done <"$state" ;;
+  "compute droplet get")
+    line=$(grep "^$4 " "$state") || { echo "Error: droplet $4 not found" >&2; exit 1; }
+    ip=$(echo "$line" | cut -d' ' -f2)
+    case $6 in
+      PrivateIPv4) echo "$ip" ;;
+      PublicIPv4) echo "203.0.113.${ip##*.}" ;;
+      *) echo "fake doctl: unsupported format $6" >&2; exit 1 ;;
+    esac ;;
+  "compute firewall list")
+    cat "$state.firewalls" 2>/dev/null || true ;;
+  "compute firewall create")
+    echo "$5" >>"$state.firewalls" ;;
   "compute droplet untag")
     sed -i "s/^$4 \(.*\) $6\$/$4 \1 -/" "$state" ;;
   "compute droplet delete")
@@ -260,6 +293,19 @@ esac
     let path = bin.join("doctl");
     std::fs::write(&path, script).unwrap();
     Command::new("chmod").arg("+x").arg(&path).status().unwrap();
+    // A fake `ssh` that records its destination and runs the remote command
+    // here, as if this machine were the load balancer.
+    let ssh = r#"#!/usr/bin/env bash
+set -euo pipefail
+while [[ $1 == -o ]]; do shift 2; done
+echo "ssh $1 $2" >>"$FAKE_DOCTL_LOG"
+shift
+# The load balancer's cloud-init is done at once.
+[[ "$*" == "cloud-init status --wait"* ]] && exit 0
+exec bash -c "$*"
+"#;
+    std::fs::write(bin.join("ssh"), ssh).unwrap();
+    Command::new("chmod").arg("+x").arg(bin.join("ssh")).status().unwrap();
     (bin, dir.join("doctl.log"))
 }
 
@@ -280,6 +326,7 @@ fn provision_adds_and_removes_tagged_droplets_and_keeps_the_upstream_in_step() {
             .env("OMCB_UPSTREAM_FILE", &upstream)
             .env("OMCB_PROMETHEUS_TARGETS", &targets)
             .env("OMCB_NGINX_RELOAD", format!("echo reload >>{}", reloads.display()))
+            .env("OMCB_STATE_FILE", dir.path().join("provision.env"))
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -364,6 +411,246 @@ fn provision_adds_and_removes_tagged_droplets_and_keeps_the_upstream_in_step() {
     let last = provision(&["list"]).1.split_whitespace().next().unwrap().to_string();
     let (ok, _, err) = provision(&["down", &last]);
     assert!(!ok && err.contains("last worker"), "{err}");
+}
+
+/// The user data sections a dry run of `up` printed, by role.
+pub fn dry_run_user_data(out: &str) -> std::collections::BTreeMap<String, String> {
+    let mut found = std::collections::BTreeMap::new();
+    let mut lines = out.lines();
+    while let Some(line) = lines.next() {
+        let Some(rest) = line.strip_prefix("# ---- user data for omcb-") else { continue };
+        let role = rest.split_whitespace().next().unwrap().to_string();
+        let end = format!("# ---- end of user data for omcb-{role} ----");
+        let mut text = String::new();
+        for l in lines.by_ref().take_while(|l| *l != end) {
+            text.push_str(l);
+            text.push('\n');
+        }
+        found.insert(role, text);
+    }
+    found
+}
+
+/// `write_files` content of PATH in a cloud-config document, decoded.
+fn written_file(doc: &yaml_rust2::Yaml, path: &str) -> String {
+    let f = doc["write_files"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"].as_str() == Some(path))
+        .unwrap_or_else(|| panic!("user data writes {path}"));
+    let content = f["content"].as_str().unwrap();
+    if f["encoding"].as_str() == Some("b64") { decode_b64(content) } else { content.to_string() }
+}
+
+/// `up --redis --lb --workers 3` from zero: the dry run prints the firewalls,
+/// each role's droplet and user data (valid cloud-config, under
+/// DigitalOcean's 64 KiB) and calls nothing; the real run (against the fake
+/// doctl) creates them in order (Redis and the load balancer before the
+/// workers, which need their private addresses), the firewalls once, and
+/// remembers the Redis URL for the next `up --workers`.
+#[test]
+fn provision_up_from_zero_creates_every_role_behind_its_firewall() {
+    require("cloud-init");
+    let dir = tempfile::tempdir().unwrap();
+    let (bin, log) = fake_doctl(dir.path());
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::write(
+        certs.join("cert.pem"),
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    std::fs::write(
+        certs.join("key.pem"),
+        "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let provision = |args: &[&str], extra: &[(&str, &str)]| {
+        let out = Command::new(repo().join("scripts/provision"))
+            .args(args)
+            .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()))
+            .env("FAKE_DOCTL_LOG", &log)
+            .env("FAKE_DOCTL_STATE", dir.path().join("state"))
+            .env("OMCB_STATE_FILE", dir.path().join("provision.env"))
+            .env("OMCB_UPSTREAM_FILE", dir.path().join("upstream.conf"))
+            .env("OMCB_PROMETHEUS_TARGETS", dir.path().join("workers.json"))
+            .env("OMCB_TLS_CERT_FILE", certs.join("cert.pem"))
+            .env("OMCB_TLS_KEY_FILE", certs.join("key.pem"))
+            .env("OMCB_REDIS_PASSWORD", "0123456789abcdef0123")
+            .env("OMCB_VPC_CIDR", "10.10.0.0/16")
+            .env("OMCB_SSH_FROM", "198.51.100.7/32")
+            .env("OMCB_NGINX_RELOAD", "echo reload >>\"$FAKE_DOCTL_LOG\"")
+            .env_remove("OMCB_REDIS_URL")
+            .envs(extra.iter().copied())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "provision {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let calls = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    let out = provision(
+        &["--dry-run", "up", "--redis", "--lb", "--workers", "3"],
+        &[("OMCB_REDIS_ADDR", "10.10.0.5"), ("OMCB_PROXY_ADDR", "10.10.0.2")],
+    );
+    assert!(calls().is_empty(), "a dry run calls nothing: {}", calls());
+    // Firewalls: only the load balancer answers the internet.
+    let fw = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("doctl compute firewall create --name {name} ")))
+            .unwrap_or_else(|| panic!("no firewall {name}:\n{out}"))
+            .replace('\\', "")
+    };
+    let (lb, worker, redis) = (fw("omcb-lb"), fw("omcb-worker"), fw("omcb-redis"));
+    let inbound = |cmd: &str| {
+        cmd.split("--inbound-rules ").nth(1).unwrap().split(" --").next().unwrap().to_string()
+    };
+    assert_eq!(
+        inbound(&lb),
+        "protocol:tcp,ports:80,address:0.0.0.0/0,address:::/0 protocol:tcp,ports:443,address:0.0.0.0/0,address:::/0 \
+         protocol:tcp,ports:22,address:198.51.100.7/32"
+    );
+    assert_eq!(
+        inbound(&worker),
+        "protocol:tcp,ports:8080,tag:omcb-lb protocol:tcp,ports:9478,address:10.10.0.0/16 \
+         protocol:tcp,ports:22,address:198.51.100.7/32"
+    );
+    assert_eq!(
+        inbound(&redis),
+        "protocol:tcp,ports:6379,tag:omcb-worker protocol:tcp,ports:22,address:198.51.100.7/32"
+    );
+    for cmd in [&lb, &worker, &redis] {
+        assert!(cmd.contains("--tag-names omcb-"), "{cmd}");
+    }
+    // Droplets, in order, each role with its tag.
+    let create = |tag: &str| {
+        out.find(&format!("--tag-name omcb-{tag} ")).unwrap_or_else(|| panic!("no {tag} droplet"))
+    };
+    assert!(create("redis") < create("worker") && create("lb") < create("worker"));
+    assert_eq!(out.matches("doctl compute droplet create omcb-worker-").count(), 1);
+    assert_eq!(out.matches(" omcb-worker-").count(), 3, "three workers in one create");
+
+    let data = dry_run_user_data(&out);
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["lb", "redis", "worker"]);
+    for (role, text) in &data {
+        assert!(text.starts_with("#cloud-config\n"), "{role}");
+        assert!(
+            text.len() < 64 * 1024,
+            "{role}'s user data is {} bytes: over DigitalOcean's 64 KiB",
+            text.len()
+        );
+        let f = dir.path().join(format!("{role}.yaml"));
+        std::fs::write(&f, text).unwrap();
+        let schema =
+            Command::new("cloud-init").args(["schema", "--config-file"]).arg(&f).output().unwrap();
+        assert!(schema.status.success(), "{role}: {}", String::from_utf8_lossy(&schema.stderr));
+    }
+    let doc = |role: &str| yaml_rust2::YamlLoader::load_from_str(&data[role]).unwrap().remove(0);
+    let redis_conf = written_file(&doc("redis"), "/etc/redis/omcb.conf");
+    for line in [
+        "bind private-address-unknown",
+        "requirepass 0123456789abcdef0123",
+        "appendonly yes",
+        "appendfsync everysec",
+        "maxmemory-policy noeviction",
+    ] {
+        assert!(redis_conf.lines().any(|l| l.trim() == line), "redis: {line}\n{redis_conf}");
+    }
+    let env = written_file(&doc("worker"), "/etc/omcb/worker.env");
+    assert!(env.contains("\nOMCB_REDIS=redis://:0123456789abcdef0123@10.10.0.5:6379\n"), "{env}");
+    assert!(env.contains("\nOMCB_TRUSTED_PROXY=10.10.0.2\n"), "{env}");
+    assert!(env.contains("\nOMCB_LISTEN=private-address-unknown:8080\n"), "{env}");
+    let lb_doc = doc("lb");
+    let nginx = written_file(&lb_doc, "/etc/omcb/nginx.conf");
+    assert!(nginx.contains("listen 0.0.0.0:443 ssl reuseport;"), "{nginx}");
+    assert!(nginx.contains("ssl_certificate /etc/omcb/tls/fullchain.pem;"));
+    assert!(nginx.contains("listen 0.0.0.0:80 reuseport;"));
+    assert!(nginx.contains("return 301 https://$host$request_uri;"));
+    let directives: String =
+        nginx.lines().filter(|l| !l.trim_start().starts_with("# ")).collect::<Vec<_>>().join("\n");
+    assert!(
+        !directives.contains("#tls:")
+            && !directives.contains("#plain:")
+            && !directives.contains('@'),
+        "every marker decided, every placeholder filled"
+    );
+    assert_eq!(
+        written_file(&lb_doc, "/etc/omcb/tls/fullchain.pem"),
+        std::fs::read_to_string(certs.join("cert.pem")).unwrap()
+    );
+    assert_eq!(written_file(&lb_doc, "/etc/omcb/egress.env"), "OMCB_EGRESS_RATE=250mbit\n");
+    assert_eq!(
+        written_file(&lb_doc, "/usr/local/sbin/cap-egress"),
+        std::fs::read_to_string(repo().join("deploy/tc/cap-egress")).unwrap()
+    );
+    let runcmd = format!("{:?}", lb_doc["runcmd"]);
+    assert!(
+        runcmd.contains(r#"String("enable"), String("--now"), String("omcb-egress-cap.service")"#),
+        "the load balancer starts its cap: {runcmd}"
+    );
+    let unit = written_file(&lb_doc, "/etc/systemd/system/omcb-egress-cap.service");
+    assert!(unit.contains("ExecStart=/usr/local/sbin/cap-egress set auto ${OMCB_EGRESS_RATE}"));
+
+    // Certbot instead of the operator's files.
+    let certbot = provision(
+        &["--dry-run", "up", "--lb"],
+        &[
+            ("OMCB_TLS_CERT_FILE", ""),
+            ("OMCB_TLS_KEY_FILE", ""),
+            ("OMCB_DOMAIN", "board.example.org"),
+            ("OMCB_ACME_EMAIL", "ops@example.org"),
+        ],
+    );
+    let lb_text = &dry_run_user_data(&certbot)["lb"];
+    assert!(
+        lb_text.contains("certbot certonly --webroot -w /var/www/acme -d board.example.org"),
+        "{lb_text}"
+    );
+    assert!(!lb_text.contains("/etc/omcb/tls/privkey.pem\n    permissions"), "no key files travel");
+
+    // The real run against the fake doctl.
+    provision(&["up", "--redis", "--lb", "--workers", "2"], &[]);
+    let log_text = calls();
+    assert_eq!(log_text.matches("compute firewall create").count(), 3, "{log_text}");
+    let redis_at = log_text.find("--tag-name omcb-redis").unwrap();
+    let lb_at = log_text.find("--tag-name omcb-lb").unwrap();
+    let workers_at = log_text.find("--tag-name omcb-worker").unwrap();
+    assert!(redis_at < workers_at && lb_at < workers_at, "{log_text}");
+    let worker_data = std::fs::read_to_string(log.with_extension("omcb-worker.userdata")).unwrap();
+    // The fake gives the first droplet (Redis) 10.10.0.10, the second (the LB) .11.
+    assert!(
+        worker_data.contains("OMCB_REDIS=redis://:0123456789abcdef0123@10.10.0.10:6379"),
+        "{worker_data}"
+    );
+    assert!(worker_data.contains("OMCB_TRUSTED_PROXY=10.10.0.11"), "{worker_data}");
+    let upstream = std::fs::read_to_string(dir.path().join("upstream.conf")).unwrap();
+    assert_eq!(upstream.lines().filter(|l| l.starts_with("server ")).count(), 2, "{upstream}");
+    // Written on the load balancer (its public address, over SSH), then nginx
+    // reloaded there.
+    let log_text = calls();
+    let ssh = log_text.find("ssh root@203.0.113.11").expect("the upstream went over SSH");
+    assert!(log_text[ssh..].contains("reload"), "{log_text}");
+    // Without OMCB_SSH_FROM the load balancer could not be reached: refused.
+    let out = Command::new(repo().join("scripts/provision"))
+        .args(["--dry-run", "up", "--lb"])
+        .env("OMCB_STATE_FILE", dir.path().join("none.env"))
+        .env_remove("OMCB_SSH_FROM")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set OMCB_SSH_FROM"));
+    // A later `up --workers 1` needs no Redis URL: the state file has it;
+    // the firewalls exist and are not created again.
+    provision(&["up", "--workers", "1"], &[]);
+    assert_eq!(calls().matches("compute firewall create").count(), 3);
+    let upstream = std::fs::read_to_string(dir.path().join("upstream.conf")).unwrap();
+    assert_eq!(upstream.lines().filter(|l| l.starts_with("server ")).count(), 3, "{upstream}");
 }
 
 /// Two network namespaces joined by a veth pair, removed on drop.
@@ -469,6 +756,68 @@ fn egress_cap_holds_throughput_within_ten_percent() {
     assert!(out.status.success());
     let show = in_a(&["tc", "qdisc", "show", "dev", &format!("va{id}")]);
     assert!(!String::from_utf8_lossy(&show.stdout).contains("htb"), "cleared");
+}
+
+/// The cap goes where billed bytes leave: `cap-egress set auto RATE` picks the
+/// interface of the route to the internet, whatever the interfaces are called.
+/// A namespace like a droplet with the names the wrong way round: `eth0` is
+/// the private (VPC) side, `eth1` carries the default route; only `eth1` gets
+/// the HTB root. `OMCB_EGRESS_PROBE` moves the probe onto the private network
+/// and the pick follows; an explicit name still wins.
+#[test]
+fn egress_cap_goes_on_the_interface_that_faces_the_internet() {
+    require("tc");
+    let id = std::process::id() % 100_000;
+    let ns = format!("omcb-cap{id}");
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let sh = |c: &str| {
+        let out = Command::new("sh").args(["-c", c]).output().unwrap();
+        assert!(out.status.success(), "{c}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    sh(&format!("ip netns add {ns}"));
+    let _gone = Gone(ns.clone());
+    // Two veth pairs inside the namespace: names and routes are all the pick looks at.
+    sh(&format!(
+        "ip -n {ns} link add eth0 type veth peer name peer0 && ip -n {ns} link add eth1 type veth peer name peer1 && \
+         ip -n {ns} link set peer0 up && ip -n {ns} link set peer1 up && \
+         ip -n {ns} addr add 10.10.0.7/16 dev eth0 && ip -n {ns} addr add 203.0.113.7/24 dev eth1 && \
+         ip -n {ns} link set eth0 up && ip -n {ns} link set eth1 up && \
+         ip -n {ns} route add default via 203.0.113.1 dev eth1"
+    ));
+    let cap = repo().join("deploy/tc/cap-egress");
+    let cap = cap.to_str().unwrap();
+    let htb_on =
+        |dev: &str| sh(&format!("ip netns exec {ns} tc qdisc show dev {dev}")).contains("htb");
+
+    assert_eq!(sh(&format!("ip netns exec {ns} {cap} iface")).trim(), "eth1");
+    let out = sh(&format!("ip netns exec {ns} {cap} set auto 20mbit"));
+    assert!(out.contains("eth1 egress capped at 20mbit"), "{out}");
+    assert!(htb_on("eth1") && !htb_on("eth0"), "the cap is on the public interface only");
+    sh(&format!("ip netns exec {ns} {cap} clear"));
+    assert!(!htb_on("eth1"), "cleared");
+
+    // The probe address is overridable (here: one on the private side).
+    let picked = sh(&format!("ip netns exec {ns} env OMCB_EGRESS_PROBE=10.10.0.9 {cap} iface"));
+    assert_eq!(picked.trim(), "eth0");
+    // An explicit interface overrides the pick.
+    sh(&format!("ip netns exec {ns} {cap} set eth0 20mbit"));
+    assert!(htb_on("eth0") && !htb_on("eth1"));
+
+    // No route to the internet: a clear refusal, nothing capped.
+    sh(&format!("ip -n {ns} route del default && ip netns exec {ns} {cap} clear eth0"));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns, cap, "set", "auto", "20mbit"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no interface faces the internet"));
+    assert!(!htb_on("eth0") && !htb_on("eth1"));
 }
 
 fn yaml_file(path: &str) -> yaml_rust2::Yaml {

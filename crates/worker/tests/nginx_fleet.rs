@@ -352,3 +352,120 @@ async fn one_address_is_held_to_its_toggle_budget_across_the_fleet_and_reconnect
         "{accepted} accepted in {since:.1} s: reconnecting refilled the budget"
     );
 }
+
+/// `curl ARGS`: (exit status success, stdout).
+fn curl(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// nginx with a certificate (deploy/nginx's `#tls:` lines, rendered by
+/// deploy/render through scripts/fleet): the page, the API (micro-cache
+/// included) and the WebSocket over TLS, a client that does not trust the
+/// certificate refused, plain HTTP on the HTTPS port refused, and the HTTP
+/// port redirecting everything to HTTPS except ACME challenges (certbot
+/// --webroot) and the balancer's own health check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_the_page_api_and_websocket_and_http_redirects_to_https() {
+    omcb_testkit::require("openssl");
+    omcb_testkit::require("curl");
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args(["-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let fleet = Fleet::up(1, &[("OMCB_NGINX_TLS_CERT", cert), ("OMCB_NGINX_TLS_KEY", key)]);
+    let https = format!("https://127.0.0.1:{}", fleet.port);
+    let http_port: u16 = std::fs::read_to_string(fleet.run_dir.path().join("http-port"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let http = format!("http://127.0.0.1:{http_port}");
+
+    let (ok, page) = curl(&["--cacert", cert, &format!("{https}/")]);
+    assert!(ok && page.contains("<html"), "the page over https: {page}");
+    let (ok, stats) = curl(&["--cacert", cert, &format!("{https}/api/stats")]);
+    assert!(ok && stats.contains("checked_count"), "{stats}");
+    let (ok, head) =
+        curl(&["--cacert", cert, "-D", "-", "-o", "/dev/null", &format!("{https}/api/state")]);
+    assert!(ok && head.to_ascii_lowercase().contains("x-cache:"), "the micro-cache: {head}");
+    let (ok, _) = curl(&[&format!("{https}/api/stats")]);
+    assert!(!ok, "a client that does not trust the certificate is refused");
+    let (_, plain) = curl(&[&format!("http://127.0.0.1:{}/api/stats", fleet.port)]);
+    assert!(!plain.contains("checked_count"), "plain HTTP on the HTTPS port: {plain}");
+
+    let (ok, redirect) = curl(&["-D", "-", "-o", "/dev/null", &format!("{http}/api/stats?x=1")]);
+    assert!(ok && redirect.starts_with("HTTP/1.1 301"), "{redirect}");
+    assert!(redirect.contains(&format!("Location: {https}/api/stats?x=1\r\n")), "{redirect}");
+    let www = std::fs::read_to_string(fleet.run_dir.path().join("nginx-www")).unwrap();
+    let challenges = std::path::Path::new(www.trim()).join("acme/.well-known/acme-challenge");
+    std::fs::create_dir_all(&challenges).unwrap();
+    std::fs::write(challenges.join("token1"), "token1.thumbprint").unwrap();
+    let (ok, token) = curl(&[&format!("{http}/.well-known/acme-challenge/token1")]);
+    assert!(ok && token == "token1.thumbprint", "the ACME challenge over plain HTTP: {token}");
+    let (ok, health) = curl(&[&format!("{http}/nginx-healthz")]);
+    assert!(ok && health == "ok\n");
+
+    // WSS: the upgrade through TLS, then the worker's first frame (the Snapshot,
+    // a binary frame) arrives.
+    let mut s_client = std::process::Command::new("openssl")
+        .args(["s_client", "-quiet", "-verify_return_error", "-CAfile", cert, "-connect"])
+        .arg(format!("127.0.0.1:{}", fleet.port))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::{Read, Write};
+    let mut stdin = s_client.stdin.take().unwrap();
+    write!(
+        stdin,
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        fleet.port
+    )
+    .unwrap();
+    stdin.flush().unwrap();
+    let mut stdout = s_client.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Until the header and the first frame's first byte, or EOF.
+        loop {
+            let end = got.windows(4).position(|w| w == b"\r\n\r\n");
+            if end.is_some_and(|e| got.len() > e + 4) {
+                return got;
+            }
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !reader.is_finished() {
+        assert!(Instant::now() < deadline, "no WebSocket answer over TLS within 20 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = reader.join().unwrap();
+    let _ = s_client.kill();
+    let _ = s_client.wait();
+    drop(stdin);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    assert_eq!(got[end + 4], 0x82, "the first frame is a binary one (the Snapshot)");
+}

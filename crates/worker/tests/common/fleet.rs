@@ -43,9 +43,12 @@ impl Fleet {
         let mut up = vec!["up", "--workers", &workers, "--port", &port];
         up.extend_from_slice(args);
         let out = fleet.script(&up);
+        // https when the fleet's nginx has a certificate (OMCB_NGINX_TLS_*).
+        let scheme =
+            if env.iter().any(|(k, _)| *k == "OMCB_NGINX_TLS_CERT") { "https" } else { "http" };
         assert_eq!(
             out.lines().last(),
-            Some(format!("http://127.0.0.1:{port}").as_str()),
+            Some(format!("{scheme}://127.0.0.1:{port}").as_str()),
             "up prints the URL last"
         );
         fleet.up_output = out;
