@@ -7,6 +7,9 @@ use std::process::Command;
 
 use omcb_testkit::{repo_root as repo, require};
 
+/// The checksum the tests give `provision up` for the workers' binary.
+const BINARY_SHA256: &str = "5f0c6a1f0e0d4c3b2a19181716151413121110090807060504030201000f0e0d";
+
 #[test]
 fn systemd_unit_verifies_clean() {
     require("systemd-analyze");
@@ -44,6 +47,8 @@ fn rendered_user_data() -> String {
         .env("FAKE_DOCTL_LOG", &log)
         .env("FAKE_DOCTL_STATE", dir.path().join("state"))
         .env("OMCB_REDIS_URL", "redis://10.0.0.5:6379")
+        .env("OMCB_BINARY_URL", "https://example.invalid/omcb")
+        .env("OMCB_BINARY_SHA256", BINARY_SHA256)
         .env("OMCB_UPSTREAM_FILE", dir.path().join("upstream.conf"))
         .env("OMCB_PROMETHEUS_TARGETS", dir.path().join("workers.json"))
         .env("OMCB_STATE_FILE", dir.path().join("provision.env"))
@@ -52,6 +57,50 @@ fn rendered_user_data() -> String {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::read_to_string(log.with_extension("userdata")).unwrap()
+}
+
+/// The worker's user data installs the binary only if its sha256 is the one
+/// provision was given: its install line, run with its paths moved into a
+/// temporary directory, links nothing for a file with another checksum and
+/// links the verified file for the right one.
+fn installs_only_a_binary_with_its_checksum(doc: &yaml_rust2::Yaml) {
+    let install = doc["runcmd"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.as_vec())
+        .find(|c| c[0].as_str() == Some("sh") && format!("{c:?}").contains("sha256sum -c"))
+        .expect("runcmd checks the binary's sha256")[2]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(install.contains(BINARY_SHA256), "{install}");
+    let dir = tempfile::tempdir().unwrap();
+    let (lib, link) = (dir.path().join("lib"), dir.path().join("omcb"));
+    std::fs::create_dir_all(&lib).unwrap();
+    let run = |sum: &str, content: &str| {
+        std::fs::write(lib.join(format!("omcb-{sum}.part")), content).unwrap();
+        let line = install
+            .replace(BINARY_SHA256, sum)
+            .replace("/usr/local/lib/omcb", lib.to_str().unwrap())
+            .replace("/usr/local/bin/omcb", link.to_str().unwrap());
+        Command::new("sh").args(["-c", &line]).output().unwrap().status.success()
+    };
+    assert!(!run(BINARY_SHA256, "not the binary"), "a checksum mismatch must fail");
+    assert!(!link.exists(), "nothing is linked after a mismatch");
+    let content = "the binary";
+    let out = Command::new("sh")
+        .args(["-c", &format!("printf %s '{content}' | sha256sum")])
+        .output()
+        .unwrap();
+    let sum = String::from_utf8_lossy(&out.stdout)[..64].to_string();
+    assert!(run(&sum, content), "the right checksum installs");
+    assert_eq!(std::fs::read_to_string(&link).unwrap(), content);
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        lib.join(format!("omcb-{sum}")),
+        "/usr/local/bin/omcb links the verified, versioned file"
+    );
 }
 
 #[test]
@@ -82,6 +131,7 @@ fn cloud_init_user_data_has_the_shape_of_a_worker() {
         runcmd.contains("omcb-worker.service") && runcmd.contains("enable"),
         "it enables the worker"
     );
+    installs_only_a_binary_with_its_checksum(doc);
     let written = |path: &str| {
         doc["write_files"]
             .as_vec()
@@ -323,6 +373,8 @@ fn provision_adds_and_removes_tagged_droplets_and_keeps_the_upstream_in_step() {
             .env("FAKE_DOCTL_LOG", &log)
             .env("FAKE_DOCTL_STATE", dir.path().join("state"))
             .env("OMCB_REDIS_URL", "redis://10.0.0.5:6379")
+            .env("OMCB_BINARY_URL", "https://example.invalid/omcb")
+            .env("OMCB_BINARY_SHA256", BINARY_SHA256)
             .env("OMCB_UPSTREAM_FILE", &upstream)
             .env("OMCB_PROMETHEUS_TARGETS", &targets)
             .env("OMCB_NGINX_RELOAD", format!("echo reload >>{}", reloads.display()))
@@ -353,6 +405,27 @@ fn provision_adds_and_removes_tagged_droplets_and_keeps_the_upstream_in_step() {
     assert!(calls().is_empty(), "dry run called doctl: {}", calls());
     assert!(!upstream.exists());
     assert!(!targets.exists());
+
+    // Workers install only a binary with the checksum provision was given: a
+    // real `up` without one is refused before anything is created.
+    let refused = Command::new(repo().join("scripts/provision"))
+        .args(["up", "2"])
+        .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()))
+        .env("FAKE_DOCTL_LOG", &log)
+        .env("FAKE_DOCTL_STATE", dir.path().join("state"))
+        .env("OMCB_REDIS_URL", "redis://10.0.0.5:6379")
+        .env("OMCB_BINARY_URL", "https://example.invalid/omcb")
+        .env_remove("OMCB_BINARY_SHA256")
+        .env("OMCB_STATE_FILE", dir.path().join("provision.env"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("OMCB_BINARY_SHA256"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(calls().is_empty(), "a refused up called doctl: {}", calls());
 
     let (ok, _, err) = provision(&["up", "2"]);
     assert!(ok, "{err}");
@@ -478,6 +551,8 @@ fn provision_up_from_zero_creates_every_role_behind_its_firewall() {
             .env("OMCB_TLS_CERT_FILE", certs.join("cert.pem"))
             .env("OMCB_TLS_KEY_FILE", certs.join("key.pem"))
             .env("OMCB_REDIS_PASSWORD", "0123456789abcdef0123")
+            .env("OMCB_BINARY_URL", "https://example.invalid/omcb")
+            .env("OMCB_BINARY_SHA256", BINARY_SHA256)
             .env("OMCB_VPC_CIDR", "10.10.0.0/16")
             .env("OMCB_SSH_FROM", "198.51.100.7/32")
             .env("OMCB_NGINX_RELOAD", "echo reload >>\"$FAKE_DOCTL_LOG\"")
