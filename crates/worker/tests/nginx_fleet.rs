@@ -469,3 +469,57 @@ async fn tls_serves_the_page_api_and_websocket_and_http_redirects_to_https() {
     let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
     assert_eq!(got[end + 4], 0x82, "the first frame is a binary one (the Snapshot)");
 }
+
+/// `GET url` with `Accept-Encoding: accept` (none when empty): the response
+/// headers (lowercased) and the body exactly as sent (curl does not decode it).
+fn fetch_raw(url: &str, accept: &str) -> (String, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (head, body) = (dir.path().join("head"), dir.path().join("body"));
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", "-D"]).arg(&head).arg("-o").arg(&body);
+    if !accept.is_empty() {
+        cmd.args(["-H", &format!("Accept-Encoding: {accept}")]);
+    }
+    let out = cmd.arg(url).output().unwrap();
+    assert!(out.status.success(), "{url}: {}", String::from_utf8_lossy(&out.stderr));
+    (std::fs::read_to_string(head).unwrap().to_ascii_lowercase(), std::fs::read(body).unwrap())
+}
+
+/// Behind nginx a visitor gets the page the workers make (stripped, bundled,
+/// brotli or zopfli gzip: web/test/pageload.test.mjs holds a first visit under
+/// 10 KB), not nginx's own gzip of the files on disk: byte for byte the
+/// worker's answer for the same encoding, cached once per encoding (a second
+/// visit is a cache hit), and the ?v= files cached for a year by browsers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_through_nginx_is_the_workers_compressed_page_cached_per_encoding() {
+    omcb_testkit::require("curl");
+    let fleet = Fleet::up(2, &[]);
+    let nginx = format!("http://127.0.0.1:{}", fleet.port);
+    let (worker_port, _, _) = fleet.workers()[0];
+    let worker = format!("http://127.0.0.1:{worker_port}");
+
+    for (accept, coding) in [("gzip, deflate, br, zstd", "br"), ("gzip, deflate", "gzip")] {
+        let (head, body) = fetch_raw(&format!("{nginx}/"), accept);
+        assert!(head.contains(&format!("content-encoding: {coding}\r\n")), "{accept}: {head}");
+        let (_, direct) = fetch_raw(&format!("{worker}/"), accept);
+        assert_eq!(body, direct, "nginx serves the worker's {coding} page unchanged");
+        // Another browser with another Accept-Encoding line that takes the same
+        // encoding gets the cached copy.
+        let other = if coding == "br" { "br" } else { "gzip" };
+        let (again, body_again) = fetch_raw(&format!("{nginx}/"), other);
+        assert!(again.contains("x-cache: hit\r\n"), "the second {coding} visit is cached: {again}");
+        assert_eq!(body_again, body);
+    }
+    let (head, body) = fetch_raw(&format!("{nginx}/"), "");
+    assert!(!head.contains("content-encoding"), "{head}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("<html"),
+        "the plain page for a client without encodings"
+    );
+
+    let (head, _) = fetch_raw(&format!("{nginx}/grid.js"), "br");
+    assert!(head.contains("cache-control: no-cache\r\n"), "{head}");
+    let (head, _) = fetch_raw(&format!("{nginx}/widget.js?v=1"), "br");
+    assert!(head.contains("cache-control: public, max-age=31536000, immutable\r\n"), "{head}");
+    assert_eq!(head.matches("cache-control").count(), 1, "one Cache-Control: {head}");
+}
