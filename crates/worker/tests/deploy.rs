@@ -2,8 +2,12 @@
 //! the machine has them (systemd-analyze, tc in network namespaces, iperf3),
 //! and against a fake `doctl` for the cloud API (outside this machine).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use common::dry_run_user_data;
 
 use omcb_testkit::{repo_root as repo, require};
 
@@ -484,24 +488,6 @@ fn provision_adds_and_removes_tagged_droplets_and_keeps_the_upstream_in_step() {
     let last = provision(&["list"]).1.split_whitespace().next().unwrap().to_string();
     let (ok, _, err) = provision(&["down", &last]);
     assert!(!ok && err.contains("last worker"), "{err}");
-}
-
-/// The user data sections a dry run of `up` printed, by role.
-pub fn dry_run_user_data(out: &str) -> std::collections::BTreeMap<String, String> {
-    let mut found = std::collections::BTreeMap::new();
-    let mut lines = out.lines();
-    while let Some(line) = lines.next() {
-        let Some(rest) = line.strip_prefix("# ---- user data for omcb-") else { continue };
-        let role = rest.split_whitespace().next().unwrap().to_string();
-        let end = format!("# ---- end of user data for omcb-{role} ----");
-        let mut text = String::new();
-        for l in lines.by_ref().take_while(|l| *l != end) {
-            text.push_str(l);
-            text.push('\n');
-        }
-        found.insert(role, text);
-    }
-    found
 }
 
 /// `write_files` content of PATH in a cloud-config document, decoded.

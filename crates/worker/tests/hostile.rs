@@ -383,27 +383,10 @@ async fn a_trickling_reader_is_closed_by_the_send_timeout() {
 fn a_zero_ping_interval_is_refused_at_start() {
     for args in [["--ping-interval", "0"], ["--ping-interval", "99999999999999999999d"]] {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_omcb"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                child.kill().unwrap();
-                panic!("{args:?}: the worker started instead of refusing");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let mut stderr = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_omcb"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.path()).args(args);
+        let out = refuses_to_start(cmd);
+        let (status, stderr) = (out.status, String::from_utf8_lossy(&out.stderr).into_owned());
         assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
         assert!(
             stderr.contains("invalid value") && stderr.contains("--ping-interval"),

@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::process::Command;
 
 use common::*;
 use omcb_testkit::tls::TestCa;
@@ -28,29 +27,10 @@ fn ca_flag(redis: &RedisServer) -> String {
 /// `omcb serve` with `args` must exit (within [`WAIT`]) without listening,
 /// with a failure status; its stderr.
 fn refused(args: &[&str]) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_omcb"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--board-size", "1000"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "omcb serve {args:?} still runs after {WAIT:?}: it must refuse at start\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let out = child.wait_with_output().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_omcb"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--board-size", "1000"]).args(args);
+    let out = refuses_to_start(cmd);
+    let status = out.status;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!status.success(), "omcb serve {args:?} exited with success:\n{stderr}");

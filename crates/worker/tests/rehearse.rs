@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -17,6 +16,8 @@ use futures_util::{SinkExt, StreamExt};
 use omcb_proto::v1::{ClientMessage, ServerMessage, Toggle, client_message, server_message::Msg};
 use prost::Message as _;
 use tokio_tungstenite::tungstenite::Message;
+
+use common::dry_run_user_data;
 
 use omcb_testkit::{repo_root as repo, require};
 
@@ -140,24 +141,6 @@ impl Drop for Rehearsal {
                 .output();
         }
     }
-}
-
-/// The user data sections of a dry run of `scripts/provision up`, by role.
-fn dry_run_user_data(out: &str) -> BTreeMap<String, String> {
-    let mut found = BTreeMap::new();
-    let mut lines = out.lines();
-    while let Some(line) = lines.next() {
-        let Some(rest) = line.strip_prefix("# ---- user data for omcb-") else { continue };
-        let role = rest.split_whitespace().next().unwrap().to_string();
-        let end = format!("# ---- end of user data for omcb-{role} ----");
-        let mut text = String::new();
-        for l in lines.by_ref().take_while(|l| *l != end) {
-            text.push_str(l);
-            text.push('\n');
-        }
-        found.insert(role, text);
-    }
-    found
 }
 
 /// From the internet namespace only the load balancer answers, on 443

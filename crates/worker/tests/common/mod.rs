@@ -316,3 +316,41 @@ pub async fn api_state(addr: SocketAddr) -> (omcb_proto::v1::Snapshot, HttpRespo
     assert_eq!(r.status, 200);
     (omcb_proto::v1::Snapshot::decode(r.body.as_slice()).unwrap(), r)
 }
+
+/// Runs `cmd` (an `omcb` that must refuse to start) and waits, within
+/// [`WAIT`], for it to exit; panics, with its stderr, if it still runs then.
+pub fn refuses_to_start(mut cmd: std::process::Command) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} still runs after {WAIT:?}: it must refuse at start\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The user data sections a dry run of `scripts/provision up` printed, by role.
+pub fn dry_run_user_data(out: &str) -> std::collections::BTreeMap<String, String> {
+    let mut found = std::collections::BTreeMap::new();
+    let mut lines = out.lines();
+    while let Some(line) = lines.next() {
+        let Some(rest) = line.strip_prefix("# ---- user data for omcb-") else { continue };
+        let role = rest.split_whitespace().next().unwrap().to_string();
+        let end = format!("# ---- end of user data for omcb-{role} ----");
+        let mut text = String::new();
+        for l in lines.by_ref().take_while(|l| *l != end) {
+            text.push_str(l);
+            text.push('\n');
+        }
+        found.insert(role, text);
+    }
+    found
+}
