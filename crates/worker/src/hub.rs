@@ -2,6 +2,12 @@
 //! store's change feed, and the tick that turns changes into one encoded Batch
 //! that every socket sends as it is.
 //!
+//! The tick's length comes from [`crate::tick`]: `--batch-ms`, longer while
+//! an egress budget asks for it, never past what the latency budget allows.
+//! The hub measures what that law needs: the bytes written to sockets per
+//! tick, and per batch the time from its oldest change's commit to the last
+//! shard's last write (`omcb_delivery_seconds`).
+//!
 //! The fan-out runs in one task per shard of sockets (one shard per core):
 //! each published batch (or settings change, `Hub::set_freeze_after`) goes
 //! to every shard in order, and a shard offers it to
