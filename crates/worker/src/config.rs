@@ -58,10 +58,19 @@ pub struct Config {
     #[arg(long, env = "OMCB_MAX_CHECKED")]
     pub max_checked: Option<u32>,
 
-    /// Fan-out tick: changes are coalesced into one Batch per tick.
+    /// Fan-out tick: changes are coalesced into one Batch per tick. The
+    /// shortest tick, and the tick while `--egress-budget` asks for no
+    /// longer one (see `tick.rs`).
     #[arg(long, env = "OMCB_BATCH_MS", default_value_t = 50,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub batch_ms: u64,
+
+    /// From a change's commit to its last socket write: the tick grows for
+    /// `--egress-budget` only while changes still reach every socket within
+    /// this. Must be longer than `--batch-ms`.
+    #[arg(long, env = "OMCB_LATENCY_BUDGET", default_value = "250ms",
+          value_parser = duration(Duration::from_millis(2), Duration::from_secs(60)))]
+    pub latency_budget: Duration,
 
     /// Sustained toggles per second allowed per connection.
     #[arg(long, env = "OMCB_TOGGLE_RATE", default_value_t = 20.0, value_parser = positive)]
@@ -204,10 +213,11 @@ pub struct Config {
     #[arg(long, env = "OMCB_ALLOW_ORIGIN", value_delimiter = ',', value_parser = parse_origin)]
     pub allow_origin: Vec<String>,
 
-    /// Bytes per second this worker may send (its share of the droplet's
-    /// egress, e.g. `30MB`; K/M/G are powers of 1000, KiB/MiB/GiB of 1024).
-    /// Not enforced: exported as `omcb_egress_budget_bytes_per_second` so
-    /// alerts and dashboards can compare `omcb_bytes_sent_total` with it.
+    /// Bytes per second this worker may send to its sockets (its share of
+    /// the droplet's egress, e.g. `30MB`; K/M/G are powers of 1000,
+    /// KiB/MiB/GiB of 1024). Over it, the tick grows (up to what
+    /// `--latency-budget` allows) so batches coalesce more and the bytes fit.
+    /// Exported as `omcb_egress_budget_bytes_per_second`.
     #[arg(long, env = "OMCB_EGRESS_BUDGET", value_parser = parse_byte_rate)]
     pub egress_budget: Option<u64>,
 
@@ -352,9 +362,31 @@ impl Config {
         self.ip_toggle_burst.unwrap_or(5.0 * self.toggle_burst)
     }
 
-    /// The fan-out tick.
+    /// The fan-out tick (the shortest; see [`Config::tick_budgets`]).
     pub fn batch_interval(&self) -> Duration {
         Duration::from_millis(self.batch_ms)
+    }
+
+    /// What the hub's tick follows (`tick.rs`).
+    pub fn tick_budgets(&self) -> crate::tick::Budgets {
+        crate::tick::Budgets {
+            min_tick: self.batch_interval(),
+            latency: self.latency_budget,
+            egress: self.egress_budget,
+        }
+    }
+
+    /// Checks what clap cannot check flag by flag: the message for a
+    /// configuration the worker refuses to start with.
+    pub fn check(&self) -> Result<(), String> {
+        if self.latency_budget <= self.batch_interval() {
+            return Err(format!(
+                "--latency-budget {} must be longer than --batch-ms {}: a change can wait a whole tick",
+                humantime::format_duration(self.latency_budget),
+                self.batch_ms
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -452,6 +484,18 @@ mod tests {
             assert!(parse_public_url(bad).is_err(), "{bad}");
         }
         assert!(parse("--public-url board.example").is_err());
+    }
+
+    #[test]
+    fn the_latency_budget_must_leave_room_for_a_tick() {
+        let c = parse("").unwrap();
+        assert_eq!(c.latency_budget, Duration::from_millis(250));
+        assert_eq!(c.check(), Ok(()));
+        let err = parse("--batch-ms 250").unwrap().check().unwrap_err();
+        assert!(err.contains("--latency-budget 250ms must be longer than --batch-ms 250"), "{err}");
+        assert_eq!(parse("--batch-ms 100 --latency-budget 1s").unwrap().check(), Ok(()));
+        assert_eq!(parse("--latency-budget 1ms").unwrap_err().exit_code(), 2);
+        assert_eq!(parse("--latency-budget 2m").unwrap_err().exit_code(), 2);
     }
 
     #[test]

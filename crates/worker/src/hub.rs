@@ -2,6 +2,12 @@
 //! store's change feed, and the tick that turns changes into one encoded Batch
 //! that every socket sends as it is.
 //!
+//! The tick's length comes from [`crate::tick`]: `--batch-ms`, longer while
+//! an egress budget asks for it, never past what the latency budget allows.
+//! The hub measures what that law needs: the bytes written to sockets per
+//! tick, and per batch the time from its oldest change's commit to the last
+//! shard's last write (`omcb_delivery_seconds`).
+//!
 //! The fan-out runs in one task per shard of sockets (one shard per core):
 //! each published batch (or settings change, `Hub::set_freeze_after`) goes
 //! to every shard in order, and a shard offers it to
@@ -35,6 +41,7 @@ use tokio::sync::{mpsc, watch};
 use crate::frames::{self, EncodedBatch};
 use crate::metrics::Metrics;
 use crate::sink::Sink;
+use crate::tick::{Budgets, Pacer};
 
 /// What the hub hands to every socket.
 #[derive(Debug, Clone)]
@@ -209,6 +216,11 @@ pub struct Hub {
     /// busy publishes nothing and leaves its changes to the next one: under
     /// overload batches grow instead of queueing up (latency stays bounded).
     fanning_out: AtomicUsize,
+    /// The batch being written by the fan-out, for its delivery time.
+    in_flight: Mutex<Option<InFlight>>,
+    /// The largest overhead (a change's time outside its tick wait) of the
+    /// batches delivered since the tick last read it, for the [`Pacer`].
+    overhead: Mutex<Option<Duration>>,
     /// The last encoded snapshot; re-encoded only when the seq moved.
     snapshot: Mutex<Option<Arc<EncodedSnapshot>>>,
     /// Whether the replica is caught up with a reachable store (`/readyz`).
@@ -243,6 +255,8 @@ impl Hub {
             shard_queues: Mutex::new(shard_queues),
             next_shard: AtomicUsize::new(0),
             fanning_out: AtomicUsize::new(0),
+            in_flight: Mutex::new(None),
+            overhead: Mutex::new(None),
             snapshot: Mutex::new(None),
             ready: AtomicBool::new(true),
             resume_batches,
@@ -488,12 +502,12 @@ impl Hub {
     }
 
     /// Reads the store's feed and publishes one batch per tick until the feed
-    /// ends or `stop` fires.
+    /// ends or `stop` fires. The tick's length follows `budgets` ([`Pacer`]).
     pub async fn run(
         self: Arc<Self>,
         store: Store,
         feed: ChangeFeed,
-        tick: Duration,
+        budgets: Budgets,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let queues = std::mem::take(&mut *self.shard_queues.lock());
@@ -503,8 +517,10 @@ impl Hub {
             .map(|(i, rx)| tokio::spawn(self.clone().fan_out(i, rx)))
             .collect();
         let mut pending = Pending::default();
-        let mut ticker = tokio::time::interval(tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pacer = Pacer::new(budgets);
+        let mut egress = (self.metrics.egress.load(Ordering::Relaxed), Instant::now());
+        let ticker = tokio::time::sleep(pacer.tick());
+        tokio::pin!(ticker);
         let mut feed = FeedTask::spawn(feed);
         'run: loop {
             tokio::select! {
@@ -514,12 +530,12 @@ impl Hub {
                         break;
                     }
                 }
-                _ = ticker.tick() => {
+                () = &mut ticker => {
                     if self.fanning_out.load(Ordering::Acquire) == 0 {
                         // Take in what the store has now, so this batch
                         // carries every change committed before the tick.
                         let want = feed.want.clone();
-                        for event in feed.read_now(tick).await {
+                        for event in feed.read_now(pacer.tick()).await {
                             if !self.on_feed_event(Some(event), &mut pending, &store, &mut feed).await {
                                 break 'run;
                             }
@@ -532,6 +548,12 @@ impl Hub {
                     } else {
                         self.metrics.ticks_deferred.increment(1);
                     }
+                    let next = self.pace(&mut pacer, &mut egress);
+                    // Like an interval that delays missed ticks: on schedule
+                    // when on time, a whole tick from now when late.
+                    let now = tokio::time::Instant::now();
+                    let at = ticker.deadline() + next;
+                    ticker.as_mut().reset(if at < now { now + next } else { at });
                 }
             }
         }
@@ -588,6 +610,41 @@ impl Hub {
         true
     }
 
+    /// Tells the pacer what the ticks since its last call measured (the bytes
+    /// written to sockets since `egress`'s count and instant, the overhead of
+    /// the batches delivered) and returns the next tick's length.
+    fn pace(&self, pacer: &mut Pacer, egress: &mut (u64, Instant)) -> Duration {
+        let (bytes, now) = (self.metrics.egress.load(Ordering::Relaxed), Instant::now());
+        pacer.egress(bytes.saturating_sub(egress.0), now - egress.1);
+        *egress = (bytes, now);
+        if let Some(overhead) = self.overhead.lock().take() {
+            pacer.delivered(overhead);
+        }
+        let tick = pacer.tick();
+        self.metrics.tick.set(tick.as_secs_f64());
+        tick
+    }
+
+    /// The last shard wrote the batch in flight to its sockets: its delivery
+    /// time and its overhead for the pacer.
+    fn delivered(&self) {
+        let Some(b) = self.in_flight.lock().take() else {
+            return;
+        };
+        let fan_out = b.published.elapsed();
+        let mut overhead = fan_out;
+        if b.oldest_committed_ms > 0 {
+            let delivery = omcb_store::now_ms().saturating_sub(b.oldest_committed_ms);
+            let delivery = Duration::from_millis(delivery);
+            self.metrics.delivery.record(delivery.as_secs_f64());
+            // Minus the wait for the tick, which the pacer chooses.
+            let waited = b.published.saturating_duration_since(b.oldest_arrival);
+            overhead = overhead.max(delivery.saturating_sub(waited));
+        }
+        let mut slot = self.overhead.lock();
+        *slot = Some(slot.map_or(overhead, |o| o.max(overhead)));
+    }
+
     /// One shard's fan-out task: offers each published batch to every sink of
     /// the shard, in publication order.
     async fn fan_out(self: Arc<Self>, shard: usize, mut rx: mpsc::UnboundedReceiver<Published>) {
@@ -607,8 +664,10 @@ impl Hub {
                 tokio::task::yield_now().await;
             }
             sinks.clear();
-            if matches!(published, Published::Batch(_)) {
-                self.fanning_out.fetch_sub(1, Ordering::Release);
+            if matches!(published, Published::Batch(_))
+                && self.fanning_out.fetch_sub(1, Ordering::AcqRel) == 1
+            {
+                self.delivered();
             }
         }
     }
@@ -630,6 +689,12 @@ impl Hub {
         };
         let changes = std::mem::take(&mut pending.changes);
         let since = pending.first_arrival.take();
+        let published = Instant::now();
+        *self.in_flight.lock() = Some(InFlight {
+            published,
+            oldest_arrival: since.unwrap_or(published),
+            oldest_committed_ms: changes.first().map_or(0, |c| c.committed_ms),
+        });
         let mut state = self.state.write();
         let encoded = EncodedBatch {
             epoch: state.board.epoch,
@@ -798,6 +863,17 @@ impl FeedTask {
         }
         events
     }
+}
+
+/// A batch the fan-out is writing, for its delivery time.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    /// When it was handed to the shards.
+    published: Instant,
+    /// When its oldest change reached the hub.
+    oldest_arrival: Instant,
+    /// Its oldest change's commit time (Unix ms; 0 when unknown).
+    oldest_committed_ms: u64,
 }
 
 /// Changes received since the last tick.

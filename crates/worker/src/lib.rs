@@ -12,7 +12,9 @@
 //! - [`frames`]: the frames the worker sends, each encoded once (a batch is
 //!   the same bytes for every socket).
 //! - [`shutdown`]: waiting for a stop flag.
-//! - [`config`] (logging): [`Config`], every flag of `omcb serve` (with
+//! - [`tick`]: the tick's length, following the latency and egress
+//!   budgets (a pure control law).
+//! - [`config`] (logging, tick): [`Config`], every flag of `omcb serve` (with
 //!   `OMCB_*` variables).
 //! - [`limits`] (config, ratelimit): budgets and connection counts per client
 //!   address.
@@ -20,7 +22,7 @@
 //!   recorder.
 //! - [`sink`] (frames, metrics): a socket's ordered, non-blocking output
 //!   (queue, lag rule, send timeout).
-//! - [`hub`] (frames, metrics, sink, shutdown): the replica of the board, the
+//! - [`hub`] (frames, metrics, sink, shutdown, tick): the replica of the board, the
 //!   one reader of the store's change feed, the tick that encodes one Batch
 //!   for every socket, the fan-out shards that write it, and a socket's start
 //!   (`Hub::join`).
@@ -63,6 +65,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod shutdown;
 pub mod sink;
+pub mod tick;
 
 pub use config::Config;
 pub use server::{ServeError, Server};

@@ -27,6 +27,10 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = match cli.command {
         Command::Serve(config) => {
+            if let Err(e) = config.check() {
+                use clap::CommandFactory as _;
+                Cli::command().error(clap::error::ErrorKind::ArgumentConflict, e).exit();
+            }
             omcb_worker::logging::init(config.log_format);
             runtime.block_on(serve(*config))
         }

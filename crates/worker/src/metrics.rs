@@ -3,6 +3,9 @@
 //! Handles are looked up once and kept in [`Metrics`]: an increment on the
 //! per-socket path is then one atomic add, not a registry lookup.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use omcb_store::Refusal;
@@ -21,7 +24,12 @@ const STORE_LATENCY: [f64; 12] =
 /// handles made earlier record nothing.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     let mut builder = PrometheusBuilder::new();
-    for name in ["omcb_toggle_to_send_seconds", "omcb_toggle_seconds", "omcb_feed_lag_seconds"] {
+    for name in [
+        "omcb_toggle_to_send_seconds",
+        "omcb_toggle_seconds",
+        "omcb_feed_lag_seconds",
+        "omcb_delivery_seconds",
+    ] {
         builder = builder.set_buckets_for_metric(Matcher::Full(name.into()), &TICK_LATENCY)?;
     }
     let handle = builder
@@ -168,6 +176,14 @@ pub struct Metrics {
     pub snapshot_encodes: Counter,
     /// From a change reaching the hub to its batch being handed to the sockets.
     pub toggle_to_send: Histogram,
+    /// From the commit of a tick's oldest change to the last socket write of
+    /// its batch: what `--latency-budget` bounds.
+    pub delivery: Histogram,
+    /// The tick's length now (`tick.rs`).
+    pub tick: Gauge,
+    /// Bytes written to sockets, for the tick's egress law (the same bytes as
+    /// `omcb_bytes_sent_total`, which cannot be read back).
+    pub egress: Arc<AtomicU64>,
     /// The replica's seq.
     pub seq: Gauge,
     /// Store feed resets (trimmed past, new epoch).
@@ -227,6 +243,9 @@ impl Metrics {
             api_state_not_modified: counter!("omcb_api_state_total", "status" => "304"),
             snapshot_encodes: counter!("omcb_snapshot_encodes_total"),
             toggle_to_send: histogram!("omcb_toggle_to_send_seconds"),
+            delivery: histogram!("omcb_delivery_seconds"),
+            tick: gauge!("omcb_tick_seconds"),
+            egress: Arc::default(),
             seq: gauge!("omcb_seq"),
             feed_resets: counter!("omcb_feed_resets_total"),
             feed_lag: histogram!("omcb_feed_lag_seconds"),
@@ -253,6 +272,8 @@ impl Metrics {
         omcb_store::register_metrics();
         gauge!("omcb_freeze_after_seconds").set(board.freeze_after_ms as f64 / 1000.0);
         gauge!("omcb_max_connections").set(config.max_connections as f64);
+        gauge!("omcb_latency_budget_seconds").set(config.latency_budget.as_secs_f64());
+        self.tick.set(config.batch_interval().as_secs_f64());
         if let Some(budget) = config.egress_budget {
             gauge!("omcb_egress_budget_bytes_per_second").set(budget as f64);
         }
@@ -314,6 +335,7 @@ impl Metrics {
         SinkMetrics {
             frames_sent: self.frames_sent.clone(),
             bytes_sent: self.bytes_sent.clone(),
+            egress: self.egress.clone(),
             snapshots_lagged: self.snapshots_lagged.clone(),
             snapshots_reset: self.snapshots_reset.clone(),
             snapshot_bytes_lagged: self.snapshot_bytes_lagged.clone(),
@@ -345,6 +367,8 @@ pub struct SinkMetrics {
     pub frames_sent: metrics::Counter,
     /// Bytes written (frame headers included).
     pub bytes_sent: metrics::Counter,
+    /// The same bytes, for the tick's egress law ([`Metrics::egress`]).
+    pub egress: Arc<AtomicU64>,
     /// Snapshots sent because the socket lagged.
     pub snapshots_lagged: metrics::Counter,
     /// Snapshots sent because the board was reset.

@@ -131,7 +131,7 @@ impl Server {
         let hub_task = tokio::spawn(app.hub.clone().run(
             app.store.clone(),
             feed,
-            app.config.batch_interval(),
+            app.config.tick_budgets(),
             hub_stop,
         ));
         // Every worker runs the sweep loop: the board's live setting says

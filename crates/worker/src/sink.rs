@@ -27,6 +27,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -340,6 +341,7 @@ impl Sink {
                 Ok(n) if n == rest.len() => {
                     self.metrics.frames_sent.increment(1);
                     self.metrics.bytes_sent.increment(front.len() as u64);
+                    self.metrics.egress.fetch_add(front.len() as u64, Ordering::Relaxed);
                     if *kind == Kind::Batch {
                         st.batches -= 1;
                     }
@@ -412,6 +414,7 @@ mod tests {
         SinkMetrics {
             frames_sent: metrics::Counter::noop(),
             bytes_sent: metrics::Counter::noop(),
+            egress: Default::default(),
             snapshots_lagged: metrics::Counter::noop(),
             snapshots_reset: metrics::Counter::noop(),
             snapshot_bytes_lagged: metrics::Counter::noop(),

@@ -102,7 +102,9 @@ async fn metrics_answer_an_operators_questions() {
         let s = samples(&text);
         let ended = value(&s, r#"omcb_disconnects_total{code="1000"}"#) == 1.0
             && value(&s, r#"omcb_disconnects_total{code="none"}"#) == 1.0;
-        (ended && value(&s, r#"omcb_sweeps_total{result="ok"}"#) >= 1.0).then_some(text)
+        let delivered = value(&s, "omcb_delivery_seconds_count") >= 1.0;
+        (ended && delivered && value(&s, r#"omcb_sweeps_total{result="ok"}"#) >= 1.0)
+            .then_some(text)
     })
     .await;
     let s = samples(&text);
@@ -165,6 +167,11 @@ async fn metrics_answer_an_operators_questions() {
     assert_eq!(v("omcb_freeze_after_seconds"), 3600.0);
     assert_eq!(v("omcb_egress_budget_bytes_per_second"), 30e6);
     assert_eq!(v("omcb_max_connections"), 500.0);
+    // The tick: at --batch-ms (a 30 MB/s budget does not press it), under
+    // the default latency budget; the accepted toggles' batches delivered.
+    assert_eq!(v("omcb_tick_seconds"), 0.05);
+    assert_eq!(v("omcb_latency_budget_seconds"), 0.25);
+    assert!(v(r#"omcb_delivery_seconds_bucket{le="5"}"#) >= 1.0, "buckets per the spec");
 }
 
 /// `/metrics` is served on `--metrics-listen` only: the public listener
