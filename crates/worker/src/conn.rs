@@ -470,11 +470,15 @@ async fn write_loop_inner(app: &App, sink: &Sink, coding: SnapshotCoding) {
     let shutdown = crate::shutdown::until_set(&mut shutdown);
     tokio::pin!(shutdown);
     let ping_every = app.config.ping_interval;
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    let mut next_ping = tokio::time::Instant::now() + ping_every;
     // Snapshots are 250 KB per million boxes: a client asking for them in a loop
     // gets at most one a second.
     let mut last_snapshot = Instant::now();
     loop {
+        if tokio::time::Instant::now() >= next_ping {
+            sink.send(frames::frame(OpCode::Ping, &[]));
+            next_ping = tokio::time::Instant::now() + ping_every;
+        }
         let (needed, asked) = sink.snapshot_due();
         let mut resync_at = None;
         if needed {
@@ -504,6 +508,11 @@ async fn write_loop_inner(app: &App, sink: &Sink, coding: SnapshotCoding) {
                 Some(tokio::time::Instant::from_std(deadline))
             }
         };
+        // One timer for every deadline (the next ping, the send timeout, a
+        // deferred resync): the loop looks at all of them again when it
+        // fires. Every socket's task holds this state for its whole life, and
+        // a timer is 112 bytes (an `Interval` another boxed one).
+        let wake_at = [stuck_until, resync_at].into_iter().flatten().fold(next_ping, Ord::min);
         tokio::select! {
             biased;
             () = &mut shutdown => {
@@ -517,9 +526,7 @@ async fn write_loop_inner(app: &App, sink: &Sink, coding: SnapshotCoding) {
                     return;
                 }
             }
-            () = tokio::time::sleep_until(stuck_until.unwrap_or_else(tokio::time::Instant::now)), if stuck_until.is_some() => {}
-            () = tokio::time::sleep_until(resync_at.unwrap_or_else(tokio::time::Instant::now)), if resync_at.is_some() => {}
-            _ = ping.tick() => sink.send(frames::frame(OpCode::Ping, &[])),
+            () = tokio::time::sleep_until(wake_at) => {}
         }
     }
 }
@@ -579,7 +586,7 @@ async fn read_loop(app: &App, input: &mut Input<'_>, sink: &Sink, address: &Arc<
     // Frames the parsers have returned: while `begun` is as many, the parser
     // holds no byte of the client's and can go.
     let mut parsed = 0u64;
-    'waiting: loop {
+    loop {
         // Between bursts of frames: no parser and no read buffer until the
         // client sends something.
         let mut deadline = tokio::time::Instant::now() + idle;
@@ -594,150 +601,157 @@ async fn read_loop(app: &App, input: &mut Input<'_>, sink: &Sink, address: &Arc<
             }
             Ok(Ok(())) => {}
         }
-        let mut rd = parser(input, max);
-        let first = parsed;
-        'frames: loop {
-            if parsed > first {
-                if begun.load(Ordering::Relaxed) == parsed {
-                    continue 'waiting;
+        // Boxed: the parser, its read future and the frame handling are
+        // most of the reader's state, and an idle socket needs none of it.
+        let reading = Box::pin(async {
+            let mut rd = parser(input, max);
+            let first = parsed;
+            'frames: loop {
+                if parsed > first {
+                    if begun.load(Ordering::Relaxed) == parsed {
+                        return false;
+                    }
+                    deadline = tokio::time::Instant::now() + idle;
                 }
-                deadline = tokio::time::Instant::now() + idle;
-            }
-            let frame = match tokio::time::timeout_at(deadline, rd.read_frame(&mut obligated)).await
-            {
-                Err(_) => {
-                    sink.close(close::GOING_AWAY, "idle");
-                    break 'frames;
-                }
-                Ok(Err(e)) => {
-                    match close_for(&e) {
-                        Some((code, why)) => {
-                            bad(code, why);
-                            sink.close(code, why);
+                let frame =
+                    match tokio::time::timeout_at(deadline, rd.read_frame(&mut obligated)).await {
+                        Err(_) => {
+                            sink.close(close::GOING_AWAY, "idle");
+                            break 'frames;
                         }
-                        None => tracing::debug!(error = %e, "socket read ended"),
-                    }
+                        Ok(Err(e)) => {
+                            match close_for(&e) {
+                                Some((code, why)) => {
+                                    bad(code, why);
+                                    sink.close(code, why);
+                                }
+                                None => tracing::debug!(error = %e, "socket read ended"),
+                            }
+                            break 'frames;
+                        }
+                        Ok(Ok(frame)) => frame,
+                    };
+                parsed += 1;
+                let read_at = Instant::now();
+                if !budget.charge(frame.payload.len(), Instant::now()) {
+                    app.metrics.limited(Limiter::RecvBudget);
+                    bad(close::POLICY, "over the receive budget");
+                    sink.close(close::POLICY, "too many frames");
                     break 'frames;
                 }
-                Ok(Ok(frame)) => frame,
-            };
-            parsed += 1;
-            let read_at = Instant::now();
-            if !budget.charge(frame.payload.len(), Instant::now()) {
-                app.metrics.limited(Limiter::RecvBudget);
-                bad(close::POLICY, "over the receive budget");
-                sink.close(close::POLICY, "too many frames");
-                break 'frames;
-            }
-            if matches!(frame.opcode, OpCode::Ping | OpCode::Pong)
-                && frame.payload.len() > MAX_CONTROL_PAYLOAD
-            {
-                // fastwebsockets checks only pings; keep one rule for both.
-                bad(close::PROTOCOL, "control frame over 125 bytes");
-                sink.close(close::PROTOCOL, "control frame over 125 bytes");
-                break 'frames;
-            }
-            let message: Vec<u8> = match (frame.opcode, frame.fin) {
-                (OpCode::Close, _) => break 'frames,
-                (OpCode::Ping, _) => {
-                    sink.pong(&frame.payload);
-                    continue 'frames;
-                }
-                (OpCode::Pong, _) => continue,
-                (OpCode::Text, _) => {
-                    bad(close::UNSUPPORTED, "text frame");
-                    sink.send(error_frame(
-                        Code::BadMessage,
-                        "text frames are not supported: send binary protobuf ClientMessage",
-                    ));
-                    sink.close(close::UNSUPPORTED, "binary frames only");
+                if matches!(frame.opcode, OpCode::Ping | OpCode::Pong)
+                    && frame.payload.len() > MAX_CONTROL_PAYLOAD
+                {
+                    // fastwebsockets checks only pings; keep one rule for both.
+                    bad(close::PROTOCOL, "control frame over 125 bytes");
+                    sink.close(close::PROTOCOL, "control frame over 125 bytes");
                     break 'frames;
                 }
-                (OpCode::Binary, true) if partial.is_none() => frame.payload.to_vec(),
-                (OpCode::Binary, false) if partial.is_none() => {
-                    partial = Some(frame.payload.to_vec());
-                    continue 'frames;
-                }
-                (OpCode::Continuation, fin) if partial.is_some() => {
-                    let buf = partial.as_mut().expect("checked above");
-                    if buf.len() + frame.payload.len() > max {
-                        bad(close::TOO_BIG, "message too large");
-                        sink.close(close::TOO_BIG, "message too large");
-                        break 'frames;
-                    }
-                    buf.extend_from_slice(&frame.payload);
-                    if !fin {
+                let message: Vec<u8> = match (frame.opcode, frame.fin) {
+                    (OpCode::Close, _) => break 'frames,
+                    (OpCode::Ping, _) => {
+                        sink.pong(&frame.payload);
                         continue 'frames;
                     }
-                    partial.take().expect("checked above")
-                }
-                _ => {
-                    bad(close::PROTOCOL, "bad fragmentation");
-                    sink.close(close::PROTOCOL, "bad fragmentation");
-                    break 'frames;
-                }
-            };
-            // Strict: an index wider than 32 bits is out of range, not truncated.
-            match omcb_proto::decode_client(&message) {
-                Ok(ClientMessage { msg: Some(client_message::Msg::Toggle(t)) }) => {
-                    // Boxed: the store's set future (fred's, in fleet mode) is
-                    // ~5 KB, and inline it would size every idle socket's reader
-                    // for it. One allocation per toggle costs far less than 5 KB
-                    // per socket (measured: 15.6 -> 11.2 KiB RSS per idle socket).
-                    match Box::pin(toggle(app, &mut limits, t)).await {
-                        Ok(result) => {
-                            sink.send(server_frame(server_message::Msg::ToggleResult(result)));
-                            app.metrics.toggle_seconds.record(read_at.elapsed());
-                        }
-                        Err(Abusive) => {
-                            bad(close::POLICY, "persistent rate abuse");
-                            sink.send(error_frame(
-                                Code::RateLimited,
-                                "too many toggles; slow down",
-                            ));
-                            sink.close(close::POLICY, "rate limit");
+                    (OpCode::Pong, _) => continue,
+                    (OpCode::Text, _) => {
+                        bad(close::UNSUPPORTED, "text frame");
+                        sink.send(error_frame(
+                            Code::BadMessage,
+                            "text frames are not supported: send binary protobuf ClientMessage",
+                        ));
+                        sink.close(close::UNSUPPORTED, "binary frames only");
+                        break 'frames;
+                    }
+                    (OpCode::Binary, true) if partial.is_none() => frame.payload.to_vec(),
+                    (OpCode::Binary, false) if partial.is_none() => {
+                        partial = Some(frame.payload.to_vec());
+                        continue 'frames;
+                    }
+                    (OpCode::Continuation, fin) if partial.is_some() => {
+                        let buf = partial.as_mut().expect("checked above");
+                        if buf.len() + frame.payload.len() > max {
+                            bad(close::TOO_BIG, "message too large");
+                            sink.close(close::TOO_BIG, "message too large");
                             break 'frames;
                         }
+                        buf.extend_from_slice(&frame.payload);
+                        if !fin {
+                            continue 'frames;
+                        }
+                        partial.take().expect("checked above")
                     }
-                }
-                Ok(ClientMessage { msg: Some(client_message::Msg::Resync(_)) }) => {
-                    // The address's snapshot budget: wait for it (reading nothing
-                    // more meanwhile), or close when the queue is too long.
-                    let bytes = limits::snapshot_bytes(app.hub.size());
-                    match limits.address.reserve_snapshot(bytes, Instant::now()) {
-                        Some(wait) => {
-                            if !wait.is_zero() {
-                                tokio::time::sleep(wait).await;
+                    _ => {
+                        bad(close::PROTOCOL, "bad fragmentation");
+                        sink.close(close::PROTOCOL, "bad fragmentation");
+                        break 'frames;
+                    }
+                };
+                // Strict: an index wider than 32 bits is out of range, not truncated.
+                match omcb_proto::decode_client(&message) {
+                    Ok(ClientMessage { msg: Some(client_message::Msg::Toggle(t)) }) => {
+                        // Boxed: the store's set future (fred's, in fleet mode) is
+                        // ~5 KB, and inline it would size every idle socket's reader
+                        // for it. One allocation per toggle costs far less than 5 KB
+                        // per socket (measured: 15.6 -> 11.2 KiB RSS per idle socket).
+                        match Box::pin(toggle(app, &mut limits, t)).await {
+                            Ok(result) => {
+                                sink.send(server_frame(server_message::Msg::ToggleResult(result)));
+                                app.metrics.toggle_seconds.record(read_at.elapsed());
                             }
-                            sink.request_snapshot();
-                        }
-                        None => {
-                            app.metrics.limited(Limiter::SnapshotAddress);
-                            bad(close::POLICY, "snapshot budget");
-                            sink.send(error_frame(
-                                Code::RateLimited,
-                                "too many snapshots; slow down",
-                            ));
-                            sink.close(close::POLICY, "snapshot budget");
-                            break 'frames;
+                            Err(Abusive) => {
+                                bad(close::POLICY, "persistent rate abuse");
+                                sink.send(error_frame(
+                                    Code::RateLimited,
+                                    "too many toggles; slow down",
+                                ));
+                                sink.close(close::POLICY, "rate limit");
+                                break 'frames;
+                            }
                         }
                     }
-                }
-                Ok(ClientMessage { msg: None }) | Err(_) => {
-                    bad(close::INVALID, "undecodable message");
-                    sink.send(error_frame(
-                        Code::BadMessage,
-                        "not a ClientMessage with a known msg",
-                    ));
-                    sink.close(close::INVALID, "bad message");
-                    break 'frames;
+                    Ok(ClientMessage { msg: Some(client_message::Msg::Resync(_)) }) => {
+                        // The address's snapshot budget: wait for it (reading nothing
+                        // more meanwhile), or close when the queue is too long.
+                        let bytes = limits::snapshot_bytes(app.hub.size());
+                        match limits.address.reserve_snapshot(bytes, Instant::now()) {
+                            Some(wait) => {
+                                if !wait.is_zero() {
+                                    tokio::time::sleep(wait).await;
+                                }
+                                sink.request_snapshot();
+                            }
+                            None => {
+                                app.metrics.limited(Limiter::SnapshotAddress);
+                                bad(close::POLICY, "snapshot budget");
+                                sink.send(error_frame(
+                                    Code::RateLimited,
+                                    "too many snapshots; slow down",
+                                ));
+                                sink.close(close::POLICY, "snapshot budget");
+                                break 'frames;
+                            }
+                        }
+                    }
+                    Ok(ClientMessage { msg: None }) | Err(_) => {
+                        bad(close::INVALID, "undecodable message");
+                        sink.send(error_frame(
+                            Code::BadMessage,
+                            "not a ClientMessage with a known msg",
+                        ));
+                        sink.close(close::INVALID, "bad message");
+                        break 'frames;
+                    }
                 }
             }
+            // Done reading (the client left, closed or misbehaved): linger with
+            // this parser, which may hold the start of the client's next frames.
+            linger(&mut rd).await;
+            true
+        });
+        if reading.await {
+            return true;
         }
-        // Done reading (the client left, closed or misbehaved): linger with
-        // this parser, which may hold the start of the client's next frames.
-        linger(&mut rd).await;
-        return true;
     }
 }
 
