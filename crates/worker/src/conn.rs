@@ -28,7 +28,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fastwebsockets::{CloseCode, Frame, OpCode, Role, WebSocket, WebSocketError, WebSocketRead};
+use fastwebsockets::{CloseCode, Frame, OpCode, Role, WebSocketError, WebSocketRead};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use omcb_proto::v1::{
@@ -165,13 +165,13 @@ impl Drop for SocketSlot {
 pub async fn serve(
     app: Arc<App>,
     slot: SocketSlot,
-    ws: WebSocket<TokioIo<Upgraded>>,
+    upgraded: Upgraded,
     resume: Option<(u64, u64)>,
     coding: SnapshotCoding,
 ) {
     // Take the TCP stream back from hyper: writes go through the sink (shared
     // with the hub's fan-out), reads through fastwebsockets' frame parser.
-    let parts = match ws.into_inner().into_inner().downcast::<TokioIo<WriteDeadline<TcpStream>>>() {
+    let parts = match upgraded.downcast::<TokioIo<WriteDeadline<TcpStream>>>() {
         Ok(parts) => parts,
         Err(_) => {
             tracing::error!("upgraded connection is not a TCP stream");
@@ -184,9 +184,8 @@ pub async fn serve(
     // (usually nothing) so that buffer is freed, not kept for the socket's life.
     let pre = Bytes::copy_from_slice(&parts.read_buf);
     drop(parts.read_buf);
-    // The WebSocket that fastwebsockets made at the upgrade (and its 8 KiB
-    // read buffer) is gone with `parts`: a frame parser, with its buffer, is
-    // made only while the client is sending (see `read_loop`).
+    // A frame parser (fastwebsockets', with its 8 KiB read buffer) is made
+    // only while the client is sending (see `read_loop`).
     let begun = AtomicU64::new(0);
     let mut input = MaskCheck::new(std::io::Cursor::new(pre).chain(read), &begun);
     let max_frame = app.config.max_frame;
