@@ -18,6 +18,12 @@
 //! `MaskCheck`; pongs and closes over 125 bytes). Every frame a client sends
 //! is charged to a receive budget (`RecvBudget`); a client over it is closed
 //! with 1008, so no sender can make the worker do or queue unbounded work.
+//!
+//! An idle socket holds no read buffer: the reader waits for its client's
+//! next byte with a `peek`, makes fastwebsockets' parser (and its 8 KiB
+//! buffer) then, and drops it once it holds no unparsed byte (`read_loop`).
+//! Test: `hostile::idle_sockets_hold_no_read_buffer`; the figure per idle
+//! socket is in docs/BENCHMARKS.md (issue 13, part 3).
 
 use std::io;
 use std::net::IpAddr;
