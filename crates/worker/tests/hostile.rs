@@ -315,6 +315,43 @@ async fn idle_sockets_hold_no_read_buffer() {
     }
 }
 
+/// The reader drops its parser only between frames (issue 13, part 3): a
+/// frame that arrives in pieces, and frames that share one segment, are all
+/// answered. (The pauses only make the pieces separate segments; a reader
+/// that gets them together must answer just the same.)
+#[tokio::test]
+async fn frames_in_pieces_or_sharing_a_segment_are_all_answered() {
+    let w = Worker::start(SMALL);
+    let mut s = raw_socket(w.addr).await;
+    s.set_nodelay(true).unwrap();
+    let ping = client_frame(0x89, b"split", true);
+    for piece in [&ping[..1], &ping[1..4], &ping[4..]] {
+        s.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let toggles: Vec<u8> =
+        (1..=3).flat_map(|i| client_frame(0x82, &toggle_bytes(i), true)).collect();
+    s.write_all(&toggles).await.unwrap();
+    let (mut pong, mut results) = (false, 0);
+    while !pong || results < 3 {
+        let frame = tokio::time::timeout(WAIT, read_server_frame(&mut s)).await.unwrap();
+        match frame.expect("the connection stays open") {
+            (0xA, payload) => {
+                assert_eq!(payload, b"split");
+                pong = true;
+            }
+            (0x2, payload) => {
+                let msg = ServerMessage::decode(payload.as_slice()).unwrap().msg.unwrap();
+                if let Msg::ToggleResult(r) = msg {
+                    assert!(r.accepted, "{r:?}");
+                    results += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Finding 2: a ping flood from a client that reads everything, slowly, or
 /// nothing is closed (1008, the receive budget) within 5 s, and the worker's
 /// RSS does not grow by 2 MB meanwhile. (A slow reader may not get to the
