@@ -252,7 +252,12 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
     }
     let resume = conn::parse_resume(req.uri().query());
     let coding = conn::parse_snapshot_coding(req.uri().query());
-    let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut *req) {
+    // Our own handle on the upgrade, taken before fastwebsockets', which
+    // would build a `WebSocket` (and allocate its 8 KiB read buffer) that
+    // `conn::serve` only takes apart again; fastwebsockets checks the request
+    // and writes the 101.
+    let upgrade = hyper::upgrade::on(&mut *req);
+    let (resp, _) = match fastwebsockets::upgrade::upgrade(&mut *req) {
         Ok(x) => x,
         Err(fastwebsockets::WebSocketError::InvalidSecWebsocketVersion) => {
             // RFC 6455 4.4: say which version we speak.
@@ -283,7 +288,7 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
     };
     let serve = async move {
         match upgrade.await {
-            Ok(ws) => conn::serve(app, slot, ws, resume, coding).await,
+            Ok(upgraded) => conn::serve(app, slot, upgraded, resume, coding).await,
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     };

@@ -371,6 +371,11 @@ impl Sink {
     pub fn drain(&self) -> Drained {
         let mut st = self.state.lock();
         self.write_queued(&mut st);
+        if st.queue.is_empty() && st.queue.capacity() > 0 {
+            // An idle socket keeps no queue (the writer drains after the
+            // start, then rarely): the next frame allocates a new one.
+            st.queue = VecDeque::new();
+        }
         match (st.queue.is_empty(), st.closing) {
             (_, true) if st.broken => Drained::Done,
             (true, true) => Drained::Done,

@@ -271,6 +271,87 @@ fn find_close(mut bytes: &[u8]) -> Option<u16> {
     None
 }
 
+/// Issue 13, part 3: an idle socket holds no read buffer. fastwebsockets'
+/// frame parser allocates 8 KiB, and the worker makes one only while a
+/// client is sending (`conn::read_loop`); before, every socket kept one for
+/// its life and cost about 10 KiB of RSS idle. Each socket here has sent a
+/// frame (a ping, answered), so its parser was made and dropped again.
+/// 1,000 of them must cost under 6 KiB each (docs/BENCHMARKS.md has the
+/// figure at 18,000 sockets in the release build).
+#[tokio::test]
+async fn idle_sockets_hold_no_read_buffer() {
+    const N: usize = 1000;
+    let w = Worker::start(&flags(
+        "--board-size 1000 --max-connections-per-ip 0 --ip-connect-rate 0 --ip-snapshot-rate 0 --max-http-connections-per-ip 0",
+    ));
+    async fn open(addr: SocketAddr) -> TcpStream {
+        let mut s = raw_socket(addr).await;
+        let snapshot = tokio::time::timeout(WAIT, read_server_frame(&mut s)).await.unwrap();
+        assert_eq!(snapshot.map(|f| f.0), Some(0x2), "the snapshot comes first");
+        s.write_all(&client_frame(0x89, b"hi", true)).await.unwrap();
+        let pong = tokio::time::timeout(WAIT, read_server_frame(&mut s)).await.unwrap();
+        assert_eq!(pong, Some((0xA, b"hi".to_vec())), "the ping is answered");
+        s
+    }
+    // Warm up: the runtime's and allocator's first growth is not per socket.
+    let mut sockets = Vec::new();
+    for _ in 0..N / 4 {
+        sockets.push(open(w.addr).await);
+    }
+    let before = w.rss_kib();
+    for _ in 0..N {
+        sockets.push(open(w.addr).await);
+    }
+    let after = w.rss_kib();
+    let per_socket = (after - before) as f64 / N as f64;
+    eprintln!("{N} idle sockets: RSS {before} -> {after} KiB, {per_socket:.2} KiB each");
+    assert!(per_socket < 6.0, "{per_socket:.2} KiB of RSS per idle socket");
+    // They are still served: one of the first and the last answer a ping.
+    for i in [0, sockets.len() - 1] {
+        let s = &mut sockets[i];
+        s.write_all(&client_frame(0x89, b"again", true)).await.unwrap();
+        let pong = tokio::time::timeout(WAIT, read_server_frame(s)).await.unwrap();
+        assert_eq!(pong, Some((0xA, b"again".to_vec())));
+    }
+}
+
+/// The reader drops its parser only between frames (issue 13, part 3): a
+/// frame that arrives in pieces, and frames that share one segment, are all
+/// answered. (The pauses only make the pieces separate segments; a reader
+/// that gets them together must answer just the same.)
+#[tokio::test]
+async fn frames_in_pieces_or_sharing_a_segment_are_all_answered() {
+    let w = Worker::start(SMALL);
+    let mut s = raw_socket(w.addr).await;
+    s.set_nodelay(true).unwrap();
+    let ping = client_frame(0x89, b"split", true);
+    for piece in [&ping[..1], &ping[1..4], &ping[4..]] {
+        s.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let toggles: Vec<u8> =
+        (1..=3).flat_map(|i| client_frame(0x82, &toggle_bytes(i), true)).collect();
+    s.write_all(&toggles).await.unwrap();
+    let (mut pong, mut results) = (false, 0);
+    while !pong || results < 3 {
+        let frame = tokio::time::timeout(WAIT, read_server_frame(&mut s)).await.unwrap();
+        match frame.expect("the connection stays open") {
+            (0xA, payload) => {
+                assert_eq!(payload, b"split");
+                pong = true;
+            }
+            (0x2, payload) => {
+                let msg = ServerMessage::decode(payload.as_slice()).unwrap().msg.unwrap();
+                if let Msg::ToggleResult(r) = msg {
+                    assert!(r.accepted, "{r:?}");
+                    results += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Finding 2: a ping flood from a client that reads everything, slowly, or
 /// nothing is closed (1008, the receive budget) within 5 s, and the worker's
 /// RSS does not grow by 2 MB meanwhile. (A slow reader may not get to the
