@@ -402,7 +402,7 @@ fn public_bytes(r: &Rehearsal) -> u64 {
 /// interface stays within 10% of the cap; the private network is not capped
 /// (a transfer from a worker to the balancer runs at several times the cap
 /// meanwhile); and the clients degrade: every one gets the board under the
-/// cap, and they lag it.
+/// cap, lags the board, and still gets later state within 20 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cap_holds_on_the_public_interface_under_2000_clients_and_they_get_later_state() {
     const CLIENTS: usize = 2000;
@@ -507,31 +507,42 @@ async fn the_cap_holds_on_the_public_interface_under_2000_clients_and_they_get_l
         private_bps / 1e6
     );
     assert!(lag[lag.len() / 2] > 0, "the cap was below the demand: clients should lag the board");
-    // Later state, not none: every client got the board (the ramp above,
-    // under the cap) and lags the board's. Measured, not asserted: how many
-    // get new state within 30 s of the window, and sockets ended. At 2,000
-    // flows in 4 Mbit/s (~2 kbit/s a flow) TCP backoff and the kernel and
-    // nginx buffers between a worker and its client (megabytes of stale
-    // batches) leave some clients without new state for long (seen: 0 to
-    // 25%) before the worker's slow-consumer path notices.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Later state, not none: every client gets state later than it held when
+    // the window began (batches, a lagged Snapshot, or, closed with 1013, its
+    // resume after reconnecting) within 20 s of the window's start. The
+    // demand stays ~25 times the cap (~250 B/s a client's share): any demand
+    // above the cap keeps the capped queue full, as 2-4 times would; a higher
+    // one only fills the buffers behind it sooner. What this checks is the
+    // queue: a short one (the old 1000-packet FIFO) dropped ~93% of the
+    // packets offered and left 850-900 of the 2,000 clients in retransmission
+    // timeouts (RTO ~8 s, doubling) without new state for 30 s and more.
+    let deadline = t0 + Duration::from_secs(20);
     let behind = loop {
-        let behind =
-            s0.iter().zip(&seen).filter(|(a, s)| s.seq.load(Ordering::Relaxed) <= **a).count();
-        if behind == 0 || Instant::now() >= deadline {
+        let behind: Vec<usize> = s0
+            .iter()
+            .zip(&seen)
+            .enumerate()
+            .filter(|(_, (a, s))| s.seq.load(Ordering::Relaxed) <= **a)
+            .map(|(i, _)| i)
+            .collect();
+        if behind.is_empty() || Instant::now() >= deadline {
             break behind;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     eprintln!(
-        "{} of {CLIENTS} clients had later state {:.1} s after the window",
-        CLIENTS - behind,
-        t1.elapsed().as_secs_f64()
-    );
-    eprintln!(
-        "sockets ended by then: {}, of them closed with 1013: {}",
+        "{} of {CLIENTS} clients had later state {:.1} s after the window began; \
+         sockets ended {}, of them closed with 1013 {}",
+        CLIENTS - behind.len(),
+        t0.elapsed().as_secs_f64(),
         total(|s| s.ended.load(Ordering::Relaxed)),
-        total(|s| s.closed_1013.load(Ordering::Relaxed))
+        total(|s| s.closed_1013.load(Ordering::Relaxed)),
+    );
+    assert!(
+        behind.is_empty(),
+        "{} of {CLIENTS} clients got no later state within 20 s of the window (clients {:?}...)",
+        behind.len(),
+        &behind[..behind.len().min(10)]
     );
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
