@@ -445,8 +445,10 @@ async fn the_cap_holds_on_the_public_interface_under_2000_clients_and_they_get_l
     // toggles start and with them the demand; three seconds for the queues
     // to fill. 2,000 toggles/s would be ~6 KB/s a client (~100 Mbit/s), but
     // the toggles' own ACKs cross the capped link, so the clients toggle
-    // slower and the workers write about 4 times the cap (measured 17 Mbit/s
-    // for 4): a demand an operator meets, not one no cap could serve.
+    // slower and the workers write 1.3-4.3 times the cap (measured 5.3-17
+    // Mbit/s for 4, the less the busier the CPU): a demand an operator
+    // meets, not one no cap could serve. Printed, not asserted: egress at the
+    // cap (asserted below) is what shows the demand is above it.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let waiting = seen.iter().filter(|s| s.snapshots.load(Ordering::Relaxed) == 0).count();
@@ -519,11 +521,6 @@ async fn the_cap_holds_on_the_public_interface_under_2000_clients_and_they_get_l
         private_bps > 3.0 * CAP_BPS,
         "the private network looks capped: {:.1} Mbit/s",
         private_bps / 1e6
-    );
-    assert!(
-        demand_bps > 2.0 * CAP_BPS,
-        "the demand should be above the cap: the workers sent {:.1} Mbit/s",
-        demand_bps / 1e6
     );
     assert!(lag[lag.len() / 2] > 0, "the cap was below the demand: clients should lag the board");
     // Later state, not none: every client gets state later than it held when
