@@ -372,6 +372,13 @@ async fn load_client(
     }
 }
 
+/// Bytes the load balancer's private interface received: what the workers
+/// wrote for its clients (and the page's other answers), the demand on the cap.
+fn private_bytes(r: &Rehearsal) -> u64 {
+    let out = r.in_ns("lb", "cat /sys/class/net/eth1/statistics/rx_bytes");
+    String::from_utf8(out.stdout).unwrap().trim().parse().expect("eth1's rx_bytes")
+}
+
 /// Bytes the load balancer's public interface sent: its root qdisc's counter
 /// (HTB counts whole frames, the bytes the cap limits).
 fn public_bytes(r: &Rehearsal) -> u64 {
@@ -385,7 +392,7 @@ fn public_bytes(r: &Rehearsal) -> u64 {
 /// interface stays within 10% of the cap; the private network is not capped
 /// (a transfer from a worker to the balancer runs at several times the cap
 /// meanwhile); and the clients degrade: every one gets the board under the
-/// cap, and they lag it.
+/// cap, lags the board, and still gets later state within 20 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cap_holds_on_the_public_interface_under_2000_clients_and_they_get_later_state() {
     const CLIENTS: usize = 2000;
@@ -418,8 +425,14 @@ async fn the_cap_holds_on_the_public_interface_under_2000_clients_and_they_get_l
         }
     }
     // Every client has its first state (under the cap: a while), then the
-    // toggles start (2,000/s) and with them the demand (~6 KB/s a client,
-    // about 100 Mbit/s in all); three seconds for the queues to fill.
+    // toggles start and with them the demand; three seconds for the queues
+    // to fill. 2,000 toggles/s would be ~6 KB/s a client (~100 Mbit/s), but
+    // the toggles' own ACKs cross the capped link and the clients share the
+    // machine's CPU, so they toggle slower and the workers write 1.1-4.3
+    // times the cap (measured 4.3-17 Mbit/s for 4, the less the busier the
+    // CPU): a demand an operator meets, not one no cap could serve. Printed,
+    // not asserted: egress at the cap (asserted below) is what shows the
+    // demand is above it.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let waiting = seen.iter().filter(|s| s.snapshots.load(Ordering::Relaxed) == 0).count();
@@ -435,10 +448,11 @@ async fn the_cap_holds_on_the_public_interface_under_2000_clients_and_they_get_l
     // Ten seconds of the capped public interface.
     let seqs =
         |seen: &[Arc<Seen>]| seen.iter().map(|s| s.seq.load(Ordering::Relaxed)).collect::<Vec<_>>();
-    let (b0, t0, s0) = (public_bytes(&r), Instant::now(), seqs(&seen));
+    let (b0, p0, t0, s0) = (public_bytes(&r), private_bytes(&r), Instant::now(), seqs(&seen));
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let (b1, t1, s1) = (public_bytes(&r), Instant::now(), seqs(&seen));
+    let (b1, p1, t1, s1) = (public_bytes(&r), private_bytes(&r), Instant::now(), seqs(&seen));
     let bps = (b1 - b0) as f64 * 8.0 / (t1 - t0).as_secs_f64();
+    let demand_bps = (p1 - p0) as f64 * 8.0 / (t1 - t0).as_secs_f64();
     // The board's own seq, from a worker on the private network.
     let (_, stats) = r.curl("lb", "http://10.99.0.11:8080/api/stats");
     let board_seq =
@@ -469,11 +483,14 @@ async fn the_cap_holds_on_the_public_interface_under_2000_clients_and_they_get_l
     let closed = total(|s| s.closed_1013.load(Ordering::Relaxed));
     let ended = total(|s| s.ended.load(Ordering::Relaxed));
     eprintln!(
-        "egress {:.2} Mbit/s through a {:.0} Mbit/s cap; private transfer {:.0} Mbit/s; \
+        "egress {:.2} Mbit/s through a {:.0} Mbit/s cap; the workers sent the balancer \
+         {:.1} Mbit/s ({:.1} times the cap); private transfer {:.0} Mbit/s; \
          board seq {board_seq}, client lag p50 {} p99 {} max {}; {stalled} without new state \
          in the window; {snapshots} snapshots, {closed} closed with 1013, {ended} sockets ended",
         bps / 1e6,
         CAP_BPS / 1e6,
+        demand_bps / 1e6,
+        demand_bps / CAP_BPS,
         private_bps / 1e6,
         lag[lag.len() / 2],
         lag[lag.len() * 99 / 100],
@@ -490,31 +507,42 @@ async fn the_cap_holds_on_the_public_interface_under_2000_clients_and_they_get_l
         private_bps / 1e6
     );
     assert!(lag[lag.len() / 2] > 0, "the cap was below the demand: clients should lag the board");
-    // Later state, not none: every client got the board (the ramp above,
-    // under the cap) and lags the board's. Measured, not asserted: how many
-    // get new state within 30 s of the window, and sockets ended. At 2,000
-    // flows in 4 Mbit/s (~2 kbit/s a flow) TCP backoff and the kernel and
-    // nginx buffers between a worker and its client (megabytes of stale
-    // batches) leave some clients without new state for long (seen: 0 to
-    // 25%) before the worker's slow-consumer path notices.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Later state, not none: every client gets state later than it held when
+    // the window began (batches, a lagged Snapshot, or, closed with 1013, its
+    // resume after reconnecting) within 20 s of the window's start. What
+    // this checks is the capped queue: each client's share is ~250 B/s, a
+    // packet every few seconds, so a short queue (the old 1000-packet FIFO)
+    // dropped ~93% of the packets offered and left 300-900 of the 2,000
+    // clients in retransmission timeouts (RTO ~8 s, doubling) without new
+    // state for 20-30 s and more; cap-egress's leaf now holds every flow's
+    // few packets (deploy/tc/cap-egress says why).
+    let deadline = t0 + Duration::from_secs(20);
     let behind = loop {
-        let behind =
-            s0.iter().zip(&seen).filter(|(a, s)| s.seq.load(Ordering::Relaxed) <= **a).count();
-        if behind == 0 || Instant::now() >= deadline {
+        let behind: Vec<usize> = s0
+            .iter()
+            .zip(&seen)
+            .enumerate()
+            .filter(|(_, (a, s))| s.seq.load(Ordering::Relaxed) <= **a)
+            .map(|(i, _)| i)
+            .collect();
+        if behind.is_empty() || Instant::now() >= deadline {
             break behind;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     eprintln!(
-        "{} of {CLIENTS} clients had later state {:.1} s after the window",
-        CLIENTS - behind,
-        t1.elapsed().as_secs_f64()
-    );
-    eprintln!(
-        "sockets ended by then: {}, of them closed with 1013: {}",
+        "{} of {CLIENTS} clients had later state {:.1} s after the window began; \
+         sockets ended {}, of them closed with 1013 {}",
+        CLIENTS - behind.len(),
+        t0.elapsed().as_secs_f64(),
         total(|s| s.ended.load(Ordering::Relaxed)),
-        total(|s| s.closed_1013.load(Ordering::Relaxed))
+        total(|s| s.closed_1013.load(Ordering::Relaxed)),
+    );
+    assert!(
+        behind.is_empty(),
+        "{} of {CLIENTS} clients got no later state within 20 s of the window (clients {:?}...)",
+        behind.len(),
+        &behind[..behind.len().min(10)]
     );
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
