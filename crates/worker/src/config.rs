@@ -148,12 +148,6 @@ pub struct Config {
           value_parser = sizes().range(0..=1_000_000))]
     pub resume_batches: usize,
 
-    /// Experimental: write each batch to a shard's sockets in one io_uring
-    /// submission per 256 sockets instead of one `write` each (issue 13,
-    /// part 4; docs/BENCHMARKS.md has the measurement).
-    #[arg(long, env = "OMCB_IO_URING_FANOUT")]
-    pub io_uring_fanout: bool,
-
     /// Serve the web client from this directory instead of the copy built into the binary.
     #[arg(long, env = "OMCB_WEB_DIR")]
     pub web_dir: Option<PathBuf>,

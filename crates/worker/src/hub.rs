@@ -148,64 +148,6 @@ const SNAPSHOT_LEVEL: flate2::Compression = flate2::Compression::new(4);
 /// Sockets a fan-out task writes before it lets other tasks run.
 const FAN_OUT_CHUNK: usize = 256;
 
-/// Offers `b` to a chunk of sockets, writing to those whose queue is empty
-/// in one io_uring submission: one `IORING_OP_SEND` each (`MSG_DONTWAIT`, so
-/// a full socket answers `EAGAIN` at once rather than waiting in the ring),
-/// on the descriptor tokio owns. Each of those sinks stays locked from the
-/// offer until its result is back, and what a send did not take goes to the
-/// sink's queue as after any write ([`crate::sink::Deferred`]).
-#[allow(unsafe_code)] // The ring reads the frames' bytes; see SAFETY below.
-fn offer_batched(ring: &mut io_uring::IoUring, chunk: &[Arc<Sink>], b: &EncodedBatch) {
-    use io_uring::{opcode, types};
-    let pending: Vec<_> = chunk.iter().filter_map(|s| s.offer_deferred(b)).collect();
-    let mut results: Vec<Option<std::io::Result<usize>>> = Vec::new();
-    results.resize_with(pending.len(), || None);
-    let mut pushed = 0;
-    {
-        let mut sq = ring.submission();
-        for (i, d) in pending.iter().enumerate() {
-            let bytes = d.bytes();
-            let send = opcode::Send::new(types::Fd(d.fd()), bytes.as_ptr(), bytes.len() as u32)
-                .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-                .build()
-                .user_data(i as u64);
-            // SAFETY: the bytes are the front frame of a sink locked in
-            // `pending`, which lives until every completion below is back.
-            if unsafe { sq.push(&send) }.is_err() {
-                break;
-            }
-            pushed += 1;
-        }
-    }
-    let mut done = 0;
-    while done < pushed {
-        match ring.submit_and_wait(pushed - done) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                // The sends not submitted are written one by one below. One
-                // the kernel took but did not complete would be written twice;
-                // a MSG_DONTWAIT send completes inside the submit, so a
-                // failing submit took none.
-                tracing::error!(error = %e, "io_uring submit failed");
-                break;
-            }
-        }
-        for cqe in ring.completion() {
-            let r = cqe.result();
-            results[cqe.user_data() as usize] = Some(if r >= 0 {
-                Ok(r as usize)
-            } else {
-                Err(std::io::Error::from_raw_os_error(-r))
-            });
-            done += 1;
-        }
-    }
-    for (d, r) in pending.into_iter().zip(results) {
-        d.wrote(r);
-    }
-}
-
 /// How a socket started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
@@ -290,9 +232,6 @@ pub struct Hub {
     /// The board's `max_checked` (0 = none), fixed when the board was
     /// created; every `Settings` message carries it.
     max_checked: AtomicU32,
-    /// `--io-uring-fanout`: a shard's writes of a batch go in one io_uring
-    /// submission per chunk of sockets instead of one `write` each.
-    io_uring_fanout: AtomicBool,
     metrics: Metrics,
 }
 
@@ -311,7 +250,6 @@ impl Hub {
         Self {
             position,
             max_checked: AtomicU32::new(0),
-            io_uring_fanout: AtomicBool::new(false),
             state: RwLock::new(State { board, ring: VecDeque::new() }),
             shards,
             shard_queues: Mutex::new(shard_queues),
@@ -324,11 +262,6 @@ impl Hub {
             resume_batches,
             metrics,
         }
-    }
-
-    /// Turns on `--io-uring-fanout`, once at start (before `run`).
-    pub fn set_io_uring_fanout(&self, on: bool) {
-        self.io_uring_fanout.store(on, Ordering::Relaxed);
     }
 
     /// Sets the board's `max_checked` (0 = none), once at start.
@@ -718,27 +651,13 @@ impl Hub {
         // The sinks are copied out of the lock (a few thousand pointers), so
         // sockets can join and leave while this shard writes.
         let mut sinks: Vec<Arc<Sink>> = Vec::new();
-        let mut ring = if self.io_uring_fanout.load(Ordering::Relaxed) {
-            match io_uring::IoUring::new(FAN_OUT_CHUNK as u32) {
-                Ok(ring) => Some(ring),
-                Err(e) => {
-                    tracing::error!(error = %e, "no io_uring: the fan-out writes one socket at a time");
-                    None
-                }
-            }
-        } else {
-            None
-        };
         while let Some(published) = rx.recv().await {
             sinks.extend(self.shards[shard].sinks.lock().iter().map(|(_, s)| s.clone()));
             for chunk in sinks.chunks(FAN_OUT_CHUNK) {
-                match (&published, ring.as_mut()) {
-                    (Published::Batch(b), Some(ring)) => offer_batched(ring, chunk, b),
-                    (Published::Batch(b), None) => chunk.iter().for_each(|s| s.offer(b)),
-                    (Published::Reset, _) => chunk.iter().for_each(|s| s.reset()),
-                    (Published::Settings(frame), _) => {
-                        chunk.iter().for_each(|s| s.send(frame.clone()));
-                    }
+                match &published {
+                    Published::Batch(b) => chunk.iter().for_each(|s| s.offer(b)),
+                    Published::Reset => chunk.iter().for_each(|s| s.reset()),
+                    Published::Settings(frame) => chunk.iter().for_each(|s| s.send(frame.clone())),
                 }
                 // Thousands of writes in a row would keep this runtime thread
                 // from the hub's tick, the readers and new connections.

@@ -45,7 +45,7 @@
 //!
 //! **Invariant:** page loads, `/api/state` and connect snapshots are served
 //! from the hub's replica; only toggles (and the hub's one feed) reach the store.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;

@@ -90,7 +90,6 @@ impl Server {
         let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
         let hub = Arc::new(Hub::new(board, shards, config.resume_batches, metrics.clone()));
         hub.set_max_checked(store.config().max_checked.unwrap_or(0));
-        hub.set_io_uring_fanout(config.io_uring_fanout);
         let listener = bind(config.listen).await?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(bind(addr).await?),

@@ -101,50 +101,6 @@ pub struct Sink {
     metrics: SinkMetrics,
 }
 
-/// A batch queued unwritten at the front of an otherwise empty queue, with
-/// its sink locked until [`Deferred::wrote`] reports the write the caller made
-/// (see [`Sink::offer_deferred`]).
-pub struct Deferred<'a> {
-    sink: &'a Sink,
-    st: MutexGuard<'a, State>,
-}
-
-impl std::fmt::Debug for Deferred<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Deferred").field("fd", &self.fd()).finish_non_exhaustive()
-    }
-}
-
-impl Deferred<'_> {
-    /// The socket to write.
-    pub fn fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.sink.stream.as_ref().as_raw_fd()
-    }
-
-    /// The bytes to write: the whole front frame.
-    pub fn bytes(&self) -> &[u8] {
-        self.st.queue.front().map_or(&[], |(f, _)| f)
-    }
-
-    /// The write's result (`None`: it was not made, so write it here as
-    /// `offer` would). What the kernel did not take is left to the writer
-    /// task, as after any write at once. An `EAGAIN` from the ring does not
-    /// clear tokio's readiness; the writer task's own `try_write` does.
-    pub fn wrote(mut self, result: Option<io::Result<usize>>) {
-        let st = &mut *self.st;
-        match result {
-            Some(r) => {
-                if self.sink.wrote_front(st, r) {
-                    self.sink.write_queued(st);
-                }
-            }
-            None => self.sink.write_queued(st),
-        }
-        self.sink.left_queued(st);
-    }
-}
-
 /// What the writer task finds after draining.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drained {
@@ -257,46 +213,19 @@ impl Sink {
     /// when stale, of another epoch or covered by a snapshot to come. Called
     /// by the hub's fan-out, in publication order.
     pub fn offer(&self, b: &EncodedBatch) {
-        if let Some(mut st) = self.accept(b) {
-            self.push(&mut st, b.frame.clone(), Kind::Batch);
-        }
-    }
-
-    /// `offer` for a fan-out that writes many sockets in one io_uring
-    /// submission (`--io-uring-fanout`): when the batch would be written at
-    /// once, it is queued unwritten and the sink stays locked in the returned
-    /// [`Deferred`] until the caller reports the write. While locked no other
-    /// writer (reader, writer task) can write this socket, so nothing is
-    /// written twice or out of order; anything else goes `offer`'s way.
-    pub fn offer_deferred(&self, b: &EncodedBatch) -> Option<Deferred<'_>> {
-        let mut st = self.accept(b)?;
-        if st.broken || !st.started || !st.queue.is_empty() {
-            self.push(&mut st, b.frame.clone(), Kind::Batch);
-            return None;
-        }
-        st.batches += 1;
-        st.queue.push_back((b.frame.clone(), Kind::Batch));
-        Some(Deferred { sink: self, st })
-    }
-
-    /// The lag and order checks of `offer`: the locked state with `seq`
-    /// moved past `b` when `b` is to be queued.
-    fn accept(&self, b: &EncodedBatch) -> Option<MutexGuard<'_, State>> {
         let mut st = self.state.lock();
         if st.closing || st.needs_snapshot || b.epoch != st.epoch || b.to_seq <= st.seq {
-            return None;
+            return;
         }
         if b.from_seq > st.seq + 1 {
             // Cannot happen while the hub's invariant holds; a snapshot repairs it.
-            self.lagged(st);
-            return None;
+            return self.lagged(st);
         }
         if st.batches >= self.max_batches {
-            self.lagged(st);
-            return None;
+            return self.lagged(st);
         }
         st.seq = b.to_seq;
-        Some(st)
+        self.push(&mut st, b.frame.clone(), Kind::Batch);
     }
 
     /// The board was replaced: a snapshot before any later batch.
@@ -396,63 +325,44 @@ impl Sink {
         st.queue.push_back((frame, kind));
         if was_empty && st.started {
             self.write_queued(st);
-            self.left_queued(st);
-        }
-    }
-
-    /// After a write at once: what the kernel did not take waits for the
-    /// writer task.
-    fn left_queued(&self, st: &mut State) {
-        if !st.queue.is_empty() {
-            st.waiting_since = Some(Instant::now());
-            self.wake.notify_one();
+            if !st.queue.is_empty() {
+                st.waiting_since = Some(Instant::now());
+                self.wake.notify_one();
+            }
         }
     }
 
     /// Writes queued frames until the queue is empty or the kernel buffer is
     /// full. Never waits.
     fn write_queued(&self, st: &mut State) {
-        while let Some((front, _)) = st.queue.front() {
-            let result = self.stream.try_write(&front[st.written..]);
-            if !self.wrote_front(st, result) {
-                return;
-            }
-        }
-    }
-
-    /// Takes the result of writing the rest of the front frame; whether to
-    /// write on.
-    fn wrote_front(&self, st: &mut State, result: io::Result<usize>) -> bool {
-        let Some((front, kind)) = st.queue.front() else {
-            return false;
-        };
-        match result {
-            Ok(n) if n == front.len() - st.written => {
-                self.metrics.frames_sent.increment(1);
-                self.metrics.bytes_sent.increment(front.len() as u64);
-                self.metrics.egress.fetch_add(front.len() as u64, Ordering::Relaxed);
-                if *kind == Kind::Batch {
-                    st.batches -= 1;
+        while let Some((front, kind)) = st.queue.front() {
+            let rest = &front[st.written..];
+            match self.stream.try_write(rest) {
+                Ok(n) if n == rest.len() => {
+                    self.metrics.frames_sent.increment(1);
+                    self.metrics.bytes_sent.increment(front.len() as u64);
+                    self.metrics.egress.fetch_add(front.len() as u64, Ordering::Relaxed);
+                    if *kind == Kind::Batch {
+                        st.batches -= 1;
+                    }
+                    st.queue.pop_front();
+                    st.written = 0;
+                    st.waiting_since = None;
                 }
-                st.queue.pop_front();
-                st.written = 0;
-                st.waiting_since = None;
-                true
-            }
-            Ok(n) => {
-                // Part of a frame is not progress: the frame's clock
-                // started when it came to the front and keeps running.
-                st.written += n;
-                st.waiting_since.get_or_insert_with(Instant::now);
-                true
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            Err(_) => {
-                st.broken = true;
-                st.closing = true;
-                st.queue.clear();
-                st.batches = 0;
-                false
+                Ok(n) => {
+                    // Part of a frame is not progress: the frame's clock
+                    // started when it came to the front and keeps running.
+                    st.written += n;
+                    st.waiting_since.get_or_insert_with(Instant::now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    st.broken = true;
+                    st.closing = true;
+                    st.queue.clear();
+                    st.batches = 0;
+                    return;
+                }
             }
         }
     }
