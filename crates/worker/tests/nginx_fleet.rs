@@ -252,6 +252,40 @@ async fn a_flooding_address_gets_429_while_another_is_served() {
     );
 }
 
+/// Clock ticks since boot now (the unit of /proc/PID/stat's start time).
+fn uptime_ticks() -> u64 {
+    let up = std::fs::read_to_string("/proc/uptime").unwrap();
+    let secs: f64 = up.split_whitespace().next().unwrap().parse().unwrap();
+    let hz = String::from_utf8(
+        std::process::Command::new("getconf").arg("CLK_TCK").output().unwrap().stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse::<f64>()
+    .unwrap();
+    (secs * hz).ceil() as u64
+}
+
+/// When process `pid` started, in clock ticks since boot (None once it is gone).
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command's closing parenthesis; start time is field 22.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The pids listening on TCP `port` (from `ss`).
+fn listeners(port: u16) -> Vec<u32> {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltnp", &format!("sport = :{port}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split("pid=")
+        .skip(1)
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_down_leaves_nothing_running() {
     let fleet = Fleet::up(2, &[]);
@@ -274,10 +308,22 @@ async fn fleet_down_leaves_nothing_running() {
     for pid in pids {
         assert!(!running(pid), "pid {pid} still runs");
     }
+    // Nothing of the fleet listens any more (an nginx worker process would
+    // outlive its master's pid). Tests run in parallel and bind port 0, so a
+    // freed port may be taken again at once: a listener that started after
+    // `down` returned is another test's, not a leftover.
+    let down_at = uptime_ticks();
     let deadline = Instant::now() + Duration::from_secs(5);
     for port in ports {
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            assert!(Instant::now() < deadline, "port {port} still listens");
+        loop {
+            let leftovers: Vec<u32> = listeners(port)
+                .into_iter()
+                .filter(|pid| start_ticks(*pid).is_some_and(|t| t <= down_at))
+                .collect();
+            if leftovers.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "port {port} still listens: pids {leftovers:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
