@@ -23,6 +23,9 @@ pub struct ServerCert {
     pub key: PathBuf,
 }
 
+/// `openssl req`'s arguments for a new unencrypted P-256 key.
+const NEW_P256_KEY: [&str; 5] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+
 fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("openssl").args(args).current_dir(dir).output()?;
     anyhow::ensure!(
@@ -46,22 +49,11 @@ impl TestCa {
         openssl(
             dir.path(),
             &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "2",
-                "-subj",
-                &subject,
-            ],
+                &["req", "-x509"][..],
+                &NEW_P256_KEY,
+                &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", &subject],
+            ]
+            .concat(),
         )?;
         Ok(Self { dir })
     }
@@ -88,19 +80,11 @@ impl TestCa {
         openssl(
             dir,
             &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                "/CN=localhost",
-            ],
+                &["req"][..],
+                &NEW_P256_KEY,
+                &["-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"],
+            ]
+            .concat(),
         )?;
         openssl(
             dir,

@@ -417,21 +417,12 @@ fn curl(args: &[&str]) -> (bool, String) {
 /// --webroot) and the balancer's own health check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_serves_the_page_api_and_websocket_and_http_redirects_to_https() {
-    omcb_testkit::require("openssl");
     omcb_testkit::require("curl");
-    let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    let out = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .args(["-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let ca = omcb_testkit::tls::TestCa::new().unwrap();
+    let server = ca.issue("nginx").unwrap();
+    let (cert, key) = (server.cert.to_str().unwrap(), server.key.to_str().unwrap());
+    let ca_cert = ca.cert();
+    let trusted = ca_cert.to_str().unwrap();
     let fleet = Fleet::up(1, &[("OMCB_NGINX_TLS_CERT", cert), ("OMCB_NGINX_TLS_KEY", key)]);
     let https = format!("https://127.0.0.1:{}", fleet.port);
     let http_port: u16 = std::fs::read_to_string(fleet.run_dir.path().join("http-port"))
@@ -441,12 +432,12 @@ async fn tls_serves_the_page_api_and_websocket_and_http_redirects_to_https() {
         .unwrap();
     let http = format!("http://127.0.0.1:{http_port}");
 
-    let (ok, page) = curl(&["--cacert", cert, &format!("{https}/")]);
+    let (ok, page) = curl(&["--cacert", trusted, &format!("{https}/")]);
     assert!(ok && page.contains("<html"), "the page over https: {page}");
-    let (ok, stats) = curl(&["--cacert", cert, &format!("{https}/api/stats")]);
+    let (ok, stats) = curl(&["--cacert", trusted, &format!("{https}/api/stats")]);
     assert!(ok && stats.contains("checked_count"), "{stats}");
     let (ok, head) =
-        curl(&["--cacert", cert, "-D", "-", "-o", "/dev/null", &format!("{https}/api/state")]);
+        curl(&["--cacert", trusted, "-D", "-", "-o", "/dev/null", &format!("{https}/api/state")]);
     assert!(ok && head.to_ascii_lowercase().contains("x-cache:"), "the micro-cache: {head}");
     let (ok, _) = curl(&[&format!("{https}/api/stats")]);
     assert!(!ok, "a client that does not trust the certificate is refused");
@@ -468,7 +459,7 @@ async fn tls_serves_the_page_api_and_websocket_and_http_redirects_to_https() {
     // WSS: the upgrade through TLS, then the worker's first frame (the Snapshot,
     // a binary frame) arrives.
     let mut s_client = std::process::Command::new("openssl")
-        .args(["s_client", "-quiet", "-verify_return_error", "-CAfile", cert, "-connect"])
+        .args(["s_client", "-quiet", "-verify_return_error", "-CAfile", trusted, "-connect"])
         .arg(format!("127.0.0.1:{}", fleet.port))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
