@@ -52,6 +52,7 @@ fn main() {
                     checked_count: 0,
                     frozen_count: 0,
                     committed_ms: 0,
+                    origin: 0,
                 };
                 b.push(&c).unwrap();
             }

@@ -23,6 +23,7 @@ fn changes(n: usize) -> Vec<Change> {
             checked_count: i as u32,
             frozen_count: 0,
             committed_ms: 0,
+            origin: 0,
         })
         .collect()
 }

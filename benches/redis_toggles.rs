@@ -34,7 +34,9 @@ fn main() {
                         omcb_testkit::rng::XorShift64::new(0x9e37_79b9_7f4a_7c15u64 ^ t as u64);
                     while Instant::now() < stop {
                         let x = rng.next_u64();
-                        store.set((x % 1_000_000) as u32, x & 1 == 1).await.unwrap();
+                        // A client's toggle carries its origin (one per task here),
+                        // as the worker's do: the `a` field costs what it costs.
+                        store.set((x % 1_000_000) as u32, x & 1 == 1, t as u64 + 1).await.unwrap();
                         done.fetch_add(1, Ordering::Relaxed);
                     }
                 })

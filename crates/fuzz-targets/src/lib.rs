@@ -181,7 +181,7 @@ fn resync(store: &MemoryStore) {
 fn toggle(store: &MemoryStore, config: &BoardConfig, t: &Toggle) {
     let before = store.snapshot();
     let outcome =
-        store.set(t.index, t.checked).expect("a store with no data dir has nothing to fail at");
+        store.set(t.index, t.checked, 0).expect("a store with no data dir has nothing to fail at");
     let after = store.snapshot();
     check_board(&after, config.size);
     let i = t.index;

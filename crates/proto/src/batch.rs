@@ -122,7 +122,15 @@ mod tests {
     use super::*;
 
     fn set(seq: u64, index: u32, v: bool, c: u32) -> Change {
-        Change { seq, index, op: Op::Set(v), checked_count: c, frozen_count: 0, committed_ms: 0 }
+        Change {
+            seq,
+            index,
+            op: Op::Set(v),
+            checked_count: c,
+            frozen_count: 0,
+            committed_ms: 0,
+            origin: 0,
+        }
     }
 
     #[test]
@@ -138,6 +146,7 @@ mod tests {
             checked_count: 2,
             frozen_count: 1,
             committed_ms: 0,
+            origin: 0,
         })
         .unwrap();
         assert_eq!(b.len(), 5);

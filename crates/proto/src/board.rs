@@ -202,6 +202,7 @@ mod tests {
             checked_count: 1,
             frozen_count: 0,
             committed_ms: 0,
+            origin: 0,
         })
         .unwrap();
         let s = b.to_snapshot(7);
@@ -240,6 +241,7 @@ mod tests {
             checked_count: 1,
             frozen_count: 0,
             committed_ms: 0,
+            origin: 0,
         };
         assert_eq!(b.apply_change(&c), Err(BoardError::NotNext { seq: 0, got: 2 }));
     }

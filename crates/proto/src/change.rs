@@ -28,4 +28,10 @@ pub struct Change {
     /// feed's lag with it. 0 when unknown (a Redis log entry written before
     /// entries carried it). Not on the wire.
     pub committed_ms: u64,
+    /// Who made it: a keyed hash (the operator's secret key) of the client
+    /// address that sent the toggle, so the change archive can tell one
+    /// client's changes from another's without holding any address. 0 = no
+    /// client (the sweep freezing a box, a board restore, a log entry written
+    /// before entries carried it). Not on the wire.
+    pub origin: u64,
 }

@@ -61,6 +61,7 @@ fn board(size: u32, epoch: u64, boxes: &[u32], frozen: &[u32]) -> Board {
             checked_count: b.checked_count + 1,
             frozen_count: b.frozen_count,
             committed_ms: 0,
+            origin: 0,
         };
         b.apply_change(&c).unwrap();
     }
@@ -73,6 +74,7 @@ fn board(size: u32, epoch: u64, boxes: &[u32], frozen: &[u32]) -> Board {
             checked_count: b.checked_count,
             frozen_count: b.frozen_count + 1,
             committed_ms: 0,
+            origin: 0,
         };
         b.apply_change(&c).unwrap();
     }
@@ -112,6 +114,7 @@ fn vectors() -> Value {
                 checked_count: i as u32 + 1,
                 frozen_count: 0,
                 committed_ms: 0,
+                origin: 0,
             })
             .unwrap();
     }
@@ -123,6 +126,7 @@ fn vectors() -> Value {
             checked_count: 5,
             frozen_count: 1,
             committed_ms: 0,
+            origin: 0,
         })
         .unwrap();
     server("batch, coalesced, large deltas, a freeze", Msg::Batch(builder.finish().unwrap()));

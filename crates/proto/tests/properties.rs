@@ -84,6 +84,7 @@ fn arb_changes(size: u32, max: usize) -> impl Strategy<Value = Vec<Change>> {
                 checked_count: cc,
                 frozen_count: fc,
                 committed_ms: 0,
+                origin: 0,
             };
             board.apply_change(&c).unwrap();
             out.push(c);

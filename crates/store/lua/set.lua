@@ -5,7 +5,7 @@
 -- KEYS[4]: {B}:count         checked boxes
 -- KEYS[5]: {B}:frozen_count  frozen boxes
 -- KEYS[6]: {B}:seq           seq of the last change
--- KEYS[7]: {B}:log           change stream; entry id "<seq>-0", fields i (index), o ("1", "0" or "f"), c, f (counts after), e (the board's epoch), t (commit time, ms, from TIME)
+-- KEYS[7]: {B}:log           change stream; entry id "<seq>-0", fields i (index), o ("1", "0" or "f"), c, f (counts after), e (the board's epoch), t (commit time, ms, from TIME), a (the origin: 16 hex digits, absent when ARGV[5] is empty)
 -- KEYS[8]: {B}:checked_at    sorted set: index -> ms of last check, for checked unfrozen boxes
 -- KEYS[9]: {B}:op:<id>       this call's answer when it changed the board, kept so a retried call (the
 --                            Redis client resending after a reconnect) gets the same answer. A call that
@@ -15,6 +15,7 @@
 -- ARGV[2]: value, "1" or "0"
 -- ARGV[3]: approximate MAXLEN of the log
 -- ARGV[4]: ms to remember the answer under KEYS[9]
+-- ARGV[5]: the change's origin (keyed hash of the client's address) as 16 hex digits, or "" for none
 -- The answer under KEYS[9] is "status,value,seq,checked_count,frozen_count,epoch".
 -- Returns: {status, value, seq, checked_count, frozen_count, epoch}
 --   status  1: changed, seq is the change's
@@ -85,8 +86,13 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local function append(op)
   local seq = redis.call('INCR', KEYS[6])
-  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], seq .. '-0',
-    'i', index, 'o', op, 'c', count, 'f', frozen_count, 'e', epoch, 't', now)
+  if ARGV[5] ~= '' then
+    redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], seq .. '-0',
+      'i', index, 'o', op, 'c', count, 'f', frozen_count, 'e', epoch, 't', now, 'a', ARGV[5])
+  else
+    redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], seq .. '-0',
+      'i', index, 'o', op, 'c', count, 'f', frozen_count, 'e', epoch, 't', now)
+  end
   return seq
 end
 

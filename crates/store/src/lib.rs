@@ -32,6 +32,9 @@
 //!   one whenever acknowledged changes may have been lost.
 //! - Every change carries the time the store committed it
 //!   ([`Change::committed_ms`]), from which the worker measures its feed's lag.
+//! - Every change carries its origin ([`Change::origin`]), the keyed hash of
+//!   the client address the caller gave [`Store::set`] (0 for the sweep's
+//!   freezes), for the change archive; the store never sees an address.
 //!
 //! # Metrics
 //! The store records its own, through the `metrics` facade (the worker
@@ -201,11 +204,18 @@ impl Store {
         }
     }
 
-    /// Sets box `index` to `checked` (see the crate docs for the rules).
-    pub async fn set(&self, index: u32, checked: bool) -> Result<SetOutcome, StoreError> {
+    /// Sets box `index` to `checked` (see the crate docs for the rules) for
+    /// client `origin`: the keyed hash of its address, which the change
+    /// carries ([`Change::origin`]); 0 = no client.
+    pub async fn set(
+        &self,
+        index: u32,
+        checked: bool,
+        origin: u64,
+    ) -> Result<SetOutcome, StoreError> {
         match self {
-            Store::Memory(m) => m.set(index, checked),
-            Store::Redis(r) => r.set(index, checked).await,
+            Store::Memory(m) => m.set(index, checked, origin),
+            Store::Redis(r) => r.set(index, checked, origin).await,
         }
     }
 

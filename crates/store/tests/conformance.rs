@@ -43,7 +43,7 @@ async fn redis_store(server: &RedisServer, config: BoardConfig) -> Store {
 }
 
 async fn set(store: &Store, index: u32, checked: bool) -> SetOutcome {
-    store.set(index, checked).await.unwrap()
+    store.set(index, checked, 0).await.unwrap()
 }
 
 /// Checks each of `boxes`.
@@ -234,6 +234,36 @@ mod suite {
         assert!(changes[1].committed_ms >= changes[0].committed_ms + 60, "{changes:?}");
     }
 
+    /// Each change carries the origin its set was given (the archive's
+    /// record of who made it), exactly, through the feed; the sweep's
+    /// freezes and sets without a client carry 0.
+    pub async fn changes_carry_their_origin(store: Store) {
+        let epoch = store.snapshot().await.unwrap().epoch;
+        let origin = 0xfedc_ba98_7654_3210_u64;
+        store.set(3, true, origin).await.unwrap();
+        store.set(4, true, 0).await.unwrap();
+        store.set(5, true, 1).await.unwrap();
+        let since = Instant::now();
+        eventually("freeze_after to pass", async || since.elapsed() >= Duration::from_millis(80))
+            .await;
+        // An uncheck that freezes is the client's change: its origin.
+        let refused = store.set(3, false, 7).await.unwrap();
+        assert!(matches!(refused, SetOutcome::Refused { reason: Refusal::Frozen, .. }));
+        assert_eq!(store.sweep(10).await.unwrap(), 2);
+        let changes = drain(&mut store.feed(epoch, 0), 6).await;
+        let got: Vec<(u32, Op, u64)> = changes.iter().map(|c| (c.index, c.op, c.origin)).collect();
+        assert_eq!(
+            got[..4],
+            [
+                (3, Op::Set(true), origin),
+                (4, Op::Set(true), 0),
+                (5, Op::Set(true), 1),
+                (3, Op::Freeze, 7)
+            ]
+        );
+        assert!(got[4..].iter().all(|&(_, op, origin)| op == Op::Freeze && origin == 0), "{got:?}");
+    }
+
     /// A sunset started on a live board (`omcb admin sunset start`): boxes
     /// checked longer ago than the new setting cannot be unchecked and the
     /// sweep freezes them; stopping it makes unchecking possible again.
@@ -347,6 +377,7 @@ conformance! {
     feed_yields_every_change_once_in_order(SMALL),
     quiet_feed_reports_caught_up(SMALL),
     changes_carry_their_commit_time(BoardConfig { freeze_after_ms: 60, ..SMALL }),
+    changes_carry_their_origin(BoardConfig { freeze_after_ms: 60, ..SMALL }),
     feed_from_a_wrong_epoch_resets(SMALL),
     read_now_takes_every_change_so_far_without_waiting(SMALL),
     a_sunset_started_on_a_live_board_applies_at_once(SMALL),
@@ -472,7 +503,7 @@ async fn roll_back(server: &mut RedisServer, work: impl AsyncFnOnce(&RedisServer
 
 /// Sets until Redis answers again after a restart.
 async fn set_when_back(store: &Store, index: u32) -> SetOutcome {
-    poll("Redis to be back", async || store.set(index, true).await.ok()).await
+    poll("Redis to be back", async || store.set(index, true, 0).await.ok()).await
 }
 
 /// Checks each of `boxes` once Redis answers again, each a change.
@@ -585,7 +616,7 @@ async fn redis_feed_with_a_replica_restores_a_board_that_lost_changes() {
 
     let before = a.snapshot().await.unwrap();
     server.command(&["FLUSHALL"]).unwrap();
-    assert!(matches!(a.set(700, true).await, Err(omcb_store::StoreError::Unavailable(_))));
+    assert!(matches!(a.set(700, true, 0).await, Err(omcb_store::StoreError::Unavailable(_))));
     let again = next_reset(&mut feed).await;
     assert_ne!(again.epoch, before.epoch);
     // The feed had not read the changes made again above: the restored board

@@ -140,13 +140,23 @@ fn scripts_called_as_documented_answer_as_documented() {
     let h = header(lua::SET);
     let mut keys = BOARD_KEYS.to_vec();
     keys.push("{t}:op:test:1");
-    let reply = eval(&redis, lua::SET, &keys[..h.keys], &["5", "1", "1000", "60000"][..h.args]);
+    let reply = eval(
+        &redis,
+        lua::SET,
+        &keys[..h.keys],
+        &["5", "1", "1000", "60000", "00000000000000ab"][..h.args],
+    );
     check_shape("set", &h, &reply);
     assert_eq!(
         reply,
-        eval(&redis, lua::SET, &keys, &["5", "1", "1000", "60000"]),
+        eval(&redis, lua::SET, &keys, &["5", "1", "1000", "60000", "00000000000000ab"]),
         "a retry answers the same"
     );
+    // The change's entry carries its origin as field `a`.
+    let entry = redis.command(&["XRANGE", "{t}:log", "1-0", "1-0"]).unwrap();
+    let fields = &items(&items(&entry)[0])[1];
+    let fields: Vec<&str> = items(fields).iter().map(|f| f.as_str().unwrap()).collect();
+    assert_eq!(fields.rchunks(2).next(), Some(&["a", "00000000000000ab"][..]), "{fields:?}");
     assert_eq!(&items(&reply)[..3], &[Resp::Int(1), Resp::Int(1), Resp::Int(1)]);
     assert_eq!(
         items(&reply)[5].as_str(),
@@ -155,11 +165,11 @@ fn scripts_called_as_documented_answer_as_documented() {
     );
     // A call that changed nothing stores no answer (its retry may run it again).
     keys[8] = "{t}:op:test:noop";
-    let reply = eval(&redis, lua::SET, &keys, &["5", "1", "1000", "60000"]);
+    let reply = eval(&redis, lua::SET, &keys, &["5", "1", "1000", "60000", ""]);
     assert_eq!(&items(&reply)[..3], &[Resp::Int(0), Resp::Int(1), Resp::Int(0)]);
     assert_eq!(redis.command(&["EXISTS", "{t}:op:test:noop"]).unwrap(), Resp::Int(0));
     keys[8] = "{t}:op:test:2";
-    let reply = eval(&redis, lua::SET, &keys, &["1000", "1", "1000", "60000"]);
+    let reply = eval(&redis, lua::SET, &keys, &["1000", "1", "1000", "60000", ""]);
     assert_eq!(items(&reply)[0], Resp::Int(-1), "out of range");
     assert_eq!(
         redis.command(&["STRLEN", "{t}:bits"]).unwrap(),

@@ -18,7 +18,7 @@ async fn a_clean_close_keeps_every_change_and_the_epoch_even_past_the_log() {
     let mut index = 0u32;
     for n in 0..LOG_CAPACITY as u32 + 1000 {
         index = (index + 7919) % CONFIG.size;
-        store.set(index, n % 3 != 0).unwrap();
+        store.set(index, n % 3 != 0, 0).unwrap();
     }
     let before = store.snapshot();
     store.close().await.unwrap();
@@ -31,9 +31,9 @@ async fn a_clean_close_keeps_every_change_and_the_epoch_even_past_the_log() {
 async fn a_closing_store_acknowledges_nothing_its_last_write_lacks() {
     let dir = tempfile::tempdir().unwrap();
     let store = MemoryStore::open(CONFIG, Some(dir.path().into())).await.unwrap();
-    assert!(matches!(store.set(1, true), Ok(SetOutcome::Changed { .. })));
+    assert!(matches!(store.set(1, true, 0), Ok(SetOutcome::Changed { .. })));
     store.close().await.unwrap();
-    assert!(matches!(store.set(2, true), Err(StoreError::Unavailable(_))));
+    assert!(matches!(store.set(2, true, 0), Err(StoreError::Unavailable(_))));
     assert!(!store.is_writable());
     let again = MemoryStore::open(CONFIG, Some(dir.path().into())).await.unwrap();
     let board = again.snapshot();
@@ -44,14 +44,14 @@ async fn a_closing_store_acknowledges_nothing_its_last_write_lacks() {
 async fn opening_marks_the_file_unclean_before_the_first_change() {
     let dir = tempfile::tempdir().unwrap();
     let store = MemoryStore::open(CONFIG, Some(dir.path().into())).await.unwrap();
-    store.set(1, true).unwrap();
+    store.set(1, true, 0).unwrap();
     store.close().await.unwrap();
     let epoch = store.snapshot().epoch;
     // A clean restart, one change, and a crash before any persist: the
     // process is gone without close (the persister waits a second first).
     let crashed = MemoryStore::open(CONFIG, Some(dir.path().into())).await.unwrap();
     assert_eq!(crashed.snapshot().epoch, epoch, "a clean file keeps its epoch");
-    crashed.set(2, true).unwrap();
+    crashed.set(2, true, 0).unwrap();
     drop(crashed);
     let again = MemoryStore::open(CONFIG, Some(dir.path().into())).await.unwrap();
     assert_ne!(again.snapshot().epoch, epoch, "the change at seq 2 may be lost: a new epoch");
@@ -68,7 +68,7 @@ async fn the_space_reserve_is_allocated_and_as_large_as_the_largest_board_file()
     assert!(reserve.blocks() * 512 >= reserve.len(), "written, not sparse");
     // The largest file: every box checked, each with a check time.
     for i in 0..config.size {
-        store.set(i, true).unwrap();
+        store.set(i, true, 0).unwrap();
     }
     store.close().await.unwrap();
     let board = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap();

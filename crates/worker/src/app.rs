@@ -9,6 +9,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::origin::OriginKey;
 use crate::{assets, counts, limits, metrics};
 
 /// What every connection shares.
@@ -37,4 +38,6 @@ pub struct App {
     pub sockets_gone: Notify,
     /// Per client address: connection counts and shared budgets.
     pub addresses: limits::Addresses,
+    /// The key that hashes a client's address into its changes' origin.
+    pub origin_key: OriginKey,
 }

@@ -229,6 +229,27 @@ pub struct Config {
     #[arg(long, env = "OMCB_PUBLIC_URL", value_parser = parse_public_url)]
     pub public_url: Option<String>,
 
+    /// The operator's secret key for the origin of changes (a keyed hash of
+    /// the client's address, kept in the change archive instead of the
+    /// address): a file of 32 hex digits (`openssl rand -hex 16`). Every
+    /// worker of a fleet and `omcb admin` need the same one. Embedded
+    /// without it, a key made once in `--data-dir`; a fleet worker without
+    /// it records no origins (see `origin.rs`).
+    #[arg(long, env = "OMCB_ORIGIN_KEY_FILE")]
+    pub origin_key_file: Option<PathBuf>,
+
+    /// Keep every change of the board in this directory (the change archive:
+    /// hourly segment files per epoch; see docs/OPERATIONS.md). In a fleet
+    /// one worker at a time writes it, under a lease; give every worker that
+    /// may take over the same directory.
+    #[arg(long, env = "OMCB_ARCHIVE_DIR")]
+    pub archive_dir: Option<PathBuf>,
+
+    /// Delete archive segments whose hour is older than this (e.g. `30d`).
+    #[arg(long, env = "OMCB_ARCHIVE_KEEP", default_value = "30d",
+          value_parser = duration(HOUR, YEARS_100))]
+    pub archive_keep: Duration,
+
     /// Log lines as `text` or `json` (one object per line, with the
     /// connection id of socket lines); the level comes from `OMCB_LOG`.
     #[arg(long, env = "OMCB_LOG_FORMAT", value_enum, default_value_t)]

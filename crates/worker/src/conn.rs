@@ -116,6 +116,9 @@ pub struct SocketSlot {
     hold: Hold,
     /// Whether this socket was over a limit when it arrived (it still needs its 1013).
     pub over_limit: bool,
+    /// The origin its changes carry: the keyed hash of the client's address
+    /// (`origin.rs`), computed once per socket.
+    pub origin: u64,
 }
 
 impl SocketSlot {
@@ -144,7 +147,8 @@ impl SocketSlot {
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
                 .map_err(|_| limits::Refused::Busy)?;
         }
-        Ok(Self { app, hold, over_limit: !admitted })
+        let origin = app.origin_key.origin(ip);
+        Ok(Self { app, hold, over_limit: !admitted, origin })
     }
 
     /// The client's address entry (its shared budgets).
@@ -208,7 +212,7 @@ pub async fn serve(
     let mut writer =
         tokio::spawn(write_loop(app.clone(), sink.clone(), resume, coding).in_current_span());
     let lingered = tokio::select! {
-        lingered = read_loop(&app, &mut input, &sink, slot.address()) => {
+        lingered = read_loop(&app, &mut input, &sink, slot.address(), slot.origin) => {
             // The reader queued whatever must still go out (an Error, a
             // close); give the writer a moment to send it, then it stops.
             sink.finish();
@@ -553,7 +557,13 @@ fn error_frame(code: Code, message: &str) -> Bytes {
 /// read buffer) exists only from the client's first byte until it has parsed
 /// every byte read: an idle socket holds none. True when it has also
 /// lingered for the client's close (see [`linger`]).
-async fn read_loop(app: &App, input: &mut Input<'_>, sink: &Sink, address: &Arc<Address>) -> bool {
+async fn read_loop(
+    app: &App,
+    input: &mut Input<'_>,
+    sink: &Sink,
+    address: &Arc<Address>,
+    origin: u64,
+) -> bool {
     let idle = app.config.ping_interval * 3;
     let max = app.config.max_frame;
     let now = Instant::now();
@@ -561,6 +571,7 @@ async fn read_loop(app: &App, input: &mut Input<'_>, sink: &Sink, address: &Arc<
         toggles: TokenBucket::new(app.config.toggle_rate, app.config.toggle_burst, now),
         abuse: TokenBucket::new(app.config.toggle_rate, app.config.abuse_burst, now),
         address: address.clone(),
+        origin,
     };
     let mut budget = RecvBudget::new(&app.config, now);
     // A fragmented message being assembled (binary only; text is refused at its first frame).
@@ -769,6 +780,8 @@ struct Limits {
     abuse: TokenBucket,
     /// The client address's budgets, shared by all of its sockets.
     address: Arc<Address>,
+    /// The origin of the socket's changes (see [`SocketSlot::origin`]).
+    origin: u64,
 }
 
 /// The client kept sending after being rate limited for too long.
@@ -800,7 +813,7 @@ async fn toggle(app: &App, limits: &mut Limits, t: v1::Toggle) -> Result<ToggleR
         m.toggles_out_of_range.increment(1);
         return Ok(refused(Reason::OutOfRange, false));
     }
-    Ok(match app.store.set(t.index, t.checked).await {
+    Ok(match app.store.set(t.index, t.checked, limits.origin).await {
         Ok(SetOutcome::Changed { seq, checked }) => {
             m.toggles_changed.increment(1);
             ToggleResult { request_id: t.request_id, accepted: true, checked, reason: 0, seq }

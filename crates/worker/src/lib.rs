@@ -14,6 +14,8 @@
 //! - [`shutdown`]: waiting for a stop flag.
 //! - [`tick`]: the tick's length, following the latency and egress
 //!   budgets (a pure control law).
+//! - [`origin`]: the keyed hash of a client's address that its changes
+//!   carry (for the change archive), and where its key comes from.
 //! - [`config`] (logging, tick): [`Config`], every flag of `omcb serve` (with
 //!   `OMCB_*` variables).
 //! - [`limits`] (config, ratelimit): budgets and connection counts per client
@@ -28,7 +30,7 @@
 //!   (`Hub::join`).
 //! - [`counts`] (hub): the board's counts for the widget's live stream,
 //!   published at most once a second.
-//! - [`app`] (config, assets, metrics, limits, hub, counts): what every
+//! - [`app`] (config, assets, metrics, limits, hub, counts, origin): what every
 //!   connection shares.
 //! - [`conn`] (config, ratelimit, deadline, frames, shutdown, limits, sink,
 //!   hub, app): one WebSocket: reader (validation, rate limit, toggles) and
@@ -60,6 +62,7 @@ pub mod hub;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod origin;
 pub mod process;
 pub mod ratelimit;
 pub mod server;

@@ -33,6 +33,10 @@ pub enum ServeError {
     /// The store failed to open, load or persist.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The configuration cannot work (the origin key file, say): the message
+    /// says what to fix.
+    #[error("{0}")]
+    Config(String),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -65,6 +69,15 @@ impl Server {
         config: Config,
         prometheus: Option<PrometheusHandle>,
     ) -> Result<Self, ServeError> {
+        // Before the store: a key the operator gave that cannot be used is
+        // refused before anything else happens.
+        let origin_key = crate::origin::OriginKey::for_worker(
+            config.origin_key_file.as_deref(),
+            config.redis.is_some(),
+            config.data_dir.as_deref(),
+            config.archive_dir.is_some(),
+        )
+        .map_err(ServeError::Config)?;
         let store = match &config.redis {
             Some(url) => {
                 let target = RedisTarget::new(url, config.redis_ca_file.as_deref())?;
@@ -109,6 +122,7 @@ impl Server {
             refusing: AtomicUsize::new(0),
             sockets_gone: Notify::new(),
             addresses,
+            origin_key,
         });
         Ok(Self { app, listener, metrics_listener, prometheus, shutdown_tx, feed })
     }

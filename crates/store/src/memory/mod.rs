@@ -168,17 +168,24 @@ impl State {
         });
     }
 
-    /// Records one accepted change, committed at `now` (ms): next seq, new
-    /// counts, the log.
-    fn push(&mut self, index: u32, op: Op, now: u64) -> u64 {
+    /// Records one accepted change, committed at `now` (ms) for client
+    /// `origin` (0 = none): next seq, new counts, the log.
+    fn push(&mut self, index: u32, op: Op, now: u64, origin: u64) -> u64 {
         let b = &self.board;
         let (checked_count, frozen_count) = match op {
             Op::Set(true) => (b.checked_count + 1, b.frozen_count),
             Op::Set(false) => (b.checked_count - 1, b.frozen_count),
             Op::Freeze => (b.checked_count, b.frozen_count + 1),
         };
-        let change =
-            Change { seq: b.seq + 1, index, op, checked_count, frozen_count, committed_ms: now };
+        let change = Change {
+            seq: b.seq + 1,
+            index,
+            op,
+            checked_count,
+            frozen_count,
+            committed_ms: now,
+            origin,
+        };
         self.board.apply_change(&change).expect("the store only makes valid, next changes");
         if self.log.len() == LOG_CAPACITY {
             self.log.pop_front();
@@ -187,11 +194,11 @@ impl State {
         change.seq
     }
 
-    fn freeze(&mut self, index: u32, now: u64) -> u64 {
+    fn freeze(&mut self, index: u32, now: u64, origin: u64) -> u64 {
         if let Some(due) = self.due.as_mut() {
             due.remove(&(self.checked_at[index as usize], index));
         }
-        self.push(index, Op::Freeze, now)
+        self.push(index, Op::Freeze, now, origin)
     }
 }
 
@@ -379,9 +386,10 @@ impl MemoryStore {
         self.state().refusing.is_none()
     }
 
-    /// Sets box `index` to `checked`: see the crate docs for every rule.
+    /// Sets box `index` to `checked` for client `origin` (its keyed hash, 0 =
+    /// none; kept in the log entry): see the crate docs for every rule.
     /// [`StoreError::Unavailable`] while the board cannot be persisted.
-    pub fn set(&self, index: u32, checked: bool) -> Result<SetOutcome, StoreError> {
+    pub fn set(&self, index: u32, checked: bool, origin: u64) -> Result<SetOutcome, StoreError> {
         let now = (self.inner.clock)();
         let mut s = self.state();
         let freeze_after = s.board.freeze_after_ms;
@@ -414,19 +422,22 @@ impl MemoryStore {
             if let Some(due) = s.due.as_mut() {
                 due.insert((now.max(1), index));
             }
-            SetOutcome::Changed { seq: s.push(index, Op::Set(true), now), checked: true }
+            SetOutcome::Changed { seq: s.push(index, Op::Set(true), now, origin), checked: true }
         } else {
             let since = s.checked_at[index as usize];
             if freeze_after > 0 && now.saturating_sub(since) >= freeze_after {
                 // The seed's sunset rule: too late to uncheck; it freezes instead.
-                s.freeze(index, now);
+                s.freeze(index, now, origin);
                 SetOutcome::Refused { reason: Refusal::Frozen, checked: true }
             } else {
                 if let Some(due) = s.due.as_mut() {
                     due.remove(&(since, index));
                 }
                 s.checked_at[index as usize] = 0;
-                SetOutcome::Changed { seq: s.push(index, Op::Set(false), now), checked: false }
+                SetOutcome::Changed {
+                    seq: s.push(index, Op::Set(false), now, origin),
+                    checked: false,
+                }
             }
         };
         drop(s);
@@ -456,7 +467,7 @@ impl MemoryStore {
         let expired: Vec<u32> =
             due.iter().take_while(|&&(at, _)| at <= cutoff).take(limit).map(|&(_, i)| i).collect();
         for &index in &expired {
-            s.freeze(index, now);
+            s.freeze(index, now, 0);
         }
         drop(s);
         if !expired.is_empty() {

@@ -297,7 +297,12 @@ impl RedisStore {
     }
 
     /// Sets box `index` to `checked` (the rules are in `lua/set.lua`).
-    pub async fn set(&self, index: u32, checked: bool) -> Result<SetOutcome, StoreError> {
+    pub async fn set(
+        &self,
+        index: u32,
+        checked: bool,
+        origin: u64,
+    ) -> Result<SetOutcome, StoreError> {
         let op = self.inner.ops.fetch_add(1, Ordering::Relaxed);
         let k = &self.inner.keys;
         let op_key = format!("{}{}:{op}", k.op_prefix, self.inner.owner);
@@ -308,6 +313,8 @@ impl RedisStore {
             u8::from(checked).to_string(),
             LOG_MAXLEN.to_string(),
             OP_MEMORY_MS.to_string(),
+            // The log entry's `a` field; "" writes none (origin 0).
+            if origin == 0 { String::new() } else { format!("{origin:016x}") },
         ];
         let reply = match self.eval(&self.inner.scripts.set, keys.clone(), args.clone()).await {
             Err(e) if e.details().contains("NOBOARD") => {

@@ -38,7 +38,7 @@ pub(super) fn typed<T: FromValue>(reply: Value, what: &str) -> Result<T, StoreEr
 
 impl Entry {
     /// Reads a `{B}:log` entry: id `<seq>-0`, fields `i`, `o`, `c`, `f`, and
-    /// `e` and `t` when the writer had them.
+    /// `e`, `t` and `a` when the writer had them.
     pub(super) fn parse((id, fields): RawEntry) -> Result<Entry, StoreError> {
         let seq: u64 =
             id.split('-').next().and_then(|s| s.parse().ok()).ok_or_else(|| bad("entry id"))?;
@@ -66,6 +66,12 @@ impl Entry {
                 // Entries written before entries carried their commit time (a
                 // fleet upgraded under traffic) read as time unknown.
                 committed_ms: num("t")?.unwrap_or(0),
+                // 16 hex digits; absent when the change had no client (or
+                // was written before entries carried it).
+                origin: field("a")
+                    .map(|v| u64::from_str_radix(v, 16).map_err(|_| bad("entry field a")))
+                    .transpose()?
+                    .unwrap_or(0),
             },
         })
     }
