@@ -69,15 +69,21 @@ impl Server {
         config: Config,
         prometheus: Option<PrometheusHandle>,
     ) -> Result<Self, ServeError> {
-        // Before the store: a key the operator gave that cannot be used is
-        // refused before anything else happens.
-        let origin_key = crate::origin::OriginKey::for_worker(
-            config.origin_key_file.as_deref(),
-            config.redis.is_some(),
-            config.data_dir.as_deref(),
-            config.archive_dir.is_some(),
-        )
-        .map_err(ServeError::Config)?;
+        // A key the operator gave (or must give) is checked before anything
+        // else happens; the embedded one is made in the data dir once the
+        // store has checked that dir (its messages say more about a bad one).
+        let key = |data_dir: Option<&std::path::Path>| {
+            crate::origin::OriginKey::for_worker(
+                config.origin_key_file.as_deref(),
+                config.redis.is_some(),
+                data_dir,
+                config.archive_dir.is_some(),
+            )
+        };
+        let given = (config.origin_key_file.is_some() || config.redis.is_some())
+            .then(|| key(None))
+            .transpose()
+            .map_err(ServeError::Config)?;
         let store = match &config.redis {
             Some(url) => {
                 let target = RedisTarget::new(url, config.redis_ca_file.as_deref())?;
@@ -91,6 +97,13 @@ impl Server {
             }
             None => {
                 Store::Memory(MemoryStore::open(config.board(), config.data_dir.clone()).await?)
+            }
+        };
+        let origin_key = match given.map_or_else(|| key(config.data_dir.as_deref()), Ok) {
+            Ok(k) => k,
+            Err(e) => {
+                let _ = store.close().await;
+                return Err(ServeError::Config(e));
             }
         };
         let board = store.snapshot().await?;
