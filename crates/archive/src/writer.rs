@@ -80,7 +80,9 @@ impl Writer {
         let segments = Reader::open(root)?.segments_of(epoch)?;
         // The newest segment with a good block says where the archive ends.
         for (i, seg) in segments.iter().enumerate().rev() {
-            let mut good_end = None;
+            // A segment with a good header and no block yet (a crash right
+            // after it was made) is appended to.
+            let mut good_end = Some(crate::SEGMENT_HEADER_LEN);
             let mut damaged = false;
             for block in read_blocks(&seg.path) {
                 match block {

@@ -308,3 +308,26 @@ fn bytes_per_million_changes() {
     );
     assert!(d <= 3e6, "drawn: {d} bytes per million");
 }
+
+/// A crash right after a segment was made leaves it with its header only:
+/// the next writer appends to it rather than starting another part.
+#[test]
+fn a_segment_with_no_block_yet_is_appended_to() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), &changes(1, 5, T0, 1), T0);
+    let next_hour = T0 + hour::HOUR_MS;
+    let empty =
+        omcb_archive::epoch_dir(dir.path(), EPOCH).join(omcb_archive::segment_name(next_hour, 0));
+    let mut header = b"OMCBSEG1".to_vec();
+    header.extend_from_slice(&EPOCH.to_le_bytes());
+    std::fs::write(&empty, &header).unwrap();
+    let mut w = Writer::open(dir.path(), EPOCH).unwrap();
+    assert_eq!(w.last_seq(), 5, "found behind the empty segment");
+    w.push(change(6, next_hour + 5, 1, Op::Set(true), 1)).unwrap();
+    w.flush(next_hour).unwrap();
+    let segments = Reader::open(dir.path()).unwrap().segments().unwrap();
+    assert_eq!(segments.len(), 2);
+    assert_eq!(segments[1].path, empty);
+    let got: Vec<Entry> = all(dir.path()).into_iter().map(Result::unwrap).collect();
+    assert_eq!(got.len(), 6);
+}
