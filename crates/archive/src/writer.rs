@@ -208,7 +208,14 @@ impl Writer {
                 end += 1;
             }
             let block = encode_block(&self.pending[start..end]);
-            let header_bytes = self.ensure_segment(hour)?;
+            let header_bytes = match self.ensure_segment(hour) {
+                Ok(n) => n,
+                Err(e) => {
+                    // What this flush wrote before stays written.
+                    self.pending.drain(..start);
+                    return Err(e);
+                }
+            };
             let seg = self.seg.as_mut().expect("ensured");
             let wrote = seg.file.write_all(&block).and_then(|()| seg.file.sync_data());
             if let Err(e) = wrote {

@@ -331,3 +331,27 @@ fn a_segment_with_no_block_yet_is_appended_to() {
     let got: Vec<Entry> = all(dir.path()).into_iter().map(Result::unwrap).collect();
     assert_eq!(got.len(), 6);
 }
+
+/// A flush that fails part way (here: the next hour's segment cannot be
+/// made) keeps what it wrote and loses nothing pending: the next flush
+/// writes the rest, and every seq is in the archive once.
+#[test]
+fn a_flush_that_fails_part_way_loses_nothing_and_repeats_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut records = changes(1, 10, T0, 1);
+    records.extend(changes(11, 10, T0 + hour::HOUR_MS, 1));
+    let mut w = Writer::open(dir.path(), EPOCH).unwrap();
+    let blocker = omcb_archive::epoch_dir(dir.path(), EPOCH)
+        .join(omcb_archive::segment_name(T0 + hour::HOUR_MS, 0));
+    std::fs::create_dir_all(&blocker).unwrap();
+    for r in &records {
+        w.push(*r).unwrap();
+    }
+    let e = w.flush(T0).unwrap_err();
+    assert_eq!(e.file(), Some(blocker.as_path()), "{e}");
+    assert_eq!((w.durable_seq(), w.pending()), (10, 10));
+    std::fs::remove_dir(&blocker).unwrap();
+    w.flush(T0).unwrap();
+    let got: Vec<Entry> = all(dir.path()).into_iter().map(Result::unwrap).collect();
+    assert_eq!(got, records.iter().map(|r| as_entry(EPOCH, r)).collect::<Vec<_>>());
+}
