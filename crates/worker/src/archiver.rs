@@ -86,6 +86,9 @@ pub struct Archiver {
     last_flush: Instant,
     /// The board's seq at the last read (for the lag in changes).
     board_seq: u64,
+    /// After a full read (more changes wait in the log): the commit time of
+    /// the last change read, which the unread ones are not older than.
+    unread_after_ms: Option<u64>,
 }
 
 impl Archiver {
@@ -113,6 +116,7 @@ impl Archiver {
             oldest_pending_ms: None,
             last_flush: Instant::now(),
             board_seq: 0,
+            unread_after_ms: None,
         }
     }
 
@@ -201,6 +205,7 @@ impl Archiver {
             })?;
             self.oldest_pending_ms.get_or_insert(ms);
         }
+        self.unread_after_ms = full.then(|| read.changes.last().map(|c| c.committed_ms)).flatten();
         if flush
             || writer.pending() >= FLUSH_CHANGES
             || (writer.pending() > 0 && self.last_flush.elapsed() >= FLUSH_EVERY)
@@ -240,7 +245,9 @@ impl Archiver {
     fn lag(&self) {
         let durable = self.writer.as_ref().map_or(0, Writer::durable_seq);
         gauge!("omcb_archive_lag_changes").set(self.board_seq.saturating_sub(durable) as f64);
-        let age = self.oldest_pending_ms.map_or(0, |ms| omcb_store::now_ms().saturating_sub(ms));
+        // The oldest change not yet on disk: pending, or still in the log.
+        let oldest = self.oldest_pending_ms.or(self.unread_after_ms).filter(|&ms| ms > 0);
+        let age = oldest.map_or(0, |ms| omcb_store::now_ms().saturating_sub(ms));
         gauge!("omcb_archive_lag_seconds").set(age as f64 / 1000.0);
     }
 

@@ -157,6 +157,17 @@ async fn an_embedded_worker_archives_every_change_and_resumes_after_a_restart() 
         (archived_up_to(archive.path(), epoch) >= seq).then_some(())
     })
     .await;
+    // The metrics say so: the holder, caught up, every change counted.
+    poll("the lag to read 0", async || {
+        (w.metric("omcb_archive_lag_changes").await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(w.metric("omcb_archive_holder").await, 1.0);
+    assert_eq!(w.metric("omcb_archive_changes_total").await, seq as f64);
+    assert_eq!(w.metric("omcb_archive_gaps_total").await, 0.0);
+    assert_eq!(w.metric("omcb_archive_lag_seconds").await, 0.0);
+    assert_eq!(w.metric("omcb_archive_log_capacity_changes").await, 100_000.0);
+    assert!(w.metric("omcb_archive_bytes_total").await > 0.0);
     let state = state_at(w.addr, seq).await;
     let rebuilt = rebuild(&Reader::open(archive.path()).unwrap(), epoch, 1000).unwrap();
     assert_eq!((rebuilt.board.checked, rebuilt.board.seq), (state.checked, state.seq));
