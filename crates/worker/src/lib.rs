@@ -39,8 +39,10 @@
 //!   files, `/api/state`, `/api/stats`, `/healthz`, `/readyz`), and in
 //!   `http::embed` the widget's (`/embed`, `/embed.js`, `/oembed`,
 //!   `/badge.svg`, `/api/counts`).
-//! - [`admin`] (config, app): the operator's sunset, on the private
-//!   listener's `/admin/` routes and in `omcb admin`.
+//! - [`audit`] (config, origin): audit and revert what one client address
+//!   did, from the change archive (and the store's feed for its tail).
+//! - [`admin`] (config, app, audit): the operator's sunset, audit and
+//!   revert, on the private listener's `/admin/` routes and in `omcb admin`.
 //! - [`server`] (config, deadline, assets, metrics, shutdown, limits, hub,
 //!   app, http, admin): [`Server`] ties them together: bind, run until a shutdown
 //!   signal, close every socket with 1012, persist, return.
@@ -51,6 +53,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod assets;
 pub mod config;
 pub mod conn;

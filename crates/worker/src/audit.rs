@@ -1,0 +1,718 @@
+//! Audit and revert (issue 14 part 2): what one client address did to the
+//! board, from the change archive, and undoing it.
+//!
+//! - `omcb admin audit --origin ADDR --since T [--until T] --archive-dir DIR
+//!   --origin-key-file F` reads the archive directly (no worker, no store)
+//!   and lists every archived change whose origin is ADDR's keyed hash
+//!   ([`OriginKey::origin`], the workers' own function), then a summary. It
+//!   shows what the archive holds: the last block interval's changes may
+//!   not be there yet.
+//! - `omcb admin revert --origin ADDR --since T [--dry-run]` makes a
+//!   [`Plan`] and [`apply`]s it: through a worker's private listener
+//!   (`POST /admin/revert`, the embedded board, whose store has one writer),
+//!   or in a fleet straight to Redis (`--redis`, with the archive and key
+//!   given to the command).
+//!
+//! # What revert does
+//! It works on the board's current epoch only (an earlier epoch's board is
+//! gone: a new epoch means the board was lost and restored). For every box
+//! the address changed since T, in seq order, it finds the value the box
+//! had before the address's first change in the window (a change always
+//! changes the value, so a check was made on an unchecked box and an
+//! uncheck on a checked one) and the last change anyone made to it. Then:
+//! - **restore**: nobody else changed the box after the address's last
+//!   change, and its value differs from the one before: set back with
+//!   [`Store::set`], an ordinary change every client receives in the next
+//!   batch, made with origin [`OPERATOR`] (`ffffffffffffffff`; no client's
+//!   hash is ever that value), without any rate limit.
+//! - **kept**: another origin (another client, the sweep, the operator's
+//!   own earlier revert) changed it after the address's last change: listed
+//!   with who and when, not touched.
+//! - **frozen**: the box is frozen and its value is not the one before (it
+//!   was checked since and the sunset froze it): a frozen box cannot be
+//!   unchecked, so it is listed, not touched.
+//! - **unchanged**: its value is already the one before (the address set it
+//!   back itself): nothing to do.
+//!
+//! # The archive's lag
+//! The archive trails the store by up to its block interval. Rather than
+//! wait for the archiver (which may be slow, stopped, or on another
+//! machine), revert reads the archive up to its last archived seq and the
+//! rest, up to the seq of the board it compares against, from the store's
+//! change feed (the Redis stream, the embedded log), which carries the same
+//! origins. It works whether or not the archiver keeps up, as long as the
+//! feed still holds the seqs the archive lacks; when it does not (the
+//! archiver is behind the stream's trim), revert fails and says so. The plan
+//! compares against a snapshot of the board taken first: a change someone
+//! makes between that snapshot and the revert's own set of the same box is
+//! overwritten (the window is one round trip per box).
+//!
+//! # Failing loudly
+//! Any problem the archive reader reports (a torn or corrupt block, missing
+//! or repeated seqs) stops audit and revert with its file and offset;
+//! nothing is skipped. A recorded gap (seqs the stream had trimmed before
+//! the archiver read them) is listed by audit, and stops revert when it
+//! falls in the window, as revert cannot know who changed what there.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use omcb_archive::{ArchiveError, ArchivedChange, Entry, Filter, Reader};
+use omcb_store::{Board, FeedEvent, Op, Refusal, SetOutcome, Store};
+
+use crate::origin::{OPERATOR, OriginKey};
+
+/// How many of the revert's sets are in flight at once (Redis round trips).
+const SETS_IN_FLIGHT: usize = 32;
+
+/// Parses a time for `--since`/`--until`: RFC 3339 (`2026-11-26T05:00:00Z`,
+/// an offset like `+02:00`, or none for UTC; a space for the `T` and
+/// fractions of a second are fine), or a duration before `now_ms` (`2h` is
+/// two hours ago, humantime's syntax). Returns ms since the Unix epoch.
+pub fn parse_time(s: &str, now_ms: u64) -> Result<u64, String> {
+    let s = s.trim();
+    let looks_like_a_date = s.len() >= 10 && s.as_bytes()[4] == b'-' && s.as_bytes()[7] == b'-';
+    if !looks_like_a_date {
+        let ago = crate::config::parse_duration(s, Duration::ZERO, crate::config::YEARS_100)
+            .map_err(|e| format!("{e}, or a time like 2026-11-26T05:00:00Z"))?;
+        return Ok(now_ms.saturating_sub(ago.as_millis() as u64));
+    }
+    let bad = |why: &str| {
+        format!("`{s}` is not an RFC 3339 time like 2026-11-26T05:00:00Z or a duration like 2h: {why}")
+    };
+    // humantime reads UTC (`Z` or none); an offset is applied here.
+    let (local, offset_ms) = match s.len().checked_sub(6).map(|i| s.split_at(i)) {
+        Some((local, off))
+            if local.len() > 10
+                && (off.starts_with('+') || off.starts_with('-'))
+                && off.as_bytes()[3] == b':' =>
+        {
+            let h: i64 = off[1..3].parse().map_err(|_| bad("bad offset"))?;
+            let m: i64 = off[4..6].parse().map_err(|_| bad("bad offset"))?;
+            let sign = if off.starts_with('-') { -1 } else { 1 };
+            (local, sign * (h * 60 + m) * 60_000)
+        }
+        _ => (s, 0),
+    };
+    let t = humantime::parse_rfc3339_weak(local).map_err(|e| bad(&e.to_string()))?;
+    let ms = t.duration_since(UNIX_EPOCH).map_err(|_| bad("before 1970"))?.as_millis() as i64;
+    u64::try_from(ms - offset_ms).map_err(|_| bad("before 1970"))
+}
+
+/// A time for people: RFC 3339 in UTC, to the ms.
+pub fn format_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// An origin as the archive and the JSON show it.
+pub fn origin_hex(origin: u64) -> String {
+    format!("{origin:016x}")
+}
+
+/// Who made a change, for people: the operator, the sweep, or an origin.
+fn who(origin: u64) -> String {
+    match origin {
+        0 => "no client (the sweep)".into(),
+        OPERATOR => "the operator (a revert)".into(),
+        o => format!("origin {}", origin_hex(o)),
+    }
+}
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Set(true) => "check",
+        Op::Set(false) => "uncheck",
+        Op::Freeze => "freeze",
+    }
+}
+
+/// An archive problem as one line: the reader's message names the file and
+/// the byte offset.
+fn archive_error(e: &ArchiveError) -> String {
+    format!("the archive is damaged, nothing was skipped: {e}")
+}
+
+/// `omcb admin audit`: the address's archived changes in `since..until`,
+/// every epoch, as the JSON the command prints (`render_audit` for people).
+pub fn audit(
+    root: &Path,
+    key: &OriginKey,
+    address: IpAddr,
+    since_ms: u64,
+    until_ms: Option<u64>,
+) -> Result<serde_json::Value, String> {
+    let origin = key.origin(address);
+    let reader = Reader::open(root).map_err(|e| archive_error(&e))?;
+    let filter = Filter { epoch: None, since_ms: Some(since_ms), until_ms };
+    let mut changes = Vec::new();
+    let mut gaps = Vec::new();
+    let mut boxes = std::collections::HashSet::new();
+    for entry in reader.entries(filter) {
+        match entry.map_err(|e| archive_error(&e))? {
+            Entry::Change(c) if c.origin == origin => {
+                boxes.insert(c.index);
+                changes.push(serde_json::json!({
+                    "ms": c.ms,
+                    "time": format_ms(c.ms),
+                    "epoch": origin_hex(c.epoch),
+                    "seq": c.seq,
+                    "index": c.index,
+                    "op": op_name(c.op),
+                }));
+            }
+            Entry::Change(_) => {}
+            Entry::Gap { epoch, from_seq, to_seq } => gaps.push(serde_json::json!({
+                "epoch": origin_hex(epoch), "from_seq": from_seq, "to_seq": to_seq,
+            })),
+        }
+    }
+    let first = changes.first().map(|c| c["ms"].clone());
+    let last = changes.last().map(|c| c["ms"].clone());
+    Ok(serde_json::json!({
+        "address": address.to_string(),
+        "origin": origin_hex(origin),
+        "since_ms": since_ms,
+        "until_ms": until_ms,
+        "changes": changes,
+        "gaps": gaps,
+        "summary": {
+            "changes": changes.len(),
+            "boxes": boxes.len(),
+            "first_ms": first,
+            "last_ms": last,
+        },
+    }))
+}
+
+/// The audit JSON for people: one line per change, then the summary.
+pub fn render_audit(v: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let until = v["until_ms"].as_u64().map_or("now".into(), format_ms);
+    let _ = writeln!(
+        out,
+        "changes by {} (origin {}) from {} to {until}",
+        v["address"].as_str().unwrap_or("?"),
+        v["origin"].as_str().unwrap_or("?"),
+        format_ms(v["since_ms"].as_u64().unwrap_or(0)),
+    );
+    let _ = writeln!(out, "{:<24}  {:<16}  {:>10}  {:>8}  op", "time", "epoch", "seq", "box");
+    for c in v["changes"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<24}  {:<16}  {:>10}  {:>8}  {}",
+            c["time"].as_str().unwrap_or(""),
+            c["epoch"].as_str().unwrap_or(""),
+            c["seq"],
+            c["index"],
+            c["op"].as_str().unwrap_or(""),
+        );
+    }
+    for g in v["gaps"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "gap: epoch {} seqs {}..={} are not archived (the stream trimmed them before the \
+             archiver read them); this address's changes there, if any, are unknown",
+            g["epoch"].as_str().unwrap_or(""),
+            g["from_seq"],
+            g["to_seq"],
+        );
+    }
+    let s = &v["summary"];
+    let span = match (s["first_ms"].as_u64(), s["last_ms"].as_u64()) {
+        (Some(f), Some(l)) => format!(", first {}, last {}", format_ms(f), format_ms(l)),
+        _ => String::new(),
+    };
+    let _ = writeln!(out, "summary: {} changes to {} boxes{span}", s["changes"], s["boxes"]);
+    out
+}
+
+/// What happens to one box the address changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Restore,
+    Kept { by: u64, seq: u64, ms: u64 },
+    Frozen,
+    Unchanged,
+}
+
+/// One box the address changed in the window.
+#[derive(Debug, Clone, Copy)]
+struct Touched {
+    /// Its value before the address's first change in the window.
+    before: bool,
+    first_seq: u64,
+    last_seq: u64,
+    /// The latest change by someone else after the address's last one.
+    since: Option<ArchivedChange>,
+}
+
+/// What revert will do (or, after [`apply`], did).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    address: IpAddr,
+    origin: u64,
+    since_ms: u64,
+    /// The board compared against: its epoch and seq.
+    epoch: u64,
+    seq: u64,
+    /// Where the window's changes came from.
+    archived_to: u64,
+    from_feed: usize,
+    boxes: BTreeMap<u32, (Touched, Fate)>,
+    applied: Vec<(u32, bool, u64)>,
+    refused: Vec<(u32, String)>,
+}
+
+/// Makes the revert's plan: the board (a snapshot), the archive's window of
+/// its epoch and the store's feed for what the archive does not have yet.
+pub async fn plan(
+    store: &Store,
+    root: &Path,
+    key: &OriginKey,
+    address: IpAddr,
+    since_ms: u64,
+) -> Result<Plan, String> {
+    if !key.is_set() {
+        return Err("no origin key: the changes carry no origins to revert".into());
+    }
+    let origin = key.origin(address);
+    let board = store.snapshot().await.map_err(|e| format!("reading the board: {e}"))?;
+    let (epoch, upto) = (board.epoch, board.seq);
+    let root_owned: PathBuf = root.to_path_buf();
+    let (mut changes, archived_to) =
+        tokio::task::spawn_blocking(move || read_window(&root_owned, epoch, since_ms, upto))
+            .await
+            .map_err(|e| format!("reading the archive: {e}"))??;
+    let from_feed = if archived_to < upto {
+        let tail = read_feed(store, epoch, archived_to, upto).await?;
+        let n = tail.len();
+        changes.extend(tail.into_iter().filter(|c| c.ms >= since_ms));
+        n
+    } else {
+        0
+    };
+    Ok(make_plan(address, origin, since_ms, &board, &changes, archived_to, from_feed))
+}
+
+/// The archive's changes of `epoch` in the window up to seq `upto`, and the
+/// last seq the archive holds. A torn block at the very end of the epoch's
+/// last segment may be the archiver writing it now: read again a few times
+/// before calling it damage.
+fn read_window(
+    root: &Path,
+    epoch: u64,
+    since_ms: u64,
+    upto: u64,
+) -> Result<(Vec<ArchivedChange>, u64), String> {
+    let mut tries = 0;
+    loop {
+        match read_window_once(root, epoch, since_ms, upto) {
+            Err((ArchiveError::Truncated { .. }, true)) if tries < 5 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err((e, _)) => return Err(archive_error(&e)),
+            Ok(Err(why)) => return Err(why),
+            Ok(Ok(window)) => return Ok(window),
+        }
+    }
+}
+
+type Window = Result<(Vec<ArchivedChange>, u64), String>;
+
+/// One read of [`read_window`]; an archive error comes with whether it is
+/// in the epoch's last segment.
+fn read_window_once(
+    root: &Path,
+    epoch: u64,
+    since_ms: u64,
+    upto: u64,
+) -> Result<Window, (ArchiveError, bool)> {
+    let reader = Reader::open(root).map_err(|e| (e, false))?;
+    let segments = reader.segments_of(epoch).map_err(|e| (e, false))?;
+    let last_path = segments.last().map(|s| s.path.clone());
+    let in_last = |e: &ArchiveError| e.file().is_some() && e.file() == last_path.as_deref();
+    let filter = Filter { epoch: Some(epoch), since_ms: Some(since_ms), until_ms: None };
+    let mut changes = Vec::new();
+    for entry in reader.entries(filter) {
+        match entry {
+            Err(e) => {
+                let last = in_last(&e);
+                return Err((e, last));
+            }
+            Ok(Entry::Change(c)) if c.seq <= upto => changes.push(c),
+            Ok(Entry::Change(_)) => {}
+            Ok(Entry::Gap { from_seq, to_seq, .. }) if from_seq <= upto => {
+                return Ok(Err(format!(
+                    "the archive has a gap in the window: seqs {from_seq}..={to_seq} of epoch \
+                     {epoch:016x} were trimmed from the stream before the archiver read them; \
+                     revert cannot tell who changed what there (choose a --since after it, or \
+                     revert by hand from `omcb admin audit`)"
+                )));
+            }
+            Ok(Entry::Gap { .. }) => {}
+        }
+    }
+    // The last seq archived: the last block of the last segment that has one.
+    let mut archived_to = 0;
+    for seg in segments.iter().rev() {
+        let mut last = None;
+        for block in omcb_archive::read_blocks(&seg.path) {
+            let block = block.map_err(|e| {
+                let last = in_last(&e);
+                (e, last)
+            })?;
+            last = Some(block.header.last_seq);
+        }
+        if let Some(l) = last {
+            archived_to = l;
+            break;
+        }
+    }
+    Ok(Ok((changes, archived_to.min(upto))))
+}
+
+/// The changes after `after` up to `upto` of `epoch`, from the store's feed.
+async fn read_feed(
+    store: &Store,
+    epoch: u64,
+    after: u64,
+    upto: u64,
+) -> Result<Vec<ArchivedChange>, String> {
+    let mut feed = store.feed(epoch, after);
+    let mut out = Vec::new();
+    let mut at = after;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while at < upto {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("the store's feed did not give seqs {at}..={upto} within 10 s"));
+        }
+        let event = feed.read_now().await.map_err(|e| format!("reading the store's feed: {e}"))?;
+        match event {
+            FeedEvent::Changes(changes) => {
+                for c in changes {
+                    if c.seq > upto {
+                        break;
+                    }
+                    at = c.seq;
+                    out.push(ArchivedChange {
+                        epoch,
+                        seq: c.seq,
+                        ms: c.committed_ms,
+                        index: c.index,
+                        op: c.op,
+                        origin: c.origin,
+                    });
+                }
+            }
+            FeedEvent::Reset(_) => {
+                return Err(format!(
+                    "the archive of epoch {epoch:016x} ends at seq {after} and the store's feed \
+                     no longer holds seq {}: the archiver is behind the stream's trim (see \
+                     omcb_archive_lag); revert cannot see every change",
+                    after + 1
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn make_plan(
+    address: IpAddr,
+    origin: u64,
+    since_ms: u64,
+    board: &Board,
+    changes: &[ArchivedChange],
+    archived_to: u64,
+    from_feed: usize,
+) -> Plan {
+    let mut touched: BTreeMap<u32, Touched> = BTreeMap::new();
+    for c in changes {
+        if c.origin == origin {
+            let t = touched.entry(c.index).or_insert(Touched {
+                // A change always changes the box: a check was of an
+                // unchecked box, an uncheck or a freeze of a checked one.
+                before: !matches!(c.op, Op::Set(true)),
+                first_seq: c.seq,
+                last_seq: c.seq,
+                since: None,
+            });
+            t.last_seq = c.seq;
+            t.since = None;
+        } else if let Some(t) = touched.get_mut(&c.index) {
+            t.since = Some(*c);
+        }
+    }
+    let boxes = touched
+        .into_iter()
+        .map(|(index, t)| {
+            let now = board.is_checked(index);
+            let fate = if now != t.before && board.is_frozen(index) {
+                Fate::Frozen
+            } else if let Some(c) = t.since {
+                Fate::Kept { by: c.origin, seq: c.seq, ms: c.ms }
+            } else if now == t.before {
+                Fate::Unchanged
+            } else {
+                Fate::Restore
+            };
+            (index, (t, fate))
+        })
+        .collect();
+    Plan {
+        address,
+        origin,
+        since_ms,
+        epoch: board.epoch,
+        seq: board.seq,
+        archived_to,
+        from_feed,
+        boxes,
+        applied: Vec::new(),
+        refused: Vec::new(),
+    }
+}
+
+/// Sets every box the plan restores back to its value before, as the
+/// operator ([`OPERATOR`]); records what the store answered.
+pub async fn apply(store: &Store, plan: &mut Plan) -> Result<(), String> {
+    use futures_util::StreamExt as _;
+    let work: Vec<(u32, bool)> = plan
+        .boxes
+        .iter()
+        .filter(|(_, (_, fate))| *fate == Fate::Restore)
+        .map(|(&i, (t, _))| (i, t.before))
+        .collect();
+    let mut answers = futures_util::stream::iter(work)
+        .map(|(i, v)| async move { (i, v, store.set(i, v, OPERATOR).await) })
+        .buffer_unordered(SETS_IN_FLIGHT);
+    let mut failed = None;
+    while let Some((i, v, answer)) = answers.next().await {
+        match answer {
+            Ok(SetOutcome::Changed { seq, .. }) => plan.applied.push((i, v, seq)),
+            Ok(SetOutcome::Unchanged { .. }) => plan.applied.push((i, v, 0)),
+            Ok(SetOutcome::Refused { reason, .. }) => plan.refused.push((
+                i,
+                match reason {
+                    Refusal::Frozen => "frozen".into(),
+                    Refusal::BoardFull => "the board is full (max_checked)".into(),
+                    Refusal::OutOfRange => "out of range".into(),
+                },
+            )),
+            Err(e) => failed = Some(format!("box {i}: {e}")),
+        }
+    }
+    plan.applied.sort_unstable();
+    plan.refused.sort_unstable();
+    match failed {
+        Some(e) => Err(format!(
+            "the store refused a change ({e}); {} boxes were restored, run revert again \
+             to finish (it skips what is done)",
+            plan.applied.len()
+        )),
+        None => Ok(()),
+    }
+}
+
+impl Plan {
+    /// The plan (and what was applied) as the JSON `omcb admin revert
+    /// --json` prints and `POST /admin/revert` answers.
+    pub fn to_json(&self, dry_run: bool) -> serde_json::Value {
+        use serde_json::json;
+        let mut restore = Vec::new();
+        let mut kept = Vec::new();
+        let mut frozen = Vec::new();
+        let mut unchanged = Vec::new();
+        for (&index, (t, fate)) in &self.boxes {
+            match *fate {
+                Fate::Restore => restore.push(json!({
+                    "index": index, "to": t.before, "first_seq": t.first_seq, "last_seq": t.last_seq,
+                })),
+                Fate::Kept { by, seq, ms } => kept.push(json!({
+                    "index": index, "by": origin_hex(by), "seq": seq, "ms": ms,
+                    "last_seq": t.last_seq,
+                })),
+                Fate::Frozen => frozen.push(json!({ "index": index, "before": t.before })),
+                Fate::Unchanged => unchanged.push(json!(index)),
+            }
+        }
+        json!({
+            "address": self.address.to_string(),
+            "origin": origin_hex(self.origin),
+            "operator_origin": origin_hex(OPERATOR),
+            "since_ms": self.since_ms,
+            "epoch": origin_hex(self.epoch),
+            "seq": self.seq,
+            "archived_to_seq": self.archived_to,
+            "from_feed": self.from_feed,
+            "dry_run": dry_run,
+            "restore": restore,
+            "kept": kept,
+            "frozen": frozen,
+            "unchanged": unchanged,
+            "applied": self.applied.iter()
+                .map(|&(i, v, seq)| json!({ "index": i, "to": v, "seq": seq }))
+                .collect::<Vec<_>>(),
+            "refused": self.refused.iter()
+                .map(|(i, why)| json!({ "index": i, "reason": why }))
+                .collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// The revert JSON for people.
+pub fn render_revert(v: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let len = |k: &str| v[k].as_array().map_or(0, Vec::len);
+    let _ = writeln!(
+        out,
+        "revert of {} (origin {}) since {}: board epoch {} at seq {} (archive to seq {}, \
+         {} changes from the store's feed)",
+        v["address"].as_str().unwrap_or("?"),
+        v["origin"].as_str().unwrap_or("?"),
+        format_ms(v["since_ms"].as_u64().unwrap_or(0)),
+        v["epoch"].as_str().unwrap_or("?"),
+        v["seq"],
+        v["archived_to_seq"],
+        v["from_feed"],
+    );
+    let value = |b: &serde_json::Value| if b.as_bool() == Some(true) { "checked" } else { "unchecked" };
+    for r in v["restore"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  restore  box {:>8} to {} (its changes: seqs {}..={})",
+            r["index"],
+            value(&r["to"]),
+            r["first_seq"],
+            r["last_seq"]
+        );
+    }
+    for k in v["kept"].as_array().into_iter().flatten() {
+        let by = u64::from_str_radix(k["by"].as_str().unwrap_or("0"), 16).unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "  kept     box {:>8}: changed since by {} at seq {} ({})",
+            k["index"],
+            who(by),
+            k["seq"],
+            format_ms(k["ms"].as_u64().unwrap_or(0)),
+        );
+    }
+    for f in v["frozen"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  frozen   box {:>8}: frozen, cannot go back to {}",
+            f["index"],
+            value(&f["before"])
+        );
+    }
+    for r in v["refused"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  refused  box {:>8}: {}",
+            r["index"],
+            r["reason"].as_str().unwrap_or("")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "summary: {} boxes to restore, {} kept (changed by someone else since), {} frozen, \
+         {} already as before",
+        len("restore"),
+        len("kept"),
+        len("frozen"),
+        len("unchanged"),
+    );
+    if v["dry_run"].as_bool() == Some(true) {
+        let _ = writeln!(out, "dry run: nothing was changed");
+    } else {
+        let _ = writeln!(
+            out,
+            "restored {} boxes as the operator (origin {}), {} refused",
+            len("applied"),
+            v["operator_origin"].as_str().unwrap_or("?"),
+            len("refused"),
+        );
+    }
+    out
+}
+
+/// Now, in ms since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_or_a_duration_ago() {
+        let now = 1_800_000_000_000;
+        assert_eq!(parse_time("2h", now).unwrap(), now - 7_200_000);
+        assert_eq!(parse_time("0s", now).unwrap(), now);
+        assert_eq!(parse_time("2026-11-26T05:00:00Z", now).unwrap(), 1_795_669_200_000);
+        assert_eq!(parse_time("2026-11-26T05:00:00", now).unwrap(), 1_795_669_200_000);
+        assert_eq!(parse_time("2026-11-26T07:00:00+02:00", now).unwrap(), 1_795_669_200_000);
+        assert_eq!(parse_time("2026-11-26T04:30:00.5-00:30", now).unwrap(), 1_795_669_200_500);
+        assert!(parse_time("yesterday", now).unwrap_err().contains("2026-11-26T05:00:00Z"));
+        assert!(parse_time("2026-13-26T05:00:00Z", now).is_err());
+    }
+
+    fn change(seq: u64, index: u32, op: Op, origin: u64) -> ArchivedChange {
+        ArchivedChange { epoch: 1, seq, ms: seq, index, op, origin }
+    }
+
+    /// Each fate: restored, kept (someone changed it after the address's
+    /// last change, but not a box the address changed again after that),
+    /// frozen, unchanged; the value before is the one before the first.
+    #[test]
+    fn the_plan_restores_only_what_nobody_changed_since() {
+        let (a, b) = (11, 22);
+        let mut board = Board::new(10, 1, 0);
+        let changes = [
+            change(1, 1, Op::Set(true), a),  // 1: a checks, nobody after: restore to false
+            change(2, 2, Op::Set(true), a),  // 2: a checks, b unchecks, a checks: restore
+            change(3, 2, Op::Set(false), b),
+            change(4, 2, Op::Set(true), a),
+            change(5, 3, Op::Set(true), a), // 3: a checks, b unchecks after: kept
+            change(6, 3, Op::Set(false), b),
+            change(7, 4, Op::Set(true), a), // 4: a checks, the sweep freezes: frozen
+            change(8, 4, Op::Freeze, 0),
+            change(9, 5, Op::Set(false), a), // 5: a unchecks, then checks: unchanged
+            change(10, 5, Op::Set(true), a),
+            change(11, 6, Op::Set(true), b), // 6: only b: not in the plan
+        ];
+        for c in &changes {
+            board.apply_change(&omcb_store::Change {
+                seq: c.seq,
+                index: c.index,
+                op: c.op,
+                checked_count: 0,
+                frozen_count: 0,
+                committed_ms: c.ms,
+                origin: c.origin,
+            })
+            .unwrap();
+        }
+        let ip: IpAddr = "127.0.0.2".parse().unwrap();
+        let plan = make_plan(ip, a, 0, &board, &changes, 11, 0);
+        let fates: Vec<(u32, Fate)> = plan.boxes.iter().map(|(&i, (_, f))| (i, *f)).collect();
+        assert_eq!(
+            fates,
+            [
+                (1, Fate::Restore),
+                (2, Fate::Restore),
+                (3, Fate::Kept { by: b, seq: 6, ms: 6 }),
+                (4, Fate::Frozen),
+                (5, Fate::Unchanged),
+            ]
+        );
+        assert!(!plan.boxes[&2].0.before, "the value before a's first change");
+    }
+}
