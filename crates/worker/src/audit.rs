@@ -131,7 +131,10 @@ fn op_name(op: Op) -> &'static str {
 /// An archive problem as one line: the reader's message names the file and
 /// the byte offset.
 fn archive_error(e: &ArchiveError) -> String {
-    format!("the archive is damaged, nothing was skipped: {e}")
+    match e {
+        ArchiveError::Io { .. } => format!("reading the archive: {e}"),
+        _ => format!("the archive is damaged, nothing was skipped: {e}"),
+    }
 }
 
 /// `omcb admin audit`: the address's archived changes in `since..until`,

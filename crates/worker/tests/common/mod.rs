@@ -130,6 +130,21 @@ pub async fn connect(url: &str) -> Client {
     Client::new(ws)
 }
 
+/// A client whose socket comes from the local address `source` (loopback is
+/// all of 127.0.0.0/8): the worker sees `source` as the client's address.
+pub async fn connect_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    path: &str,
+) -> Client<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (ws, _) =
+        tokio_tungstenite::client_async(format!("ws://{addr}{path}"), stream).await.unwrap();
+    Client::new(ws)
+}
+
 /// A client with a tiny receive buffer, so the server's writes back up quickly.
 pub async fn connect_small_buffer(addr: SocketAddr, path: &str) -> Client<tokio::net::TcpStream> {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
