@@ -40,10 +40,12 @@
 //!   `http::embed` the widget's (`/embed`, `/embed.js`, `/oembed`,
 //!   `/badge.svg`, `/api/counts`).
 //! - [`audit`] (config, origin): audit and revert what one client address
-//!   did, from the change archive (and the store's feed for its tail).
+//!   did, from the change archive (and the store's log for its tail).
 //! - [`admin`] (config, app, audit): the operator's sunset, audit and
 //!   revert, on the private listener's `/admin/` routes and in `omcb admin`.
-//! - [`server`] (config, deadline, assets, metrics, shutdown, limits, hub,
+//! - [`archiver`]: the change archiver (`--archive-dir`), the store's log
+//!   into `omcb-archive` segments, under a lease in a fleet.
+//! - [`server`] (config, archiver, deadline, assets, metrics, shutdown, limits, hub,
 //!   app, http, admin): [`Server`] ties them together: bind, run until a shutdown
 //!   signal, close every socket with 1012, persist, return.
 //!
@@ -53,6 +55,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod archiver;
 pub mod audit;
 pub mod assets;
 pub mod config;
