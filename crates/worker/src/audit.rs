@@ -39,10 +39,11 @@
 //! wait for the archiver (which may be slow, stopped, or on another
 //! machine), revert reads the archive up to its last archived seq and the
 //! rest, up to the seq of the board it compares against, from the store's
-//! change feed (the Redis stream, the embedded log), which carries the same
-//! origins. It works whether or not the archiver keeps up, as long as the
-//! feed still holds the seqs the archive lacks; when it does not (the
-//! archiver is behind the stream's trim), revert fails and says so. The plan
+//! log (the Redis stream, the embedded log: [`Store::log_after`], what the
+//! archiver itself reads), which carries the same origins. It works whether
+//! or not the archiver keeps up, as long as the log still holds the seqs the
+//! archive lacks; when it does not (the archiver is behind the log's trim),
+//! revert fails and says so. The plan
 //! compares against a snapshot of the board taken first: a change someone
 //! makes between that snapshot and the revert's own set of the same box is
 //! overwritten (the window is one round trip per box).
@@ -60,7 +61,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use omcb_archive::{ArchiveError, ArchivedChange, Entry, Filter, Reader};
-use omcb_store::{Board, FeedEvent, Op, Refusal, SetOutcome, Store};
+use omcb_store::{Board, Op, Refusal, SetOutcome, Store};
 
 use crate::origin::{OPERATOR, OriginKey};
 
@@ -263,14 +264,14 @@ pub struct Plan {
     seq: u64,
     /// Where the window's changes came from.
     archived_to: u64,
-    from_feed: usize,
+    from_log: usize,
     boxes: BTreeMap<u32, (Touched, Fate)>,
     applied: Vec<(u32, bool, u64)>,
     refused: Vec<(u32, String)>,
 }
 
 /// Makes the revert's plan: the board (a snapshot), the archive's window of
-/// its epoch and the store's feed for what the archive does not have yet.
+/// its epoch and the store's log for what the archive does not have yet.
 pub async fn plan(
     store: &Store,
     root: &Path,
@@ -289,15 +290,15 @@ pub async fn plan(
         tokio::task::spawn_blocking(move || read_window(&root_owned, epoch, since_ms, upto))
             .await
             .map_err(|e| format!("reading the archive: {e}"))??;
-    let from_feed = if archived_to < upto {
-        let tail = read_feed(store, epoch, archived_to, upto).await?;
+    let from_log = if archived_to < upto {
+        let tail = read_log(store, epoch, archived_to, upto).await?;
         let n = tail.len();
         changes.extend(tail.into_iter().filter(|c| c.ms >= since_ms));
         n
     } else {
         0
     };
-    Ok(make_plan(address, origin, since_ms, &board, &changes, archived_to, from_feed))
+    Ok(make_plan(address, origin, since_ms, &board, &changes, archived_to, from_log))
 }
 
 /// The archive's changes of `epoch` in the window up to seq `upto`, and the
@@ -378,47 +379,50 @@ fn read_window_once(
     Ok(Ok((changes, archived_to.min(upto))))
 }
 
-/// The changes after `after` up to `upto` of `epoch`, from the store's feed.
-async fn read_feed(
+/// The changes after `after` up to `upto` of `epoch`, from the store's log
+/// ([`Store::log_after`], what the archiver reads).
+async fn read_log(
     store: &Store,
     epoch: u64,
     after: u64,
     upto: u64,
 ) -> Result<Vec<ArchivedChange>, String> {
-    let mut feed = store.feed(epoch, after);
+    const CHUNK: usize = 4096;
     let mut out = Vec::new();
     let mut at = after;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while at < upto {
-        if tokio::time::Instant::now() > deadline {
-            return Err(format!("the store's feed did not give seqs {at}..={upto} within 10 s"));
+        let read =
+            store.log_after(at, CHUNK).await.map_err(|e| format!("reading the store's log: {e}"))?;
+        if read.epoch != epoch {
+            return Err(format!(
+                "the board has a new epoch ({:016x}, was {epoch:016x}) since the revert began: \
+                 run it again",
+                read.epoch
+            ));
         }
-        let event = feed.read_now().await.map_err(|e| format!("reading the store's feed: {e}"))?;
-        match event {
-            FeedEvent::Changes(changes) => {
-                for c in changes {
-                    if c.seq > upto {
-                        break;
-                    }
-                    at = c.seq;
-                    out.push(ArchivedChange {
-                        epoch,
-                        seq: c.seq,
-                        ms: c.committed_ms,
-                        index: c.index,
-                        op: c.op,
-                        origin: c.origin,
-                    });
-                }
+        let first = read.changes.first().map_or(read.seq + 1, |c| c.seq);
+        if first > at + 1 {
+            return Err(format!(
+                "the archive of epoch {epoch:016x} ends at seq {after} and the store's log no \
+                 longer holds seqs {}..={}: the archiver is behind the log's trim (see \
+                 omcb_archive_lag_changes); revert cannot see every change",
+                at + 1,
+                first - 1
+            ));
+        }
+        for c in read.changes {
+            if c.seq > upto {
+                break;
             }
-            FeedEvent::Reset(_) => {
-                return Err(format!(
-                    "the archive of epoch {epoch:016x} ends at seq {after} and the store's feed \
-                     no longer holds seq {}: the archiver is behind the stream's trim (see \
-                     omcb_archive_lag); revert cannot see every change",
-                    after + 1
-                ));
-            }
+            at = c.seq;
+            out.push(ArchivedChange {
+                epoch,
+                seq: c.seq,
+                ms: c.committed_ms,
+                index: c.index,
+                op: c.op,
+                origin: c.origin,
+            });
         }
     }
     Ok(out)
@@ -431,7 +435,7 @@ fn make_plan(
     board: &Board,
     changes: &[ArchivedChange],
     archived_to: u64,
-    from_feed: usize,
+    from_log: usize,
 ) -> Plan {
     let mut touched: BTreeMap<u32, Touched> = BTreeMap::new();
     for c in changes {
@@ -473,7 +477,7 @@ fn make_plan(
         epoch: board.epoch,
         seq: board.seq,
         archived_to,
-        from_feed,
+        from_log,
         boxes,
         applied: Vec::new(),
         refused: Vec::new(),
@@ -551,7 +555,7 @@ impl Plan {
             "epoch": origin_hex(self.epoch),
             "seq": self.seq,
             "archived_to_seq": self.archived_to,
-            "from_feed": self.from_feed,
+            "from_log": self.from_log,
             "dry_run": dry_run,
             "restore": restore,
             "kept": kept,
@@ -575,14 +579,14 @@ pub fn render_revert(v: &serde_json::Value) -> String {
     let _ = writeln!(
         out,
         "revert of {} (origin {}) since {}: board epoch {} at seq {} (archive to seq {}, \
-         {} changes from the store's feed)",
+         {} changes from the store's log)",
         v["address"].as_str().unwrap_or("?"),
         v["origin"].as_str().unwrap_or("?"),
         format_ms(v["since_ms"].as_u64().unwrap_or(0)),
         v["epoch"].as_str().unwrap_or("?"),
         v["seq"],
         v["archived_to_seq"],
-        v["from_feed"],
+        v["from_log"],
     );
     let value = |b: &serde_json::Value| if b.as_bool() == Some(true) { "checked" } else { "unchecked" };
     for r in v["restore"].as_array().into_iter().flatten() {

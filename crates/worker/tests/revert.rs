@@ -132,12 +132,15 @@ fn checked_of(board: &omcb_proto::Board) -> Vec<u32> {
 
 /// Dry run (nothing changes), revert, then every client and every worker's
 /// `/api/state` shows the reverted board.
-/// `target` goes before `revert`, `extra` after it.
+/// `target` goes before `revert`, `extra` after it; `archived` is how many
+/// of the board's changes the plan must find in the archive (the rest come
+/// from the store's log).
 async fn dry_run_then_revert(
     addrs: &[SocketAddr],
     drawn: &mut Drawn,
     target: &[String],
     extra: &[String],
+    archived: u64,
 ) {
     let mut args = target.to_vec();
     args.extend(strings(&["revert", "--origin", "127.0.0.2", "--since", &drawn.since]));
@@ -156,6 +159,8 @@ async fn dry_run_then_revert(
     assert_eq!(plan["frozen"], serde_json::json!([]), "{plan}");
     assert_eq!(plan["applied"], serde_json::json!([]), "a dry run applies nothing");
     assert_eq!(plan["seq"].as_u64(), Some(drawn.last));
+    assert_eq!(plan["archived_to_seq"].as_u64(), Some(archived), "{plan}");
+    assert_eq!(plan["from_log"].as_u64(), Some(drawn.last - archived), "{plan}");
     // The text form says the same for people.
     let text = admin(&dry).unwrap();
     assert!(text.contains("summary: 81 boxes to restore, 20 kept"), "{text}");
@@ -199,7 +204,8 @@ async fn dry_run_then_revert(
 /// (`POST /admin/revert`): two addresses draw over the same region;
 /// reverting 127.0.0.2 restores its boxes except those 127.0.0.3 touched
 /// later; every client converges to the reverted board. The dry run
-/// changes nothing; a second revert restores nothing.
+/// changes nothing; a second revert restores nothing. The plan reads the
+/// window from the archive the worker wrote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revert_restores_one_address_boxes_on_the_embedded_board() {
     let dir = tempfile::tempdir().unwrap();
@@ -213,12 +219,16 @@ async fn revert_restores_one_address_boxes_on_the_embedded_board() {
     );
     let w = Worker::start(&flags(&args));
     let mut drawn = draw(&[w.addr]).await;
+    until_archived(&archive, &key, &drawn).await;
     let target = vec!["--worker".to_owned(), format!("http://{}", w.metrics)];
-    dry_run_then_revert(&[w.addr], &mut drawn, &target, &[]).await;
+    let archived = drawn.last;
+    dry_run_then_revert(&[w.addr], &mut drawn, &target, &[], archived).await;
 }
 
 /// The same on a fleet of two workers, straight to Redis (`--redis`): A
 /// draws on one worker, B on the other, and the clients of both converge.
+/// No worker archives here: the plan reads every change of the window from
+/// the store's log (as it does for an archive that lags).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revert_restores_one_address_boxes_on_a_fleet() {
     let redis = RedisServer::start().unwrap();
@@ -226,12 +236,7 @@ async fn revert_restores_one_address_boxes_on_a_fleet() {
     let key = key_file(dir.path());
     let archive = dir.path().join("archive");
     std::fs::create_dir_all(&archive).unwrap();
-    let args = format!(
-        "--redis {} {OPEN} --archive-dir {} --origin-key-file {}",
-        redis.url(),
-        archive.display(),
-        key.display()
-    );
+    let args = format!("--redis {} {OPEN} --origin-key-file {}", redis.url(), key.display());
     let workers = [Worker::start(&flags(&args)), Worker::start(&flags(&args))];
     let addrs: Vec<SocketAddr> = workers.iter().map(|w| w.addr).collect();
     let mut drawn = draw(&addrs).await;
@@ -242,7 +247,29 @@ async fn revert_restores_one_address_boxes_on_a_fleet() {
         "--origin-key-file",
         &key.display().to_string(),
     ]);
-    dry_run_then_revert(&addrs, &mut drawn, &target, &extra).await;
+    dry_run_then_revert(&addrs, &mut drawn, &target, &extra, 0).await;
+}
+
+/// Waits until the archive holds the drawing's last change.
+async fn until_archived(archive: &Path, key: &Path, drawn: &Drawn) -> serde_json::Value {
+    let audit = strings(&[
+        "audit",
+        "--origin",
+        "127.0.0.2",
+        "--since",
+        &drawn.since,
+        "--archive-dir",
+        &archive.display().to_string(),
+        "--origin-key-file",
+        &key.display().to_string(),
+    ]);
+    // The archive trails the store by up to its block interval.
+    poll("the archive to hold A's last change", || async {
+        let r = admin_json(&audit).ok()?;
+        let last = r["changes"].as_array()?.last()?["seq"].as_u64()?;
+        (last == drawn.last).then_some(r)
+    })
+    .await
 }
 
 /// `omcb admin audit` lists exactly the address's changes (time, seq, box,
@@ -271,13 +298,7 @@ async fn audit_lists_exactly_what_an_address_did() {
         "--origin-key-file",
         &key.display().to_string(),
     ]);
-    // The archive trails the store by up to its block interval.
-    let report = poll("the archive to hold A's last change", || async {
-        let r = admin_json(&audit).ok()?;
-        let last = r["changes"].as_array()?.last()?["seq"].as_u64()?;
-        (last == drawn.last).then_some(r)
-    })
-    .await;
+    let report = until_archived(&archive, &key, &drawn).await;
     let listed: Vec<(u64, u32, String)> = report["changes"]
         .as_array()
         .unwrap()
