@@ -209,8 +209,8 @@ pub fn render_audit(v: &serde_json::Value) -> String {
             "{:<24}  {:<16}  {:>10}  {:>8}  {}",
             c["time"].as_str().unwrap_or(""),
             c["epoch"].as_str().unwrap_or(""),
-            c["seq"],
-            c["index"],
+            c["seq"].as_u64().unwrap_or(0),
+            c["index"].as_u64().unwrap_or(0),
             c["op"].as_str().unwrap_or(""),
         );
     }
@@ -593,7 +593,7 @@ pub fn render_revert(v: &serde_json::Value) -> String {
         let _ = writeln!(
             out,
             "  restore  box {:>8} to {} (its changes: seqs {}..={})",
-            r["index"],
+            r["index"].as_u64().unwrap_or(0),
             value(&r["to"]),
             r["first_seq"],
             r["last_seq"]
@@ -604,7 +604,7 @@ pub fn render_revert(v: &serde_json::Value) -> String {
         let _ = writeln!(
             out,
             "  kept     box {:>8}: changed since by {} at seq {} ({})",
-            k["index"],
+            k["index"].as_u64().unwrap_or(0),
             who(by),
             k["seq"],
             format_ms(k["ms"].as_u64().unwrap_or(0)),
@@ -614,7 +614,7 @@ pub fn render_revert(v: &serde_json::Value) -> String {
         let _ = writeln!(
             out,
             "  frozen   box {:>8}: frozen, cannot go back to {}",
-            f["index"],
+            f["index"].as_u64().unwrap_or(0),
             value(&f["before"])
         );
     }
@@ -622,7 +622,7 @@ pub fn render_revert(v: &serde_json::Value) -> String {
         let _ = writeln!(
             out,
             "  refused  box {:>8}: {}",
-            r["index"],
+            r["index"].as_u64().unwrap_or(0),
             r["reason"].as_str().unwrap_or("")
         );
     }

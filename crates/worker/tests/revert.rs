@@ -397,3 +397,42 @@ async fn a_corrupt_segment_stops_audit_and_revert_with_file_and_offset() {
     let (after, _) = api_state(w.addr).await;
     assert_eq!(after.seq, state.seq, "a failed revert changes nothing");
 }
+
+/// A box the address checked and the sunset froze since cannot be
+/// unchecked: revert lists it as frozen and leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_lists_frozen_boxes_and_leaves_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let archive = dir.path().join("archive");
+    let args = format!(
+        "{OPEN} --freeze-after 1s --archive-dir {} --origin-key-file {}",
+        archive.display(),
+        key.display()
+    );
+    let w = Worker::start(&flags(&args));
+    let since = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    let mut a = connect_from(ip("127.0.0.2"), w.addr, "/ws").await;
+    for i in 0..3 {
+        change(&mut a, i, true).await;
+    }
+    poll("the sweep to freeze A's boxes", || async {
+        (w.stats().await["frozen_count"] == 3).then_some(())
+    })
+    .await;
+    let seq = w.stats().await["seq"].as_u64().unwrap();
+    let target = strings(&["--worker", &format!("http://{}", w.metrics)]);
+    let mut args = target.clone();
+    args.extend(strings(&["revert", "--origin", "127.0.0.2", "--since", &since]));
+    let done = admin_json(&args).unwrap();
+    let frozen: Vec<u64> =
+        done["frozen"].as_array().unwrap().iter().map(|f| f["index"].as_u64().unwrap()).collect();
+    assert_eq!(frozen, [0, 1, 2], "{done}");
+    assert_eq!(done["applied"], serde_json::json!([]), "{done}");
+    assert_eq!(done["restore"], serde_json::json!([]), "{done}");
+    let (state, _) = api_state(w.addr).await;
+    assert_eq!(state.seq, seq, "nothing changed");
+    let board = omcb_proto::Board::from_snapshot(&inflate_snapshot(&state)).unwrap();
+    assert_eq!(checked_of(&board), [0, 1, 2]);
+    assert!((0..3).all(|i| board.is_frozen(i)));
+}
