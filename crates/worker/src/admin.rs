@@ -99,11 +99,14 @@ async fn revert(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
         Ok(v) => v,
         Err(why) => return error(StatusCode::BAD_REQUEST, &why),
     };
-    let address = value["origin"].as_str().and_then(|a| a.parse::<std::net::IpAddr>().ok());
-    let (Some(address), Some(since_ms)) = (address, value["since_ms"].as_u64()) else {
+    let who = value["origin"].as_str().map(str::parse::<crate::audit::Who>);
+    let (Some(Ok(who)), Some(since_ms)) = (who, value["since_ms"].as_u64()) else {
         return error(
             StatusCode::BAD_REQUEST,
-            &format!("the body needs an IP address \"origin\" and \"since_ms\", like {LIKE}"),
+            &format!(
+                "the body needs \"origin\" (an IP address or 16 hex digits) and \"since_ms\", \
+                 like {LIKE}"
+            ),
         );
     };
     let dry_run = value["dry_run"].as_bool().unwrap_or(false);
@@ -114,7 +117,7 @@ async fn revert(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
         );
     };
     let mut plan =
-        match crate::audit::plan(&app.store, dir, &app.origin_key, address, since_ms).await {
+        match crate::audit::plan(&app.store, dir, Some(&app.origin_key), who, since_ms).await {
             Ok(p) => p,
             Err(why) => return error(StatusCode::INTERNAL_SERVER_ERROR, &why),
         };
@@ -122,7 +125,7 @@ async fn revert(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let done = crate::audit::apply(&app.store, &mut plan).await;
         let report = plan.to_json(false);
         tracing::info!(
-            %address,
+            who = ?who,
             since_ms,
             restored = report["applied"].as_array().map_or(0, Vec::len),
             "omcb admin: reverted an address's changes"
@@ -216,13 +219,17 @@ pub enum AdminCommand {
     /// Print the board's settings (JSON).
     Settings,
     /// List what a client address did, from the change archive: each change
-    /// (time, epoch, seq, box, op), then a summary. Reads the archive
-    /// directory only (no worker or Redis needed).
+    /// (time, epoch, seq, box, op, origin), then a summary. Reads the
+    /// archive directory only (no worker or Redis needed).
     Audit {
         /// The client's IP address (hashed with the origin key, as the
-        /// workers do).
-        #[arg(long)]
-        origin: std::net::IpAddr,
+        /// workers do), or an origin (16 hex digits, as audit prints it).
+        #[arg(long, required_unless_present = "index")]
+        origin: Option<crate::audit::Who>,
+        /// Only changes to this box (with no --origin: everyone's, to find
+        /// who changed it).
+        #[arg(long = "box", id = "index")]
+        index: Option<u32>,
         /// From this time: RFC 3339 (`2026-11-26T05:00:00Z`) or a duration
         /// ago (`2h`).
         #[arg(long)]
@@ -234,9 +241,9 @@ pub enum AdminCommand {
         #[arg(long, env = "OMCB_ARCHIVE_DIR")]
         archive_dir: std::path::PathBuf,
         /// The workers' origin key (`--origin-key-file`; for the embedded
-        /// board, `origin.key` in its data dir).
+        /// board, `origin.key` in its data dir); needed for an address.
         #[arg(long, env = "OMCB_ORIGIN_KEY_FILE")]
-        origin_key_file: std::path::PathBuf,
+        origin_key_file: Option<std::path::PathBuf>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -246,9 +253,9 @@ pub enum AdminCommand {
     /// frozen boxes are listed, not touched. The changes are ordinary
     /// changes with the operator's origin (ffffffffffffffff).
     Revert {
-        /// The client's IP address.
+        /// The client's IP address, or an origin (16 hex digits).
         #[arg(long)]
-        origin: std::net::IpAddr,
+        origin: crate::audit::Who,
         /// From this time: RFC 3339 or a duration ago (`2h`).
         #[arg(long)]
         since: String,
@@ -344,14 +351,23 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             print!("{}", text(v));
         }
     };
-    if let AdminCommand::Audit { origin, since, until, archive_dir, origin_key_file, json } =
+    let key = |file: &Option<std::path::PathBuf>| {
+        file.as_deref().map(crate::origin::OriginKey::read).transpose().map_err(anyhow::Error::msg)
+    };
+    if let AdminCommand::Audit { origin, index, since, until, archive_dir, origin_key_file, json } =
         &args.command
     {
         let since_ms = time("--since", since)?;
         let until_ms = until.as_deref().map(|u| time("--until", u)).transpose()?;
-        let key = crate::origin::OriginKey::read(origin_key_file).map_err(anyhow::Error::msg)?;
-        let report = crate::audit::audit(archive_dir, &key, *origin, since_ms, until_ms)
-            .map_err(anyhow::Error::msg)?;
+        let key = key(origin_key_file)?;
+        let hash = origin.map(|w| w.origin(key.as_ref())).transpose().map_err(anyhow::Error::msg)?;
+        let address = match origin {
+            Some(crate::audit::Who::Address(ip)) => Some(ip.to_string()),
+            _ => None,
+        };
+        let report =
+            crate::audit::audit(archive_dir, address, hash, *index, since_ms, until_ms)
+                .map_err(anyhow::Error::msg)?;
         print(&report, *json, crate::audit::render_audit);
         return Ok(());
     }
@@ -398,22 +414,26 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             let since_ms = time("--since", &since)?;
             let report = match &target {
                 Target::Worker(url) => {
+                    let origin = match origin {
+                        crate::audit::Who::Address(ip) => ip.to_string(),
+                        crate::audit::Who::Origin(o) => crate::audit::origin_hex(o),
+                    };
                     let body = serde_json::json!({
-                        "origin": origin.to_string(), "since_ms": since_ms, "dry_run": dry_run,
+                        "origin": origin, "since_ms": since_ms, "dry_run": dry_run,
                     });
                     let body = body.to_string();
                     request(url, "POST", "/admin/revert", Some(&body), REVERT_PATIENCE).await?
                 }
                 Target::Redis(store) => {
-                    let (Some(dir), Some(key_file)) = (archive_dir, origin_key_file) else {
+                    let Some(dir) = archive_dir else {
                         anyhow::bail!(
-                            "revert with --redis needs --archive-dir and --origin-key-file \
-                             (OMCB_ARCHIVE_DIR, OMCB_ORIGIN_KEY_FILE)"
+                            "revert with --redis needs --archive-dir (OMCB_ARCHIVE_DIR), and for \
+                             an address --origin-key-file (OMCB_ORIGIN_KEY_FILE)"
                         );
                     };
-                    let key = crate::origin::OriginKey::read(&key_file).map_err(anyhow::Error::msg)?;
+                    let key = key(&origin_key_file)?;
                     let store = Store::Redis(store.clone());
-                    let mut plan = crate::audit::plan(&store, &dir, &key, origin, since_ms)
+                    let mut plan = crate::audit::plan(&store, &dir, key.as_ref(), origin, since_ms)
                         .await
                         .map_err(anyhow::Error::msg)?;
                     if !dry_run {

@@ -6,7 +6,12 @@
 //!   and lists every archived change whose origin is ADDR's keyed hash
 //!   ([`OriginKey::origin`], the workers' own function), then a summary. It
 //!   shows what the archive holds: the last block interval's changes may
-//!   not be there yet.
+//!   not be there yet. `--box N` lists who changed box N instead (or only
+//!   ADDR's changes of it): how an operator who sees a vandalised region
+//!   finds the origin behind it when no log names the address.
+//! - Wherever an address is asked for, an origin itself (16 hex digits, as
+//!   audit prints it) does too ([`Who`]): the archive holds no address, so
+//!   an origin found with `--box` can be audited and reverted as it is.
 //! - `omcb admin revert --origin ADDR --since T [--dry-run]` makes a
 //!   [`Plan`] and [`apply`]s it: through a worker's private listener
 //!   (`POST /admin/revert`, the embedded board, whose store has one writer),
@@ -67,6 +72,56 @@ use crate::origin::{OPERATOR, OriginKey};
 
 /// How many of the revert's sets are in flight at once (Redis round trips).
 const SETS_IN_FLIGHT: usize = 32;
+
+/// Whose changes: a client's IP address (hashed with the origin key) or an
+/// origin itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    /// A client address.
+    Address(IpAddr),
+    /// An origin, as the archive holds it.
+    Origin(u64),
+}
+
+impl std::str::FromStr for Who {
+    type Err = String;
+
+    /// An IP address, or 16 hex digits (an origin as audit prints it).
+    fn from_str(s: &str) -> Result<Who, String> {
+        let s = s.trim();
+        if let Ok(ip) = s.parse() {
+            return Ok(Who::Address(ip));
+        }
+        match u64::from_str_radix(s, 16) {
+            Ok(o) if s.len() == 16 => Ok(Who::Origin(o)),
+            _ => Err(format!(
+                "`{s}` is neither an IP address nor an origin (16 hex digits, as audit prints it)"
+            )),
+        }
+    }
+}
+
+impl Who {
+    /// The origin its changes carry; an address needs the origin key.
+    pub fn origin(&self, key: Option<&OriginKey>) -> Result<u64, String> {
+        match (self, key) {
+            (Who::Origin(o), _) => Ok(*o),
+            (Who::Address(ip), Some(key)) if key.is_set() => Ok(key.origin(*ip)),
+            (Who::Address(_), _) => Err(
+                "an address needs the workers' origin key (--origin-key-file, \
+                 OMCB_ORIGIN_KEY_FILE) to be found in the archive"
+                    .into(),
+            ),
+        }
+    }
+
+    fn address(&self) -> Option<String> {
+        match self {
+            Who::Address(ip) => Some(ip.to_string()),
+            Who::Origin(_) => None,
+        }
+    }
+}
 
 /// Parses a time for `--since`/`--until`: RFC 3339 (`2026-11-26T05:00:00Z`,
 /// an offset like `+02:00`, or none for UTC; a space for the `T` and
@@ -138,16 +193,18 @@ fn archive_error(e: &ArchiveError) -> String {
     }
 }
 
-/// `omcb admin audit`: the address's archived changes in `since..until`,
-/// every epoch, as the JSON the command prints (`render_audit` for people).
+/// `omcb admin audit`: the archived changes in `since..until` of `origin`
+/// (when given) to box `index` (when given), every epoch, as the JSON the
+/// command prints (`render_audit` for people). `address` is the address
+/// `origin` was hashed from, for the report.
 pub fn audit(
     root: &Path,
-    key: &OriginKey,
-    address: IpAddr,
+    address: Option<String>,
+    origin: Option<u64>,
+    index: Option<u32>,
     since_ms: u64,
     until_ms: Option<u64>,
 ) -> Result<serde_json::Value, String> {
-    let origin = key.origin(address);
     let reader = Reader::open(root).map_err(|e| archive_error(&e))?;
     let filter = Filter { epoch: None, since_ms: Some(since_ms), until_ms };
     let mut changes = Vec::new();
@@ -155,7 +212,9 @@ pub fn audit(
     let mut boxes = std::collections::HashSet::new();
     for entry in reader.entries(filter) {
         match entry.map_err(|e| archive_error(&e))? {
-            Entry::Change(c) if c.origin == origin => {
+            Entry::Change(c)
+                if origin.is_none_or(|o| o == c.origin) && index.is_none_or(|i| i == c.index) =>
+            {
                 boxes.insert(c.index);
                 changes.push(serde_json::json!({
                     "ms": c.ms,
@@ -164,6 +223,7 @@ pub fn audit(
                     "seq": c.seq,
                     "index": c.index,
                     "op": op_name(c.op),
+                    "origin": origin_hex(c.origin),
                 }));
             }
             Entry::Change(_) => {}
@@ -175,8 +235,9 @@ pub fn audit(
     let first = changes.first().map(|c| c["ms"].clone());
     let last = changes.last().map(|c| c["ms"].clone());
     Ok(serde_json::json!({
-        "address": address.to_string(),
-        "origin": origin_hex(origin),
+        "address": address,
+        "origin": origin.map(origin_hex),
+        "index": index,
         "since_ms": since_ms,
         "until_ms": until_ms,
         "changes": changes,
@@ -195,30 +256,39 @@ pub fn render_audit(v: &serde_json::Value) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let until = v["until_ms"].as_u64().map_or("now".into(), format_ms);
+    let by = match (v["address"].as_str(), v["origin"].as_str()) {
+        (Some(a), Some(o)) => format!(" by {a} (origin {o})"),
+        (None, Some(o)) => format!(" by origin {o}"),
+        _ => String::new(),
+    };
+    let of = v["index"].as_u64().map_or(String::new(), |i| format!(" to box {i}"));
     let _ = writeln!(
         out,
-        "changes by {} (origin {}) from {} to {until}",
-        v["address"].as_str().unwrap_or("?"),
-        v["origin"].as_str().unwrap_or("?"),
+        "changes{by}{of} from {} to {until}",
         format_ms(v["since_ms"].as_u64().unwrap_or(0)),
     );
-    let _ = writeln!(out, "{:<24}  {:<16}  {:>10}  {:>8}  op", "time", "epoch", "seq", "box");
+    let _ = writeln!(
+        out,
+        "{:<24}  {:<16}  {:>10}  {:>8}  {:<7}  origin",
+        "time", "epoch", "seq", "box", "op"
+    );
     for c in v["changes"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
-            "{:<24}  {:<16}  {:>10}  {:>8}  {}",
+            "{:<24}  {:<16}  {:>10}  {:>8}  {:<7}  {}",
             c["time"].as_str().unwrap_or(""),
             c["epoch"].as_str().unwrap_or(""),
             c["seq"].as_u64().unwrap_or(0),
             c["index"].as_u64().unwrap_or(0),
             c["op"].as_str().unwrap_or(""),
+            c["origin"].as_str().unwrap_or(""),
         );
     }
     for g in v["gaps"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
             "gap: epoch {} seqs {}..={} are not archived (the stream trimmed them before the \
-             archiver read them); this address's changes there, if any, are unknown",
+             archiver read them); the changes there, if any, are unknown",
             g["epoch"].as_str().unwrap_or(""),
             g["from_seq"],
             g["to_seq"],
@@ -256,7 +326,7 @@ struct Touched {
 /// What revert will do (or, after [`apply`], did).
 #[derive(Debug, Clone)]
 pub struct Plan {
-    address: IpAddr,
+    who: Who,
     origin: u64,
     since_ms: u64,
     /// The board compared against: its epoch and seq.
@@ -275,14 +345,11 @@ pub struct Plan {
 pub async fn plan(
     store: &Store,
     root: &Path,
-    key: &OriginKey,
-    address: IpAddr,
+    key: Option<&OriginKey>,
+    who: Who,
     since_ms: u64,
 ) -> Result<Plan, String> {
-    if !key.is_set() {
-        return Err("no origin key: the changes carry no origins to revert".into());
-    }
-    let origin = key.origin(address);
+    let origin = who.origin(key)?;
     let board = store.snapshot().await.map_err(|e| format!("reading the board: {e}"))?;
     let (epoch, upto) = (board.epoch, board.seq);
     let root_owned: PathBuf = root.to_path_buf();
@@ -298,7 +365,7 @@ pub async fn plan(
     } else {
         0
     };
-    Ok(make_plan(address, origin, since_ms, &board, &changes, archived_to, from_log))
+    Ok(make_plan(who, origin, since_ms, &board, &changes, archived_to, from_log))
 }
 
 /// The archive's changes of `epoch` in the window up to seq `upto`, and the
@@ -429,7 +496,7 @@ async fn read_log(
 }
 
 fn make_plan(
-    address: IpAddr,
+    who: Who,
     origin: u64,
     since_ms: u64,
     board: &Board,
@@ -471,7 +538,7 @@ fn make_plan(
         })
         .collect();
     Plan {
-        address,
+        who,
         origin,
         since_ms,
         epoch: board.epoch,
@@ -548,7 +615,7 @@ impl Plan {
             }
         }
         json!({
-            "address": self.address.to_string(),
+            "address": self.who.address(),
             "origin": origin_hex(self.origin),
             "operator_origin": origin_hex(OPERATOR),
             "since_ms": self.since_ms,
@@ -580,7 +647,7 @@ pub fn render_revert(v: &serde_json::Value) -> String {
         out,
         "revert of {} (origin {}) since {}: board epoch {} at seq {} (archive to seq {}, \
          {} changes from the store's log)",
-        v["address"].as_str().unwrap_or("?"),
+        v["address"].as_str().unwrap_or("an origin"),
         v["origin"].as_str().unwrap_or("?"),
         format_ms(v["since_ms"].as_u64().unwrap_or(0)),
         v["epoch"].as_str().unwrap_or("?"),
@@ -659,6 +726,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn who_is_an_address_or_an_origin() {
+        assert_eq!("127.0.0.2".parse(), Ok(Who::Address("127.0.0.2".parse().unwrap())));
+        assert_eq!("::1".parse(), Ok(Who::Address("::1".parse().unwrap())));
+        assert_eq!("8d28c2ff91b23dd5".parse(), Ok(Who::Origin(0x8d28_c2ff_91b2_3dd5)));
+        assert!("8d28c2ff".parse::<Who>().unwrap_err().contains("16 hex digits"));
+        let e = Who::Address("127.0.0.2".parse().unwrap()).origin(None).unwrap_err();
+        assert!(e.contains("--origin-key-file"), "{e}");
+    }
+
+    #[test]
     fn times_are_rfc3339_or_a_duration_ago() {
         let now = 1_800_000_000_000;
         assert_eq!(parse_time("2h", now).unwrap(), now - 7_200_000);
@@ -707,8 +784,7 @@ mod tests {
             })
             .unwrap();
         }
-        let ip: IpAddr = "127.0.0.2".parse().unwrap();
-        let plan = make_plan(ip, a, 0, &board, &changes, 11, 0);
+        let plan = make_plan(Who::Origin(a), a, 0, &board, &changes, 11, 0);
         let fates: Vec<(u32, Fate)> = plan.boxes.iter().map(|(&i, (_, f))| (i, *f)).collect();
         assert_eq!(
             fates,

@@ -132,18 +132,19 @@ fn checked_of(board: &omcb_proto::Board) -> Vec<u32> {
 
 /// Dry run (nothing changes), revert, then every client and every worker's
 /// `/api/state` shows the reverted board.
-/// `target` goes before `revert`, `extra` after it; `archived` is how many
-/// of the board's changes the plan must find in the archive (the rest come
-/// from the store's log).
+/// `target` goes before `revert`, `extra` after it; `who` names A (its
+/// address or its origin); `archived` is how many of the board's changes
+/// the plan must find in the archive (the rest come from the store's log).
 async fn dry_run_then_revert(
     addrs: &[SocketAddr],
     drawn: &mut Drawn,
     target: &[String],
     extra: &[String],
+    who: &str,
     archived: u64,
 ) {
     let mut args = target.to_vec();
-    args.extend(strings(&["revert", "--origin", "127.0.0.2", "--since", &drawn.since]));
+    args.extend(strings(&["revert", "--origin", who, "--since", &drawn.since]));
     args.extend(extra.iter().cloned());
     let mut dry = args.clone();
     dry.push("--dry-run".into());
@@ -222,13 +223,14 @@ async fn revert_restores_one_address_boxes_on_the_embedded_board() {
     until_archived(&archive, &key, &drawn).await;
     let target = vec!["--worker".to_owned(), format!("http://{}", w.metrics)];
     let archived = drawn.last;
-    dry_run_then_revert(&[w.addr], &mut drawn, &target, &[], archived).await;
+    dry_run_then_revert(&[w.addr], &mut drawn, &target, &[], "127.0.0.2", archived).await;
 }
 
 /// The same on a fleet of two workers, straight to Redis (`--redis`): A
 /// draws on one worker, B on the other, and the clients of both converge.
 /// No worker archives here: the plan reads every change of the window from
-/// the store's log (as it does for an archive that lags).
+/// the store's log (as it does for an archive that lags). A is named by its
+/// origin (as `audit --box` finds it), so no key is needed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revert_restores_one_address_boxes_on_a_fleet() {
     let redis = RedisServer::start().unwrap();
@@ -241,13 +243,9 @@ async fn revert_restores_one_address_boxes_on_a_fleet() {
     let addrs: Vec<SocketAddr> = workers.iter().map(|w| w.addr).collect();
     let mut drawn = draw(&addrs).await;
     let target = strings(&["--redis", &redis.url()]);
-    let extra = strings(&[
-        "--archive-dir",
-        &archive.display().to_string(),
-        "--origin-key-file",
-        &key.display().to_string(),
-    ]);
-    dry_run_then_revert(&addrs, &mut drawn, &target, &extra, 0).await;
+    let extra = strings(&["--archive-dir", &archive.display().to_string()]);
+    let who = format!("{:016x}", origin_of("127.0.0.2"));
+    dry_run_then_revert(&addrs, &mut drawn, &target, &extra, &who, 0).await;
 }
 
 /// Waits until the archive holds the drawing's last change.
@@ -326,6 +324,34 @@ async fn audit_lists_exactly_what_an_address_did() {
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(first_ms),
     ))]));
     assert_eq!(admin_json(&before).unwrap()["summary"]["changes"], 0);
+
+    // Who changed box 110: A checked it, then B unchecked it.
+    let by_box = strings(&[
+        "audit",
+        "--box",
+        "110",
+        "--since",
+        &drawn.since,
+        "--archive-dir",
+        &archive.display().to_string(),
+    ]);
+    let report = admin_json(&by_box).unwrap();
+    let who: Vec<(String, String)> = report["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["op"].as_str().unwrap().to_owned(), c["origin"].as_str().unwrap().to_owned()))
+        .collect();
+    let hex = |a: &str| format!("{:016x}", origin_of(a));
+    assert_eq!(
+        who,
+        [("check".to_owned(), hex("127.0.0.2")), ("uncheck".to_owned(), hex("127.0.0.3"))]
+    );
+    // ... and that origin audits as the address does, without the key.
+    let mut by_origin = by_box.clone();
+    by_origin.splice(1..3, strings(&["--origin", &hex("127.0.0.2")]));
+    let report = admin_json(&by_origin).unwrap();
+    assert_eq!(report["summary"]["changes"], 103, "{report}");
 }
 
 /// A corrupt block in the archive stops audit and revert with the file and
