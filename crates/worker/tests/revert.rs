@@ -462,3 +462,24 @@ async fn revert_lists_frozen_boxes_and_leaves_them() {
     assert_eq!(checked_of(&board), [0, 1, 2]);
     assert!((0..3).all(|i| board.is_frozen(i)));
 }
+
+/// `POST /admin/revert` is on the private listener only; a bad body is 400
+/// with the reason, a worker without an archive 409, and neither changes
+/// anything.
+#[tokio::test]
+async fn the_revert_route_is_private_and_checks_its_body() {
+    let w = Worker::start(&flags(OPEN));
+    let body = r#"{"origin": "127.0.0.2", "since_ms": 0}"#;
+    // The public listener has no admin route: it takes no POST at all.
+    assert_eq!(post(w.addr, "/admin/revert", body).await.0, 405);
+    assert_eq!(http_get(w.addr, "/admin/revert", &[]).await.status, 404);
+    for bad in ["", "{}", r#"{"origin": "nobody", "since_ms": 0}"#, r#"{"origin": "127.0.0.2"}"#] {
+        let (status, answer) = post(w.metrics, "/admin/revert", bad).await;
+        assert_eq!(status, 400, "{bad:?}: {answer}");
+        assert!(answer.contains("origin"), "{bad:?}: {answer}");
+    }
+    let (status, answer) = post(w.metrics, "/admin/revert", body).await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(answer.contains("--archive-dir"), "{answer}");
+    assert_eq!(w.stats().await["seq"], 0);
+}
