@@ -360,14 +360,14 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         let since_ms = time("--since", since)?;
         let until_ms = until.as_deref().map(|u| time("--until", u)).transpose()?;
         let key = key(origin_key_file)?;
-        let hash = origin.map(|w| w.origin(key.as_ref())).transpose().map_err(anyhow::Error::msg)?;
+        let hash =
+            origin.map(|w| w.origin(key.as_ref())).transpose().map_err(anyhow::Error::msg)?;
         let address = match origin {
             Some(crate::audit::Who::Address(ip)) => Some(ip.to_string()),
             _ => None,
         };
-        let report =
-            crate::audit::audit(archive_dir, address, hash, *index, since_ms, until_ms)
-                .map_err(anyhow::Error::msg)?;
+        let report = crate::audit::audit(archive_dir, address, hash, *index, since_ms, until_ms)
+            .map_err(anyhow::Error::msg)?;
         print(&report, *json, crate::audit::render_audit);
         return Ok(());
     }

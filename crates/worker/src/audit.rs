@@ -107,11 +107,11 @@ impl Who {
         match (self, key) {
             (Who::Origin(o), _) => Ok(*o),
             (Who::Address(ip), Some(key)) if key.is_set() => Ok(key.origin(*ip)),
-            (Who::Address(_), _) => Err(
-                "an address needs the workers' origin key (--origin-key-file, \
+            (Who::Address(_), _) => {
+                Err("an address needs the workers' origin key (--origin-key-file, \
                  OMCB_ORIGIN_KEY_FILE) to be found in the archive"
-                    .into(),
-            ),
+                    .into())
+            }
         }
     }
 
@@ -136,7 +136,9 @@ pub fn parse_time(s: &str, now_ms: u64) -> Result<u64, String> {
         return Ok(now_ms.saturating_sub(ago.as_millis() as u64));
     }
     let bad = |why: &str| {
-        format!("`{s}` is not an RFC 3339 time like 2026-11-26T05:00:00Z or a duration like 2h: {why}")
+        format!(
+            "`{s}` is not an RFC 3339 time like 2026-11-26T05:00:00Z or a duration like 2h: {why}"
+        )
     };
     // humantime reads UTC (`Z` or none); an offset is applied here.
     let (local, offset_ms) = match s.len().checked_sub(6).map(|i| s.split_at(i)) {
@@ -458,8 +460,10 @@ async fn read_log(
     let mut out = Vec::new();
     let mut at = after;
     while at < upto {
-        let read =
-            store.log_after(at, CHUNK).await.map_err(|e| format!("reading the store's log: {e}"))?;
+        let read = store
+            .log_after(at, CHUNK)
+            .await
+            .map_err(|e| format!("reading the store's log: {e}"))?;
         if read.epoch != epoch {
             return Err(format!(
                 "the board has a new epoch ({:016x}, was {epoch:016x}) since the revert began: \
@@ -655,7 +659,8 @@ pub fn render_revert(v: &serde_json::Value) -> String {
         v["archived_to_seq"],
         v["from_log"],
     );
-    let value = |b: &serde_json::Value| if b.as_bool() == Some(true) { "checked" } else { "unchecked" };
+    let value =
+        |b: &serde_json::Value| if b.as_bool() == Some(true) { "checked" } else { "unchecked" };
     for r in v["restore"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
@@ -760,8 +765,8 @@ mod tests {
         let (a, b) = (11, 22);
         let mut board = Board::new(10, 1, 0);
         let changes = [
-            change(1, 1, Op::Set(true), a),  // 1: a checks, nobody after: restore to false
-            change(2, 2, Op::Set(true), a),  // 2: a checks, b unchecks, a checks: restore
+            change(1, 1, Op::Set(true), a), // 1: a checks, nobody after: restore to false
+            change(2, 2, Op::Set(true), a), // 2: a checks, b unchecks, a checks: restore
             change(3, 2, Op::Set(false), b),
             change(4, 2, Op::Set(true), a),
             change(5, 3, Op::Set(true), a), // 3: a checks, b unchecks after: kept
@@ -773,16 +778,17 @@ mod tests {
             change(11, 6, Op::Set(true), b), // 6: only b: not in the plan
         ];
         for c in &changes {
-            board.apply_change(&omcb_store::Change {
-                seq: c.seq,
-                index: c.index,
-                op: c.op,
-                checked_count: 0,
-                frozen_count: 0,
-                committed_ms: c.ms,
-                origin: c.origin,
-            })
-            .unwrap();
+            board
+                .apply_change(&omcb_store::Change {
+                    seq: c.seq,
+                    index: c.index,
+                    op: c.op,
+                    checked_count: 0,
+                    frozen_count: 0,
+                    committed_ms: c.ms,
+                    origin: c.origin,
+                })
+                .unwrap();
         }
         let plan = make_plan(Who::Origin(a), a, 0, &board, &changes, 11, 0);
         let fates: Vec<(u32, Fate)> = plan.boxes.iter().map(|(&i, (_, f))| (i, *f)).collect();

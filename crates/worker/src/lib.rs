@@ -56,8 +56,8 @@
 pub mod admin;
 pub mod app;
 pub mod archiver;
-pub mod audit;
 pub mod assets;
+pub mod audit;
 pub mod config;
 pub mod conn;
 pub mod counts;

@@ -155,7 +155,13 @@ async fn dry_run_then_revert(
     let want: Vec<u64> = (20..100).chain([135]).collect();
     assert_eq!(indexes("restore"), want, "{plan}");
     assert_eq!(indexes("kept"), (100..120).collect::<Vec<u64>>(), "{plan}");
-    assert!(plan["kept"].as_array().unwrap().iter().all(|k| k["by"] == format!("{:016x}", origin_of("127.0.0.3"))));
+    assert!(
+        plan["kept"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["by"] == format!("{:016x}", origin_of("127.0.0.3")))
+    );
     assert_eq!(plan["unchanged"], serde_json::json!([500]), "{plan}");
     assert_eq!(plan["frozen"], serde_json::json!([]), "{plan}");
     assert_eq!(plan["applied"], serde_json::json!([]), "a dry run applies nothing");
@@ -213,11 +219,8 @@ async fn revert_restores_one_address_boxes_on_the_embedded_board() {
     let key = key_file(dir.path());
     let archive = dir.path().join("archive");
     std::fs::create_dir_all(&archive).unwrap();
-    let args = format!(
-        "{OPEN} --archive-dir {} --origin-key-file {}",
-        archive.display(),
-        key.display()
-    );
+    let args =
+        format!("{OPEN} --archive-dir {} --origin-key-file {}", archive.display(), key.display());
     let w = Worker::start(&flags(&args));
     let mut drawn = draw(&[w.addr]).await;
     until_archived(&archive, &key, &drawn).await;
@@ -278,11 +281,8 @@ async fn audit_lists_exactly_what_an_address_did() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path());
     let archive = dir.path().join("archive");
-    let args = format!(
-        "{OPEN} --archive-dir {} --origin-key-file {}",
-        archive.display(),
-        key.display()
-    );
+    let args =
+        format!("{OPEN} --archive-dir {} --origin-key-file {}", archive.display(), key.display());
     let w = Worker::start(&flags(&args));
     let drawn = draw(&[w.addr]).await;
     let audit = strings(&[
@@ -320,9 +320,15 @@ async fn audit_lists_exactly_what_an_address_did() {
     // Until before A's first change: nothing.
     let first_ms = report["changes"][0]["ms"].as_u64().unwrap();
     let mut before = audit.clone();
-    before.extend(strings(&["--until", &format!("{}", humantime::format_rfc3339_millis(
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(first_ms),
-    ))]));
+    before.extend(strings(&[
+        "--until",
+        &format!(
+            "{}",
+            humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(first_ms),
+            )
+        ),
+    ]));
     assert_eq!(admin_json(&before).unwrap()["summary"]["changes"], 0);
 
     // Who changed box 110: A checked it, then B unchecked it.
@@ -361,8 +367,7 @@ async fn a_corrupt_segment_stops_audit_and_revert_with_file_and_offset() {
     let redis = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path());
-    let args =
-        format!("--redis {} {OPEN} --origin-key-file {}", redis.url(), key.display());
+    let args = format!("--redis {} {OPEN} --origin-key-file {}", redis.url(), key.display());
     let w = Worker::start(&flags(&args));
     let since = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let mut a = connect_from(ip("127.0.0.2"), w.addr, "/ws").await;
