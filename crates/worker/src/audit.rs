@@ -58,7 +58,9 @@
 //! or repeated seqs) stops audit and revert with its file and offset;
 //! nothing is skipped. A recorded gap (seqs the stream had trimmed before
 //! the archiver read them) is listed by audit, and stops revert when it
-//! falls in the window, as revert cannot know who changed what there.
+//! may fall in the window, as revert cannot know who changed what there (a
+//! gap has no time: one followed by a change from before the window is
+//! before it; see [`check_gaps`]).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -355,46 +357,60 @@ pub async fn plan(
     let board = store.snapshot().await.map_err(|e| format!("reading the board: {e}"))?;
     let (epoch, upto) = (board.epoch, board.seq);
     let root_owned: PathBuf = root.to_path_buf();
-    let (mut changes, archived_to) =
-        tokio::task::spawn_blocking(move || read_window(&root_owned, epoch, since_ms, upto))
+    let root_for_window = root_owned.clone();
+    let window =
+        tokio::task::spawn_blocking(move || read_window(&root_for_window, epoch, since_ms, upto))
             .await
             .map_err(|e| format!("reading the archive: {e}"))??;
-    let from_log = if archived_to < upto {
-        let tail = read_log(store, epoch, archived_to, upto).await?;
-        let n = tail.len();
-        changes.extend(tail.into_iter().filter(|c| c.ms >= since_ms));
-        n
-    } else {
-        0
-    };
+    let archived_to = window.archived_to;
+    let tail =
+        if archived_to < upto { read_log(store, epoch, archived_to, upto).await? } else { vec![] };
+    let from_log = tail.len();
+    let mut changes = window.changes.clone();
+    changes.extend(tail.into_iter().filter(|c| c.ms >= since_ms));
+    let first = changes.first().map_or(upto + 1, |c| c.seq);
+    tokio::task::spawn_blocking(move || check_gaps(&root_owned, epoch, &window, first, upto))
+        .await
+        .map_err(|e| format!("reading the archive: {e}"))??;
     Ok(make_plan(who, origin, since_ms, &board, &changes, archived_to, from_log))
 }
 
-/// The archive's changes of `epoch` in the window up to seq `upto`, and the
-/// last seq the archive holds. A torn block at the very end of the epoch's
-/// last segment may be the archiver writing it now: read again a few times
-/// before calling it damage.
-fn read_window(
-    root: &Path,
-    epoch: u64,
-    since_ms: u64,
-    upto: u64,
-) -> Result<(Vec<ArchivedChange>, u64), String> {
+/// The archive's changes of `epoch` in the window up to seq `upto`, the
+/// last seq the archive holds, and the gaps the reader met. A torn block at
+/// the very end of the epoch's last segment may be the archiver writing it
+/// now: read again a few times before calling it damage.
+fn read_window(root: &Path, epoch: u64, since_ms: u64, upto: u64) -> Result<Window, String> {
+    retry_torn_tail(|| read_window_once(root, epoch, since_ms, upto))
+}
+
+/// Runs `read` again (at most 5 times, 100 ms apart) while it fails with a
+/// torn block in the epoch's last segment.
+fn retry_torn_tail<T>(
+    mut read: impl FnMut() -> Result<T, (ArchiveError, bool)>,
+) -> Result<T, String> {
     let mut tries = 0;
     loop {
-        match read_window_once(root, epoch, since_ms, upto) {
+        match read() {
             Err((ArchiveError::Truncated { .. }, true)) if tries < 5 => {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(100));
             }
             Err((e, _)) => return Err(archive_error(&e)),
-            Ok(Err(why)) => return Err(why),
-            Ok(Ok(window)) => return Ok(window),
+            Ok(window) => return Ok(window),
         }
     }
 }
 
-type Window = Result<(Vec<ArchivedChange>, u64), String>;
+/// What [`read_window`] found.
+#[derive(Debug)]
+struct Window {
+    /// The window's changes, in seq order.
+    changes: Vec<ArchivedChange>,
+    /// The last seq the archive holds (at most `upto`).
+    archived_to: u64,
+    /// The gap records the reader gave, `(from, to)`.
+    gaps: Vec<(u64, u64)>,
+}
 
 /// One read of [`read_window`]; an archive error comes with whether it is
 /// in the epoch's last segment.
@@ -407,45 +423,110 @@ fn read_window_once(
     let reader = Reader::open(root).map_err(|e| (e, false))?;
     let segments = reader.segments_of(epoch).map_err(|e| (e, false))?;
     let last_path = segments.last().map(|s| s.path.clone());
-    let in_last = |e: &ArchiveError| e.file().is_some() && e.file() == last_path.as_deref();
+    let in_last = |e: ArchiveError| {
+        let last = e.file().is_some() && e.file() == last_path.as_deref();
+        (e, last)
+    };
     let filter = Filter { epoch: Some(epoch), since_ms: Some(since_ms), until_ms: None };
-    let mut changes = Vec::new();
+    let mut window = Window { changes: Vec::new(), archived_to: 0, gaps: Vec::new() };
     for entry in reader.entries(filter) {
-        match entry {
-            Err(e) => {
-                let last = in_last(&e);
-                return Err((e, last));
-            }
-            Ok(Entry::Change(c)) if c.seq <= upto => changes.push(c),
-            Ok(Entry::Change(_)) => {}
-            Ok(Entry::Gap { from_seq, to_seq, .. }) if from_seq <= upto => {
-                return Ok(Err(format!(
-                    "the archive has a gap in the window: seqs {from_seq}..={to_seq} of epoch \
-                     {epoch:016x} were trimmed from the stream before the archiver read them; \
-                     revert cannot tell who changed what there (choose a --since after it, or \
-                     revert by hand from `omcb admin audit`)"
-                )));
-            }
-            Ok(Entry::Gap { .. }) => {}
+        match entry.map_err(in_last)? {
+            Entry::Change(c) if c.seq <= upto => window.changes.push(c),
+            Entry::Change(_) => {}
+            Entry::Gap { from_seq, to_seq, .. } => window.gaps.push((from_seq, to_seq)),
         }
     }
     // The last seq archived: the last block of the last segment that has one.
-    let mut archived_to = 0;
     for seg in segments.iter().rev() {
         let mut last = None;
         for block in omcb_archive::read_blocks(&seg.path) {
-            let block = block.map_err(|e| {
-                let last = in_last(&e);
-                (e, last)
-            })?;
-            last = Some(block.header.last_seq);
+            last = Some(block.map_err(in_last)?.header.last_seq);
         }
         if let Some(l) = last {
-            archived_to = l;
+            window.archived_to = l.min(upto);
             break;
         }
     }
-    Ok(Ok((changes, archived_to.min(upto))))
+    Ok(window)
+}
+
+/// Whether seq `seq` of `epoch` is in a gap record of the archive (the
+/// reader leaves out a gap whose block's changes are all before the window,
+/// and such a gap may end just before the window's first change).
+fn in_a_gap(root: &Path, epoch: u64, seq: u64) -> Result<Option<(u64, u64)>, String> {
+    retry_torn_tail(|| {
+        let reader = Reader::open(root).map_err(|e| (e, false))?;
+        let segments = reader.segments_of(epoch).map_err(|e| (e, false))?;
+        let last_path = segments.last().map(|s| s.path.clone());
+        let in_last = |e: ArchiveError| {
+            let last = e.file().is_some() && e.file() == last_path.as_deref();
+            (e, last)
+        };
+        for seg in segments.iter().rev() {
+            let mut blocks = omcb_archive::read_blocks(&seg.path).peekable();
+            match blocks.peek() {
+                None => continue,
+                Some(Ok(b)) if b.header.first_seq > seq => continue,
+                Some(_) => {}
+            }
+            for block in blocks {
+                let block = block.map_err(in_last)?;
+                let h = block.header;
+                if (h.first_seq..=h.last_seq).contains(&seq) {
+                    let records =
+                        omcb_archive::decode_block(&h, &block.payload).map_err(|why| {
+                            in_last(ArchiveError::Corrupt {
+                                file: seg.path.clone(),
+                                offset: block.offset,
+                                why,
+                            })
+                        })?;
+                    return Ok(records.into_iter().find_map(|r| match r {
+                        omcb_archive::Record::Gap { from, to } if (from..=to).contains(&seq) => {
+                            Some((from, to))
+                        }
+                        _ => None,
+                    }));
+                }
+            }
+            return Ok(None);
+        }
+        Ok(None)
+    })
+}
+
+fn gap_in_window(epoch: u64, (from, to): (u64, u64)) -> String {
+    format!(
+        "the archive has a gap in the window: seqs {from}..={to} of epoch {epoch:016x} were \
+         trimmed from the stream before the archiver read them; revert cannot tell who changed \
+         what there (choose a later --since, or revert by hand from `omcb admin audit`)"
+    )
+}
+
+/// Refuses a gap that may hold changes of the window. A gap has no time;
+/// its seqs were committed before the change after it (the store's seqs
+/// follow its clock). So with `first` the window's first seq (its first
+/// change, or the one after the board's seq when it has none), a gap that
+/// ends before `first - 1` is followed by a change before the window and is
+/// before it too; a gap up to `first - 1` or later may be in it.
+fn check_gaps(
+    root: &Path,
+    epoch: u64,
+    window: &Window,
+    first: u64,
+    upto: u64,
+) -> Result<(), String> {
+    let boundary = first.saturating_sub(1);
+    if let Some(&g) = window.gaps.iter().find(|g| g.1 >= boundary && g.0 <= upto) {
+        return Err(gap_in_window(epoch, g));
+    }
+    if boundary >= 1
+        && boundary <= window.archived_to
+        && let Some(g) = in_a_gap(root, epoch, boundary)?
+    {
+        return Err(gap_in_window(epoch, g));
+    }
+    Ok(())
 }
 
 /// The changes after `after` up to `upto` of `epoch`, from the store's log
@@ -751,6 +832,84 @@ mod tests {
         assert_eq!(parse_time("2026-11-26T04:30:00.5-00:30", now).unwrap(), 1_795_669_200_500);
         assert!(parse_time("yesterday", now).unwrap_err().contains("2026-11-26T05:00:00Z"));
         assert!(parse_time("2026-13-26T05:00:00Z", now).is_err());
+    }
+
+    /// An archive of epoch 1 with `records`: `(seq, ms)` changes (ms 0 =
+    /// a gap record ending at that seq, from the seq after the previous;
+    /// seq 0 = end the block here).
+    fn archive(records: &[(u64, u64)]) -> tempfile::TempDir {
+        use omcb_archive::{Record, Writer};
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::open(dir.path(), 1).unwrap();
+        let mut last = 0;
+        for &(seq, ms) in records {
+            if seq == 0 {
+                w.flush(10_000).unwrap();
+                continue;
+            }
+            w.push(match ms {
+                0 => Record::Gap { from: last + 1, to: seq },
+                ms => Record::Change { seq, ms, index: 0, op: Op::Set(seq % 2 == 1), origin: 7 },
+            })
+            .unwrap();
+            last = seq;
+        }
+        w.flush(10_000).unwrap();
+        dir
+    }
+
+    /// The window's changes from 3000 ms up to seq `upto`, with
+    /// [`check_gaps`]' verdict.
+    fn window(records: &[(u64, u64)], upto: u64) -> Result<Vec<u64>, String> {
+        let dir = archive(records);
+        let w = read_window(dir.path(), 1, 3000, upto)?;
+        let first = w.changes.first().map_or(upto + 1, |c| c.seq);
+        check_gaps(dir.path(), 1, &w, first, upto)?;
+        Ok(w.changes.iter().map(|c| c.seq).collect())
+    }
+
+    /// A gap in the window stops revert; one before it does not (the change
+    /// after it is before the window), also when the reader leaves it out;
+    /// one just before the window's first change may hold changes of the
+    /// window and stops it too.
+    #[test]
+    fn only_a_gap_that_may_be_in_the_window_stops_revert() {
+        let seqs = |from: u64, to: u64, ms: u64| (from..=to).map(move |s| (s, ms));
+        let before: Vec<_> =
+            [(10, 0)].into_iter().chain(seqs(11, 20, 1000)).chain(seqs(21, 30, 5000)).collect();
+        assert_eq!(window(&before, 30).unwrap(), (21..=30).collect::<Vec<u64>>());
+
+        let between: Vec<_> = seqs(1, 5, 1000)
+            .chain([(8, 0)])
+            .chain(seqs(9, 10, 1000))
+            .chain(seqs(11, 12, 5000))
+            .collect();
+        assert_eq!(window(&between, 12).unwrap(), [11, 12]);
+
+        // The same with the gap in a block of its own the reader skips.
+        let skipped: Vec<_> = seqs(1, 5, 1000)
+            .chain([(8, 0)])
+            .chain(seqs(9, 10, 1000))
+            .chain([(0, 0)])
+            .chain(seqs(11, 12, 5000))
+            .collect();
+        assert_eq!(window(&skipped, 12).unwrap(), [11, 12]);
+
+        let inside: Vec<_> = seqs(1, 10, 5000).chain([(15, 0)]).chain(seqs(16, 20, 6000)).collect();
+        let e = window(&inside, 20).unwrap_err();
+        assert!(e.contains("gap in the window: seqs 11..=15"), "{e}");
+
+        // At the end of a block of earlier changes, which the reader skips,
+        // right before the window's first change.
+        let boundary: Vec<_> =
+            seqs(1, 10, 1000).chain([(15, 0), (0, 0)]).chain(seqs(16, 20, 5000)).collect();
+        let e = window(&boundary, 20).unwrap_err();
+        assert!(e.contains("gap in the window: seqs 11..=15"), "{e}");
+
+        // The archive's end, with nothing after it.
+        let end: Vec<_> = seqs(1, 10, 1000).chain([(15, 0)]).collect();
+        let e = window(&end, 15).unwrap_err();
+        assert!(e.contains("gap in the window: seqs 11..=15"), "{e}");
     }
 
     fn change(seq: u64, index: u32, op: Op, origin: u64) -> ArchivedChange {
