@@ -212,10 +212,20 @@ pub fn audit(
     let reader = Reader::open(root).map_err(|e| archive_error(&e))?;
     let filter = Filter { epoch: None, since_ms: Some(since_ms), until_ms };
     let mut changes = Vec::new();
-    let mut gaps = Vec::new();
+    let mut gaps: Vec<(u64, u64, u64)> = Vec::new();
     let mut boxes = std::collections::HashSet::new();
+    // Each epoch's first change in the window: the reader leaves out a gap
+    // whose block's changes are all earlier, and one that ends right before
+    // that change may hold changes of the window (see `check_gaps`).
+    let mut firsts: Vec<(u64, u64)> = Vec::new();
     for entry in reader.entries(filter) {
-        match entry.map_err(|e| archive_error(&e))? {
+        let entry = entry.map_err(|e| archive_error(&e))?;
+        if let Entry::Change(c) = entry
+            && firsts.last().is_none_or(|&(e, _)| e != c.epoch)
+        {
+            firsts.push((c.epoch, c.seq));
+        }
+        match entry {
             Entry::Change(c)
                 if origin.is_none_or(|o| o == c.origin) && index.is_none_or(|i| i == c.index) =>
             {
@@ -231,11 +241,25 @@ pub fn audit(
                 }));
             }
             Entry::Change(_) => {}
-            Entry::Gap { epoch, from_seq, to_seq } => gaps.push(serde_json::json!({
-                "epoch": origin_hex(epoch), "from_seq": from_seq, "to_seq": to_seq,
-            })),
+            Entry::Gap { epoch, from_seq, to_seq } => gaps.push((epoch, from_seq, to_seq)),
         }
     }
+    for (epoch, first) in firsts {
+        if first > 1
+            && let Some((from, to)) = in_a_gap(root, epoch, first - 1)?
+            && !gaps.contains(&(epoch, from, to))
+        {
+            gaps.push((epoch, from, to));
+        }
+    }
+    let gaps: Vec<serde_json::Value> = gaps
+        .into_iter()
+        .map(|(epoch, from_seq, to_seq)| {
+            serde_json::json!({
+                "epoch": origin_hex(epoch), "from_seq": from_seq, "to_seq": to_seq,
+            })
+        })
+        .collect();
     let first = changes.first().map(|c| c["ms"].clone());
     let last = changes.last().map(|c| c["ms"].clone());
     Ok(serde_json::json!({
@@ -905,6 +929,14 @@ mod tests {
             seqs(1, 10, 1000).chain([(15, 0), (0, 0)]).chain(seqs(16, 20, 5000)).collect();
         let e = window(&boundary, 20).unwrap_err();
         assert!(e.contains("gap in the window: seqs 11..=15"), "{e}");
+        // Audit lists it.
+        let dir = archive(&boundary);
+        let report = audit(dir.path(), None, Some(7), None, 3000, None).unwrap();
+        assert_eq!(report["summary"]["changes"], 5);
+        assert_eq!(
+            report["gaps"],
+            serde_json::json!([{ "epoch": "0000000000000001", "from_seq": 11, "to_seq": 15 }])
+        );
 
         // The archive's end, with nothing after it.
         let end: Vec<_> = seqs(1, 10, 1000).chain([(15, 0)]).collect();
