@@ -1,13 +1,18 @@
-//! Operator actions on the board: the sunset (`freeze_after`), both ends.
+//! Operator actions on the board: the sunset (`freeze_after`), audit and
+//! revert (`audit.rs`), both ends.
 //!
-//! - The worker's side: `GET /admin/settings` and `POST /admin/sunset` on the
+//! - The worker's side: `GET /admin/settings`, `POST /admin/sunset` and
+//!   `POST /admin/revert` (body `{"origin": "ADDR", "since_ms": N,
+//!   "dry_run": BOOL}`, answered with the revert's JSON) on the
 //!   **private** listener only (`--metrics-listen`, beside `/metrics`; the
 //!   public listener answers 404 for them, `admin_routes_are_not_on_the_public_listener`
 //!   checks it). A change goes to the store, which keeps it with the board
 //!   (the Redis config hash, the embedded board file) before it answers.
 //! - The command line's side: `omcb admin [--worker URL | --redis URL]
-//!   sunset start|set|stop` and `omcb admin settings`, talking to a worker's
-//!   private listener, or in a fleet straight to Redis (no worker needed).
+//!   sunset start|set|stop`, `omcb admin settings` and `omcb admin revert`,
+//!   talking to a worker's private listener, or in a fleet straight to Redis
+//!   (no worker needed); `omcb admin audit` reads the archive directory
+//!   itself.
 //!
 //! How the change spreads: each worker reads the board's settings every tick
 //! (`server::settings_loop`: free for the embedded store, one `HGET` per tick
@@ -77,22 +82,75 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 Err(e) => store_error(&e),
             }
         }
-        (_, "/admin/settings" | "/admin/sunset") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "GET /admin/settings, POST /admin/sunset")
-        }
+        (&Method::POST, "/admin/revert") => revert(app, req).await,
+        (_, "/admin/settings" | "/admin/sunset" | "/admin/revert") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET /admin/settings, POST /admin/sunset, POST /admin/revert",
+        ),
         _ => error(StatusCode::NOT_FOUND, "no such admin route"),
     }
 }
 
-/// The body of `POST /admin/sunset`: `{"freeze_after_ms": N}`, 0 to stop.
-async fn read_sunset(req: Request<Incoming>) -> Result<u64, String> {
+/// `POST /admin/revert`: plans the revert from this worker's archive and
+/// store, applies it unless `dry_run`, answers the plan.
+async fn revert(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    const LIKE: &str = r#"{"origin": "203.0.113.7", "since_ms": 1795582800000, "dry_run": true}"#;
+    let value = match read_json(req, LIKE).await {
+        Ok(v) => v,
+        Err(why) => return error(StatusCode::BAD_REQUEST, &why),
+    };
+    let who = value["origin"].as_str().map(str::parse::<crate::audit::Who>);
+    let (Some(Ok(who)), Some(since_ms)) = (who, value["since_ms"].as_u64()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "the body needs \"origin\" (an IP address or 16 hex digits) and \"since_ms\", \
+                 like {LIKE}"
+            ),
+        );
+    };
+    let dry_run = value["dry_run"].as_bool().unwrap_or(false);
+    let Some(dir) = &app.config.archive_dir else {
+        return error(
+            StatusCode::CONFLICT,
+            "this worker keeps no change archive (start it with --archive-dir): nothing to revert from",
+        );
+    };
+    let mut plan =
+        match crate::audit::plan(&app.store, dir, Some(&app.origin_key), who, since_ms).await {
+            Ok(p) => p,
+            Err(why) => return error(StatusCode::INTERNAL_SERVER_ERROR, &why),
+        };
+    if !dry_run {
+        let done = crate::audit::apply(&app.store, &mut plan).await;
+        let report = plan.to_json(false);
+        tracing::info!(
+            who = ?who,
+            since_ms,
+            restored = report["applied"].as_array().map_or(0, Vec::len),
+            "omcb admin: reverted an address's changes"
+        );
+        if let Err(why) = done {
+            return error(StatusCode::SERVICE_UNAVAILABLE, &why);
+        }
+        return json(StatusCode::OK, &report);
+    }
+    json(StatusCode::OK, &plan.to_json(true))
+}
+
+/// A JSON request body (at most 4 KiB); `like` shows what one looks like.
+async fn read_json(req: Request<Incoming>, like: &str) -> Result<serde_json::Value, String> {
     let body = Limited::new(req.into_body(), 4096)
         .collect()
         .await
         .map_err(|e| format!("reading the body: {e}"))?
         .to_bytes();
-    let value: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| format!("the body is not JSON like {{\"freeze_after_ms\": 600000}}: {e}"))?;
+    serde_json::from_slice(&body).map_err(|e| format!("the body is not JSON like {like}: {e}"))
+}
+
+/// The body of `POST /admin/sunset`: `{"freeze_after_ms": N}`, 0 to stop.
+async fn read_sunset(req: Request<Incoming>) -> Result<u64, String> {
+    let value = read_json(req, r#"{"freeze_after_ms": 600000}"#).await?;
     let ms = value
         .get("freeze_after_ms")
         .and_then(serde_json::Value::as_u64)
@@ -160,6 +218,62 @@ pub enum AdminCommand {
     },
     /// Print the board's settings (JSON).
     Settings,
+    /// List what a client address did, from the change archive: each change
+    /// (time, epoch, seq, box, op, origin), then a summary. Reads the
+    /// archive directory only (no worker or Redis needed).
+    Audit {
+        /// The client's IP address (hashed with the origin key, as the
+        /// workers do), or an origin (16 hex digits, as audit prints it).
+        #[arg(long, required_unless_present = "index")]
+        origin: Option<crate::audit::Who>,
+        /// Only changes to this box (with no --origin: everyone's, to find
+        /// who changed it).
+        #[arg(long = "box", id = "index")]
+        index: Option<u32>,
+        /// From this time: RFC 3339 (`2026-11-26T05:00:00Z`) or a duration
+        /// ago (`2h`).
+        #[arg(long)]
+        since: String,
+        /// Up to (not including) this time; default now.
+        #[arg(long)]
+        until: Option<String>,
+        /// The change archive (the archiving worker's `--archive-dir`).
+        #[arg(long, env = "OMCB_ARCHIVE_DIR")]
+        archive_dir: std::path::PathBuf,
+        /// The workers' origin key (`--origin-key-file`; for the embedded
+        /// board, `origin.key` in its data dir); needed for an address.
+        #[arg(long, env = "OMCB_ORIGIN_KEY_FILE")]
+        origin_key_file: Option<std::path::PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set every box a client address changed since a time back to its value
+    /// before, unless someone else changed it since (listed, not touched);
+    /// frozen boxes are listed, not touched. The changes are ordinary
+    /// changes with the operator's origin (ffffffffffffffff).
+    Revert {
+        /// The client's IP address, or an origin (16 hex digits).
+        #[arg(long)]
+        origin: crate::audit::Who,
+        /// From this time: RFC 3339 or a duration ago (`2h`).
+        #[arg(long)]
+        since: String,
+        /// Print the plan, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// With `--redis`: the change archive (with `--worker` the worker
+        /// uses its own `--archive-dir`).
+        #[arg(long, env = "OMCB_ARCHIVE_DIR")]
+        archive_dir: Option<std::path::PathBuf>,
+        /// With `--redis`: the workers' origin key (with `--worker` the
+        /// worker uses its own).
+        #[arg(long, env = "OMCB_ORIGIN_KEY_FILE")]
+        origin_key_file: Option<std::path::PathBuf>,
+    },
 }
 
 /// `omcb admin sunset ...`.
@@ -196,7 +310,7 @@ enum Target {
 impl Target {
     async fn read(&self, board: &str) -> anyhow::Result<serde_json::Value> {
         match self {
-            Target::Worker(url) => request(url, "GET", "/admin/settings", None).await,
+            Target::Worker(url) => request(url, "GET", "/admin/settings", None, PATIENCE).await,
             Target::Redis(store) => {
                 Ok(settings_json(board, &Store::Redis(store.clone()).current_config().await?))
             }
@@ -207,7 +321,7 @@ impl Target {
         match self {
             Target::Worker(url) => {
                 let body = serde_json::json!({ "freeze_after_ms": freeze_after_ms }).to_string();
-                request(url, "POST", "/admin/sunset", Some(&body)).await
+                request(url, "POST", "/admin/sunset", Some(&body), PATIENCE).await
             }
             Target::Redis(store) => {
                 Ok(settings_json(board, &store.set_freeze_after(freeze_after_ms).await?))
@@ -216,10 +330,47 @@ impl Target {
     }
 }
 
-/// Runs `omcb admin`; prints the board's settings after the action as JSON.
+/// How long `omcb admin` waits for Redis or a worker.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// How long `omcb admin revert` waits for a worker to plan and apply.
+const REVERT_PATIENCE: Duration = Duration::from_secs(300);
+
+/// Runs `omcb admin`; prints the board's settings after the action as JSON,
+/// or the audit's or revert's report.
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    const PATIENCE: Duration = Duration::from_secs(10);
+    let now = crate::audit::now_ms();
+    let time = |flag: &str, s: &str| {
+        crate::audit::parse_time(s, now).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+    };
+    let print = |v: &serde_json::Value, json: bool, text: fn(&serde_json::Value) -> String| {
+        if json {
+            println!("{v}");
+        } else {
+            print!("{}", text(v));
+        }
+    };
+    let key = |file: &Option<std::path::PathBuf>| {
+        file.as_deref().map(crate::origin::OriginKey::read).transpose().map_err(anyhow::Error::msg)
+    };
+    if let AdminCommand::Audit { origin, index, since, until, archive_dir, origin_key_file, json } =
+        &args.command
+    {
+        let since_ms = time("--since", since)?;
+        let until_ms = until.as_deref().map(|u| time("--until", u)).transpose()?;
+        let key = key(origin_key_file)?;
+        let hash =
+            origin.map(|w| w.origin(key.as_ref())).transpose().map_err(anyhow::Error::msg)?;
+        let address = match origin {
+            Some(crate::audit::Who::Address(ip)) => Some(ip.to_string()),
+            _ => None,
+        };
+        let report = crate::audit::audit(archive_dir, address, hash, *index, since_ms, until_ms)
+            .map_err(anyhow::Error::msg)?;
+        print(&report, *json, crate::audit::render_audit);
+        return Ok(());
+    }
     let target = match (&args.worker, &args.redis) {
         (Some(url), _) => Target::Worker(url.clone()),
         (None, Some(url)) => {
@@ -259,6 +410,42 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             target.write(board, after.as_millis() as u64).await?
         }
         AdminCommand::Sunset { action: SunsetAction::Stop } => target.write(board, 0).await?,
+        AdminCommand::Revert { origin, since, dry_run, json, archive_dir, origin_key_file } => {
+            let since_ms = time("--since", &since)?;
+            let report = match &target {
+                Target::Worker(url) => {
+                    let origin = match origin {
+                        crate::audit::Who::Address(ip) => ip.to_string(),
+                        crate::audit::Who::Origin(o) => crate::audit::origin_hex(o),
+                    };
+                    let body = serde_json::json!({
+                        "origin": origin, "since_ms": since_ms, "dry_run": dry_run,
+                    });
+                    let body = body.to_string();
+                    request(url, "POST", "/admin/revert", Some(&body), REVERT_PATIENCE).await?
+                }
+                Target::Redis(store) => {
+                    let Some(dir) = archive_dir else {
+                        anyhow::bail!(
+                            "revert with --redis needs --archive-dir (OMCB_ARCHIVE_DIR), and for \
+                             an address --origin-key-file (OMCB_ORIGIN_KEY_FILE)"
+                        );
+                    };
+                    let key = key(&origin_key_file)?;
+                    let store = Store::Redis(store.clone());
+                    let mut plan = crate::audit::plan(&store, &dir, key.as_ref(), origin, since_ms)
+                        .await
+                        .map_err(anyhow::Error::msg)?;
+                    if !dry_run {
+                        crate::audit::apply(&store, &mut plan).await.map_err(anyhow::Error::msg)?;
+                    }
+                    plan.to_json(dry_run)
+                }
+            };
+            print(&report, json, crate::audit::render_revert);
+            return Ok(());
+        }
+        AdminCommand::Audit { .. } => unreachable!("handled above"),
     };
     println!("{settings}");
     Ok(())
@@ -271,6 +458,7 @@ async fn request(
     method: &str,
     path: &str,
     body: Option<&str>,
+    patience: Duration,
 ) -> anyhow::Result<serde_json::Value> {
     use anyhow::Context as _;
     let host = url
@@ -293,9 +481,9 @@ async fn request(
         let body = resp.into_body().collect().await?.to_bytes();
         Ok::<_, anyhow::Error>((status, body))
     };
-    let (status, body) = tokio::time::timeout(Duration::from_secs(10), exchange)
+    let (status, body) = tokio::time::timeout(patience, exchange)
         .await
-        .with_context(|| format!("{url} did not answer within 10 s"))?
+        .with_context(|| format!("{url} did not answer within {patience:?}"))?
         .with_context(|| format!("talking to {url}"))?;
     let body = String::from_utf8_lossy(&body);
     let value: serde_json::Value = serde_json::from_str(body.trim())

@@ -39,8 +39,10 @@
 //!   files, `/api/state`, `/api/stats`, `/healthz`, `/readyz`), and in
 //!   `http::embed` the widget's (`/embed`, `/embed.js`, `/oembed`,
 //!   `/badge.svg`, `/api/counts`).
-//! - [`admin`] (config, app): the operator's sunset, on the private
-//!   listener's `/admin/` routes and in `omcb admin`.
+//! - [`audit`] (config, origin): audit and revert what one client address
+//!   did, from the change archive (and the store's log for its tail).
+//! - [`admin`] (config, app, audit): the operator's sunset, audit and
+//!   revert, on the private listener's `/admin/` routes and in `omcb admin`.
 //! - [`archiver`]: the change archiver (`--archive-dir`), the store's log
 //!   into `omcb-archive` segments, under a lease in a fleet.
 //! - [`server`] (config, archiver, deadline, assets, metrics, shutdown, limits, hub,
@@ -55,6 +57,7 @@ pub mod admin;
 pub mod app;
 pub mod archiver;
 pub mod assets;
+pub mod audit;
 pub mod config;
 pub mod conn;
 pub mod counts;

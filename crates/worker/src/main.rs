@@ -17,9 +17,10 @@ enum Command {
     /// Serve the board (embedded store: no other service needed).
     Serve(Box<Config>),
     /// Operator actions on a running board: start, change or stop a sunset,
-    /// read the board's settings (through a worker's private listener, or
-    /// straight to Redis in a fleet).
-    Admin(omcb_worker::admin::AdminArgs),
+    /// read the board's settings, revert what one client address did
+    /// (through a worker's private listener, or straight to Redis in a
+    /// fleet); audit an address in the change archive.
+    Admin(Box<omcb_worker::admin::AdminArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,7 +37,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Admin(args) => {
             // An operator's tool: the reason, not a backtrace.
-            if let Err(e) = runtime.block_on(omcb_worker::admin::run(args)) {
+            if let Err(e) = runtime.block_on(omcb_worker::admin::run(*args)) {
                 eprintln!("omcb admin: {e:#}");
                 std::process::exit(1);
             }

@@ -10,8 +10,10 @@
 //! one). SipHash is a keyed PRF made for exactly this (short inputs, 64-bit
 //! output, which is what a change carries) and costs tens of nanoseconds;
 //! HMAC-SHA256 would be as safe here but slower, and truncated to the same
-//! 64 bits. 0 is reserved for "no client", so a hash of 0 is taken as 1
-//! (one address in 2^64 shares its origin with another).
+//! 64 bits. 0 is reserved for "no client" and `u64::MAX` for the operator
+//! ([`OPERATOR`], the changes `omcb admin revert` makes), so a hash of 0 is
+//! taken as 1 and one of `u64::MAX` as `u64::MAX - 1` (two addresses in
+//! 2^64 share their origin with another).
 //!
 //! **The address hashed** is the client's as `http.rs` `client_ip` finds it
 //! (the peer, or behind a `--trusted-proxy` its `X-Forwarded-For` client),
@@ -37,6 +39,10 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use siphasher::sip::SipHasher24;
+
+/// The origin of the operator's own changes (`omcb admin revert`, see
+/// `audit.rs`): no client's hash is ever this value.
+pub const OPERATOR: u64 = u64::MAX;
 
 /// The key file the embedded worker makes in its data dir.
 pub const KEY_FILE: &str = "origin.key";
@@ -77,7 +83,7 @@ impl OriginKey {
             IpAddr::V4(v4) => h.write(&v4.octets()),
             IpAddr::V6(v6) => h.write(&v6.octets()),
         }
-        h.finish().max(1)
+        h.finish().clamp(1, OPERATOR - 1)
     }
 
     /// Reads a key file: 32 hex digits (surrounding whitespace allowed).

@@ -173,23 +173,6 @@ async fn admin_routes_are_not_on_the_public_listener() {
     assert_eq!(w.stats().await["freeze_after_ms"], 0);
 }
 
-/// `POST path` with a JSON `body` to `addr`: the status and the body.
-async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(req.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    let status = answer.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = answer.split_once("\r\n\r\n").unwrap().1.to_owned();
-    (status, body)
-}
-
 /// The embedded store keeps the sunset in its board file, written before the
 /// admin call answers: it survives a kill -9 and a clean restart, and wins
 /// over `--freeze-after` (which only sets up a new board). A client that

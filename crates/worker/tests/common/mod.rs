@@ -89,6 +89,23 @@ pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) ->
     omcb_testkit::http::get(&addr.to_string(), path, headers).await.unwrap()
 }
 
+/// `POST path` with a JSON `body` to `addr`: the status and the body.
+pub async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let status = answer.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = answer.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (status, body)
+}
+
 /// `/api/stats` of the worker at `addr`; `None` unless it answers 200 within
 /// 2 s (it may be gone: a test killed it).
 pub async fn stats(addr: SocketAddr) -> Option<serde_json::Value> {
@@ -127,6 +144,21 @@ pub struct Client<S = Ws> {
 pub async fn connect(url: &str) -> Client {
     let (ws, _) =
         tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await.unwrap().unwrap();
+    Client::new(ws)
+}
+
+/// A client whose socket comes from the local address `source` (loopback is
+/// all of 127.0.0.0/8): the worker sees `source` as the client's address.
+pub async fn connect_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    path: &str,
+) -> Client<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (ws, _) =
+        tokio_tungstenite::client_async(format!("ws://{addr}{path}"), stream).await.unwrap();
     Client::new(ws)
 }
 
