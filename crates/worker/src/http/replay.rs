@@ -201,8 +201,6 @@ fn complete_len(b: &[u8]) -> usize {
 struct Index {
     /// The board's size now (the archive does not hold sizes).
     size: u32,
-    /// The server's clock, ms.
-    now_ms: u64,
     epochs: Vec<EpochIndex>,
 }
 
@@ -315,7 +313,7 @@ fn index(root: &Path, size: u32, now_ms: u64) -> Result<Vec<u8>, ArchiveError> {
         }
         epochs.push(e);
     }
-    let index = Index { size, now_ms, epochs };
+    let index = Index { size, epochs };
     Ok(serde_json::to_vec(&index).expect("the index serializes"))
 }
 
