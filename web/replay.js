@@ -22,6 +22,7 @@ let clock = 0; // the replayed time, ms since 1970
 let lastFrame = 0;
 let urlAt = 0;
 let holes = []; // records that are gaps or missing seqs
+let rafId = 0;
 
 function status(text) { $('status').textContent = text; }
 
@@ -118,20 +119,21 @@ function start() {
 }
 
 // Shows the board after the first `p` records; `at` is the replayed time
-// (the last applied change's when not given). A gap passed on the way is
-// named.
-function moveTo(p, at) {
+// (the last applied change's when not given). Playback (`played`) names the
+// last gap it passed; a jump names one it lands right after (the bar marks
+// them all).
+function moveTo(p, at, played = false) {
   const from = tl.pos;
   const changed = tl.seek(p);
   if (changed === null) grid.refresh();
   else if (changed.length) grid.update(changed);
   clock = at ?? (tl.pos > 0 ? tl.times[tl.pos - 1] : tl.firstMs);
-  // The last hole crossed (either way) or landed just after.
-  const [lo, hi] = from < tl.pos ? [from, tl.pos] : [tl.pos, from];
-  let crossed = -1;
-  for (const h of holes) if (h >= lo - 1 && h < Math.max(hi, lo)) crossed = h;
-  if (crossed >= 0) $('notice').textContent = holeText(crossed);
-  else if (from !== tl.pos) $('notice').textContent = '';
+  if (from === tl.pos) return show();
+  let hole = -1;
+  for (const h of holes) {
+    if (played ? h >= from && h < tl.pos : h === tl.pos - 1) hole = h;
+  }
+  $('notice').textContent = hole >= 0 ? holeText(hole) : played ? $('notice').textContent : '';
   show();
 }
 
@@ -159,11 +161,13 @@ function play() {
   playing = true;
   $('play').textContent = 'Pause';
   lastFrame = performance.now();
-  requestAnimationFrame(frame);
+  cancelAnimationFrame(rafId);
+  rafId = requestAnimationFrame(frame);
 }
 
 function pause() {
   playing = false;
+  cancelAnimationFrame(rafId);
   $('play').textContent = 'Play';
   share(true);
 }
@@ -173,16 +177,22 @@ function frame(now) {
   // A hidden tab gets no frames: the time it was away is not replayed at once.
   const dt = Math.min(250, Math.max(0, now - lastFrame));
   lastFrame = now;
+  const began = performance.now();
   clock += dt * speed;
-  moveTo(tl.positionOfTime(clock), clock);
+  moveTo(tl.positionOfTime(clock), clock, true);
   share(false);
+  // What a frame's work took (ms), for tests and the curious.
+  const work = window.replay.frameWork;
+  work.push(performance.now() - began);
+  if (work.length > 600) work.shift();
   if (tl.pos >= tl.length) pause();
-  else requestAnimationFrame(frame);
+  else rafId = requestAnimationFrame(frame);
 }
 
 // For tests and the curious: the state behind the page.
 window.replay = {
   ready: false,
+  frameWork: [],
   get timeline() { return tl; },
   get grid() { return grid; },
   moveToSeq(seq) { moveTo(tl.positionOfSeq(seq)); share(true); },
