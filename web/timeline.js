@@ -331,10 +331,11 @@ export class Timeline {
 
   // Once every segment is in (`lastSeq`: the index's last seq of the epoch,
   // for damage at its very end): a keyframe (the board) every `every`
-  // records, so that a seek applies at most that many.
-  finish(lastSeq = 0) {
+  // records (65,536, or 1/256 of the epoch: at most 257 boards in memory),
+  // so that a seek applies at most that many.
+  finish(lastSeq = 0, every = Math.max(65536, Math.ceil(this.length / 256))) {
     if (lastSeq >= this.next) this.#hole(lastSeq, this.orphans[0]?.file ?? 'the archive', this.orphans[0]?.offset ?? 0);
-    this.every = Math.max(65536, Math.ceil(this.length / 256));
+    this.every = every;
     this.seek(0);
     this.keyframes = [this.#save()];
     while (this.pos < this.length) {

@@ -168,3 +168,82 @@ async fn a_worker_without_an_archive_serves_no_replay() {
         assert!(String::from_utf8_lossy(&r.body).contains("--archive-dir"), "{path}");
     }
 }
+
+/// A segment written by crates/archive's writer, with what it holds, in
+/// `web/test/golden/`: web/test/timeline.test.mjs decodes it with the page's
+/// decoder (web/timeline.js), so the two cannot drift apart. Four blocks:
+/// every kind of change, a gap, boxes far apart, a clock that steps back.
+#[test]
+fn golden_segment_matches_the_committed_files() {
+    let golden =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web/test/golden");
+    let dir = tempfile::tempdir().unwrap();
+    const EPOCH: u64 = 0x0123_4567_89ab_cdef;
+    let hour = 1_795_668_000_000; // 2026-11-26T05
+    let mut w = Writer::open(dir.path(), EPOCH).unwrap();
+    let mut records = Vec::new();
+    let mut seq = 0;
+    let mut x: u64 = 12345;
+    for block in 0..4 {
+        for k in 0..80 {
+            seq += 1;
+            if block == 2 && k == 40 {
+                records.push(Record::Gap { from: seq, to: seq + 9 });
+                seq += 9;
+                continue;
+            }
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let index = ((x >> 33) % 1000) as u32 + if k % 7 == 0 { 999_000 } else { 0 };
+            let op = match (x >> 20) % 5 {
+                0 => Op::Freeze,
+                1 | 2 => Op::Set(false),
+                _ => Op::Set(true),
+            };
+            // Mostly forward, now and then 3 ms back (a store clock's step).
+            let ms = hour + seq * 10 - if k % 11 == 5 { 3 } else { 0 };
+            records.push(Record::Change { seq, ms, index, op, origin: (x >> 40) % 3 });
+        }
+        for r in &records[records.len() - 80..] {
+            w.push(*r).unwrap();
+        }
+        w.flush(hour).unwrap();
+    }
+    let seg = &Reader::open(dir.path()).unwrap().segments().unwrap()[0];
+    let bytes = std::fs::read(&seg.path).unwrap();
+    let expected: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| match *r {
+            Record::Gap { from, to } => serde_json::json!({"gap": [from, to]}),
+            Record::Change { seq, ms, index, op, .. } => {
+                let kind = match op {
+                    Op::Set(false) => 0,
+                    Op::Set(true) => 1,
+                    Op::Freeze => 2,
+                };
+                serde_json::json!({"seq": seq, "ms": ms, "index": index, "kind": kind})
+            }
+        })
+        .collect();
+    let json = serde_json::to_string_pretty(&serde_json::json!({
+        "epoch": format!("{EPOCH:016x}"),
+        "name": seg.path.file_name().unwrap().to_str().unwrap(),
+        "records": expected,
+    }))
+    .unwrap()
+        + "\n";
+    let (seg_path, json_path) = (golden.join("segment.seg"), golden.join("segment.json"));
+    if std::env::var_os("OMCB_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&seg_path, &bytes).unwrap();
+        std::fs::write(&json_path, &json).unwrap();
+        return;
+    }
+    let same = std::fs::read(&seg_path).ok() == Some(bytes)
+        && std::fs::read_to_string(&json_path).ok() == Some(json);
+    assert!(
+        same,
+        "{} or {} differs from what omcb-archive writes now; if the change is deliberate, rerun \
+         with OMCB_UPDATE_GOLDEN=1 and check web/timeline.js",
+        seg_path.display(),
+        json_path.display()
+    );
+}
