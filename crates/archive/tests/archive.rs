@@ -22,7 +22,13 @@ fn changes(from: u64, n: u64, ms: u64, step_ms: u64) -> Vec<Record> {
     (0..n)
         .map(|i| {
             let seq = from + i;
-            change(seq, ms + i * step_ms, (seq * 7 % 1000) as u32, Op::Set(!seq.is_multiple_of(3)), seq % 5)
+            change(
+                seq,
+                ms + i * step_ms,
+                (seq * 7 % 1000) as u32,
+                Op::Set(!seq.is_multiple_of(3)),
+                seq % 5,
+            )
         })
         .collect()
 }

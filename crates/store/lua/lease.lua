@@ -1,5 +1,5 @@
--- Takes or renews a lease (one freeze sweeper at a time across the fleet).
--- KEYS[1]: {B}:sweep_lease   the holder's id, with a TTL
+-- Takes or renews a lease (one freeze sweeper, or one change archiver, at a time across the fleet).
+-- KEYS[1]: {B}:sweep_lease   the holder's id, with a TTL ({B}:archive_lease for the archiver)
 -- ARGV[1]: the caller's id
 -- ARGV[2]: lease length in ms
 -- Returns: 1 when the caller holds the lease after this call, 0 when someone else does.

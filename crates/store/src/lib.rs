@@ -116,6 +116,21 @@ pub enum FeedEvent {
     Reset(Box<Board>),
 }
 
+/// What [`Store::log_after`] read: the board's epoch and seq, and the
+/// changes the store's log still holds after the asked seq.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRead {
+    /// The board's epoch now.
+    pub epoch: u64,
+    /// The board's seq, read before the changes: a seq up to it that the
+    /// changes do not start with was trimmed from the log.
+    pub seq: u64,
+    /// The log's changes of `epoch` after the asked seq, in order, from the
+    /// first it still holds (the first may be later than the asked seq + 1:
+    /// those between were trimmed).
+    pub changes: Vec<Change>,
+}
+
 /// A store operation that could not be carried out.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -268,6 +283,35 @@ impl Store {
         match self {
             Store::Memory(m) => Ok(Some(m.sweep(limit))),
             Store::Redis(r) => r.sweep(limit).await,
+        }
+    }
+
+    /// The change log after seq `after`, up to `max` changes, as the store
+    /// holds it (not through a feed: no reset, no replica), for the change
+    /// archiver, which must see exactly which seqs were trimmed.
+    pub async fn log_after(&self, after: u64, max: usize) -> Result<LogRead, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.log_after(after, max)),
+            Store::Redis(r) => r.log_after(after, max).await,
+        }
+    }
+
+    /// Takes or renews the archiver's lease for `ms`: whether this caller
+    /// may archive (in a fleet one worker at a time; the embedded store's
+    /// one worker always).
+    pub async fn archive_lease(&self, ms: u64) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(true),
+            Store::Redis(r) => r.archive_lease(ms).await,
+        }
+    }
+
+    /// Most changes the store's log keeps: a reader further behind than
+    /// this loses changes (the archiver records them as a gap).
+    pub fn log_capacity(&self) -> u64 {
+        match self {
+            Store::Memory(_) => memory::LOG_CAPACITY as u64,
+            Store::Redis(_) => redis::LOG_MAXLEN,
         }
     }
 

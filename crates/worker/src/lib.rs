@@ -41,7 +41,9 @@
 //!   `/badge.svg`, `/api/counts`).
 //! - [`admin`] (config, app): the operator's sunset, on the private
 //!   listener's `/admin/` routes and in `omcb admin`.
-//! - [`server`] (config, deadline, assets, metrics, shutdown, limits, hub,
+//! - [`archiver`]: the change archiver (`--archive-dir`), the store's log
+//!   into `omcb-archive` segments, under a lease in a fleet.
+//! - [`server`] (config, archiver, deadline, assets, metrics, shutdown, limits, hub,
 //!   app, http, admin): [`Server`] ties them together: bind, run until a shutdown
 //!   signal, close every socket with 1012, persist, return.
 //!
@@ -51,6 +53,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod archiver;
 pub mod assets;
 pub mod config;
 pub mod conn;

@@ -154,6 +154,14 @@ impl Server {
             tokio::spawn(settings_loop(app.clone())),
             tokio::spawn(sweep_loop(app.store.clone(), app.metrics.clone())),
         ];
+        // The change archiver stops after the sockets and the hub, before the
+        // store closes, so it writes every change the store accepted.
+        let (archiver_stop_tx, archiver_stop) = watch::channel(false);
+        let archiver = app.config.archive_dir.clone().map(|dir| {
+            let archiver =
+                crate::archiver::Archiver::new(app.store.clone(), dir, app.config.archive_keep);
+            tokio::spawn(archiver.run(archiver_stop))
+        });
         // One read of the counts a second for every widget stream (counts.rs).
         let widget = app.clone();
         background.push(tokio::spawn(async move { widget.counts.run(&widget.hub).await }));
@@ -206,6 +214,12 @@ impl Server {
         let _ = hub_task.await;
         for task in background {
             task.abort();
+        }
+        if let Some(task) = archiver {
+            let _ = archiver_stop_tx.send(true);
+            if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
+                tracing::warn!("the change archiver did not finish within 10 s");
+            }
         }
         app.store.close().await?;
         tracing::info!("board persisted; bye");

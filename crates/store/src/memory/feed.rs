@@ -9,6 +9,21 @@ use crate::{Change, FeedEvent};
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
 impl MemoryStore {
+    /// What the log holds after `after` (up to `max` changes), with the
+    /// board's epoch and seq, read at once.
+    pub fn log_after(&self, after: u64, max: usize) -> crate::LogRead {
+        let s = self.state();
+        let board = &s.board;
+        let first_in_log = board.seq + 1 - s.log.len() as u64;
+        let start = (after + 1).max(first_in_log);
+        let changes = if start > board.seq {
+            Vec::new()
+        } else {
+            s.log.range((start - first_in_log) as usize..).take(max).copied().collect()
+        };
+        crate::LogRead { epoch: board.epoch, seq: board.seq, changes }
+    }
+
     /// A feed of changes after `seq` of board `epoch`.
     pub fn feed(&self, epoch: u64, seq: u64) -> MemoryFeed {
         MemoryFeed { store: self.clone(), epoch, seq }

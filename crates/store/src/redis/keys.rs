@@ -13,6 +13,8 @@ pub struct Keys {
     pub(super) log: String,
     pub(super) checked_at: String,
     pub(super) lease: String,
+    /// The change archiver's lease (`lease.lua`, like the sweep's).
+    pub(super) archive_lease: String,
     /// `{B}:op:` + a per-call id.
     pub(super) op_prefix: String,
 }
@@ -31,6 +33,7 @@ impl Keys {
             log: k("log"),
             checked_at: k("checked_at"),
             lease: k("sweep_lease"),
+            archive_lease: k("archive_lease"),
             op_prefix: k("op:"),
         }
     }

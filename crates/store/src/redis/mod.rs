@@ -439,6 +439,61 @@ impl RedisStore {
         Ok(Some(frozen.as_i64().unwrap_or(0) as usize))
     }
 
+    /// Takes or renews the fleet-wide archiver lease for `ms`: whether this
+    /// worker holds it now.
+    pub async fn archive_lease(&self, ms: u64) -> Result<bool, StoreError> {
+        let k = &self.inner.keys;
+        let held = self
+            .eval(
+                &self.inner.scripts.lease,
+                vec![&k.archive_lease],
+                vec![self.inner.owner.clone(), ms.to_string()],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(held.as_i64() == Some(1))
+    }
+
+    /// What the change stream holds after `after`: the board's epoch and
+    /// seq (read first), then up to `max` entries from `after + 1` on
+    /// (`XRANGE`). Entries of another epoch (the board changed between the
+    /// reads) are an `Unavailable` error: read again.
+    pub async fn log_after(&self, after: u64, max: usize) -> Result<crate::LogRead, StoreError> {
+        let client = &self.inner.client;
+        let k = &self.inner.keys;
+        // The seq before the entries: a seq the entries then lack was
+        // trimmed, not written after the read.
+        let (epoch, seq): (Option<u64>, Option<u64>) =
+            scripts::measured("archive", scripts::Purpose::Archive, async {
+                let epoch: Option<u64> = client.hget(k.config.as_str(), "epoch").await?;
+                let seq: Option<u64> = client.get(k.seq.as_str()).await?;
+                Ok((epoch, seq))
+            })
+            .await
+            .map_err(unavailable)?;
+        let Some(epoch) = epoch else {
+            return Err(StoreError::Unavailable("the board does not exist in Redis".into()));
+        };
+        let raw: Vec<reply::RawEntry> = scripts::measured(
+            "archive",
+            scripts::Purpose::Archive,
+            client.xrange(k.log.as_str(), format!("{}-0", after + 1), "+", Some(max as u64)),
+        )
+        .await
+        .map_err(unavailable)?;
+        let entries = reply::entries(raw)?;
+        if entries.iter().any(|e| !e.of(epoch)) {
+            return Err(StoreError::Unavailable(
+                "the board's epoch changed while the stream was read".into(),
+            ));
+        }
+        Ok(crate::LogRead {
+            epoch,
+            seq: seq.unwrap_or(0),
+            changes: entries.into_iter().map(|e| e.change).collect(),
+        })
+    }
+
     /// Sets the board's `freeze_after_ms` in Redis (the sunset; 0 stops it):
     /// `set.lua` and `sweep.lua` follow it from their next call, and every
     /// worker's [`reload_config`](Self::reload_config) learns it.

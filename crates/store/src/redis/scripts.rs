@@ -66,6 +66,8 @@ pub(super) enum Purpose {
     Sweep,
     /// `settings.lua`: an operator's `omcb admin` change (rare).
     Admin,
+    /// The change archiver's reads of the stream (`XRANGE`).
+    Archive,
 }
 
 impl Purpose {
@@ -76,6 +78,7 @@ impl Purpose {
             Purpose::Feed => "feed",
             Purpose::Sweep => "sweep",
             Purpose::Admin => "admin",
+            Purpose::Archive => "archive",
         }
     }
 }
