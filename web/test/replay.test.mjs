@@ -5,7 +5,7 @@
 // seq (compared through the page's state, not pixels), and shows it on the
 // grid; a damaged segment is named with its file and byte offset, its seqs
 // shown as missing.
-import { test, before } from 'node:test';
+import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { cpSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -50,10 +50,17 @@ const pageState = (page) => page.evaluate(() => {
   return { seq: Number(b.seq), on, url: location.pathname + location.search };
 });
 
-before(async () => {
+after(() => rmSync(archive, { recursive: true, force: true }));
+
+// The history, recorded once, on the first test's demand (the suite's
+// browser is there by then).
+let recording;
+const recorded = () => (recording ??= record());
+async function record() {
   server = await suite.start({ args: args(archive) });
-  epoch = (await (await fetch(`${server.url}/api/stats`)).json()).epoch;
-  epoch = BigInt(epoch).toString(16).padStart(16, '0');
+  // From the text: a 64-bit epoch loses digits as a JSON number.
+  const stats = await (await fetch(`${server.url}/api/stats`)).text();
+  epoch = BigInt(stats.match(/"epoch":(\d+)/)[1]).toString(16).padStart(16, '0');
   // Record: 600 toggles from a page's own socket, each waiting for its seq,
   // boxes flipped back and forth (a change each time).
   const page = await suite.page();
@@ -93,9 +100,10 @@ before(async () => {
     const index = await (await fetch(`${server.url}/replay/index.json`)).json();
     return index.epochs.find((e) => e.epoch === epoch)?.last_seq >= last;
   });
-});
+}
 
 async function openReplay(query) {
+  await recorded();
   const page = await suite.page();
   await page.goto(`${server.url}/replay${query}`);
   await page.waitForFunction(() => window.replay?.ready, null, { timeout: 30_000 });
@@ -103,6 +111,7 @@ async function openReplay(query) {
 }
 
 test('the page at a seq holds the archive\'s board at that seq; a scrub moves it and the URL; the URL reopens it', async () => {
+  await recorded();
   const mid = toggles[299].seq;
   const page = await openReplay(`?epoch=${epoch}&seq=${mid}`);
   let s = await pageState(page);
@@ -160,6 +169,7 @@ test('playback applies the history in order and ends at the archive\'s last seq'
 });
 
 test('a damaged segment is named with its file and byte offset, its seqs shown as missing', async () => {
+  await recorded();
   // A copy of the archive with one byte of the first block's payload flipped.
   const copy = mkdtempSync(join(tmpdir(), 'omcb-replay-bad-'));
   cpSync(join(archive, epoch), join(copy, epoch), { recursive: true });
