@@ -17,7 +17,7 @@ fn now_ms() -> u64 {
 }
 
 fn change(seq: u64, ms: u64, index: u32) -> Record {
-    Record::Change { seq, ms, index, op: Op::Set(seq % 3 != 0), origin: 7 }
+    Record::Change { seq, ms, index, op: Op::Set(!seq.is_multiple_of(3)), origin: 7 }
 }
 
 /// Epoch `OLD`: a segment of an hour long over (seqs 1..=10 with a gap
@@ -75,7 +75,10 @@ async fn the_index_and_segments_are_served_with_their_caching() {
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(r.header("cache-control"), Some("public, max-age=5"));
     let etag = r.header("etag").unwrap().to_string();
-    assert_eq!(http_get(w.addr, "/replay/index.json", &[("If-None-Match", &etag)]).await.status, 304);
+    assert_eq!(
+        http_get(w.addr, "/replay/index.json", &[("If-None-Match", &etag)]).await.status,
+        304
+    );
     let index: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(index["size"], 1000);
     let epoch = |e: u64| {
@@ -101,10 +104,8 @@ async fn the_index_and_segments_are_served_with_their_caching() {
 
     // The sealed segment: as stored, for a year.
     let file = |name: &serde_json::Value| {
-        std::fs::read(
-            omcb_archive::epoch_dir(dir.path(), OLD).join(name.as_str().unwrap()),
-        )
-        .unwrap()
+        std::fs::read(omcb_archive::epoch_dir(dir.path(), OLD).join(name.as_str().unwrap()))
+            .unwrap()
     };
     let r = http_get(w.addr, sealed["url"].as_str().unwrap(), &[]).await;
     assert_eq!(r.status, 200);
@@ -112,7 +113,8 @@ async fn the_index_and_segments_are_served_with_their_caching() {
     assert_eq!(r.header("cache-control"), Some("public, max-age=31536000, immutable"));
     assert_eq!(r.body, file(&sealed["name"]));
     let etag = r.header("etag").unwrap().to_string();
-    let again = http_get(w.addr, sealed["url"].as_str().unwrap(), &[("If-None-Match", &etag)]).await;
+    let again =
+        http_get(w.addr, sealed["url"].as_str().unwrap(), &[("If-None-Match", &etag)]).await;
     assert_eq!(again.status, 304);
     assert!(again.body.is_empty());
 
@@ -175,8 +177,7 @@ async fn a_worker_without_an_archive_serves_no_replay() {
 /// every kind of change, a gap, boxes far apart, a clock that steps back.
 #[test]
 fn golden_segment_matches_the_committed_files() {
-    let golden =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web/test/golden");
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web/test/golden");
     let dir = tempfile::tempdir().unwrap();
     const EPOCH: u64 = 0x0123_4567_89ab_cdef;
     let hour = 1_795_668_000_000; // 2026-11-26T05

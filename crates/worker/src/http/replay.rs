@@ -89,12 +89,9 @@ pub async fn serve(app: &App, req: &Request<Incoming>) -> Response<Body> {
     let name = name.to_owned();
     let read = tokio::task::spawn_blocking(move || segment(&root, epoch, &name, now_ms())).await;
     match read {
-        Ok(Ok(Some((body, sealed)))) => cacheable(
-            req,
-            body,
-            "application/octet-stream",
-            if sealed { SEALED } else { GROWING },
-        ),
+        Ok(Ok(Some((body, sealed)))) => {
+            cacheable(req, body, "application/octet-stream", if sealed { SEALED } else { GROWING })
+        }
         Ok(Ok(None)) => plain(StatusCode::NOT_FOUND, "no such segment\n"),
         Ok(Err(e)) => archive_unreadable(&e),
         Err(_) => plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
@@ -158,7 +155,8 @@ fn segment(
 ) -> Result<Option<(Bytes, bool)>, ArchiveError> {
     let reader = Reader::open(root)?;
     let segs = reader.segments_of(epoch)?;
-    let Some(i) = segs.iter().position(|s| s.path.file_name().and_then(|n| n.to_str()) == Some(name))
+    let Some(i) =
+        segs.iter().position(|s| s.path.file_name().and_then(|n| n.to_str()) == Some(name))
     else {
         return Ok(None);
     };
