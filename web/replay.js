@@ -17,7 +17,8 @@ const params = new URLSearchParams(location.search);
 let tl = null; // the Timeline once loaded
 let grid = null;
 let playing = false;
-let speed = Number(params.get('speed')) || 1000;
+// 1x to 100,000x: the page's choices, or any speed in between from the URL.
+let speed = Math.min(100_000, Math.max(1, Number(params.get('speed')) || 1000));
 let clock = 0; // the replayed time, ms since 1970
 let lastFrame = 0;
 let urlAt = 0;
@@ -100,6 +101,7 @@ function start() {
   scrub.max = String(Math.max(0, tl.lastMs - tl.firstMs));
   scrub.disabled = false;
   $('play').disabled = false;
+  if (![...$('speed').options].some((o) => o.value === String(speed))) $('speed').append(new Option(`${fmt.format(speed)}×`, String(speed)));
   $('speed').value = String(speed);
   let target = 0;
   if (params.has('seq')) target = tl.positionOfSeq(Number(params.get('seq')));

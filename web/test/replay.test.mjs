@@ -191,3 +191,102 @@ test('a damaged segment is named with its file and byte offset, its seqs shown a
   await page.close();
   rmSync(copy, { recursive: true, force: true });
 });
+
+test('at 10,000 changes a second, each frame applies its share and repaints only the boxes that changed', async (t) => {
+  await recorded();
+  // A dense stretch of history: 20,000 toggles sent without waiting for
+  // each (a thousand in flight at a time), about half of them changes (a
+  // box set to the value it has is accepted without a change).
+  const writer = await suite.page();
+  await writer.goto(`${server.url}/favicon.ico`);
+  const burst = await writer.evaluate(async (size) => {
+    const { encodeToggle, decodeServerMessage } = await import('/proto.js');
+    const ws = new WebSocket(`ws://${location.host}/ws`);
+    ws.binaryType = 'arraybuffer';
+    const waiting = new Map();
+    ws.onmessage = (e) => {
+      const m = decodeServerMessage(new Uint8Array(e.data));
+      if (m.kind === 'toggleResult') waiting.get(m.requestId)?.(m);
+    };
+    await new Promise((ok) => { ws.onopen = ok; });
+    const out = [];
+    let x = 1;
+    for (let chunk = 0; chunk < 20; chunk++) {
+      const sent = [];
+      for (let k = 0; k < 1000; k++) {
+        x = (x * 48271) % 2147483647;
+        const id = 10_000 + chunk * 1000 + k;
+        const index = x % size;
+        const checked = (x >> 8) % 2 === 0;
+        sent.push(new Promise((ok) => waiting.set(id, ok)).then((r) => ({ index, checked, r })));
+        ws.send(encodeToggle(index, checked, id));
+      }
+      for (const { index, checked, r } of await Promise.all(sent)) {
+        if (!r.accepted) throw new Error(`a toggle was refused: ${r.reason}`);
+        out.push({ index, checked, seq: Number(r.seq) });
+      }
+    }
+    ws.close();
+    return out;
+  }, SIZE);
+  await writer.close();
+  const all = toggles.concat(burst).sort((a, b) => a.seq - b.seq);
+  const [first, last] = [burst[0].seq, Math.max(...burst.map((b) => b.seq))];
+  await until('the archive to hold the burst', async () => {
+    const index = await (await fetch(`${server.url}/replay/index.json`)).json();
+    return index.epochs.find((e) => e.epoch === epoch)?.last_seq >= last;
+  });
+  // Its density in the archive, and the speed that replays it at 10,000
+  // changes a second (at least 1x).
+  const probe = await openReplay(`?epoch=${epoch}&seq=${first - 1}`);
+  const perMs = await probe.evaluate(([a, b]) => {
+    const tl = window.replay.timeline;
+    const [p, q] = [tl.positionOfSeq(a), tl.positionOfSeq(b)];
+    return (q - p) / Math.max(1, tl.times[q - 1] - tl.times[p]);
+  }, [first, last]);
+  await probe.close();
+  const speed = Math.max(1, Math.ceil(10 / perMs));
+  t.diagnostic(`burst: ${(perMs * 1000).toFixed(0)} changes a second as archived; replayed at ${speed}x`);
+
+  // From the burst's first change: the idle time before it is not the burst's.
+  const page = await openReplay(`?epoch=${epoch}&seq=${first}&speed=${speed}`);
+  const run = await page.evaluate(async (last) => {
+    const r = window.replay;
+    const calls = { update: 0, boxes: 0, refresh: 0 };
+    const { grid } = r;
+    const [update, refresh] = [grid.update.bind(grid), grid.refresh.bind(grid)];
+    grid.update = (list) => { calls.update++; calls.boxes += list.length; update(list); };
+    grid.refresh = () => { calls.refresh++; refresh(); };
+    r.frameWork.length = 0;
+    const seq0 = Number(r.timeline.board.seq);
+    const t0 = performance.now();
+    document.getElementById('play').click();
+    await new Promise((ok) => {
+      const check = () => (Number(r.timeline.board.seq) >= last || performance.now() - t0 > 20_000 ? ok() : setTimeout(check, 20));
+      check();
+    });
+    // At the end the page pauses itself.
+    const play = document.getElementById('play');
+    if (play.textContent === 'Pause') play.click();
+    const seconds = (performance.now() - t0) / 1000;
+    const w = [...r.frameWork].sort((a, b) => a - b);
+    return {
+      calls, frames: w.length, seconds, applied: Number(r.timeline.board.seq) - seq0,
+      p50: w[Math.floor(w.length / 2)], p95: w[Math.floor(w.length * 0.95)], max: w[w.length - 1],
+    };
+  }, last);
+  t.diagnostic(`${run.applied} changes in ${run.seconds.toFixed(2)} s over ${run.frames} frames; frame work p50 ${run.p50.toFixed(2)} ms, p95 ${run.p95.toFixed(2)} ms, max ${run.max.toFixed(2)} ms`);
+  const s = await pageState(page);
+  assert.ok(s.seq >= last, `played to the burst's end: seq ${s.seq}`);
+  // expectedAt reads `toggles`: the burst's are in `all`.
+  const on = new Set();
+  for (const x of all) if (x.seq <= s.seq) (x.checked ? on.add(x.index) : on.delete(x.index));
+  assert.deepEqual(s.on, [...on].sort((a, b) => a - b), 'the board at the end of the burst');
+  assert.ok(run.frames >= 10, `played over frames, not at once: ${run.frames}`);
+  assert.equal(run.calls.refresh, 0, 'no whole repaint: each frame repaints the boxes it changed');
+  assert.ok(run.calls.update > 0 && run.calls.boxes <= run.applied, `${run.calls.boxes} boxes repainted for ${run.applied} changes`);
+  assert.ok(run.applied / run.seconds >= 8_000, `${(run.applied / run.seconds).toFixed(0)} changes a second`);
+  // A frame's work fits a frame at 60 Hz, with room to paint.
+  assert.ok(run.p50 < 8, `frame work p50 ${run.p50.toFixed(2)} ms`);
+  await page.close();
+});
