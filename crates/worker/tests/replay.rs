@@ -248,3 +248,40 @@ fn golden_segment_matches_the_committed_files() {
         json_path.display()
     );
 }
+
+/// Through the fleet's nginx (deploy/nginx/omcb.conf.template): `/replay`
+/// reaches the workers, and a sealed segment and the index are served from
+/// nginx's cache the second time, as the workers' `Cache-Control` allows.
+#[test]
+fn through_nginx_the_replay_is_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let key = dir.path().join("origin.key");
+    std::fs::write(&key, "00112233445566778899aabbccddeeff\n").unwrap();
+    let args = format!(
+        "{} --archive-dir {} --origin-key-file {}",
+        common::fleet::WORKER_ARGS,
+        dir.path().display(),
+        key.display()
+    );
+    let fleet = common::fleet::Fleet::up(2, &[("OMCB_WORKER_ARGS", &args)]);
+    let addr = fleet.addr();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let index = http_get(addr, "/replay/index.json", &[]).await;
+        assert_eq!(index.status, 200);
+        let index: serde_json::Value = serde_json::from_slice(&index.body).unwrap();
+        let old = format!("{OLD:016x}");
+        let epoch = index["epochs"].as_array().unwrap().iter().find(|e| e["epoch"] == old.as_str());
+        let sealed = epoch.unwrap()["segments"][0]["url"].as_str().unwrap().to_string();
+        for path in ["/replay/index.json", sealed.as_str()] {
+            let first = http_get(addr, path, &[]).await;
+            assert_eq!(first.status, 200, "{path}");
+            let again = http_get(addr, path, &[]).await;
+            assert_eq!(again.header("x-cache"), Some("HIT"), "{path} the second time");
+            assert_eq!(again.body, first.body, "{path}");
+        }
+        let page = http_get(addr, "/replay", &[]).await;
+        assert_eq!(page.status, 200);
+        assert!(String::from_utf8_lossy(&page.body).contains("/replay.js"));
+    });
+}

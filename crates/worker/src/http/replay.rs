@@ -27,7 +27,8 @@
 //! Building the index reads every segment once (the CRC of every block is
 //! checked, blocks holding gap records are inflated to list them); a sealed
 //! segment's summary is kept in memory by path and length, so later
-//! indexes read only the growing segment.
+//! indexes read only the growing segment, and an index is built at most
+//! once a second.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -71,9 +72,9 @@ pub async fn serve(app: &App, req: &Request<Incoming>) -> Response<Body> {
     };
     if rest == "index.json" {
         let size = app.hub.size();
-        let made = tokio::task::spawn_blocking(move || index(&root, size, now_ms())).await;
+        let made = tokio::task::spawn_blocking(move || recent_index(&root, size)).await;
         return match made {
-            Ok(Ok(body)) => cacheable(req, Bytes::from(body), "application/json", GROWING),
+            Ok(Ok(body)) => cacheable(req, body, "application/json", GROWING),
             Ok(Err(e)) => archive_unreadable(&e),
             Err(_) => plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
         };
@@ -265,6 +266,24 @@ type Summaries = HashMap<(PathBuf, u64), SegmentIndex>;
 static SUMMARIES: LazyLock<Mutex<Summaries>> = LazyLock::new(Default::default);
 /// 30 days of hourly segments of a few epochs.
 const MAX_SUMMARIES: usize = 4096;
+
+/// The index, built at most once a second (a burst of requests that nginx
+/// does not absorb costs one build, not one per request).
+fn recent_index(root: &Path, size: u32) -> Result<Bytes, ArchiveError> {
+    type Built = Option<(std::time::Instant, PathBuf, u32, Bytes)>;
+    static LAST: Mutex<Built> = Mutex::new(None);
+    let mut last = LAST.lock().expect("replay index lock");
+    if let Some((at, r, s, body)) = last.as_ref()
+        && at.elapsed() < std::time::Duration::from_secs(1)
+        && r == root
+        && *s == size
+    {
+        return Ok(body.clone());
+    }
+    let body = Bytes::from(index(root, size, now_ms())?);
+    *last = Some((std::time::Instant::now(), root.to_path_buf(), size, body.clone()));
+    Ok(body)
+}
 
 fn index(root: &Path, size: u32, now_ms: u64) -> Result<Vec<u8>, ArchiveError> {
     let reader = Reader::open(root)?;
