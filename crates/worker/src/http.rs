@@ -1,5 +1,7 @@
 //! HTTP routes of PROTOCOL.md. Every route answers from memory: page loads and
-//! `/api/state` never touch the store. The widget's routes are in [`embed`].
+//! `/api/state` never touch the store. The widget's routes are in [`embed`];
+//! the time-lapse's (`/replay`), which read the change archive's files, in
+//! [`replay`].
 
 mod embed;
 mod replay;
