@@ -117,8 +117,7 @@ pub enum Record {
         /// The keyed hash of its client's address; 0 = none.
         origin: u64,
     },
-    /// Seqs `from..=to` that are not in the archive: the store's stream had
-    /// trimmed them before the archiver could read them.
+    /// Seqs `from..=to` that are not in the archive ([`crate::Entry::Gap`]).
     Gap {
         /// First missing seq.
         from: u64,

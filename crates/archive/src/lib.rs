@@ -112,8 +112,11 @@ pub struct ArchivedChange {
 pub enum Entry {
     /// A change.
     Change(ArchivedChange),
-    /// Seqs `from_seq..=to_seq` of `epoch` the archive does not have: the
-    /// store's stream had trimmed them before the archiver read them.
+    /// Seqs `from_seq..=to_seq` of `epoch` the archive does not have as
+    /// changes: the store's stream had trimmed them before the archiver read
+    /// them, or (at the start of an epoch whose seqs continue an older
+    /// board's: Redis reborn or restored, the embedded board after a crash)
+    /// they are the older board's.
     Gap {
         /// The epoch.
         epoch: u64,

@@ -59,8 +59,9 @@ impl Reader {
         &self.root
     }
 
-    /// Every segment, in archive order: epochs by their first hour, then
-    /// each epoch's segments by hour and part (which is seq order).
+    /// Every segment, in archive order: epochs by their first change (the
+    /// hour of their first segment, then the time in its first blocks),
+    /// then each epoch's segments by hour and part (which is seq order).
     pub fn segments(&self) -> Result<Vec<Segment>, ArchiveError> {
         let mut epochs: Vec<Vec<Segment>> = Vec::new();
         for dir in read_dir(&self.root)? {
@@ -80,7 +81,7 @@ impl Reader {
                 epochs.push(segs);
             }
         }
-        epochs.sort_by_key(|s| (s[0].hour_ms, s[0].epoch));
+        epochs.sort_by_cached_key(|s| (s[0].hour_ms, first_ms(&s[0].path), s[0].epoch));
         Ok(epochs.into_iter().flatten().collect())
     }
 
@@ -142,6 +143,20 @@ impl Reader {
     }
 }
 
+/// The earliest change time in a segment's first few blocks (0 when they
+/// hold none or cannot be read): orders epochs that began in the same hour.
+fn first_ms(path: &Path) -> u64 {
+    read_blocks_headers(path).take(4).find(|&ms| ms > 0).unwrap_or(0)
+}
+
+fn read_blocks_headers(path: &Path) -> impl Iterator<Item = u64> {
+    let mut blocks = read_blocks(path);
+    std::iter::from_fn(move || match blocks.next_with(|_| true)? {
+        Ok(b) => Some(b.header.min_ms),
+        Err(_) => None,
+    })
+}
+
 fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, ArchiveError> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).map_err(ArchiveError::io(dir))? {
@@ -153,7 +168,9 @@ fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, ArchiveError> {
 /// The blocks of one segment file, in order; an error for a bad header,
 /// a torn or corrupt block (after a corrupt block whose length is
 /// plausible the iteration goes on with the next one; after a torn one it
-/// ends).
+/// ends). The newest segment of a live archive may end in a block being
+/// appended right now: that reads as `Truncated` at its offset until the
+/// write completes (blocks are appended whole, then fsynced).
 pub fn read_blocks(path: &Path) -> Blocks {
     Blocks::open(path)
 }

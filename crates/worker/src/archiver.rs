@@ -15,7 +15,10 @@
 //!   board's epoch (the archive is the truth; [`Writer::open`] cuts off a
 //!   block a crash tore). Seqs the log has trimmed before they were read
 //!   are written as a gap record, never skipped silently; a new epoch
-//!   starts a new directory.
+//!   starts a new directory, with a gap for the seqs before its first
+//!   change when it continues an older board's (a Redis board reborn or
+//!   restored, the embedded board after a crash: the archive has no
+//!   snapshot of where such an epoch began).
 //! - **When it writes:** a block every [`FLUSH_EVERY`] (or every
 //!   [`FLUSH_CHANGES`] changes), fsynced before the position moves on. A
 //!   crash loses nothing that the log still holds when the archiver starts

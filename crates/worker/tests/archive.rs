@@ -334,3 +334,42 @@ async fn the_archive_survives_its_writer_killed_twice_and_rebuilds_the_board() {
     );
     assert!(survivor.metric("omcb_archive_changes_total").await > 0.0);
 }
+
+/// A new epoch that continues an older board's seqs (Redis reborn after it
+/// lost changes: the stream still holds the old epoch's entries) gets its own
+/// directory, starting with a gap for the seqs before its first change; the
+/// old epoch's archive keeps what it had.
+#[tokio::test]
+async fn a_new_epoch_gets_its_own_directory_and_a_gap_for_the_seqs_it_continues_from() {
+    let redis = RedisServer::start().unwrap();
+    let config = omcb_store::BoardConfig { size: 1000, ..Default::default() };
+    let store = Store::Redis(
+        omcb_store::redis::RedisStore::connect(&redis.url(), "main", config).await.unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut archiver = Archiver::new(store.clone(), dir.path().to_path_buf(), YEAR);
+    for i in 0..5 {
+        store.set(i, true, 7).await.unwrap();
+    }
+    archiver.step(true).await.unwrap();
+    let old = store.snapshot().await.unwrap().epoch;
+    let new = old ^ 0xff;
+    // Epochs that began in the same hour are ordered by their first change's
+    // time: let the clock move past the old epoch's last change.
+    let last = omcb_store::now_ms();
+    while omcb_store::now_ms() <= last + 1 {
+        tokio::task::yield_now().await;
+    }
+    redis.command(&["HSET", "{main}:config", "epoch", &new.to_string()]).unwrap();
+    for i in 5..8 {
+        store.set(i, true, 8).await.unwrap();
+    }
+    archiver.step(true).await.unwrap();
+    archiver.step(true).await.unwrap();
+    assert_eq!(archiver.position(), Some((new, 8)));
+    let entries = archived(dir.path());
+    assert!(every_seq_once(&entries, old, 5).is_empty());
+    assert_eq!(every_seq_once(&entries, new, 8), [(1, 5)]);
+    let reader = Reader::open(dir.path()).unwrap();
+    assert_eq!(reader.epochs().unwrap(), [old, new]);
+}

@@ -906,7 +906,7 @@ fn dashboard_queries() -> Vec<(String, String, String)> {
     out
 }
 
-/// The nine alerts, each with a `for`, a severity, a runbook section
+/// The nine alerts and the change archive's three, each with a `for`, a severity, a runbook section
 /// in docs/OPERATIONS.md (its anchor is the heading's), and promtool unit
 /// tests in which it fires and in which it stays silent. Every recording rule
 /// is read by an alert, a dashboard panel or another rule.
@@ -945,6 +945,9 @@ fn alerts_have_a_for_a_severity_a_runbook_and_a_promtool_test() {
     assert_eq!(
         sorted,
         [
+            "OmcbArchiveGap",
+            "OmcbArchiveLagging",
+            "OmcbArchiveStopped",
             "OmcbEgressNearCap",
             "OmcbFeedLagging",
             "OmcbFileDescriptorsNearLimit",

@@ -455,9 +455,10 @@ impl RedisStore {
     }
 
     /// What the change stream holds after `after`: the board's epoch and
-    /// seq (read first), then up to `max` entries from `after + 1` on
-    /// (`XRANGE`). Entries of another epoch (the board changed between the
-    /// reads) are an `Unavailable` error: read again.
+    /// seq (read first), then up to `max` entries of that epoch from
+    /// `after + 1` on (`XRANGE`). Entries of other epochs are passed over:
+    /// after a rebirth or a restore the stream still holds the old epoch's
+    /// entries, under seqs the new epoch continues from.
     pub async fn log_after(&self, after: u64, max: usize) -> Result<crate::LogRead, StoreError> {
         let client = &self.inner.client;
         let k = &self.inner.keys;
@@ -474,24 +475,27 @@ impl RedisStore {
         let Some(epoch) = epoch else {
             return Err(StoreError::Unavailable("the board does not exist in Redis".into()));
         };
-        let raw: Vec<reply::RawEntry> = scripts::measured(
-            "archive",
-            scripts::Purpose::Archive,
-            client.xrange(k.log.as_str(), format!("{}-0", after + 1), "+", Some(max as u64)),
-        )
-        .await
-        .map_err(unavailable)?;
-        let entries = reply::entries(raw)?;
-        if entries.iter().any(|e| !e.of(epoch)) {
-            return Err(StoreError::Unavailable(
-                "the board's epoch changed while the stream was read".into(),
-            ));
-        }
-        Ok(crate::LogRead {
-            epoch,
-            seq: seq.unwrap_or(0),
-            changes: entries.into_iter().map(|e| e.change).collect(),
-        })
+        let mut from = after + 1;
+        let changes = loop {
+            let raw: Vec<reply::RawEntry> = scripts::measured(
+                "archive",
+                scripts::Purpose::Archive,
+                client.xrange(k.log.as_str(), format!("{from}-0"), "+", Some(max as u64)),
+            )
+            .await
+            .map_err(unavailable)?;
+            let full = raw.len() >= max;
+            let entries = reply::entries(raw)?;
+            let last = entries.last().map(|e| e.change.seq);
+            let mine: Vec<_> =
+                entries.into_iter().filter(|e| e.of(epoch)).map(|e| e.change).collect();
+            match last {
+                // A whole chunk of another epoch's entries: look past it.
+                Some(last) if mine.is_empty() && full => from = last + 1,
+                _ => break mine,
+            }
+        };
+        Ok(crate::LogRead { epoch, seq: seq.unwrap_or(0), changes })
     }
 
     /// Sets the board's `freeze_after_ms` in Redis (the sunset; 0 stops it):
