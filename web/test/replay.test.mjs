@@ -50,7 +50,9 @@ const pageState = (page) => page.evaluate(() => {
   return { seq: Number(b.seq), on, url: location.pathname + location.search };
 });
 
-after(() => rmSync(archive, { recursive: true, force: true }));
+// Removed at the end, after the suite has stopped the servers reading them.
+const dirs = [archive];
+after(() => { for (const d of dirs) rmSync(d, { recursive: true, force: true }); });
 
 // The history, recorded once, on the first test's demand (the suite's
 // browser is there by then).
@@ -172,6 +174,7 @@ test('a damaged segment is named with its file and byte offset, its seqs shown a
   await recorded();
   // A copy of the archive with one byte of the first block's payload flipped.
   const copy = mkdtempSync(join(tmpdir(), 'omcb-replay-bad-'));
+  dirs.push(copy);
   cpSync(join(archive, epoch), join(copy, epoch), { recursive: true });
   const name = readdirSync(join(copy, epoch)).filter((n) => n.endsWith('.seg')).sort()[0];
   const file = join(copy, epoch, name);
@@ -189,7 +192,6 @@ test('a damaged segment is named with its file and byte offset, its seqs shown a
   assert.match(notice, /Seqs? 1(–[\d,]+)? (is|are) not in the archive: .*at byte 16: corrupt/);
   assert.ok(await page.locator('#holes span').count() >= 1, 'the scrub bar marks the hole');
   await page.close();
-  rmSync(copy, { recursive: true, force: true });
 });
 
 test('at 10,000 changes a second, each frame applies its share and repaints only the boxes that changed', async (t) => {
