@@ -1,7 +1,10 @@
 //! HTTP routes of PROTOCOL.md. Every route answers from memory: page loads and
-//! `/api/state` never touch the store. The widget's routes are in [`embed`].
+//! `/api/state` never touch the store. The widget's routes are in [`embed`];
+//! the time-lapse's (`/replay`), which read the change archive's files, in
+//! [`replay`].
 
 mod embed;
+mod replay;
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -72,6 +75,7 @@ async fn route(
         "/embed.js" => embed::script(&app, &req).await,
         "/oembed" => embed::oembed(&app, &req, peer),
         "/badge.svg" => embed::badge(&app, &req),
+        p if p == "/replay" || p.starts_with("/replay/") => replay::serve(&app, &req).await,
         _ => static_file(&app, &req).await,
     };
     if head {
@@ -193,7 +197,12 @@ fn stats(app: &App) -> Response<Body> {
 }
 
 async fn static_file(app: &App, req: &Request<Incoming>) -> Response<Body> {
-    let Some(asset) = app.assets.get(req.uri().path()).await else {
+    static_file_at(app, req, req.uri().path()).await
+}
+
+/// The static file at `path`, answering `req` (its validators and codings).
+async fn static_file_at(app: &App, req: &Request<Incoming>, path: &str) -> Response<Body> {
+    let Some(asset) = app.assets.get(path).await else {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     };
     // The brotli or gzipped file when the client takes it (brotli first: it
