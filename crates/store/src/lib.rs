@@ -201,11 +201,17 @@ impl Store {
         }
     }
 
-    /// Sets box `index` to `checked` (see the crate docs for the rules).
-    pub async fn set(&self, index: u32, checked: bool) -> Result<SetOutcome, StoreError> {
+    /// Sets box `index` to `checked` (see the crate docs for the rules);
+    /// `origin` is the keyed hash of the client that asked (0: no client).
+    pub async fn set(
+        &self,
+        index: u32,
+        checked: bool,
+        origin: u64,
+    ) -> Result<SetOutcome, StoreError> {
         match self {
             Store::Memory(m) => m.set(index, checked),
-            Store::Redis(r) => r.set(index, checked).await,
+            Store::Redis(r) => r.set(index, checked, origin).await,
         }
     }
 

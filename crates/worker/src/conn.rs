@@ -800,7 +800,7 @@ async fn toggle(app: &App, limits: &mut Limits, t: v1::Toggle) -> Result<ToggleR
         m.toggles_out_of_range.increment(1);
         return Ok(refused(Reason::OutOfRange, false));
     }
-    Ok(match app.store.set(t.index, t.checked).await {
+    Ok(match app.store.set(t.index, t.checked, 0).await {
         Ok(SetOutcome::Changed { seq, checked }) => {
             m.toggles_changed.increment(1);
             ToggleResult { request_id: t.request_id, accepted: true, checked, reason: 0, seq }

@@ -193,7 +193,7 @@ impl RedisStore {
             if board.is_checked(a.index) == value {
                 continue;
             }
-            match self.set(a.index, value).await {
+            match self.set(a.index, value, 0).await {
                 Ok(_) => made += 1,
                 Err(e) => {
                     tracing::warn!(error = %e, index = a.index, "could not make an acknowledged change again after a restore");
