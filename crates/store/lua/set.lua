@@ -3,8 +3,8 @@
 -- order, each answered as if it were a call of its own: two items on one box
 -- behave as two calls one after the other. What every item would repeat
 -- (reading the settings and counts, TIME, writing the counts, the seq and the
--- stored answer) is done once per call; per change only the bits, the check
--- times and the log entry.
+-- stored answer) is done once per call; per item only reading its bit, and
+-- per change writing it, its check time and its log entry.
 -- KEYS[1]: {B}:config        hash: size, max_checked, freeze_after_ms, epoch
 -- KEYS[2]: {B}:bits          checked bitset
 -- KEYS[3]: {B}:frozen        frozen bitset
@@ -69,171 +69,93 @@ local items = (#arg - 2) / 3
 if items < 1 or items ~= math.floor(items) then
   return redis.error_reply('BADARGS items take three arguments each')
 end
--- The valid indexes, read in one BITFIELD_RO per bitset (a box named twice is read twice; the
--- second read is superseded by the first item's outcome below).
-local index, want, reads = {}, {}, {}
 for k = 1, items do
-  local a = 3 * k
-  local i = tonumber(arg[a])
-  -- Never trust the caller: a bad index must not grow the bitset.
-  if i and i == math.floor(i) and i >= 0 and i < size then
-    index[k] = i
-    reads[#reads + 1] = 'GET'
-    reads[#reads + 1] = 'u1'
-    reads[#reads + 1] = i
-  end
-  want[k] = tonumber(arg[a + 1])
-  if want[k] ~= 0 and want[k] ~= 1 then
+  local want = arg[3 * k + 1]
+  if want ~= '0' and want ~= '1' then
     return redis.error_reply('BADVALUE value must be 0 or 1')
   end
 end
-local bit, frozen_bit = {}, {}
-if #reads > 0 then
-  bit = redis.call('BITFIELD_RO', KEYS[2], unpack(reads))
-  -- frozen_count is the frozen bitset's ones (every script that sets a frozen
-  -- bit counts it): while nothing is frozen, the frozen bitset need not be read.
-  if frozen_count > 0 then
-    frozen_bit = redis.call('BITFIELD_RO', KEYS[3], unpack(reads))
-  end
-end
 
--- What this call did so far, by index: a later item on the same box sees it.
-local value, frozen, since = {}, {}, {}
-local now
-local set_bits, set_frozen, entries = {}, {}, {}
+-- Items apply one after the other, each writing its change at once, so a
+-- later item on the same box reads what an earlier one did. Tables are few
+-- on purpose: in Redis' Lua they cost about as much as a redis.call.
 local answers = {epoch}
+local now
 
-local function answer(status, v, s)
-  answers[#answers + 1] = status
-  answers[#answers + 1] = v
-  answers[#answers + 1] = s
-end
-
-local function append(k, op)
+local function append(index, op, origin)
   seq = seq + 1
-  entries[#entries + 1] = {seq, index[k], op, count, frozen_count, arg[3 * k + 2]}
+  if origin == '0' then
+    redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[1], seq .. '-0',
+      'i', index, 'o', op, 'c', count, 'f', frozen_count, 'e', epoch, 't', now)
+  else
+    redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[1], seq .. '-0',
+      'i', index, 'o', op, 'c', count, 'f', frozen_count, 'e', epoch, 't', now, 'a', origin)
+  end
   return seq
 end
 
-local read = 0
 for k = 1, items do
-  local i = index[k]
-  if not i then
-    answer(-1, 0, 0)
+  local a = 3 * k
+  local index = tonumber(arg[a])
+  local want = tonumber(arg[a + 1])
+  local status, value, changed = 0, 0, 0
+  -- Never trust the caller: a bad index must not grow the bitset.
+  if not index or index ~= math.floor(index) or index < 0 or index >= size then
+    status = -1
   else
-    read = read + 1
-    local current = value[i]
-    if current == nil then
-      current = bit[read]
-    end
-    if frozen[i] or frozen_bit[read] == 1 then
-      answer(-2, current, 0)
-    elseif current == want[k] then
-      answer(0, current, 0)
-    else
+    value = redis.call('GETBIT', KEYS[2], index)
+    -- frozen_count is the frozen bitset's ones (every script that sets a frozen
+    -- bit counts it): while nothing is frozen, the frozen bitset need not be read.
+    if frozen_count > 0 and redis.call('GETBIT', KEYS[3], index) == 1 then
+      status = -2
+    elseif value ~= want then
       if not now then
         local t = redis.call('TIME')
         now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
       end
-      if want[k] == 1 then
+      if want == 1 then
         if max_checked > 0 and count >= max_checked then
-          answer(-3, 0, 0)
+          status = -3
         else
-          value[i] = 1
+          redis.call('SETBIT', KEYS[2], index, 1)
           count = count + 1
-          since[i] = now
-          set_bits[#set_bits + 1] = i
-          set_bits[#set_bits + 1] = 1
-          answer(1, 1, append(k, '1'))
+          redis.call('ZADD', KEYS[8], now, index)
+          status, value, changed = 1, 1, append(index, '1', arg[a + 2])
         end
       else
         -- Unchecking: too late if the box has been checked for freeze_after ms (the sunset rule).
-        local checked_since = since[i]
-        if checked_since == nil and freeze_after > 0 then
-          checked_since = tonumber(redis.call('ZSCORE', KEYS[8], i))
+        local since = now
+        if freeze_after > 0 then
+          since = tonumber(redis.call('ZSCORE', KEYS[8], index) or now)
         end
-        if freeze_after > 0 and now - (checked_since or now) >= freeze_after then
-          frozen[i] = true
+        if freeze_after > 0 and now - since >= freeze_after then
+          redis.call('SETBIT', KEYS[3], index, 1)
           frozen_count = frozen_count + 1
-          since[i] = false
-          set_frozen[#set_frozen + 1] = i
-          answer(-2, 1, append(k, 'f'))
+          redis.call('ZREM', KEYS[8], index)
+          status, changed = -2, append(index, 'f', arg[a + 2])
         else
-          value[i] = 0
+          redis.call('SETBIT', KEYS[2], index, 0)
           count = count - 1
-          since[i] = false
-          set_bits[#set_bits + 1] = i
-          set_bits[#set_bits + 1] = 0
-          answer(1, 0, append(k, '0'))
+          redis.call('ZREM', KEYS[8], index)
+          status, value, changed = 1, 0, append(index, '0', arg[a + 2])
         end
       end
     end
   end
+  answers[a - 1] = status
+  answers[a] = value
+  answers[a + 1] = changed
 end
 
-if #entries == 0 then
+if seq == seq_before then
   return answers
 end
-
--- The writes, each once per call (a box set twice ends at its last value).
-if #set_bits > 0 then
-  local args = {}
-  for n = 1, #set_bits, 2 do
-    args[#args + 1] = 'SET'
-    args[#args + 1] = 'u1'
-    args[#args + 1] = set_bits[n]
-    args[#args + 1] = set_bits[n + 1]
-  end
-  redis.call('BITFIELD', KEYS[2], unpack(args))
-end
-if #set_frozen > 0 then
-  local args = {}
-  for n = 1, #set_frozen do
-    args[#args + 1] = 'SET'
-    args[#args + 1] = 'u1'
-    args[#args + 1] = set_frozen[n]
-    args[#args + 1] = 1
-  end
-  redis.call('BITFIELD', KEYS[3], unpack(args))
-end
+-- What every item would repeat, written once per call.
 if count ~= count_before then
   redis.call('INCRBY', KEYS[4], count - count_before)
 end
 if frozen_count ~= frozen_before then
   redis.call('INCRBY', KEYS[5], frozen_count - frozen_before)
-end
-local checks, unchecks = {}, {}
-for i, at in pairs(since) do
-  if at then
-    checks[#checks + 1] = at
-    checks[#checks + 1] = i
-  else
-    unchecks[#unchecks + 1] = i
-  end
-end
-if #checks > 0 then
-  redis.call('ZADD', KEYS[8], unpack(checks))
-end
-if #unchecks > 0 then
-  redis.call('ZREM', KEYS[8], unpack(unchecks))
-end
-for n, e in ipairs(entries) do
-  local args = {KEYS[7]}
-  -- Trimming once per call is enough: the log is kept approximately.
-  if n == #entries then
-    args[#args + 1] = 'MAXLEN'
-    args[#args + 1] = '~'
-    args[#args + 1] = ARGV[1]
-  end
-  args[#args + 1] = e[1] .. '-0'
-  for _, field in ipairs({'i', e[2], 'o', e[3], 'c', e[4], 'f', e[5], 'e', epoch, 't', now}) do
-    args[#args + 1] = field
-  end
-  if e[6] ~= '0' then
-    args[#args + 1] = 'a'
-    args[#args + 1] = e[6]
-  end
-  redis.call('XADD', unpack(args))
 end
 redis.call('INCRBY', KEYS[6], seq - seq_before)
 -- Only answers that changed the board are stored (see KEYS[9]); a plain

@@ -471,6 +471,31 @@ async fn redis_toggles_of_one_call_are_answered_in_order() {
     assert_eq!(counts, [1, 2, 1, 2]);
 }
 
+/// While Redis does not answer, the toggles queued for `set.lua` calls all
+/// fail `Unavailable` within about two command timeouts (2 s each), however
+/// many queued: a toggle that waited a timeout behind failed calls is not
+/// sent; otherwise 600 toggles would wait for five calls of 128, one after
+/// the other (10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_toggles_queued_behind_a_stalled_redis_fail_in_bounded_time() {
+    let (store, server) = redis_server(SMALL).await;
+    set(&store, 1, true).await;
+    // Redis takes commands but runs none (longer than the test).
+    server.command(&["CLIENT", "PAUSE", "60000", "ALL"]).unwrap();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..600 {
+        let store = store.clone();
+        tasks.spawn(async move { store.set(i, false, 0).await });
+    }
+    while let Some(out) = tasks.join_next().await {
+        let out = out.unwrap();
+        assert!(matches!(out, Err(omcb_store::StoreError::Unavailable(_))), "{out:?}");
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(7), "600 toggles took {took:?} to fail");
+}
+
 /// One worker of a fleet runs the freeze sweep: the one holding the lease,
 /// and it says so (`Store::sweep_leased`, behind `omcb_sweep_lease_held`).
 #[tokio::test]

@@ -38,6 +38,8 @@
 //! # Layout
 //! - this file: [`RedisStore`], its connection and the board operations
 //!   (init, set, snapshot, sweep).
+//! - `toggles`: the queue through which this worker's toggles share
+//!   `set.lua` calls (group commit).
 //! - `keys`: the names of a board's keys.
 //! - `scripts`: the Lua scripts, run by SHA with a fallback to their source,
 //!   each call counted and timed in the store's metrics.

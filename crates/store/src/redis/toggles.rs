@@ -11,6 +11,10 @@
 //! a call for a few milliseconds after its first toggle queued, to gather
 //! more (`--toggle-gather`).
 //!
+//! A toggle that waited [`COMMAND_TIMEOUT`] in the queue (behind calls to
+//! a Redis that does not answer) fails `Unavailable` without being sent, so
+//! an outage answers every toggle within about twice that.
+//!
 //! Each toggle still gets its own answer, as if it had had its own call:
 //! `set.lua` applies the items in order. A call carries one op key, under
 //! which it stores all its answers, so a call fred resends after a reconnect
@@ -26,7 +30,7 @@ use fred::prelude::*;
 use tokio::sync::{mpsc, oneshot};
 
 use super::recovery::{Acked, Recent};
-use super::{Inner, LOG_MAXLEN, OP_MEMORY_MS, RedisStore, unavailable};
+use super::{COMMAND_TIMEOUT, Inner, LOG_MAXLEN, OP_MEMORY_MS, RedisStore, unavailable};
 use crate::{Op, Refusal, SetOutcome, StoreError};
 
 /// Most toggles in one `set.lua` call: a script blocks Redis while it runs
@@ -61,21 +65,41 @@ async fn run(inner: Weak<Inner>, mut queue: mpsc::UnboundedReceiver<Toggle>) {
     while let Some(first) = queue.recv().await {
         let Some(inner) = inner.upgrade() else { return };
         let store = RedisStore { inner };
-        let deadline = first.queued + store.toggle_gather();
-        call.push(first);
-        while call.len() < MAX_TOGGLES_PER_CALL {
-            match queue.try_recv() {
-                Ok(toggle) => call.push(toggle),
-                Err(_) if Instant::now() < deadline => {
-                    match tokio::time::timeout_at(deadline.into(), queue.recv()).await {
-                        Ok(Some(toggle)) => call.push(toggle),
-                        _ => break,
-                    }
+        let gather = store.toggle_gather();
+        let mut next = Some(first);
+        let mut deadline = None;
+        loop {
+            if let Some(toggle) = next.take() {
+                // A toggle that waited this long behind calls to a Redis that
+                // does not answer fails at once: the queue must not grow
+                // while Redis is away, nor make its answers wait call after call.
+                if toggle.queued.elapsed() >= COMMAND_TIMEOUT {
+                    let late = "Redis did not take the toggle in time (earlier calls failed)";
+                    let _ = toggle.reply.send(Err(StoreError::Unavailable(late.into())));
+                } else {
+                    deadline.get_or_insert(toggle.queued + gather);
+                    call.push(toggle);
                 }
-                Err(_) => break,
             }
+            if call.len() == MAX_TOGGLES_PER_CALL {
+                break;
+            }
+            next = match queue.try_recv() {
+                Ok(toggle) => Some(toggle),
+                Err(_) => match deadline {
+                    Some(deadline) if Instant::now() < deadline => {
+                        match tokio::time::timeout_at(deadline.into(), queue.recv()).await {
+                            Ok(Some(toggle)) => Some(toggle),
+                            _ => break,
+                        }
+                    }
+                    _ => break,
+                },
+            };
         }
-        store.send(&mut call).await;
+        if !call.is_empty() {
+            store.send(&mut call).await;
+        }
     }
 }
 
