@@ -34,7 +34,8 @@ use super::{COMMAND_TIMEOUT, Inner, LOG_MAXLEN, OP_MEMORY_MS, RedisStore, unavai
 use crate::{Op, Refusal, SetOutcome, StoreError};
 
 /// Most toggles in one `set.lua` call: a script blocks Redis while it runs
-/// (about 10 us per change), so a call stays around a millisecond.
+/// (17-18 us per change, docs/BENCHMARKS.md), so a full call stays around
+/// two milliseconds.
 pub const MAX_TOGGLES_PER_CALL: usize = 128;
 
 /// A toggle waiting for its call.
