@@ -311,7 +311,7 @@ impl RedisStore {
 
     /// Sets box `index` to `checked` (the rules are in `lua/set.lua`);
     /// `origin` is written in the change's log entry (field `a`, none when 0).
-    /// Concurrent calls share `set.lua` calls (see [`toggles`]).
+    /// Concurrent calls share `set.lua` calls (group commit, see `toggles.rs`).
     pub async fn set(
         &self,
         index: u32,
