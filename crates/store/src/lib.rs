@@ -39,7 +39,8 @@
 //! # Metrics
 //! The store records its own, through the `metrics` facade (the worker
 //! installs the recorder): `omcb_store_commands_total{purpose}` and
-//! `omcb_store_command_seconds{script}` for every Redis round trip (and the
+//! `omcb_store_command_seconds{script}` for every Redis round trip,
+//! `omcb_store_toggles_total` for the toggles `set.lua` calls carried (and the
 //! Memory store's board file writes, `script="persist"`),
 //! `omcb_store_errors_total{kind}` for every failed one,
 //! `omcb_feed_last_read_timestamp_seconds` on every successful feed read, and

@@ -417,6 +417,116 @@ async fn redis_sets_survive_script_flushes_in_a_tight_loop() {
     assert!(flushes > 10, "only {flushes} flushes ran beside the sets");
 }
 
+/// `set.lua` calls Redis ran since its stats were reset (`EVALSHA`, and
+/// `EVAL` after a `NOSCRIPT`).
+fn script_calls(server: &RedisServer) -> u64 {
+    let info = server.command(&["INFO", "commandstats"]).unwrap();
+    let omcb_testkit::Resp::Bulk(Some(info)) = info else { panic!("INFO: {info:?}") };
+    String::from_utf8(info)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .map(|l| {
+            let calls = l.split("calls=").nth(1).unwrap().split(',').next().unwrap();
+            calls.parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+/// Toggles that queue while a `set.lua` call is out share the next call
+/// (group commit): 500 concurrent toggles take far fewer calls, and each
+/// is still answered as its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_concurrent_toggles_share_script_calls() {
+    let (store, server) = redis_server(SMALL).await;
+    server.command(&["CONFIG", "RESETSTAT"]).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..500 {
+        let store = store.clone();
+        tasks.spawn(async move { set(&store, i, true).await });
+    }
+    let mut seqs = Vec::new();
+    while let Some(out) = tasks.join_next().await {
+        match out.unwrap() {
+            SetOutcome::Changed { seq, checked: true } => seqs.push(seq),
+            other => panic!("a toggle of an unchecked box answered {other:?}"),
+        }
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=500).collect::<Vec<u64>>(), "each toggle got its own seq");
+    let calls = script_calls(&server);
+    assert!(calls < 250, "500 concurrent toggles took {calls} script calls");
+    let board = store.snapshot().await.unwrap();
+    assert_eq!((board.seq, board.checked_count), (500, 500));
+}
+
+/// Toggles carried by one `set.lua` call are answered in the order they were
+/// asked, each as if it had had its own call: the same box twice, a refusal
+/// between changes, a box made room for by an earlier toggle of the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_toggles_of_one_call_are_answered_in_order() {
+    let (store, server) = redis_server(BoardConfig { max_checked: Some(2), ..SMALL }).await;
+    let Store::Redis(redis) = &store else { unreachable!() };
+    // Long enough for all seven to queue, whatever the machine's load.
+    redis.set_toggle_gather(Duration::from_millis(200));
+    // Redis learns the script first (a NOSCRIPT and an EVAL), then counts.
+    set(&store, 999, false).await;
+    server.command(&["CONFIG", "RESETSTAT"]).unwrap();
+    let s = |i, v| store.set(i, v, 0);
+    let out = tokio::join!(
+        s(1, true),
+        s(1, true),
+        s(2, true),
+        s(3, true),
+        s(1000, true),
+        s(1, false),
+        s(3, true)
+    );
+    let full = SetOutcome::Refused { reason: Refusal::BoardFull, checked: false };
+    let out_of_range = SetOutcome::Refused { reason: Refusal::OutOfRange, checked: false };
+    assert_eq!(
+        [out.0, out.1, out.2, out.3, out.4, out.5, out.6].map(Result::unwrap),
+        [
+            SetOutcome::Changed { seq: 1, checked: true },
+            SetOutcome::Unchanged { checked: true },
+            SetOutcome::Changed { seq: 2, checked: true },
+            full,
+            out_of_range,
+            SetOutcome::Changed { seq: 3, checked: false },
+            SetOutcome::Changed { seq: 4, checked: true },
+        ]
+    );
+    assert_eq!(script_calls(&server), 1, "the seven toggles went in one call");
+    let changes = drain(&mut store.feed(store.snapshot().await.unwrap().epoch, 0), 4).await;
+    let counts: Vec<u32> = changes.iter().map(|c| c.checked_count).collect();
+    assert_eq!(counts, [1, 2, 1, 2]);
+}
+
+/// While Redis does not answer, the toggles queued for `set.lua` calls all
+/// fail `Unavailable` within about two command timeouts (2 s each), however
+/// many queued: a toggle that waited a timeout behind failed calls is not
+/// sent; otherwise 600 toggles would wait for five calls of 128, one after
+/// the other (10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_toggles_queued_behind_a_stalled_redis_fail_in_bounded_time() {
+    let (store, server) = redis_server(SMALL).await;
+    set(&store, 1, true).await;
+    // Redis takes commands but runs none (longer than the test).
+    server.command(&["CLIENT", "PAUSE", "60000", "ALL"]).unwrap();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..600 {
+        let store = store.clone();
+        tasks.spawn(async move { store.set(i, false, 0).await });
+    }
+    while let Some(out) = tasks.join_next().await {
+        let out = out.unwrap();
+        assert!(matches!(out, Err(omcb_store::StoreError::Unavailable(_))), "{out:?}");
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(7), "600 toggles took {took:?} to fail");
+}
+
 /// One worker of a fleet runs the freeze sweep: the one holding the lease,
 /// and it says so (`Store::sweep_leased`, behind `omcb_sweep_lease_held`).
 #[tokio::test]

@@ -136,41 +136,29 @@ fn scripts_called_as_documented_answer_as_documented() {
     let resize = call(&redis, lua::INIT, &BOARD_KEYS, &["2000", "0", "0", "1"]);
     assert!(matches!(resize, Resp::Error(e) if e.contains("BOARDSIZE")));
 
-    // set: status, value, seq, counts; a retried call (same op key) answers the same.
+    // set: the epoch, then status, value, seq; a retried call (same op key) answers the same.
     let h = header(lua::SET);
     let mut keys = BOARD_KEYS.to_vec();
     keys.push("{t}:op:test:1");
-    let reply = eval(
-        &redis,
-        lua::SET,
-        &keys[..h.keys],
-        &["5", "1", "1000", "60000", "00000000000000ab"][..h.args],
-    );
+    let one = ["1000", "60000", "5", "1", "0"];
+    assert_eq!(h.args, 2, "set.lua: two arguments, then three per item");
+    let reply = eval(&redis, lua::SET, &keys[..h.keys], &one);
     check_shape("set", &h, &reply);
+    assert_eq!(reply, eval(&redis, lua::SET, &keys, &one), "a retry answers the same");
+    assert_eq!(&items(&reply)[1..], &[Resp::Int(1), Resp::Int(1), Resp::Int(1)]);
     assert_eq!(
-        reply,
-        eval(&redis, lua::SET, &keys, &["5", "1", "1000", "60000", "00000000000000ab"]),
-        "a retry answers the same"
-    );
-    // The change's entry carries its origin as field `a`.
-    let entry = redis.command(&["XRANGE", "{t}:log", "1-0", "1-0"]).unwrap();
-    let fields = &items(&items(&entry)[0])[1];
-    let fields: Vec<&str> = items(fields).iter().map(|f| f.as_str().unwrap()).collect();
-    assert_eq!(fields.rchunks(2).next(), Some(&["a", "00000000000000ab"][..]), "{fields:?}");
-    assert_eq!(&items(&reply)[..3], &[Resp::Int(1), Resp::Int(1), Resp::Int(1)]);
-    assert_eq!(
-        items(&reply)[5].as_str(),
+        items(&reply)[0].as_str(),
         Some("12345678901234567890"),
         "a stored answer keeps every digit"
     );
     // A call that changed nothing stores no answer (its retry may run it again).
     keys[8] = "{t}:op:test:noop";
-    let reply = eval(&redis, lua::SET, &keys, &["5", "1", "1000", "60000", ""]);
-    assert_eq!(&items(&reply)[..3], &[Resp::Int(0), Resp::Int(1), Resp::Int(0)]);
+    let reply = eval(&redis, lua::SET, &keys, &one);
+    assert_eq!(&items(&reply)[1..], &[Resp::Int(0), Resp::Int(1), Resp::Int(0)]);
     assert_eq!(redis.command(&["EXISTS", "{t}:op:test:noop"]).unwrap(), Resp::Int(0));
     keys[8] = "{t}:op:test:2";
-    let reply = eval(&redis, lua::SET, &keys, &["1000", "1", "1000", "60000", ""]);
-    assert_eq!(items(&reply)[0], Resp::Int(-1), "out of range");
+    let reply = eval(&redis, lua::SET, &keys, &["1000", "60000", "1000", "1", "0"]);
+    assert_eq!(items(&reply)[1], Resp::Int(-1), "out of range");
     assert_eq!(
         redis.command(&["STRLEN", "{t}:bits"]).unwrap(),
         Resp::Int(1),
@@ -232,4 +220,107 @@ fn scripts_called_as_documented_answer_as_documented() {
     assert_eq!(reply, Resp::Int(1));
     assert_eq!(eval(&redis, lua::LEASE, &["{t}:sweep_lease"], &["other", "10000"]), Resp::Int(0));
     assert_eq!(eval(&redis, lua::LEASE, &["{t}:sweep_lease"], &["me", "10000"]), Resp::Int(1));
+}
+
+/// The status, value and seq of each item of a `set.lua` reply.
+fn answers(reply: &Resp) -> Vec<[i64; 3]> {
+    let ints = |r: &Resp| match r {
+        Resp::Int(n) => *n,
+        other => panic!("not a number: {other:?}"),
+    };
+    items(reply)[1..].chunks(3).map(|a| [ints(&a[0]), ints(&a[1]), ints(&a[2])]).collect()
+}
+
+/// A stream entry's field, if it has it.
+fn field<'a>(entry: &'a Resp, name: &str) -> Option<&'a str> {
+    let fields = items(&items(entry)[1]);
+    fields.chunks(2).find(|kv| kv[0].as_str() == Some(name)).and_then(|kv| kv[1].as_str())
+}
+
+/// Several toggles in one `set.lua` call: each answered as if it were a call
+/// of its own, in order (two on one box behave as two calls one after the
+/// other), each change logged with its counts and origin; the call's
+/// retry (fred resending it after a reconnect) answers every item the same
+/// and changes nothing more.
+#[test]
+fn a_call_of_several_toggles_answers_each_in_order_and_exactly_once() {
+    let redis = RedisServer::start().unwrap();
+    eval(&redis, lua::INIT, &BOARD_KEYS, &["1000", "2", "0", "77"]);
+    let mut keys = BOARD_KEYS.to_vec();
+    keys.push("{t}:op:w:1");
+    let mut args = vec!["1000", "60000"];
+    for item in [
+        ["1", "1", "00000000000000ff"], // changes: seq 1
+        ["1", "1", "0"],                // already checked
+        ["2", "1", "0"],                // seq 2; the board is full (max_checked 2)
+        ["3", "1", "0"],                // refused: full
+        ["1000", "1", "0"],             // out of range
+        ["1", "0", "0"],                // seq 3
+        ["3", "1", "0"],                // seq 4: there is room again
+    ] {
+        args.extend(item);
+    }
+    let reply = eval(&redis, lua::SET, &keys, &args);
+    assert_eq!(items(&reply)[0].as_str(), Some("77"));
+    let expected = [[1, 1, 1], [0, 1, 0], [1, 1, 2], [-3, 0, 0], [-1, 0, 0], [1, 0, 3], [1, 1, 4]];
+    assert_eq!(answers(&reply), expected);
+    let again = eval(&redis, lua::SET, &keys, &args);
+    assert_eq!(again, reply, "the retried call answers every item the same");
+    assert_eq!(
+        redis.command(&["GET", "{t}:seq"]).unwrap().as_str(),
+        Some("4"),
+        "and changes nothing"
+    );
+    assert_eq!(redis.command(&["XLEN", "{t}:log"]).unwrap(), Resp::Int(4));
+    assert_eq!(redis.command(&["GET", "{t}:count"]).unwrap().as_str(), Some("2"));
+    let checked_at = redis.command(&["ZRANGE", "{t}:checked_at", "0", "-1"]).unwrap();
+    let checked_at: Vec<_> = items(&checked_at).iter().map(|i| i.as_str().unwrap()).collect();
+    assert_eq!(checked_at.len(), 2);
+    assert!(checked_at.contains(&"2") && checked_at.contains(&"3"), "{checked_at:?}");
+    let log = redis.command(&["XRANGE", "{t}:log", "-", "+"]).unwrap();
+    let log = items(&log);
+    let ids: Vec<_> = log.iter().map(|e| items(e)[0].as_str().unwrap()).collect();
+    assert_eq!(ids, ["1-0", "2-0", "3-0", "4-0"]);
+    let counts: Vec<_> = log.iter().map(|e| field(e, "c").unwrap()).collect();
+    assert_eq!(counts, ["1", "2", "1", "2"], "each entry has the counts after its change");
+    let ops: Vec<_> =
+        log.iter().map(|e| (field(e, "i").unwrap(), field(e, "o").unwrap())).collect();
+    assert_eq!(ops, [("1", "1"), ("2", "1"), ("1", "0"), ("3", "1")]);
+    assert_eq!(field(&log[0], "a"), Some("00000000000000ff"), "the origin");
+    assert!(log[1..].iter().all(|e| field(e, "a").is_none()), "no origin, no field");
+    let bits: Vec<_> =
+        (1..=3).map(|i| redis.command(&["GETBIT", "{t}:bits", &i.to_string()]).unwrap()).collect();
+    assert_eq!(bits, [Resp::Int(0), Resp::Int(1), Resp::Int(1)]);
+
+    // A bad item refuses the whole call before anything is written.
+    keys[8] = "{t}:op:w:2";
+    let bad = call(&redis, lua::SET, &keys, &["1000", "60000", "5", "1", "0", "6", "2", "0"]);
+    assert!(matches!(bad, Resp::Error(e) if e.contains("BADVALUE")));
+    let partial = call(&redis, lua::SET, &keys, &["1000", "60000", "5", "1"]);
+    assert!(matches!(partial, Resp::Error(e) if e.contains("BADARGS")));
+    assert_eq!(redis.command(&["GET", "{t}:seq"]).unwrap().as_str(), Some("4"));
+    assert_eq!(redis.command(&["GETBIT", "{t}:bits", "5"]).unwrap(), Resp::Int(0));
+}
+
+/// Freezing inside a call: the item that unchecks a box checked too long
+/// freezes it, and a later item of the same call finds it frozen.
+#[test]
+fn a_box_frozen_by_one_item_is_frozen_for_the_next() {
+    let redis = RedisServer::start().unwrap();
+    eval(&redis, lua::INIT, &BOARD_KEYS, &["1000", "0", "1", "77"]);
+    let mut keys = BOARD_KEYS.to_vec();
+    keys.push("{t}:op:w:1");
+    let reply = eval(&redis, lua::SET, &keys, &["1000", "60000", "7", "1", "0"]);
+    assert_eq!(answers(&reply), [[1, 1, 1]]);
+    // The rule is about time: let more than freeze_after (1 ms) pass.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    keys[8] = "{t}:op:w:2";
+    let args = ["1000", "60000", "7", "0", "0", "7", "0", "0", "8", "1", "0", "8", "0", "0"];
+    let reply = eval(&redis, lua::SET, &keys, &args);
+    // Box 8 is checked and unchecked in one call: checked for no time at all.
+    assert_eq!(answers(&reply), [[-2, 1, 2], [-2, 1, 0], [1, 1, 3], [1, 0, 4]]);
+    assert_eq!(redis.command(&["GET", "{t}:frozen_count"]).unwrap().as_str(), Some("1"));
+    assert_eq!(redis.command(&["GET", "{t}:count"]).unwrap().as_str(), Some("1"));
+    assert_eq!(redis.command(&["GETBIT", "{t}:frozen", "7"]).unwrap(), Resp::Int(1));
+    assert_eq!(redis.command(&["ZCARD", "{t}:checked_at"]).unwrap(), Resp::Int(0));
 }

@@ -35,6 +35,15 @@ pub struct Config {
     #[arg(long, env = "OMCB_REDIS_CA_FILE")]
     pub redis_ca_file: Option<PathBuf>,
 
+    /// Fleet mode: space this worker's toggle script calls at least this far
+    /// apart, so that under load each carries the toggles of an interval
+    /// (less Redis CPU per toggle, up to this much more latency per toggle;
+    /// none after a quiet spell). `0ms`: a call goes as soon as the one
+    /// before it returned, with every toggle that queued meanwhile.
+    #[arg(long, env = "OMCB_TOGGLE_GATHER", default_value = "5ms",
+          value_parser = duration(Duration::ZERO, Duration::from_millis(100)))]
+    pub toggle_gather: Duration,
+
     /// Name of the board in Redis (its keys are `{NAME}:bits`, ...).
     #[arg(long, env = "OMCB_BOARD", default_value = "main")]
     pub board: String,

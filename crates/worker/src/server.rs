@@ -93,7 +93,9 @@ impl Server {
                     board = config.board,
                     "fleet mode: connecting to Redis"
                 );
-                Store::Redis(RedisStore::connect_to(&target, &config.board, config.board()).await?)
+                let store = RedisStore::connect_to(&target, &config.board, config.board()).await?;
+                store.set_toggle_gather(config.toggle_gather);
+                Store::Redis(store)
             }
             None => {
                 Store::Memory(MemoryStore::open(config.board(), config.data_dir.clone()).await?)

@@ -38,6 +38,8 @@
 //! # Layout
 //! - this file: [`RedisStore`], its connection and the board operations
 //!   (init, set, snapshot, sweep).
+//! - `toggles`: the queue through which this worker's toggles share
+//!   `set.lua` calls (group commit).
 //! - `keys`: the names of a board's keys.
 //! - `scripts`: the Lua scripts, run by SHA with a fallback to their source,
 //!   each call counted and timed in the store's metrics.
@@ -54,11 +56,12 @@ mod recovery;
 mod reply;
 mod scripts;
 mod target;
+mod toggles;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fred::prelude::*;
@@ -68,11 +71,13 @@ pub use feed::RedisFeed;
 pub use keys::Keys;
 pub use scripts::lua;
 pub use target::{RedisTarget, redact};
+pub use toggles::MAX_TOGGLES_PER_CALL;
 
-use crate::{Board, BoardConfig, Op, Refusal, SetOutcome, StoreError};
+use crate::{Board, BoardConfig, SetOutcome, StoreError};
 use recovery::{Acked, Recent};
 use reply::typed;
 use scripts::Scripts;
+use toggles::Toggle;
 
 /// Most log entries kept (`XADD MAXLEN ~`): about a minute at a thousand toggles a second.
 pub const LOG_MAXLEN: u64 = 100_000;
@@ -108,6 +113,10 @@ struct Inner {
     owner: String,
     /// Calls made by this worker, for op ids.
     ops: AtomicU64,
+    /// The queue of toggles for `set.lua` calls (see `toggles`).
+    toggles: tokio::sync::mpsc::UnboundedSender<Toggle>,
+    /// How long a `set.lua` call waits for more toggles, in microseconds.
+    gather_us: AtomicU64,
     /// The change with the highest seq this worker acknowledged, so the feed
     /// notices when Redis lost it even if no worker ever read it back.
     acked: parking_lot::Mutex<Option<Acked>>,
@@ -233,6 +242,7 @@ impl RedisStore {
                 }
             }
         }
+        let (toggles, start_toggles) = toggles::start();
         let store = Self {
             inner: Arc::new(Inner {
                 client,
@@ -243,12 +253,15 @@ impl RedisStore {
                 config: parking_lot::RwLock::new(wanted),
                 owner: format!("{:016x}", crate::new_epoch()),
                 ops: AtomicU64::new(0),
+                toggles,
+                gather_us: AtomicU64::new(0),
                 acked: parking_lot::Mutex::new(None),
                 replicated: AtomicBool::new(false),
                 recent: parking_lot::Mutex::new(VecDeque::new()),
                 read: parking_lot::Mutex::new((0, 0)),
             }),
         };
+        start_toggles(Arc::downgrade(&store.inner));
         Ok(store)
     }
 
@@ -296,56 +309,23 @@ impl RedisStore {
         Ok(epoch)
     }
 
-    /// Sets box `index` to `checked` (the rules are in `lua/set.lua`).
+    /// Sets box `index` to `checked` (the rules are in `lua/set.lua`);
+    /// `origin` is written in the change's log entry (field `a`, none when 0).
+    /// Concurrent calls share `set.lua` calls (group commit, see `toggles.rs`).
     pub async fn set(
         &self,
         index: u32,
         checked: bool,
         origin: u64,
     ) -> Result<SetOutcome, StoreError> {
-        let op = self.inner.ops.fetch_add(1, Ordering::Relaxed);
-        let k = &self.inner.keys;
-        let op_key = format!("{}{}:{op}", k.op_prefix, self.inner.owner);
-        let mut keys = k.board();
-        keys.push(&op_key);
-        let args = vec![
-            index.to_string(),
-            u8::from(checked).to_string(),
-            LOG_MAXLEN.to_string(),
-            OP_MEMORY_MS.to_string(),
-            // The log entry's `a` field; "" writes none (origin 0).
-            if origin == 0 { String::new() } else { format!("{origin:016x}") },
-        ];
-        let reply = match self.eval(&self.inner.scripts.set, keys.clone(), args.clone()).await {
-            Err(e) if e.details().contains("NOBOARD") => {
-                // The board is gone (Redis restarted empty, FLUSHALL): make a
-                // new one, unless the feed restores it from its replica.
-                self.board_gone().await?;
-                self.eval(&self.inner.scripts.set, keys, args).await
-            }
-            other => other,
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let toggle = Toggle { index, checked, origin, queued: Instant::now(), reply };
+        if self.inner.toggles.send(toggle).is_err() {
+            return Err(StoreError::Unavailable("the store is closed".into()));
         }
-        .map_err(unavailable)?;
-        let (status, value, seq, _, _, epoch): (i8, u8, u64, u32, u32, u64) =
-            typed(reply, "set.lua")?;
-        let value = value == 1;
-        if seq > 0 {
-            let op = if status == -2 { Op::Freeze } else { Op::Set(value) };
-            self.acknowledged(Acked { epoch, seq, index, op });
-        } else if status == 0 {
-            // No change, but what the client now believes the box is: an older
-            // acknowledgement of the box must not be made again over it.
-            let change = Acked { epoch, seq: 0, index, op: Op::Set(value) };
-            self.remember(Recent { change, reused: false });
-        }
-        Ok(match status {
-            1 => SetOutcome::Changed { seq, checked: value },
-            0 => SetOutcome::Unchanged { checked: value },
-            -1 => SetOutcome::Refused { reason: Refusal::OutOfRange, checked: false },
-            -2 => SetOutcome::Refused { reason: Refusal::Frozen, checked: value },
-            -3 => SetOutcome::Refused { reason: Refusal::BoardFull, checked: value },
-            other => return Err(StoreError::Data(format!("set.lua returned status {other}"))),
-        })
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the store stopped before answering".into()))?
     }
 
     /// The whole board, read atomically.
