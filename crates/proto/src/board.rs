@@ -125,8 +125,40 @@ impl Board {
             freeze_after_ms: self.freeze_after_ms,
             server_time_ms,
             epoch: self.epoch,
-            checked_deflate: Vec::new(),
-            frozen_deflate: Vec::new(),
+            ..Snapshot::default()
+        }
+    }
+
+    /// The range Snapshot of `regions` (PROTOCOL.md, "Viewport
+    /// subscriptions"): only their boxes, clipped to the board. Copies
+    /// ceil(count/8) bytes of each bitset (a region starts on a byte).
+    pub fn range_snapshot(&self, regions: &std::ops::Range<u32>, server_time_ms: u64) -> Snapshot {
+        let (first, count) = crate::view::boxes(regions, self.size);
+        let bytes = |b: &Bits| {
+            let from = first as usize / 8;
+            bits::as_bytes(b)[from..from + bits::byte_len(count)].to_vec()
+        };
+        Snapshot {
+            range_first: first,
+            range_count: count,
+            region_size: crate::view::REGION_SIZE,
+            checked: bytes(&self.checked),
+            frozen: bytes(&self.frozen),
+            ..self.counts_snapshot(server_time_ms)
+        }
+    }
+
+    /// A Snapshot with this state's header and counts and no bitsets.
+    fn counts_snapshot(&self, server_time_ms: u64) -> Snapshot {
+        Snapshot {
+            seq: self.seq,
+            size: self.size,
+            checked_count: self.checked_count,
+            frozen_count: self.frozen_count,
+            freeze_after_ms: self.freeze_after_ms,
+            server_time_ms,
+            epoch: self.epoch,
+            ..Snapshot::default()
         }
     }
 
@@ -225,6 +257,7 @@ mod tests {
             frozen: vec![],
             checked_count: 2,
             frozen_count: 0,
+            ..Batch::default()
         };
         assert_eq!(b.apply_batch(&bad), Err(BoardError::OutOfRange { index: 23, size: 10 }));
         assert_eq!(b, before);

@@ -738,6 +738,12 @@ async fn read_loop(app: &App, input: &mut Input<'_>, sink: &Sink, address: &Arc<
                             }
                         }
                     }
+                    Ok(ClientMessage { msg: Some(client_message::Msg::Subscribe(_)) }) => {
+                        sink.send(error_frame(
+                            Code::BadMessage,
+                            "subscriptions are not served by this worker yet",
+                        ));
+                    }
                     Ok(ClientMessage { msg: None }) | Err(_) => {
                         bad(close::INVALID, "undecodable message");
                         sink.send(error_frame(
