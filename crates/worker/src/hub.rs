@@ -153,7 +153,10 @@ fn range_frame(board: &Board, regions: &Range<u32>, coding: SnapshotCoding) -> B
     if coding == SnapshotCoding::Deflate {
         deflate_bitsets(&mut snapshot);
     }
-    frames::frame(fastwebsockets::OpCode::Binary, &omcb_proto::encode_server(Msg::Snapshot(snapshot)))
+    frames::frame(
+        fastwebsockets::OpCode::Binary,
+        &omcb_proto::encode_server(Msg::Snapshot(snapshot)),
+    )
 }
 
 /// How often subscribed sockets get the counts while they move.

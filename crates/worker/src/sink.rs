@@ -250,7 +250,10 @@ impl Sink {
     /// subscribed, or a snapshot is due or queued and not yet begun, which
     /// the whole-range one replaces, so at most one waits), else the runs of
     /// regions the old range did not have.
-    pub fn plan_subscribe(&self, regions: &std::ops::Range<u32>) -> Option<Vec<std::ops::Range<u32>>> {
+    pub fn plan_subscribe(
+        &self,
+        regions: &std::ops::Range<u32>,
+    ) -> Option<Vec<std::ops::Range<u32>>> {
         let st = self.state.lock();
         let first_unbegun = usize::from(st.written > 0);
         let queued = st.queue.iter().skip(first_unbegun).any(|(_, k)| *k == Kind::Snapshot);
