@@ -20,6 +20,13 @@
 //! `hostile::a_trickling_reader_is_closed_by_the_send_timeout` and the unit
 //! tests below.
 //!
+//! A socket with a viewport subscription (docs/PROTOCOL.md) gets, instead
+//! of each full batch, the frames of the tick's regions in its range that
+//! continue their chains ([`omcb_proto::view::Subscriber`], the client's rule
+//! on the server's side), several in one write, and the counts frames; they
+//! count as batches for `--send-queue`, and its lag and resync snapshots are
+//! range Snapshots of its whole range.
+//!
 //! Frames come encoded from [`crate::frames`] and are written here rather
 //! than through fastwebsockets' `WebSocketWrite`, so that a batch framed once
 //! is the same bytes for every socket (why, and what it saved: that module's
