@@ -276,11 +276,11 @@ impl Window {
     fn scroll(&mut self, size: u32) {
         let r = self.rng.next_u64();
         let last = size.saturating_sub(self.spec.count);
-        self.first = if self.regions.is_none() || r % 10 == 0 {
+        self.first = if self.regions.is_none() || r.is_multiple_of(10) {
             (r >> 8) as u32 % last.max(1)
         } else {
             let by = 100 + (r >> 8) as u32 % 701;
-            if (r >> 40) % 2 == 0 {
+            if (r >> 40).is_multiple_of(2) {
                 self.first.saturating_sub(by)
             } else {
                 self.first.saturating_add(by).min(last)

@@ -64,6 +64,14 @@ pub enum BoardError {
         /// Change seq.
         got: u64,
     },
+    /// A range Snapshot (viewport subscriptions) is not a whole board.
+    #[error("a range Snapshot ({count} boxes from {first}) is not the whole board")]
+    RangeSnapshot {
+        /// `range_first`.
+        first: u32,
+        /// `range_count`.
+        count: u32,
+    },
     /// `from_seq > to_seq` or similar nonsense.
     #[error("batch range {from}..={to} is empty")]
     BadRange {
@@ -99,8 +107,12 @@ impl Board {
         self.frozen.get(index as usize).is_some_and(|b| *b)
     }
 
-    /// Builds a board from a snapshot, checking its bitsets against its size.
+    /// Builds a board from a (full) snapshot, checking its bitsets against its
+    /// size; a range Snapshot is refused (see [`crate::view::View`]).
     pub fn from_snapshot(s: &Snapshot) -> Result<Self, BoardError> {
+        if s.range_count > 0 {
+            return Err(BoardError::RangeSnapshot { first: s.range_first, count: s.range_count });
+        }
         Ok(Self {
             epoch: s.epoch,
             seq: s.seq,

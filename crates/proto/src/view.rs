@@ -315,9 +315,9 @@ impl View {
         let end = u64::from(s.range_first) + u64::from(s.range_count);
         if s.range_count == 0
             || s.region_size != REGION_SIZE
-            || s.range_first % REGION_SIZE != 0
+            || !s.range_first.is_multiple_of(REGION_SIZE)
             || end > u64::from(s.size)
-            || (end % u64::from(REGION_SIZE) != 0 && end != u64::from(s.size))
+            || (!end.is_multiple_of(u64::from(REGION_SIZE)) && end != u64::from(s.size))
         {
             return Err(BoardError::OutOfRange { index: s.range_first, size: s.size });
         }
@@ -439,7 +439,9 @@ mod tests {
             ..Batch::default()
         };
         let parts = split(&batch).unwrap();
-        let plain: Vec<(u32, Vec<u32>, Vec<u32>, Vec<u32>)> = parts
+        /// A part with absolute lists: region, checked, unchecked, frozen.
+        type Plain = (u32, Vec<u32>, Vec<u32>, Vec<u32>);
+        let plain: Vec<Plain> = parts
             .iter()
             .map(|p| {
                 (
