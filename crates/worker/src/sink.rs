@@ -356,18 +356,18 @@ impl Sink {
         self.push(&mut st, frame, Kind::Batch);
     }
 
-    /// Offers a counts frame (`counts_only`, about one a second) at `(epoch,
-    /// seq)`: only a subscribed socket takes it, and not while its queue is
-    /// full (the next one comes a second later).
+    /// Offers a counts frame (`counts_only`, about one a second): only a
+    /// subscribed socket takes it. One with a full queue lags like with a
+    /// region frame: the range Snapshot it then gets carries newer counts (a
+    /// dropped counts frame would otherwise leave the last counts of a
+    /// quiet board untold).
     pub fn offer_counts(&self, epoch: u64, frame: &Bytes) {
         let mut st = self.state.lock();
-        if st.sub.is_none()
-            || st.closing
-            || st.needs_snapshot
-            || epoch != st.epoch
-            || st.batches >= self.max_batches
-        {
+        if st.sub.is_none() || st.closing || st.needs_snapshot || epoch != st.epoch {
             return;
+        }
+        if st.batches >= self.max_batches {
+            return self.lagged(st);
         }
         self.push(&mut st, frame.clone(), Kind::Batch);
     }
@@ -771,6 +771,21 @@ mod tests {
         let st = sink.state.lock();
         let (snapshot, _) = st.queue.iter().find(|(_, k)| *k == Kind::Snapshot).unwrap();
         assert_eq!(snapshot[snapshot.len() - 1], 49, "the newest snapshot is kept");
+    }
+
+    #[tokio::test]
+    async fn a_subscribed_socket_whose_queue_is_full_lags_on_a_counts_frame_too() {
+        let (sink, _peer) = pair(2).await;
+        sink.start(1, 0, []);
+        sink.snapshot_of(1, 0, Some(0..2), frame(OpCode::Binary, b"range snapshot"));
+        stall(&sink);
+        let counts = frame(OpCode::Binary, b"counts");
+        for _ in 0..3 {
+            sink.offer_counts(1, &counts);
+        }
+        // Dropping it instead would leave a quiet board's last counts untold.
+        assert_eq!(sink.snapshot_due(), (true, false), "the range Snapshot brings the counts");
+        assert_eq!(sink.subscribed(), Some(0..2));
     }
 
     #[tokio::test]

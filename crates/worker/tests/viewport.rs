@@ -169,7 +169,10 @@ async fn viewport_sockets_converge_in_their_range_and_full_sockets_are_unchanged
 }
 
 /// The next message that is not a ToggleResult.
-async fn next_frame(c: &mut Client) -> Msg {
+async fn next_frame<S>(c: &mut Client<S>) -> Msg
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     loop {
         match c.recv().await {
             Msg::ToggleResult(_) => continue,
@@ -247,4 +250,57 @@ async fn a_subscribe_with_count_0_returns_the_socket_to_the_full_board() {
     assert!(other.set(1, true).await.accepted);
     let Msg::Batch(b) = next_frame(&mut c).await else { panic!("a full Batch") };
     assert_eq!(omcb_proto::delta::decode(&b.checked).unwrap(), vec![1]);
+}
+
+/// A subscribed socket that stops reading falls behind `--send-queue` and,
+/// when it reads again, gets a range Snapshot of its whole range (not the
+/// backlog, not the full board) and converges; a `Resync` brings one too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_or_resyncing_viewport_socket_gets_a_range_snapshot_of_its_range() {
+    let open = OPEN.replace("--batch-ms 20", "--batch-ms 2");
+    let w = Worker::start(&flags(&format!(
+        "{open} --send-queue 2 --socket-send-buffer 4096 --send-timeout 60s"
+    )));
+    let mut slow = common::connect_small_buffer(w.addr, "/ws").await;
+    slow.recv().await;
+    slow.subscribe(0, 65_536, SIZE).await; // regions 0..32
+    assert!(matches!(
+        next_frame(&mut slow).await,
+        Msg::Snapshot(Snapshot { range_count: 65_536, .. })
+    ));
+    let mut fast = connect(&w.ws_url("")).await;
+    fast.recv().await;
+    // Thousands of changes inside its range while it reads nothing: its
+    // region frames back up past 2 queued and are dropped for a Snapshot.
+    let mut rng = XorShift64::new(3);
+    for _ in 0..120 {
+        let mut last = 0;
+        for _ in 0..200 {
+            let r = rng.next_u64();
+            last = fast.toggle((r % 65_536) as u32, r >> 63 == 1).await;
+        }
+        assert!(fast.result_for(last).await.accepted);
+    }
+    let changes = w.metric(r#"omcb_toggles_total{outcome="changed"}"#).await as u64;
+    w.stats_at(changes).await;
+    let board = truth(&w).await;
+    let regions = 0..32;
+    let deadline = std::time::Instant::now() + omcb_testkit::WAIT;
+    while !slow.view.as_ref().is_some_and(|v| v.counts_seq >= board.seq) {
+        assert!(std::time::Instant::now() < deadline, "the slow viewport did not catch up");
+        slow.next().await.expect("the socket stays open");
+    }
+    assert!(w.metric(r#"omcb_snapshots_sent_total{reason="lagged"}"#).await >= 1.0);
+    assert!(slow.snapshots >= 3, "a range Snapshot replaced the backlog");
+    assert_eq!(slow.gaps, 0);
+    assert_view_matches("slow viewport", slow.view.as_ref().unwrap(), regions.clone(), &board);
+
+    // Frames already on the way (a late counts frame) come first.
+    slow.send_msg(client_message::Msg::Resync(omcb_proto::v1::Resync {})).await;
+    let s = loop {
+        if let Msg::Snapshot(s) = next_frame(&mut slow).await {
+            break s;
+        }
+    };
+    assert_eq!((s.range_first, s.range_count, s.seq), (0, 65_536, board.seq));
 }
