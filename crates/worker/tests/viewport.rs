@@ -304,3 +304,18 @@ async fn a_lagging_or_resyncing_viewport_socket_gets_a_range_snapshot_of_its_ran
     };
     assert_eq!((s.range_first, s.range_count, s.seq), (0, 65_536, board.seq));
 }
+
+/// A `Subscribe` sent right behind the upgrade, before the socket's start:
+/// the start (a full Snapshot) comes first, then the range Snapshot.
+#[tokio::test]
+async fn a_subscribe_before_the_start_is_served_after_it() {
+    let w = Worker::start(&flags(OPEN));
+    for _ in 0..20 {
+        let mut c = connect(&w.ws_url("")).await;
+        c.subscribe(99_999, 1, SIZE).await;
+        assert!(matches!(c.recv().await, Msg::Snapshot(Snapshot { range_count: 0, .. })));
+        let Msg::Snapshot(s) = c.recv().await else { panic!("a range Snapshot") };
+        assert_eq!((s.range_first, s.range_count), (98_304, 1_696));
+        assert_eq!(s.checked.len(), 212);
+    }
+}
