@@ -161,6 +161,14 @@ fn client_frame(store: &MemoryStore, config: &BoardConfig, frame: &[u8]) {
             assert!(t.request_id == p.request_id || t.request_id == u32::MAX);
             toggle(store, config, &t);
         }
+        (Some(client_message::Msg::Subscribe(s)), Some(client_message::Msg::Subscribe(p))) => {
+            assert!(s.first == p.first || s.first == u32::MAX, "first {} vs {}", s.first, p.first);
+            assert!(s.count == p.count || s.count == u32::MAX, "count {} vs {}", s.count, p.count);
+            // What the worker does with it: a range inside the board, or a refusal.
+            if let Ok(Some(r)) = omcb_proto::view::subscription(s.first, s.count, 1_000_000) {
+                assert!(r.start < r.end && r.end <= omcb_proto::view::region_count(1_000_000));
+            }
+        }
         (ours, prosts) => panic!("decode_client read {ours:?} where prost read {prosts:?}"),
     }
 }

@@ -273,6 +273,7 @@ fn batch_msg(
         frozen: delta::encode(frozen),
         checked_count: checked.len() as u32,
         frozen_count: frozen.len() as u32,
+        ..Batch::default()
     }))
 }
 

@@ -108,6 +108,7 @@ impl BatchBuilder {
             frozen: delta::encode(&self.frozen),
             checked_count: self.checked_count,
             frozen_count: self.frozen_count,
+            ..Batch::default()
         };
         self.from_seq = 0;
         self.to_seq = 0;

@@ -64,6 +64,14 @@ pub enum BoardError {
         /// Change seq.
         got: u64,
     },
+    /// A range Snapshot (viewport subscriptions) is not a whole board.
+    #[error("a range Snapshot ({count} boxes from {first}) is not the whole board")]
+    RangeSnapshot {
+        /// `range_first`.
+        first: u32,
+        /// `range_count`.
+        count: u32,
+    },
     /// `from_seq > to_seq` or similar nonsense.
     #[error("batch range {from}..={to} is empty")]
     BadRange {
@@ -99,8 +107,12 @@ impl Board {
         self.frozen.get(index as usize).is_some_and(|b| *b)
     }
 
-    /// Builds a board from a snapshot, checking its bitsets against its size.
+    /// Builds a board from a (full) snapshot, checking its bitsets against its
+    /// size; a range Snapshot is refused (see [`crate::view::View`]).
     pub fn from_snapshot(s: &Snapshot) -> Result<Self, BoardError> {
+        if s.range_count > 0 {
+            return Err(BoardError::RangeSnapshot { first: s.range_first, count: s.range_count });
+        }
         Ok(Self {
             epoch: s.epoch,
             seq: s.seq,
@@ -125,8 +137,40 @@ impl Board {
             freeze_after_ms: self.freeze_after_ms,
             server_time_ms,
             epoch: self.epoch,
-            checked_deflate: Vec::new(),
-            frozen_deflate: Vec::new(),
+            ..Snapshot::default()
+        }
+    }
+
+    /// The range Snapshot of `regions` (PROTOCOL.md, "Viewport
+    /// subscriptions"): only their boxes, clipped to the board. Copies
+    /// ceil(count/8) bytes of each bitset (a region starts on a byte).
+    pub fn range_snapshot(&self, regions: &std::ops::Range<u32>, server_time_ms: u64) -> Snapshot {
+        let (first, count) = crate::view::boxes(regions, self.size);
+        let bytes = |b: &Bits| {
+            let from = first as usize / 8;
+            bits::as_bytes(b)[from..from + bits::byte_len(count)].to_vec()
+        };
+        Snapshot {
+            range_first: first,
+            range_count: count,
+            region_size: crate::view::REGION_SIZE,
+            checked: bytes(&self.checked),
+            frozen: bytes(&self.frozen),
+            ..self.counts_snapshot(server_time_ms)
+        }
+    }
+
+    /// A Snapshot with this state's header and counts and no bitsets.
+    fn counts_snapshot(&self, server_time_ms: u64) -> Snapshot {
+        Snapshot {
+            seq: self.seq,
+            size: self.size,
+            checked_count: self.checked_count,
+            frozen_count: self.frozen_count,
+            freeze_after_ms: self.freeze_after_ms,
+            server_time_ms,
+            epoch: self.epoch,
+            ..Snapshot::default()
         }
     }
 
@@ -226,6 +270,7 @@ mod tests {
             frozen: vec![],
             checked_count: 2,
             frozen_count: 0,
+            ..Batch::default()
         };
         assert_eq!(b.apply_batch(&bad), Err(BoardError::OutOfRange { index: 23, size: 10 }));
         assert_eq!(b, before);

@@ -17,7 +17,7 @@
 
 use prost::Message as _;
 
-use crate::v1::{ClientMessage, Resync, Toggle, client_message};
+use crate::v1::{ClientMessage, Resync, Subscribe, Toggle, client_message};
 
 /// Decodes a client's frame like `ClientMessage::decode`, except that a
 /// `Toggle` field too wide for 32 bits reads as `u32::MAX` instead of its low
@@ -33,6 +33,10 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMessage, prost::DecodeError> 
             request_id: saturate(t.request_id),
         }),
         WideMsg::Resync(r) => client_message::Msg::Resync(r),
+        WideMsg::Subscribe(s) => client_message::Msg::Subscribe(Subscribe {
+            first: saturate(s.first),
+            count: saturate(s.count),
+        }),
     });
     Ok(ClientMessage { msg })
 }
@@ -44,7 +48,7 @@ fn saturate(value: u64) -> u32 {
 /// `omcb.v1.ClientMessage` with the same field numbers and wire types.
 #[derive(Clone, PartialEq, prost::Message)]
 struct WideClientMessage {
-    #[prost(oneof = "WideMsg", tags = "1, 2")]
+    #[prost(oneof = "WideMsg", tags = "1, 2, 3")]
     msg: Option<WideMsg>,
 }
 
@@ -56,6 +60,19 @@ enum WideMsg {
     Toggle(WideToggle),
     #[prost(message, tag = "2")]
     Resync(Resync),
+    #[prost(message, tag = "3")]
+    Subscribe(WideSubscribe),
+}
+
+/// `omcb.v1.Subscribe` with `uint64` where the contract says `uint32`: a
+/// `first` or `count` too wide reads as `u32::MAX` (out of range, too large),
+/// never as its low 32 bits.
+#[derive(Clone, Copy, PartialEq, prost::Message)]
+struct WideSubscribe {
+    #[prost(uint64, tag = "1")]
+    first: u64,
+    #[prost(uint64, tag = "2")]
+    count: u64,
 }
 
 /// `omcb.v1.Toggle` with `uint64` where the contract says `uint32`.
@@ -228,12 +245,15 @@ mod tests {
         let all = [
             client_message::Msg::Toggle(Toggle { index: 999_999, checked: true, request_id: 42 }),
             client_message::Msg::Resync(Resync {}),
+            client_message::Msg::Subscribe(Subscribe { first: 997_952, count: 2_000 }),
         ];
         for msg in all {
             // Exhaustive: a new member of ClientMessage.msg fails to compile
             // here, a reminder to add it to `WideMsg`.
             match &msg {
-                client_message::Msg::Toggle(_) | client_message::Msg::Resync(_) => {}
+                client_message::Msg::Toggle(_)
+                | client_message::Msg::Resync(_)
+                | client_message::Msg::Subscribe(_) => {}
             }
             let m = ClientMessage { msg: Some(msg) };
             assert_eq!(decode_client(&m.encode_to_vec()).unwrap(), m);
@@ -253,6 +273,10 @@ mod tests {
                         // Equal, or saturated where prost truncated.
                         prop_assert!(a.index == b.index || a.index == u32::MAX);
                         prop_assert!(a.request_id == b.request_id || a.request_id == u32::MAX);
+                    }
+                    (Some(client_message::Msg::Subscribe(a)), Some(client_message::Msg::Subscribe(b))) => {
+                        prop_assert!(a.first == b.first || a.first == u32::MAX);
+                        prop_assert!(a.count == b.count || a.count == u32::MAX);
                     }
                     (a, b) => prop_assert_eq!(a, b),
                 }

@@ -10,6 +10,8 @@
 //! - [`batch`]: [`batch::BatchBuilder`], which coalesces a run of changes into one `Batch`.
 //! - [`board`]: [`board::Board`], a board at a seq: the worker's replica, the
 //!   convergence rule a client follows, and the conversions to and from `Snapshot`.
+//! - [`view`]: viewport subscriptions: the board's regions, the split of a
+//!   Batch into region frames, and [`view::View`], a subscribed client's state.
 //!
 //! **Invariant:** this crate does no I/O and knows nothing of tokio or Redis, so
 //! the worker, the load generator and the tests all agree on one definition of
@@ -22,6 +24,7 @@ pub mod board;
 pub mod change;
 pub mod client;
 pub mod delta;
+pub mod view;
 
 /// Generated from `proto/omcb.proto`.
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]

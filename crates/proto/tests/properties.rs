@@ -2,6 +2,7 @@
 //! and the convergence rule over arbitrary delivery orders.
 
 use omcb_proto::v1::{self, ClientMessage, ServerMessage, client_message, server_message::Msg};
+use omcb_proto::view::{self, Chains, REGION_SIZE, Subscriber, View, subscription};
 use omcb_proto::{Applied, BatchBuilder, Board, Change, Op};
 use proptest::prelude::*;
 use prost::Message;
@@ -41,6 +42,7 @@ fn arb_server_message() -> impl Strategy<Value = ServerMessage> {
                 frozen,
                 checked_count,
                 frozen_count,
+                ..Default::default()
             })
         });
     let result = (any::<u32>(), any::<bool>(), any::<bool>(), 0i32..=5, any::<u64>()).prop_map(
@@ -216,5 +218,178 @@ proptest! {
         let zero_delta = v1::Batch { from_seq: next, to_seq: next, unchecked: vec![3, 0], ..Default::default() };
         prop_assert!(board.apply_batch(&zero_delta).is_err());
         prop_assert_eq!(board, before);
+    }
+}
+
+/// What the worker has published and not yet offered to the socket: a
+/// tick's region frames, or a counts frame.
+enum Published {
+    Tick(Vec<(u32, v1::Batch)>),
+    Counts(v1::Batch),
+}
+
+/// One step of the viewport model (see `view_follows_the_board_in_its_range`).
+#[derive(Debug, Clone)]
+enum Step {
+    /// The next `n` changes become one tick's Batch and its region frames.
+    Tick(usize),
+    /// The socket's shard offers it the oldest published tick.
+    Offer,
+    /// The client reads up to `n` frames.
+    Receive(usize),
+    /// The client scrolls by `delta` boxes (and re-subscribes).
+    Scroll(i32),
+    /// The client jumps to `first`.
+    Jump(u32),
+    /// The client sends `Resync`.
+    Resync,
+    /// The worker publishes a counts frame.
+    Counts,
+}
+
+fn arb_step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (1usize..20).prop_map(Step::Tick),
+        4 => Just(Step::Offer),
+        4 => (1usize..6).prop_map(Step::Receive),
+        3 => (-3000i32..3000).prop_map(Step::Scroll),
+        1 => any::<u32>().prop_map(Step::Jump),
+        1 => Just(Step::Resync),
+        1 => Just(Step::Counts),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// PROTOCOL.md, "Viewport subscriptions": any interleaving of changes,
+    /// subscriptions, scrolls, resyncs and late fan-out (a tick published
+    /// before a Subscribe but offered after it) leaves the reference client
+    /// (`View`) equal to the board inside its range, given the worker's
+    /// region encoding (`Chains`) and per-socket delivery (`Subscriber`).
+    /// The client never sees a gap.
+    #[test]
+    fn view_follows_the_board_in_its_range(
+        (size, changes) in (1u32..6 * REGION_SIZE)
+            .prop_flat_map(|size| (Just(size), arb_changes(size, 300))),
+        steps in proptest::collection::vec(arb_step(), 0..120),
+        (first, count) in (any::<u32>(), 1u32..3 * REGION_SIZE),
+    ) {
+        let mut replica = Board::new(size, 1, 0);
+        let mut chains = Chains::new(size, 0);
+        let mut next = 0; // changes[next..] are not yet in a tick
+        let mut unoffered: std::collections::VecDeque<Published> = Default::default();
+        let mut to_client: std::collections::VecDeque<Msg> = Default::default();
+        let mut first = first % size;
+        let regions = |first: u32| subscription(first, count, size).unwrap().unwrap();
+        // The first Subscribe: a range Snapshot of the whole range.
+        let mut sub = Subscriber::new(regions(first), replica.seq);
+        to_client.push_back(Msg::Snapshot(replica.range_snapshot(&sub.regions(), 0)));
+        let mut view = View::new();
+        view.subscribe(Some(&sub.regions()));
+
+        let tick = |n: usize, next: &mut usize, replica: &mut Board, chains: &mut Chains,
+                    unoffered: &mut std::collections::VecDeque<Published>| {
+            let mut b = BatchBuilder::new();
+            for c in &changes[*next..(*next + n).min(changes.len())] {
+                b.push(c).unwrap();
+                replica.apply_change(c).unwrap();
+            }
+            *next = (*next + n).min(changes.len());
+            if let Some(batch) = b.finish() {
+                unoffered.push_back(Published::Tick(chains.frames(&batch).unwrap()));
+            }
+        };
+        let offer = |p: Published, sub: &mut Subscriber, replica: &Board,
+                     to_client: &mut std::collections::VecDeque<Msg>| {
+            match p {
+                Published::Tick(frames) => {
+                    for (region, frame) in frames {
+                        match sub.offer(region, frame.from_seq, frame.to_seq) {
+                            Applied::Applied => to_client.push_back(Msg::Batch(frame)),
+                            Applied::Stale => {}
+                            Applied::Gap => panic!("the worker's chains left socket a gap: {frame:?} {sub:?} at {}", replica.seq),
+                        }
+                    }
+                }
+                Published::Counts(c) => to_client.push_back(Msg::Batch(c)),
+            }
+        };
+        let receive = |msg: Msg, view: &mut View| -> Result<(), TestCaseError> {
+            match msg {
+                Msg::Snapshot(s) => view.apply_snapshot(&s).unwrap(),
+                Msg::Batch(b) => {
+                    let applied = view.apply_batch(&b).unwrap();
+                    prop_assert_ne!(applied, Applied::Gap, "the client saw a gap: {:?}", b);
+                }
+                _ => unreachable!(),
+            }
+            Ok(())
+        };
+        let counts = |replica: &Board| v1::Batch {
+            to_seq: replica.seq,
+            checked_count: replica.checked_count,
+            frozen_count: replica.frozen_count,
+            counts_only: true,
+            ..Default::default()
+        };
+        let resubscribe = |to: u32, sub: &mut Subscriber, view: &mut View, replica: &Board,
+                               to_client: &mut std::collections::VecDeque<Msg>| {
+            let new = regions(to);
+            view.subscribe(Some(&new));
+            for run in sub.resubscribe(new, replica.seq) {
+                to_client.push_back(Msg::Snapshot(replica.range_snapshot(&run, 0)));
+            }
+        };
+
+        for step in steps {
+            match step {
+                Step::Tick(n) => tick(n, &mut next, &mut replica, &mut chains, &mut unoffered),
+                Step::Offer => {
+                    if let Some(p) = unoffered.pop_front() {
+                        offer(p, &mut sub, &replica, &mut to_client);
+                    }
+                }
+                Step::Receive(n) => {
+                    for _ in 0..n {
+                        if let Some(m) = to_client.pop_front() {
+                            receive(m, &mut view)?;
+                        }
+                    }
+                }
+                Step::Scroll(d) => {
+                    first = (i64::from(first) + i64::from(d)).clamp(0, i64::from(size) - 1) as u32;
+                    resubscribe(first, &mut sub, &mut view, &replica, &mut to_client);
+                }
+                Step::Jump(to) => {
+                    first = to % size;
+                    resubscribe(first, &mut sub, &mut view, &replica, &mut to_client);
+                }
+                Step::Resync => {
+                    // The writer sends a Snapshot of the whole range, which
+                    // replaces what is queued and not yet sent (sink.rs).
+                    sub.snapshot(replica.seq);
+                    to_client.retain(|m| !matches!(m, Msg::Snapshot(_)) && !matches!(m, Msg::Batch(b) if b.region.is_some()));
+                    to_client.push_back(Msg::Snapshot(replica.range_snapshot(&sub.regions(), 0)));
+                }
+                Step::Counts => unoffered.push_back(Published::Counts(counts(&replica))),
+            }
+        }
+        // Quiet: the rest of the changes, the fan-out and the reads catch up.
+        tick(changes.len(), &mut next, &mut replica, &mut chains, &mut unoffered);
+        unoffered.push_back(Published::Counts(counts(&replica)));
+        while let Some(p) = unoffered.pop_front() {
+            offer(p, &mut sub, &replica, &mut to_client);
+        }
+        while let Some(m) = to_client.pop_front() {
+            receive(m, &mut view)?;
+        }
+        let (lo, n) = view::boxes(&sub.regions(), size);
+        prop_assert_eq!(view.regions().collect::<Vec<_>>(), sub.regions().collect::<Vec<_>>());
+        for i in lo..lo + n {
+            prop_assert_eq!(view.is_checked(i), Some(replica.is_checked(i)), "box {}", i);
+            prop_assert_eq!(view.is_frozen(i), Some(replica.is_frozen(i)), "box {}", i);
+        }
+        prop_assert_eq!((view.checked_count, view.frozen_count), (replica.checked_count, replica.frozen_count));
     }
 }
