@@ -1,6 +1,6 @@
 // Wires the page together: the board state, the socket, the grid, and the
 // optimistic clicks that make a toggle feel instant.
-import { Board } from './board.js';
+import { Board, covers, windowFor } from './board.js';
 import { Connection } from './conn.js';
 import { Grid } from './grid.js';
 import { Reason, decodeSnapshot } from './proto.js';
@@ -17,8 +17,35 @@ const byRequest = new Map(); // requestId -> index
 let nextRequest = 1;
 
 function view(i) {
+  if (!board.known(i)) return { unknown: true, checked: false, frozen: false };
   const p = pending.get(i);
   return { checked: p ? p.checked : board.isChecked(i), frozen: board.isFrozen(i) };
+}
+
+// The page subscribes to the boxes it shows and a screen more above and
+// below (windowFor), and subscribes again once the screen leaves the inner
+// part of that (covers): a while after the scrolling stops, or every
+// FOLLOW_MAX_MS while it goes on. A jump is a scroll like any other.
+const FOLLOW_MS = 120;
+const FOLLOW_MAX_MS = 400;
+let shown = [0, 0, 0]; // the boxes [a, b) in the DOM, of size
+let sub = null;
+let followTimer = 0;
+let followSince = 0;
+function follow(...range) {
+  shown = range;
+  if (covers(sub, ...range)) return;
+  const now = performance.now();
+  followSince ||= now;
+  clearTimeout(followTimer);
+  followTimer = setTimeout(resubscribe, now - followSince < FOLLOW_MAX_MS ? FOLLOW_MS : 0);
+}
+function resubscribe() {
+  followSince = 0;
+  sub = windowFor(...shown);
+  board.subscribe(sub.first, sub.count);
+  conn.subscribe(sub.first, sub.count);
+  grid.refresh();
 }
 
 const grid = new Grid($('grid'), {
@@ -27,6 +54,7 @@ const grid = new Grid($('grid'), {
   onFrozen(index) {
     toast(`Box ${fmt.format(index)} is frozen: it was checked long enough and can no longer change.`);
   },
+  onView: follow,
   onFocusBox(index) {
     $('box-number').textContent = `Box ${fmt.format(index)}`;
   },
@@ -112,7 +140,7 @@ function onToggleResult(r) {
   }
   const p = pending.get(index);
   if (!p || p.requestId !== r.requestId) return; // a later click on the same box owns it now
-  if (r.accepted && r.seq > board.seq) {
+  if (r.accepted && r.seq > board.seqAt(index)) {
     p.seq = r.seq; // keep showing it until the batch with this seq arrives
     return;
   }
@@ -125,7 +153,7 @@ function onToggleResult(r) {
 // Drops optimistic values the board has caught up with.
 function settle() {
   const done = [];
-  for (const [i, p] of pending) if (p.seq !== null && board.seq >= p.seq) done.push(i);
+  for (const [i, p] of pending) if (p.seq !== null && board.seqAt(i) >= p.seq) done.push(i);
   for (const i of done) pending.delete(i);
   return done;
 }
@@ -261,4 +289,4 @@ async function loadState() {
 }
 loadState().then(() => conn.start());
 // For tests and the curious: the state behind the page.
-window.omcb = { board, conn, grid, pending, settings, get sunset() { return sunset; } };
+window.omcb = { board, conn, grid, pending, settings, get sub() { return sub; }, get sunset() { return sunset; } };

@@ -2,7 +2,35 @@
 // (docs/PROTOCOL.md): Snapshot replaces; a Batch that ends at or before our
 // seq is stale; one that starts at or before seq+1 applies; anything later is
 // a gap, and we ask for a fresh Snapshot and drop batches until it comes.
+//
+// Once the page subscribes to the boxes it shows (`subscribe`), the viewport
+// rule ("Viewport subscriptions") applies instead: each region of REGION
+// boxes has its own seq (`cur`), only the regions of the last Subscribe are
+// held, and `seq` is the seq of the counts.
 import { deltaDecode } from './proto.js';
+
+// Boxes per region, and the most boxes one Subscribe may ask for.
+export const REGION = 2048;
+const MAX_SUBSCRIBE = 65_536;
+
+// What to subscribe to while the boxes [a, b) are on screen: a screen more
+// above and below, out to whole regions (the server rounds to them anyway),
+// within the board and the server's cap; never empty (count 0 would be the
+// full board).
+export function windowFor(a, b, size) {
+  const first = Math.floor(Math.max(0, 2 * a - b) / REGION) * REGION;
+  const end = Math.min(size, (Math.floor((2 * b - a) / REGION) + 1) * REGION, first + MAX_SUBSCRIBE);
+  return { first, count: end - first };
+}
+
+// Whether subscription `sub` still serves the screen [a, b): the screen lies
+// at least half a screen inside each of its ends that is not the board's.
+// Scrolling within that sends nothing.
+export function covers(sub, a, b, size) {
+  const m = (b - a) / 2;
+  const end = sub ? sub.first + sub.count : 0;
+  return !!sub && (sub.first === 0 || a - sub.first >= m) && (end >= size || end - b >= m);
+}
 
 export class Board {
   constructor() {
@@ -16,9 +44,31 @@ export class Board {
     this.freezeAfterMs = 0n;
     // True after a gap: batches are dropped until the next Snapshot.
     this.awaitingSnapshot = false;
+    // Once subscribed: per region, the seq of the state held (-1n: none), and
+    // the regions [first, last] of the last Subscribe sent.
+    this.cur = null;
+    this.range = null;
   }
 
   get ready() { return this.seq >= 0n; }
+
+  // Whether the page holds box i's state: a box without one is shown as
+  // unknown, never as unchecked.
+  known(i) { return this.seqAt(i) >= 0n; }
+
+  // The seq of box i's state (-1n: none).
+  seqAt(i) { return this.cur ? this.cur[Math.floor(i / REGION)] ?? -1n : this.seq; }
+
+  #inRange(r) { return !this.range || (r >= this.range[0] && r <= this.range[1]); }
+
+  // The page sent Subscribe for [first, first + count): the regions outside
+  // it are forgotten (no more of their frames will come); the ones inside
+  // keep their state until the Snapshot of them arrives.
+  subscribe(first, count) {
+    this.range = [Math.floor(first / REGION), Math.floor((first + count - 1) / REGION)];
+    const had = this.cur;
+    this.cur = Array.from({ length: Math.ceil(this.size / REGION) }, (_, r) => (this.#inRange(r) ? (had ? had[r] : this.seq) : -1n));
+  }
 
   // How many boxes may be checked: the size, or the board's limit
   // (`maxChecked` from a Settings message, 0 for none).
@@ -37,30 +87,72 @@ export class Board {
     else bits[i >> 3] &= ~(0x80 >> (i & 7));
   }
 
-  // Replaces the whole state. Returns false (and keeps the old state) when the
-  // snapshot's bitsets do not fit its size.
+  // A full Snapshot replaces the whole state; a range Snapshot the regions it
+  // holds that are in the last Subscribe's range. Returns false (and keeps
+  // the old state) when a snapshot's bitsets do not fit its range.
   applySnapshot(s) {
-    const bytes = Math.ceil(s.size / 8);
+    const first = s.rangeCount ? s.rangeFirst : 0;
+    const n = s.rangeCount || s.size;
+    const bytes = Math.ceil(n / 8);
     if (s.checked.length !== bytes || s.frozen.length !== bytes) return false;
+    const end = first + n; // whole regions, the last one maybe the board's end
+    if (s.rangeCount && (s.regionSize !== REGION || first % REGION || end > s.size || (end % REGION && end !== s.size))) return false;
+    // Another board (a new epoch): nothing held is of it.
+    const fresh = s.size !== this.size || s.epoch !== this.epoch;
+    if (fresh || !s.rangeCount) {
+      this.checked = new Uint8Array(Math.ceil(s.size / 8));
+      this.frozen = new Uint8Array(this.checked.length);
+      this.seq = -1n;
+    }
+    // Copies: the message buffer is not ours. Boxes of regions outside the
+    // range are written too, but stay unknown.
+    this.checked.set(s.checked, first / 8);
+    this.frozen.set(s.frozen, first / 8);
+    const had = this.cur;
+    if (had) {
+      this.cur = Array.from({ length: Math.ceil(s.size / REGION) }, (_, r) => {
+        if (this.#inRange(r) && r >= first / REGION && r < end / REGION) return s.seq;
+        return fresh ? -1n : had[r] ?? -1n;
+      });
+    }
     this.size = s.size;
-    this.checked = new Uint8Array(s.checked); // copy: the message buffer is not ours
-    this.frozen = new Uint8Array(s.frozen);
-    this.seq = s.seq;
     this.epoch = s.epoch;
-    this.checkedCount = s.checkedCount;
-    this.frozenCount = s.frozenCount;
+    if (s.seq >= this.seq) {
+      this.seq = s.seq;
+      this.checkedCount = s.checkedCount;
+      this.frozenCount = s.frozenCount;
+    }
     this.freezeAfterMs = s.freezeAfterMs;
     this.awaitingSnapshot = false;
     return true;
   }
 
-  // Applies a batch by the convergence rule. Returns
+  // Applies a batch by the convergence rule, or a region frame by the
+  // viewport rule. Returns
   //   {result: 'stale' | 'gap' | 'invalid'} or {result: 'applied', changed: [indices]}.
   applyBatch(b) {
-    if (!this.ready || this.awaitingSnapshot) return { result: 'gap' };
     if (b.toSeq < b.fromSeq) return { result: 'invalid' };
-    if (b.toSeq <= this.seq) return { result: 'stale' };
-    if (b.fromSeq > this.seq + 1n) {
+    let seq = this.seq;
+    let lo = 0;
+    let hi = this.size;
+    if (this.cur) {
+      if (b.region === undefined) {
+        // A counts frame, or a full Batch sent before the server took the
+        // Subscribe: only its counts are of use.
+        if (!this.ready || b.toSeq <= this.seq) return { result: 'stale' };
+        this.seq = b.toSeq;
+        this.checkedCount = b.checkedCount;
+        this.frozenCount = b.frozenCount;
+        return { result: 'applied', changed: [] };
+      }
+      // A region not held (or no longer wanted) has no state to apply it to.
+      seq = this.cur[b.region] ?? -1n;
+      if (seq < 0n || this.awaitingSnapshot) return { result: 'stale' };
+      lo = b.region * REGION;
+      hi = Math.min(hi, lo + REGION);
+    } else if (!this.ready || this.awaitingSnapshot) return { result: 'gap' };
+    if (b.toSeq <= seq) return { result: 'stale' };
+    if (b.fromSeq > seq + 1n) {
       this.awaitingSnapshot = true;
       return { result: 'gap' };
     }
@@ -71,14 +163,18 @@ export class Board {
       return { result: 'invalid' };
     }
     // Validate everything first: a bad batch changes nothing.
-    for (const l of lists) for (const i of l) if (i >= this.size) return { result: 'invalid' };
+    for (const l of lists) for (const i of l) if (i < lo || i >= hi) return { result: 'invalid' };
     const [on, off, frozen] = lists;
     for (const i of on) Board.#set(this.checked, i, true);
     for (const i of off) Board.#set(this.checked, i, false);
     for (const i of frozen) Board.#set(this.frozen, i, true);
-    this.seq = b.toSeq;
-    this.checkedCount = b.checkedCount;
-    this.frozenCount = b.frozenCount;
+    if (this.cur) {
+      this.cur[b.region] = b.toSeq;
+    } else {
+      this.seq = b.toSeq;
+      this.checkedCount = b.checkedCount;
+      this.frozenCount = b.frozenCount;
+    }
     return { result: 'applied', changed: on.concat(off, frozen) };
   }
 }

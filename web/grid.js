@@ -18,16 +18,18 @@ const OVERSCAN = 4; // rows kept beyond each edge of the view
 const MAX_DIRTY = 4096;
 
 export class Grid {
-  // view(index) -> {checked, frozen}; onToggle(index, checked) on user input;
-  // onFrozen(index) when a frozen box is clicked; onFocusBox(index) when a
-  // box takes focus.
-  constructor(scroller, { size, view, onToggle, onFrozen = () => {}, onFocusBox = () => {} }) {
+  // view(index) -> {checked, frozen, unknown}; onToggle(index, checked) on
+  // user input; onFrozen(index) when a frozen box is clicked; onFocusBox(index)
+  // when a box takes focus; onView(a, b, size) after each render, with the
+  // boxes [a, b) it put in the DOM.
+  constructor(scroller, { size, view, onToggle, onFrozen = () => {}, onFocusBox = () => {}, onView = () => {} }) {
     this.scroller = scroller;
     this.size = size;
     this.view = view;
     this.onToggle = onToggle;
     this.onFrozen = onFrozen;
     this.onFocusBox = onFocusBox;
+    this.onView = onView;
     this.current = 0; // the box with tabindex 0
     this.marked = -1; // the box of the last jump
     this.spacer = document.createElement('div');
@@ -46,13 +48,17 @@ export class Grid {
       if (box.dataset.index === undefined) return;
       this.onToggle(Number(box.dataset.index), box.checked);
     });
-    // A frozen box keeps its value: the click (mouse, touch or Space) is
-    // cancelled before it changes the input.
+    // A frozen box keeps its value, and a box whose state is not in yet has
+    // none to change: the click (mouse, touch or Space) is cancelled before
+    // it changes the input.
     scroller.addEventListener('click', (e) => {
       const box = e.target;
-      if (box.dataset?.index === undefined || !box.classList.contains('frozen')) return;
-      e.preventDefault();
-      this.onFrozen(Number(box.dataset.index));
+      if (box.dataset?.index === undefined) return;
+      if (box.classList.contains('unknown')) e.preventDefault();
+      else if (box.classList.contains('frozen')) {
+        e.preventDefault();
+        this.onFrozen(Number(box.dataset.index));
+      }
     });
     scroller.addEventListener('focusin', (e) => {
       const box = e.target;
@@ -156,6 +162,7 @@ export class Grid {
     // The grid keeps one Tab stop: when the current box scrolled away, the
     // first visible box takes its place.
     if (!this.#box(this.current)) this.#setCurrent(this.#firstVisible());
+    this.onView(first * this.cols, Math.min(this.size, (last + 1) * this.cols), this.size);
   }
 
   #newRow() {
@@ -189,10 +196,13 @@ export class Grid {
   }
 
   #paint(box, i) {
-    const { checked, frozen } = this.view(i);
+    const { checked, frozen, unknown = false } = this.view(i);
     box.checked = checked;
     box.tabIndex = i === this.current ? 0 : -1;
     box.classList.toggle('marked', i === this.marked);
+    // Not yet known (its region's state is on the way): a placeholder, busy.
+    box.classList.toggle('unknown', unknown);
+    box.ariaBusy = unknown ? 'true' : null;
     if (box.classList.contains('frozen') === frozen) return;
     box.classList.toggle('frozen', frozen);
     if (frozen) {
