@@ -40,6 +40,7 @@ use hyper_util::rt::TokioIo;
 use omcb_proto::v1::{
     self, ClientMessage, Code, Reason, ToggleResult, client_message, server_message,
 };
+use omcb_proto::view::SubscribeError;
 use omcb_store::SetOutcome;
 use tokio::io::{AsyncRead, AsyncReadExt as _, Chain, ReadBuf};
 use tokio::net::TcpStream;
@@ -208,7 +209,7 @@ pub async fn serve(
     let mut writer =
         tokio::spawn(write_loop(app.clone(), sink.clone(), resume, coding).in_current_span());
     let lingered = tokio::select! {
-        lingered = read_loop(&app, &mut input, &sink, slot.address()) => {
+        lingered = read_loop(&app, &mut input, &sink, slot.address(), coding) => {
             // The reader queued whatever must still go out (an Error, a
             // close); give the writer a moment to send it, then it stops.
             sink.finish();
@@ -553,7 +554,13 @@ fn error_frame(code: Code, message: &str) -> Bytes {
 /// read buffer) exists only from the client's first byte until it has parsed
 /// every byte read: an idle socket holds none. True when it has also
 /// lingered for the client's close (see [`linger`]).
-async fn read_loop(app: &App, input: &mut Input<'_>, sink: &Sink, address: &Arc<Address>) -> bool {
+async fn read_loop(
+    app: &App,
+    input: &mut Input<'_>,
+    sink: &Sink,
+    address: &Arc<Address>,
+    coding: SnapshotCoding,
+) -> bool {
     let idle = app.config.ping_interval * 3;
     let max = app.config.max_frame;
     let now = Instant::now();
@@ -718,31 +725,45 @@ async fn read_loop(app: &App, input: &mut Input<'_>, sink: &Sink, address: &Arc<
                     Ok(ClientMessage { msg: Some(client_message::Msg::Resync(_)) }) => {
                         // The address's snapshot budget: wait for it (reading nothing
                         // more meanwhile), or close when the queue is too long.
-                        let bytes = limits::snapshot_bytes(app.hub.size());
-                        match limits.address.reserve_snapshot(bytes, Instant::now()) {
-                            Some(wait) => {
-                                if !wait.is_zero() {
-                                    tokio::time::sleep(wait).await;
+                        let bytes = match sink.subscribed() {
+                            Some(regions) => range_snapshot_bytes(&regions, app.hub.size()),
+                            None => limits::snapshot_bytes(app.hub.size()),
+                        };
+                        if !snapshot_budget(app, &limits, sink, bytes).await {
+                            break 'frames;
+                        }
+                        sink.request_snapshot();
+                    }
+                    Ok(ClientMessage { msg: Some(client_message::Msg::Subscribe(s)) }) => {
+                        let size = app.hub.size();
+                        match omcb_proto::view::subscription(s.first, s.count, size) {
+                            Ok(regions) => {
+                                let bytes = regions.as_ref().map_or_else(
+                                    || limits::snapshot_bytes(size),
+                                    |r| range_snapshot_bytes(r, size),
+                                );
+                                if !snapshot_budget(app, &limits, sink, bytes).await {
+                                    break 'frames;
                                 }
-                                sink.request_snapshot();
+                                // A Subscribe read before the socket's start
+                                // waits for it: the start is a full one.
+                                sink.started().await;
+                                app.metrics.subscribes_ok.increment(1);
+                                app.hub.subscribe(sink, regions, coding);
                             }
-                            None => {
-                                app.metrics.limited(Limiter::SnapshotAddress);
-                                bad(close::POLICY, "snapshot budget");
-                                sink.send(error_frame(
-                                    Code::RateLimited,
-                                    "too many snapshots; slow down",
-                                ));
-                                sink.close(close::POLICY, "snapshot budget");
-                                break 'frames;
+                            Err(e) => {
+                                let (code, counter) = match e {
+                                    SubscribeError::TooLarge(_) => {
+                                        (Code::TooLarge, &app.metrics.subscribes_too_large)
+                                    }
+                                    SubscribeError::OutOfRange { .. } => {
+                                        (Code::BadMessage, &app.metrics.subscribes_out_of_range)
+                                    }
+                                };
+                                counter.increment(1);
+                                sink.send(error_frame(code, &e.to_string()));
                             }
                         }
-                    }
-                    Ok(ClientMessage { msg: Some(client_message::Msg::Subscribe(_)) }) => {
-                        sink.send(error_frame(
-                            Code::BadMessage,
-                            "subscriptions are not served by this worker yet",
-                        ));
                     }
                     Ok(ClientMessage { msg: None }) | Err(_) => {
                         bad(close::INVALID, "undecodable message");
@@ -762,6 +783,34 @@ async fn read_loop(app: &App, input: &mut Input<'_>, sink: &Sink, address: &Arc<
         });
         if reading.await {
             return true;
+        }
+    }
+}
+
+/// Bytes a range Snapshot of `regions` costs the address's snapshot budget
+/// (its two bitsets, as [`limits::snapshot_bytes`] counts a full one).
+fn range_snapshot_bytes(regions: &std::ops::Range<u32>, size: u32) -> f64 {
+    limits::snapshot_bytes(omcb_proto::view::boxes(regions, size).1)
+}
+
+/// Waits for `bytes` of the address's snapshot budget (a `Resync`'s or a
+/// `Subscribe`'s Snapshot), reading nothing more meanwhile. False when the
+/// wait would be too long: the socket is told and closed with 1008.
+async fn snapshot_budget(app: &App, limits: &Limits, sink: &Sink, bytes: f64) -> bool {
+    match limits.address.reserve_snapshot(bytes, Instant::now()) {
+        Some(wait) => {
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            true
+        }
+        None => {
+            app.metrics.limited(Limiter::SnapshotAddress);
+            app.metrics.bad_input_closed.increment(1);
+            tracing::debug!(code = u16::from(close::POLICY), why = "snapshot budget", "closing on bad input");
+            sink.send(error_frame(Code::RateLimited, "too many snapshots; slow down"));
+            sink.close(close::POLICY, "snapshot budget");
+            false
         }
     }
 }

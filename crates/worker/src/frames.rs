@@ -29,6 +29,22 @@ pub struct EncodedBatch {
     pub to_seq: u64,
     /// The binary WebSocket frame of `ServerMessage{batch}`.
     pub frame: Bytes,
+    /// The same tick's region frames (docs/PROTOCOL.md, "Viewport
+    /// subscriptions"), regions ascending, each encoded once for every
+    /// socket subscribed to its region.
+    pub regions: std::sync::Arc<[RegionFrame]>,
+}
+
+/// One region's frame of a tick: a `ServerMessage{batch}` with `region` set.
+#[derive(Debug, Clone)]
+pub struct RegionFrame {
+    /// The region.
+    pub region: u32,
+    /// The frame's `from_seq`: its region's previous frame's `to_seq` + 1
+    /// (its `to_seq` is the tick's).
+    pub from_seq: u64,
+    /// The binary WebSocket frame.
+    pub frame: Bytes,
 }
 
 /// One complete server frame (FIN set, unmasked, as RFC 6455 requires of a

@@ -25,12 +25,14 @@
 //! right behind it (see [`Hub::join`], where a socket's start happens).
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use omcb_proto::v1::server_message::Msg;
+use omcb_proto::view::Chains;
 use omcb_proto::{BatchBuilder, Board, Change};
 use omcb_store::{ChangeFeed, FeedEvent, Store};
 use parking_lot::{Mutex, RwLock};
@@ -38,7 +40,7 @@ use prost::Message;
 use slab::Slab;
 use tokio::sync::{mpsc, watch};
 
-use crate::frames::{self, EncodedBatch};
+use crate::frames::{self, EncodedBatch, RegionFrame};
 use crate::metrics::Metrics;
 use crate::sink::Sink;
 use crate::tick::{Budgets, Pacer};
@@ -54,6 +56,9 @@ enum Published {
     /// The board's settings changed (`omcb admin`): a `Settings` frame,
     /// encoded once, that every socket sends in order with its batches.
     Settings(Bytes),
+    /// The board's counts for subscribed sockets (a `counts_only` Batch,
+    /// encoded once), about once a second while they move.
+    Counts { epoch: u64, frame: Bytes },
 }
 
 /// A snapshot encoded once per seq, for sockets and for `GET /api/state`.
@@ -97,25 +102,10 @@ impl EncodedSnapshot {
         match coding {
             SnapshotCoding::Plain => &self.frame,
             SnapshotCoding::Deflate => self.deflate.get_or_init(|| {
-                use std::io::Write as _;
                 let Ok(mut snapshot) = omcb_proto::v1::Snapshot::decode(&self.bare[..]) else {
                     return self.frame.clone(); // cannot happen: we encoded it
                 };
-                let deflate = |bits: &mut Vec<u8>, into: &mut Vec<u8>| {
-                    let mut enc = flate2::write::DeflateEncoder::new(
-                        Vec::with_capacity(bits.len() / 8),
-                        SNAPSHOT_LEVEL,
-                    );
-                    enc.write_all(bits).expect("writing to a Vec cannot fail");
-                    let z = enc.finish().expect("writing to a Vec cannot fail");
-                    // A random half-checked board does not compress: keep it plain.
-                    if z.len() < bits.len() {
-                        *into = z;
-                        bits.clear();
-                    }
-                };
-                deflate(&mut snapshot.checked, &mut snapshot.checked_deflate);
-                deflate(&mut snapshot.frozen, &mut snapshot.frozen_deflate);
+                deflate_bitsets(&mut snapshot);
                 frames::frame(
                     fastwebsockets::OpCode::Binary,
                     &omcb_proto::encode_server(Msg::Snapshot(snapshot)),
@@ -137,6 +127,37 @@ impl EncodedSnapshot {
         })
     }
 }
+
+/// Moves each bitset of `snapshot` that deflate makes smaller to its
+/// `*_deflate` field (`snapshot=deflate` sockets, docs/PROTOCOL.md).
+fn deflate_bitsets(snapshot: &mut omcb_proto::v1::Snapshot) {
+    use std::io::Write as _;
+    let deflate = |bits: &mut Vec<u8>, into: &mut Vec<u8>| {
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::with_capacity(bits.len() / 8), SNAPSHOT_LEVEL);
+        enc.write_all(bits).expect("writing to a Vec cannot fail");
+        let z = enc.finish().expect("writing to a Vec cannot fail");
+        // A random half-checked board does not compress: keep it plain.
+        if z.len() < bits.len() {
+            *into = z;
+            bits.clear();
+        }
+    };
+    deflate(&mut snapshot.checked, &mut snapshot.checked_deflate);
+    deflate(&mut snapshot.frozen, &mut snapshot.frozen_deflate);
+}
+
+/// The range Snapshot of `regions` of `board`, as a socket's frame.
+fn range_frame(board: &Board, regions: &Range<u32>, coding: SnapshotCoding) -> Bytes {
+    let mut snapshot = board.range_snapshot(regions, omcb_store::now_ms());
+    if coding == SnapshotCoding::Deflate {
+        deflate_bitsets(&mut snapshot);
+    }
+    frames::frame(fastwebsockets::OpCode::Binary, &omcb_proto::encode_server(Msg::Snapshot(snapshot)))
+}
+
+/// How often subscribed sockets get the counts while they move.
+const COUNTS_EVERY: Duration = Duration::from_secs(1);
 
 /// The compression level of a snapshot's bitsets (the socket's deflate and
 /// `GET /api/state`'s gzip), made once per seq. Level 1 leaves about 1 KB of
@@ -197,6 +218,10 @@ struct State {
     board: Board,
     /// Recent batches, oldest first, contiguous, for `?since=` resumes.
     ring: VecDeque<EncodedBatch>,
+    /// Each region's last frame, so the next one chains to it.
+    chains: Chains,
+    /// When the last counts frame was published, and its seq.
+    counts: (Instant, u64),
 }
 
 /// See the module docs.
@@ -250,7 +275,12 @@ impl Hub {
         Self {
             position,
             max_checked: AtomicU32::new(0),
-            state: RwLock::new(State { board, ring: VecDeque::new() }),
+            state: RwLock::new(State {
+                chains: Chains::new(board.size, board.seq),
+                counts: (Instant::now(), board.seq),
+                board,
+                ring: VecDeque::new(),
+            }),
             shards,
             shard_queues: Mutex::new(shard_queues),
             next_shard: AtomicUsize::new(0),
@@ -478,6 +508,57 @@ impl Hub {
     /// ring's batches after the snapshot are queued with it as one write, so
     /// the next batch the fan-out offers follows.
     pub fn send_snapshot(&self, sink: &Sink, coding: SnapshotCoding) {
+        let _view = sink.view.lock();
+        match sink.subscribed() {
+            Some(regions) => {
+                let state = self.state.read();
+                let frame = range_frame(&state.board, &regions, coding);
+                sink.snapshot_of(state.board.epoch, state.board.seq, Some(regions), frame);
+            }
+            None => self.send_full_snapshot(sink, coding),
+        }
+    }
+
+    /// A viewport subscription (docs/PROTOCOL.md, "Viewport
+    /// subscriptions"): `regions` from now on, `None` back to the full
+    /// board. The socket gets range Snapshots of the regions new to it (of
+    /// all of them when it was not subscribed or a snapshot is due), or a
+    /// full Snapshot when it leaves its subscription; the regions it keeps
+    /// keep their chains. Called by the socket's reader after its start.
+    pub fn subscribe(&self, sink: &Sink, regions: Option<Range<u32>>, coding: SnapshotCoding) {
+        let _view = sink.view.lock();
+        let Some(regions) = regions else {
+            if sink.subscribed().is_some() {
+                self.metrics.snapshots_subscribe.increment(1);
+                self.send_full_snapshot(sink, coding);
+            }
+            return;
+        };
+        let plan = sink.plan_subscribe(&regions);
+        let state = self.state.read();
+        let (epoch, seq) = (state.board.epoch, state.board.seq);
+        match plan {
+            None => {
+                let frame = range_frame(&state.board, &regions, coding);
+                self.metrics.snapshots_subscribe.increment(1);
+                self.metrics.snapshot_bytes_subscribe.increment(frame.len() as u64);
+                sink.snapshot_of(epoch, seq, Some(regions), frame);
+            }
+            Some(runs) => {
+                let frames: Vec<Bytes> =
+                    runs.iter().map(|run| range_frame(&state.board, run, coding)).collect();
+                for f in &frames {
+                    self.metrics.snapshots_subscribe.increment(1);
+                    self.metrics.snapshot_bytes_subscribe.increment(f.len() as u64);
+                }
+                sink.resubscribe(seq, regions, frames);
+            }
+        }
+    }
+
+    /// [`send_snapshot`](Self::send_snapshot) of the whole board. The caller
+    /// holds the sink's `view` lock.
+    fn send_full_snapshot(&self, sink: &Sink, coding: SnapshotCoding) {
         for attempt in 0.. {
             let s = self.snapshot();
             s.frame(coding); // compress outside the lock
@@ -545,6 +626,7 @@ impl Hub {
                             }
                         }
                         self.publish(&mut pending);
+                        self.quiet_tick();
                     } else {
                         self.metrics.ticks_deferred.increment(1);
                     }
@@ -658,6 +740,9 @@ impl Hub {
                     Published::Batch(b) => chunk.iter().for_each(|s| s.offer(b)),
                     Published::Reset => chunk.iter().for_each(|s| s.reset()),
                     Published::Settings(frame) => chunk.iter().for_each(|s| s.send(frame.clone())),
+                    Published::Counts { epoch, frame } => {
+                        chunk.iter().for_each(|s| s.offer_counts(*epoch, frame))
+                    }
                 }
                 // Thousands of writes in a row would keep this runtime thread
                 // from the hub's tick, the readers and new connections.
@@ -696,6 +781,28 @@ impl Hub {
             oldest_committed_ms: changes.first().map_or(0, |c| c.committed_ms),
         });
         let mut state = self.state.write();
+        // The tick's region frames, each encoded once (docs/PROTOCOL.md,
+        // "Viewport subscriptions"). A few small encodes per tick: the
+        // builder's batch holds each touched box once.
+        let regions: Arc<[RegionFrame]> = match state.chains.frames(&batch) {
+            Ok(frames) => frames
+                .into_iter()
+                .map(|(region, b)| RegionFrame {
+                    region,
+                    from_seq: b.from_seq,
+                    frame: frames::frame(
+                        fastwebsockets::OpCode::Binary,
+                        &omcb_proto::encode_server(Msg::Batch(b)),
+                    ),
+                })
+                .collect(),
+            Err(e) => {
+                // The builder made the batch from changes the store checked.
+                tracing::error!(error = %e, "a batch could not be split into regions");
+                Arc::default()
+            }
+        };
+        self.metrics.region_frames.increment(regions.len() as u64);
         let encoded = EncodedBatch {
             epoch: state.board.epoch,
             from_seq: batch.from_seq,
@@ -704,6 +811,7 @@ impl Hub {
                 fastwebsockets::OpCode::Binary,
                 &omcb_proto::encode_server(Msg::Batch(batch)),
             ),
+            regions,
         };
         for change in &changes {
             if let Err(e) = state.board.apply_change(change) {
@@ -719,6 +827,7 @@ impl Hub {
             state.ring.push_back(encoded.clone());
         }
         self.fan_out_all(&Published::Batch(encoded));
+        self.counts_if_due(&mut state);
         let seq = state.board.seq;
         self.position.send_replace((state.board.epoch, seq));
         drop(state);
@@ -732,6 +841,42 @@ impl Hub {
         self.metrics.seq.set(seq as f64);
         if let Some(t) = since {
             self.metrics.toggle_to_send.record(t.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Publishes a counts frame for subscribed sockets when the counts moved
+    /// and the last one is [`COUNTS_EVERY`] old. Under the write lock, so it
+    /// is queued in order with the batches.
+    fn counts_if_due(&self, state: &mut State) {
+        let (at, seq) = state.counts;
+        if seq == state.board.seq || at.elapsed() < COUNTS_EVERY {
+            return;
+        }
+        state.counts = (Instant::now(), state.board.seq);
+        let counts = omcb_proto::v1::Batch {
+            to_seq: state.board.seq,
+            checked_count: state.board.checked_count,
+            frozen_count: state.board.frozen_count,
+            counts_only: true,
+            ..Default::default()
+        };
+        let frame = frames::frame(
+            fastwebsockets::OpCode::Binary,
+            &omcb_proto::encode_server(Msg::Batch(counts)),
+        );
+        self.metrics.counts_frames.increment(1);
+        self.fan_out_all(&Published::Counts { epoch: state.board.epoch, frame });
+    }
+
+    /// A tick without changes: the counts of the last ones still go out
+    /// once their second is up.
+    fn quiet_tick(&self) {
+        let due = {
+            let state = self.state.read();
+            state.counts.1 != state.board.seq && state.counts.0.elapsed() >= COUNTS_EVERY
+        };
+        if due {
+            self.counts_if_due(&mut self.state.write());
         }
     }
 
@@ -767,6 +912,8 @@ impl Hub {
         let mut state = self.state.write();
         tracing::info!(epoch = board.epoch, seq = board.seq, "replica reset");
         self.position.send_replace((board.epoch, board.seq));
+        state.chains.reset(board.size, board.seq);
+        state.counts.1 = board.seq;
         state.board = board;
         state.ring.clear();
         self.fan_out_all(&Published::Reset);

@@ -198,6 +198,19 @@ pub struct Metrics {
     snapshot_bytes_lagged: Counter,
     snapshot_bytes_reset: Counter,
     snapshot_bytes_resync: Counter,
+    /// Viewport subscriptions (docs/PROTOCOL.md): `Subscribe`s taken and
+    /// refused (`omcb_subscribes_total{result}`), the range Snapshots they
+    /// brought (`omcb_snapshots_sent_total{reason="subscribe"}` and its bytes).
+    pub subscribes_ok: Counter,
+    pub subscribes_too_large: Counter,
+    pub subscribes_out_of_range: Counter,
+    pub snapshots_subscribe: Counter,
+    pub snapshot_bytes_subscribe: Counter,
+    /// Region frames encoded (once per region with changes per tick, for all
+    /// the sockets subscribed there).
+    pub region_frames: Counter,
+    /// Counts frames published to subscribed sockets (about one a second).
+    pub counts_frames: Counter,
     /// Sockets ended, by close code (see [`DISCONNECT_CODES`]).
     disconnects: [Counter; 13],
     /// Refusals, by [`Limiter`] (in the order of [`Limiter::ALL`]).
@@ -254,6 +267,13 @@ impl Metrics {
             snapshot_bytes_lagged: snapshot_bytes("lagged"),
             snapshot_bytes_reset: snapshot_bytes("reset"),
             snapshot_bytes_resync: snapshot_bytes("resync"),
+            subscribes_ok: counter!("omcb_subscribes_total", "result" => "ok"),
+            subscribes_too_large: counter!("omcb_subscribes_total", "result" => "too_large"),
+            subscribes_out_of_range: counter!("omcb_subscribes_total", "result" => "out_of_range"),
+            snapshots_subscribe: snapshots("subscribe"),
+            snapshot_bytes_subscribe: snapshot_bytes("subscribe"),
+            region_frames: counter!("omcb_region_frames_encoded_total"),
+            counts_frames: counter!("omcb_counts_frames_published_total"),
             disconnects: std::array::from_fn(
                 |i| counter!("omcb_disconnects_total", "code" => DISCONNECT_CODES[i]),
             ),

@@ -36,6 +36,9 @@ use parking_lot::{Mutex, MutexGuard};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
+use omcb_proto::Applied;
+use omcb_proto::view::Subscriber;
+
 use crate::frames::{EncodedBatch, close_frame, frame};
 use crate::metrics::SinkMetrics;
 
@@ -86,6 +89,10 @@ struct State {
     /// send timeout). Only a whole frame written counts as progress, so a
     /// client that reads a few bytes a second cannot hold a socket forever.
     waiting_since: Option<Instant>,
+    /// The socket's viewport subscription (docs/PROTOCOL.md): while set, it
+    /// gets its regions' frames and counts frames instead of full batches.
+    /// Boxed: most sockets never subscribe, and an idle socket's size counts.
+    sub: Option<Box<Subscriber>>,
 }
 
 /// The outgoing side of one socket. See the module docs.
@@ -98,6 +105,13 @@ pub struct Sink {
     pub wake: Notify,
     /// Most batch frames queued before the backlog is replaced by a snapshot.
     max_batches: usize,
+    /// Held while the subscription changes or a snapshot is made for it (the
+    /// reader's `Subscribe`, the writer's snapshots), so the two never
+    /// interleave. Taken before the hub's lock.
+    pub view: Mutex<()>,
+    /// Signalled when the socket's start is queued: a `Subscribe` read
+    /// before it waits for it.
+    started_signal: Notify,
     metrics: SinkMetrics,
 }
 
@@ -131,9 +145,12 @@ impl Sink {
                 closing: false,
                 broken: false,
                 waiting_since: None,
+                sub: None,
             }),
             wake: Notify::new(),
             max_batches: max_batches.max(1),
+            view: Mutex::new(()),
+            started_signal: Notify::new(),
             metrics,
         }
     }
@@ -207,6 +224,58 @@ impl Sink {
         st.started = true;
         drop(st);
         self.wake.notify_one();
+        self.started_signal.notify_waiters();
+    }
+
+    /// Waits until the socket's start is queued (`Hub::join`).
+    pub async fn started(&self) {
+        loop {
+            let signal = self.started_signal.notified();
+            tokio::pin!(signal);
+            signal.as_mut().enable();
+            if self.state.lock().started {
+                return;
+            }
+            signal.await;
+        }
+    }
+
+    /// The socket's subscription: its range of regions, `None` on the full board.
+    pub fn subscribed(&self) -> Option<std::ops::Range<u32>> {
+        self.state.lock().sub.as_ref().map(|s| s.regions())
+    }
+
+    /// The regions of a new subscription `regions` that need a range
+    /// Snapshot: `None` when the whole range needs one (the socket was not
+    /// subscribed, or a snapshot is due or queued and not yet begun, which
+    /// the whole-range one replaces, so at most one waits), else the runs of
+    /// regions the old range did not have.
+    pub fn plan_subscribe(&self, regions: &std::ops::Range<u32>) -> Option<Vec<std::ops::Range<u32>>> {
+        let st = self.state.lock();
+        let first_unbegun = usize::from(st.written > 0);
+        let queued = st.queue.iter().skip(first_unbegun).any(|(_, k)| *k == Kind::Snapshot);
+        if st.needs_snapshot || queued || st.closing {
+            return None;
+        }
+        let mut sub = st.sub.as_deref()?.clone();
+        Some(sub.resubscribe(regions.clone(), 0))
+    }
+
+    /// Takes the new subscription `regions` with the replica at `seq`: its
+    /// regions kept keep their chains, and `frames` (the range Snapshots of
+    /// the runs [`plan_subscribe`](Self::plan_subscribe) returned) are
+    /// queued. The caller holds the hub's read lock.
+    pub fn resubscribe(&self, seq: u64, regions: std::ops::Range<u32>, frames: Vec<Bytes>) {
+        let mut st = self.state.lock();
+        if st.closing {
+            return;
+        }
+        if let Some(sub) = st.sub.as_mut() {
+            sub.resubscribe(regions, seq);
+        }
+        for f in frames {
+            self.push(&mut st, f, Kind::Snapshot);
+        }
     }
 
     /// Offers a published batch: sent when it is the client's next one, skipped
@@ -214,6 +283,9 @@ impl Sink {
     /// by the hub's fan-out, in publication order.
     pub fn offer(&self, b: &EncodedBatch) {
         let mut st = self.state.lock();
+        if st.sub.is_some() {
+            return self.offer_regions(st, b);
+        }
         if st.closing || st.needs_snapshot || b.epoch != st.epoch || b.to_seq <= st.seq {
             return;
         }
@@ -226,6 +298,68 @@ impl Sink {
         }
         st.seq = b.to_seq;
         self.push(&mut st, b.frame.clone(), Kind::Batch);
+    }
+
+    /// [`offer`](Self::offer) to a subscribed socket: the frames of the
+    /// tick's regions in its range that continue their chains (the same
+    /// rule the client follows), in one write. A region frame already
+    /// covered by a Snapshot is skipped; one that would leave a hole (cannot
+    /// happen while the hub's invariant holds) asks for a snapshot.
+    fn offer_regions(&self, mut st: MutexGuard<'_, State>, b: &EncodedBatch) {
+        if st.closing || st.needs_snapshot || b.epoch != st.epoch {
+            return;
+        }
+        let Some(sub) = st.sub.as_deref_mut() else { return };
+        let range = sub.regions();
+        let start = b.regions.partition_point(|f| f.region < range.start);
+        let mut first: Option<&Bytes> = None;
+        let mut more: Vec<u8> = Vec::new();
+        let mut gap = false;
+        for f in b.regions[start..].iter().take_while(|f| f.region < range.end) {
+            match sub.offer(f.region, f.from_seq, b.to_seq) {
+                Applied::Applied => match first {
+                    None => first = Some(&f.frame),
+                    Some(one) => {
+                        if more.is_empty() {
+                            more.extend_from_slice(one);
+                        }
+                        more.extend_from_slice(&f.frame);
+                    }
+                },
+                Applied::Stale => {}
+                Applied::Gap => {
+                    gap = true;
+                    break;
+                }
+            }
+        }
+        if gap {
+            return self.lagged(st);
+        }
+        let Some(one) = first else { return };
+        // Several regions of one tick go out as one write.
+        let frame = if more.is_empty() { one.clone() } else { Bytes::from(more) };
+        if st.batches >= self.max_batches {
+            return self.lagged(st);
+        }
+        st.seq = st.seq.max(b.to_seq);
+        self.push(&mut st, frame, Kind::Batch);
+    }
+
+    /// Offers a counts frame (`counts_only`, about one a second) at `(epoch,
+    /// seq)`: only a subscribed socket takes it, and not while its queue is
+    /// full (the next one comes a second later).
+    pub fn offer_counts(&self, epoch: u64, frame: &Bytes) {
+        let mut st = self.state.lock();
+        if st.sub.is_none()
+            || st.closing
+            || st.needs_snapshot
+            || epoch != st.epoch
+            || st.batches >= self.max_batches
+        {
+            return;
+        }
+        self.push(&mut st, frame.clone(), Kind::Batch);
     }
 
     /// The board was replaced: a snapshot before any later batch.
@@ -256,18 +390,36 @@ impl Sink {
 
     /// Queues the snapshot `frame` at `(epoch, seq)` in place of what was due.
     /// The caller holds the hub's read lock, so no batch after `seq` has been
-    /// offered yet.
+    /// offered yet. A full snapshot ends the socket's subscription.
     pub fn snapshot(&self, epoch: u64, seq: u64, frame: Bytes) {
+        self.snapshot_of(epoch, seq, None, frame);
+    }
+
+    /// Like [`snapshot`](Self::snapshot), for a range Snapshot of all of
+    /// `regions`, which becomes (or stays) the socket's subscription; `None`:
+    /// a full snapshot.
+    pub fn snapshot_of(
+        &self,
+        epoch: u64,
+        seq: u64,
+        regions: Option<std::ops::Range<u32>>,
+        frame: Bytes,
+    ) {
         let mut st = self.state.lock();
         if st.closing {
             return;
         }
+        st.sub = regions.map(|r| Box::new(Subscriber::new(r, seq)));
         let bytes = match (st.needs_snapshot, st.reset) {
-            (true, true) => &self.metrics.snapshot_bytes_reset,
-            (true, false) => &self.metrics.snapshot_bytes_lagged,
-            (false, _) => &self.metrics.snapshot_bytes_resync,
+            (true, true) => Some(&self.metrics.snapshot_bytes_reset),
+            (true, false) => Some(&self.metrics.snapshot_bytes_lagged),
+            (false, _) if st.resync => Some(&self.metrics.snapshot_bytes_resync),
+            // Neither due nor asked for: a `Subscribe`'s, which the hub counts.
+            (false, _) => None,
         };
-        bytes.increment(frame.len() as u64);
+        if let Some(bytes) = bytes {
+            bytes.increment(frame.len() as u64);
+        }
         st.needs_snapshot = false;
         st.resync = false;
         st.reset = false;
@@ -294,8 +446,11 @@ impl Sink {
         // Retained frames before `at` were all kept, so its index is unchanged.
         let at = at.unwrap_or(st.queue.len());
         // Queued only: the caller holds the hub's read lock, and a snapshot is
-        // 250 KB; the writer task writes it right after.
+        // 250 KB; the writer task writes it right after (woken for it when
+        // the reader queued it, for a `Subscribe`).
         st.queue.insert(at, (frame, Kind::Snapshot));
+        drop(st);
+        self.wake.notify_one();
     }
 
     /// Too many batches wait: drop the ones not yet begun (the snapshot will
@@ -429,7 +584,13 @@ mod tests {
     }
 
     fn batch(epoch: u64, from_seq: u64, to_seq: u64, payload: &[u8]) -> EncodedBatch {
-        EncodedBatch { epoch, from_seq, to_seq, frame: frame(OpCode::Binary, payload) }
+        EncodedBatch {
+            epoch,
+            from_seq,
+            to_seq,
+            frame: frame(OpCode::Binary, payload),
+            regions: Default::default(),
+        }
     }
 
     /// A sink over one end of a real loopback connection, and the other end.

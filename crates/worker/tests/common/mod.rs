@@ -121,6 +121,10 @@ pub struct Client<S = Ws> {
     pub gaps: usize,
     /// The board's `freeze_after_ms` as the last Snapshot or Settings said.
     pub freeze_after_ms: Option<u64>,
+    /// A subscribed client's regions (docs/PROTOCOL.md, "Viewport
+    /// subscriptions"), kept by the viewport rule; set by the first range
+    /// Snapshot, with `board` then `None`.
+    pub view: Option<omcb_proto::view::View>,
     next_request: u32,
 }
 
@@ -152,6 +156,7 @@ where
             snapshots: 0,
             gaps: 0,
             freeze_after_ms: None,
+            view: None,
             next_request: 1,
         }
     }
@@ -208,11 +213,28 @@ where
     fn observe(&mut self, msg: &Msg) {
         match msg {
             Msg::Settings(s) => self.freeze_after_ms = Some(s.freeze_after_ms),
+            Msg::Snapshot(s) if s.range_count > 0 => {
+                self.freeze_after_ms = Some(s.freeze_after_ms);
+                self.snapshots += 1;
+                self.board = None;
+                let view = self.view.get_or_insert_with(Default::default);
+                view.apply_snapshot(&inflate_snapshot(s)).expect("valid range snapshot");
+            }
             Msg::Snapshot(s) => {
                 self.freeze_after_ms = Some(s.freeze_after_ms);
                 self.snapshots += 1;
                 let s = inflate_snapshot(s);
                 self.board = Some(Board::from_snapshot(&s).expect("valid snapshot"));
+                self.view = None;
+            }
+            Msg::Batch(b) if b.region.is_some() || b.counts_only => {
+                self.batches.push((b.from_seq, b.to_seq));
+                if let Some(view) = self.view.as_mut() {
+                    match view.apply_batch(b).expect("valid region or counts frame") {
+                        Applied::Gap => self.gaps += 1,
+                        Applied::Stale | Applied::Applied => {}
+                    }
+                }
             }
             Msg::Batch(b) => {
                 self.batches.push((b.from_seq, b.to_seq));
@@ -230,6 +252,18 @@ where
     pub async fn send_msg(&mut self, msg: client_message::Msg) {
         let bytes = ClientMessage { msg: Some(msg) }.encode_to_vec();
         self.ws.send(Message::Binary(bytes.into())).await.unwrap();
+    }
+
+    /// Sends `Subscribe{first, count}` for a board of `size` boxes, and
+    /// forgets the regions outside it as the viewport rule says.
+    pub async fn subscribe(&mut self, first: u32, count: u32, size: u32) {
+        let regions = omcb_proto::view::subscription(first, count, size).expect("a valid range");
+        match regions {
+            Some(r) => self.view.get_or_insert_with(Default::default).subscribe(Some(&r)),
+            None => self.view = None,
+        }
+        let s = omcb_proto::v1::Subscribe { first, count };
+        self.send_msg(client_message::Msg::Subscribe(s)).await;
     }
 
     /// Sends a toggle; returns its request id.
