@@ -17,18 +17,16 @@ const byRequest = new Map(); // requestId -> index
 let nextRequest = 1;
 
 function view(i) {
-  if (!board.known(i)) return { unknown: true, checked: false, frozen: false };
+  if (board.seqAt(i) < 0n) return { unknown: true, checked: false, frozen: false };
   const p = pending.get(i);
   return { checked: p ? p.checked : board.isChecked(i), frozen: board.isFrozen(i) };
 }
 
 // The page subscribes to the boxes it shows and a screen more above and
 // below (windowFor), and subscribes again once the screen leaves the inner
-// part of that (covers): a while after the scrolling stops, or every
-// FOLLOW_MAX_MS while it goes on. A jump is a scroll like any other.
-const FOLLOW_MS = 120;
-const FOLLOW_MAX_MS = 400;
-let shown = [0, 0, 0]; // the boxes [a, b) in the DOM, of size
+// part of that (covers): 120 ms after the scrolling stops, or every 400 ms
+// while it goes on. A jump is a scroll like any other.
+let shown; // [a, b, size]: the boxes [a, b) in the DOM, of the board's size
 let sub = null;
 let followTimer = 0;
 let followSince = 0;
@@ -38,7 +36,7 @@ function follow(...range) {
   const now = performance.now();
   followSince ||= now;
   clearTimeout(followTimer);
-  followTimer = setTimeout(resubscribe, now - followSince < FOLLOW_MAX_MS ? FOLLOW_MS : 0);
+  followTimer = setTimeout(resubscribe, now - followSince < 400 ? 120 : 0);
 }
 function resubscribe() {
   followSince = 0;

@@ -44,30 +44,24 @@ export class Board {
     this.freezeAfterMs = 0n;
     // True after a gap: batches are dropped until the next Snapshot.
     this.awaitingSnapshot = false;
-    // Once subscribed: per region, the seq of the state held (-1n: none), and
-    // the regions [first, last] of the last Subscribe sent.
+    // Once subscribed: for each region of the last Subscribe sent (a sparse
+    // array, nothing at the others), the seq of the state held (-1n: none).
     this.cur = null;
-    this.range = null;
   }
 
   get ready() { return this.seq >= 0n; }
 
-  // Whether the page holds box i's state: a box without one is shown as
-  // unknown, never as unchecked.
-  known(i) { return this.seqAt(i) >= 0n; }
-
-  // The seq of box i's state (-1n: none).
+  // The seq of box i's state; -1n when the page holds none, and shows the
+  // box as unknown, never as unchecked.
   seqAt(i) { return this.cur ? this.cur[Math.floor(i / REGION)] ?? -1n : this.seq; }
-
-  #inRange(r) { return !this.range || (r >= this.range[0] && r <= this.range[1]); }
 
   // The page sent Subscribe for [first, first + count): the regions outside
   // it are forgotten (no more of their frames will come); the ones inside
   // keep their state until the Snapshot of them arrives.
   subscribe(first, count) {
-    this.range = [Math.floor(first / REGION), Math.floor((first + count - 1) / REGION)];
     const had = this.cur;
-    this.cur = Array.from({ length: Math.ceil(this.size / REGION) }, (_, r) => (this.#inRange(r) ? (had ? had[r] : this.seq) : -1n));
+    this.cur = [];
+    for (let r = Math.floor(first / REGION); r * REGION < first + count; r++) this.cur[r] = had ? had[r] ?? -1n : this.seq;
   }
 
   // How many boxes may be checked: the size, or the board's limit
@@ -88,14 +82,13 @@ export class Board {
   }
 
   // A full Snapshot replaces the whole state; a range Snapshot the regions it
-  // holds that are in the last Subscribe's range. Returns false (and keeps
-  // the old state) when a snapshot's bitsets do not fit its range.
+  // holds that the last Subscribe asked for. Returns false (and keeps the old
+  // state) when a snapshot's bitsets do not fit its range.
   applySnapshot(s) {
-    const first = s.rangeCount ? s.rangeFirst : 0;
-    const n = s.rangeCount || s.size;
-    const bytes = Math.ceil(n / 8);
+    const first = s.rangeCount ? s.rangeFirst ?? 0 : 0; // 0 is not on the wire
+    const end = first + (s.rangeCount || s.size); // whole regions, or the board's end
+    const bytes = Math.ceil((end - first) / 8);
     if (s.checked.length !== bytes || s.frozen.length !== bytes) return false;
-    const end = first + n; // whole regions, the last one maybe the board's end
     if (s.rangeCount && (s.regionSize !== REGION || first % REGION || end > s.size || (end % REGION && end !== s.size))) return false;
     // Another board (a new epoch): nothing held is of it.
     const fresh = s.size !== this.size || s.epoch !== this.epoch;
@@ -104,27 +97,25 @@ export class Board {
       this.frozen = new Uint8Array(this.checked.length);
       this.seq = -1n;
     }
-    // Copies: the message buffer is not ours. Boxes of regions outside the
-    // range are written too, but stay unknown.
+    // Copies: the message buffer is not ours. Boxes of regions no longer
+    // wanted are written too, but stay unknown.
     this.checked.set(s.checked, first / 8);
     this.frozen.set(s.frozen, first / 8);
-    const had = this.cur;
-    if (had) {
-      this.cur = Array.from({ length: Math.ceil(s.size / REGION) }, (_, r) => {
-        if (this.#inRange(r) && r >= first / REGION && r < end / REGION) return s.seq;
-        return fresh ? -1n : had[r] ?? -1n;
-      });
-    }
+    this.cur?.forEach((seq, r, cur) => {
+      cur[r] = r >= first / REGION && r < end / REGION ? s.seq : fresh ? -1n : seq;
+    });
     this.size = s.size;
     this.epoch = s.epoch;
-    if (s.seq >= this.seq) {
-      this.seq = s.seq;
-      this.checkedCount = s.checkedCount;
-      this.frozenCount = s.frozenCount;
-    }
     this.freezeAfterMs = s.freezeAfterMs;
     this.awaitingSnapshot = false;
+    if (s.seq >= this.seq) this.#counts(s, s.seq);
     return true;
+  }
+
+  #counts(m, seq) {
+    this.seq = seq;
+    this.checkedCount = m.checkedCount;
+    this.frozenCount = m.frozenCount;
   }
 
   // Applies a batch by the convergence rule, or a region frame by the
@@ -132,24 +123,20 @@ export class Board {
   //   {result: 'stale' | 'gap' | 'invalid'} or {result: 'applied', changed: [indices]}.
   applyBatch(b) {
     if (b.toSeq < b.fromSeq) return { result: 'invalid' };
+    const { cur, size } = this;
+    const r = b.region;
     let seq = this.seq;
-    let lo = 0;
-    let hi = this.size;
-    if (this.cur) {
-      if (b.region === undefined) {
-        // A counts frame, or a full Batch sent before the server took the
-        // Subscribe: only its counts are of use.
-        if (!this.ready || b.toSeq <= this.seq) return { result: 'stale' };
-        this.seq = b.toSeq;
-        this.checkedCount = b.checkedCount;
-        this.frozenCount = b.frozenCount;
+    if (cur) {
+      // A counts frame, or a full Batch sent before the server took the
+      // Subscribe: only its counts are of use.
+      if (r === undefined) {
+        if (!this.ready || b.toSeq <= seq) return { result: 'stale' };
+        this.#counts(b, b.toSeq);
         return { result: 'applied', changed: [] };
       }
       // A region not held (or no longer wanted) has no state to apply it to.
-      seq = this.cur[b.region] ?? -1n;
+      seq = cur[r] ?? -1n;
       if (seq < 0n || this.awaitingSnapshot) return { result: 'stale' };
-      lo = b.region * REGION;
-      hi = Math.min(hi, lo + REGION);
     } else if (!this.ready || this.awaitingSnapshot) return { result: 'gap' };
     if (b.toSeq <= seq) return { result: 'stale' };
     if (b.fromSeq > seq + 1n) {
@@ -162,19 +149,15 @@ export class Board {
     } catch {
       return { result: 'invalid' };
     }
-    // Validate everything first: a bad batch changes nothing.
-    for (const l of lists) for (const i of l) if (i < lo || i >= hi) return { result: 'invalid' };
+    // Validate everything first: a bad batch changes nothing. A region
+    // frame's boxes are all in its region.
+    for (const l of lists) for (const i of l) if (i >= size || (cur && Math.floor(i / REGION) !== r)) return { result: 'invalid' };
     const [on, off, frozen] = lists;
     for (const i of on) Board.#set(this.checked, i, true);
     for (const i of off) Board.#set(this.checked, i, false);
     for (const i of frozen) Board.#set(this.frozen, i, true);
-    if (this.cur) {
-      this.cur[b.region] = b.toSeq;
-    } else {
-      this.seq = b.toSeq;
-      this.checkedCount = b.checkedCount;
-      this.frozenCount = b.frozenCount;
-    }
+    if (cur) cur[r] = b.toSeq;
+    else this.#counts(b, b.toSeq);
     return { result: 'applied', changed: on.concat(off, frozen) };
   }
 }

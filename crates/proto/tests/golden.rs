@@ -23,9 +23,12 @@ fn snapshot_json(s: &v1::Snapshot) -> Value {
         "freezeAfterMs": s.freeze_after_ms.to_string(), "serverTimeMs": s.server_time_ms.to_string(),
         "epoch": s.epoch.to_string(),
     });
-    // The viewport fields: web/proto.js sets them only when they are on the wire.
-    if s.range_count > 0 {
+    // The viewport fields: web/proto.js sets them only when they are on the
+    // wire, and prost leaves out a range_first of 0.
+    if s.range_first > 0 {
         v["rangeFirst"] = json!(s.range_first);
+    }
+    if s.range_count > 0 {
         v["rangeCount"] = json!(s.range_count);
         v["regionSize"] = json!(s.region_size);
     }
@@ -189,6 +192,12 @@ fn vectors() -> Value {
     range.range_count = count as u32;
     range.region_size = 2048;
     server("range snapshot, the last two regions", Msg::Snapshot(range));
+    let mut top = board(1_000_000, 9, &[0, 2047], &[]).to_snapshot(11);
+    top.checked.truncate(256);
+    top.frozen.truncate(256);
+    top.range_count = 2048;
+    top.region_size = 2048;
+    server("range snapshot, the first region (range_first 0 is not on the wire)", Msg::Snapshot(top));
     for (region, checked) in [(0, vec![0, 2047]), (488, vec![999_424])] {
         server(
             &format!("region frame, region {region}"),
