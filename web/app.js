@@ -17,33 +17,25 @@ const byRequest = new Map(); // requestId -> index
 let nextRequest = 1;
 
 function view(i) {
-  if (board.seqAt(i) < 0n) return { unknown: true, checked: false, frozen: false };
+  if (board.seqAt(i) < 0n) return { unknown: true };
   const p = pending.get(i);
   return { checked: p ? p.checked : board.isChecked(i), frozen: board.isFrozen(i) };
 }
 
 // The page subscribes to the boxes it shows and a screen more above and
 // below (windowFor), and subscribes again once the screen leaves the inner
-// part of that (covers): 120 ms after the scrolling stops, or every 400 ms
-// while it goes on. A jump is a scroll like any other.
-let shown; // [a, b, size]: the boxes [a, b) in the DOM, of the board's size
+// part of that (covers), 120 ms after the scrolling stops. A jump is a scroll
+// like any other.
 let sub = null;
 let followTimer = 0;
-let followSince = 0;
-function follow(...range) {
-  shown = range;
-  if (covers(sub, ...range)) return;
-  const now = performance.now();
-  followSince ||= now;
+function follow(...shown) {
+  if (covers(sub, ...shown)) return;
   clearTimeout(followTimer);
-  followTimer = setTimeout(resubscribe, now - followSince < 400 ? 120 : 0);
-}
-function resubscribe() {
-  followSince = 0;
-  sub = windowFor(...shown);
-  board.subscribe(sub.first, sub.count);
-  conn.subscribe(sub.first, sub.count);
-  grid.refresh();
+  followTimer = setTimeout(() => {
+    sub = windowFor(...shown);
+    conn.subscribe(sub.first, sub.count);
+    grid.refresh();
+  }, 120);
 }
 
 const grid = new Grid($('grid'), {
@@ -57,7 +49,8 @@ const grid = new Grid($('grid'), {
     $('box-number').textContent = `Box ${fmt.format(index)}`;
   },
   onToggle(index, checked) {
-    if (board.isFrozen(index)) {
+    // Frozen, or not known yet (a click on a placeholder): it shows as it was.
+    if (board.isFrozen(index) || board.seqAt(index) < 0n) {
       grid.update([index]);
       return;
     }
@@ -188,7 +181,7 @@ function onMessage(msg) {
       onToggleResult(msg);
       break;
     case 'error':
-      console.warn('server error', msg.code, msg.message);
+      console.warn(msg);
       toast(msg.message);
       break;
   }
@@ -282,9 +275,9 @@ async function loadState() {
     // clock and countdowns all start from it.
     if (!board.ready) onMessage({ kind: 'snapshot', ...snapshot });
   } catch (e) {
-    console.warn('no state over HTTP; the socket will send it', e);
+    console.warn('no /api/state', e);
   }
 }
 loadState().then(() => conn.start());
 // For tests and the curious: the state behind the page.
-window.omcb = { board, conn, grid, pending, settings, get sub() { return sub; }, get sunset() { return sunset; } };
+window.omcb = { board, conn, grid, pending, settings, get sunset() { return sunset; } };

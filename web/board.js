@@ -23,13 +23,11 @@ export function windowFor(a, b, size) {
   return { first, count: end - first };
 }
 
-// Whether subscription `sub` still serves the screen [a, b): the screen lies
-// at least half a screen inside each of its ends that is not the board's.
-// Scrolling within that sends nothing.
+// Whether subscription `sub` still serves the screen [a, b): it reaches half
+// a screen beyond each end of it (or the board's end). Scrolling within that
+// sends nothing.
 export function covers(sub, a, b, size) {
-  const m = (b - a) / 2;
-  const end = sub ? sub.first + sub.count : 0;
-  return !!sub && (sub.first === 0 || a - sub.first >= m) && (end >= size || end - b >= m);
+  return !!sub && sub.first <= Math.max(0, (3 * a - b) / 2) && sub.first + sub.count >= Math.min(size, (3 * b - a) / 2);
 }
 
 export class Board {
@@ -108,14 +106,12 @@ export class Board {
     this.epoch = s.epoch;
     this.freezeAfterMs = s.freezeAfterMs;
     this.awaitingSnapshot = false;
-    if (s.seq >= this.seq) this.#counts(s, s.seq);
+    if (s.seq >= this.seq) {
+      this.seq = s.seq;
+      this.checkedCount = s.checkedCount;
+      this.frozenCount = s.frozenCount;
+    }
     return true;
-  }
-
-  #counts(m, seq) {
-    this.seq = seq;
-    this.checkedCount = m.checkedCount;
-    this.frozenCount = m.frozenCount;
   }
 
   // Applies a batch by the convergence rule, or a region frame by the
@@ -131,7 +127,9 @@ export class Board {
       // Subscribe: only its counts are of use.
       if (r === undefined) {
         if (!this.ready || b.toSeq <= seq) return { result: 'stale' };
-        this.#counts(b, b.toSeq);
+        this.seq = b.toSeq;
+        this.checkedCount = b.checkedCount;
+        this.frozenCount = b.frozenCount;
         return { result: 'applied', changed: [] };
       }
       // A region not held (or no longer wanted) has no state to apply it to.
@@ -156,8 +154,13 @@ export class Board {
     for (const i of on) Board.#set(this.checked, i, true);
     for (const i of off) Board.#set(this.checked, i, false);
     for (const i of frozen) Board.#set(this.frozen, i, true);
-    if (cur) cur[r] = b.toSeq;
-    else this.#counts(b, b.toSeq);
+    if (cur) {
+      cur[r] = b.toSeq;
+    } else {
+      this.seq = b.toSeq;
+      this.checkedCount = b.checkedCount;
+      this.frozenCount = b.frozenCount;
+    }
     return { result: 'applied', changed: on.concat(off, frozen) };
   }
 }

@@ -134,7 +134,7 @@ export class Connection {
       } catch (e) {
         // One bad message must not take the page down; the convergence rule
         // notices any batch we could not read (a gap) and resyncs.
-        console.error('undecodable server message', e);
+        console.error('undecodable', e);
         return;
       }
       this.queue = this.queue.then(async () => {
@@ -142,7 +142,7 @@ export class Connection {
           try {
             await inflateSnapshot(msg);
           } catch (e) {
-            console.error('undecodable snapshot', e);
+            console.error('undecodable', e);
             return;
           }
           this.resyncRequested = false;
@@ -190,9 +190,10 @@ export class Connection {
     return true;
   }
 
-  // Wants the boxes [first, first + count): sent now if open, and again on
-  // every socket after this one.
+  // Wants the boxes [first, first + count) (the board forgets the others):
+  // sent now if open, and again on every socket after this one.
   subscribe(first, count) {
+    this.board.subscribe(first, count);
     this.sub = encodeSubscribe(first, count);
     if (this.open) this.ws.send(this.sub);
   }

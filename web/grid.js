@@ -48,17 +48,13 @@ export class Grid {
       if (box.dataset.index === undefined) return;
       this.onToggle(Number(box.dataset.index), box.checked);
     });
-    // A frozen box keeps its value, and a box whose state is not in yet has
-    // none to change: the click (mouse, touch or Space) is cancelled before
-    // it changes the input.
+    // A frozen box keeps its value: the click (mouse, touch or Space) is
+    // cancelled before it changes the input.
     scroller.addEventListener('click', (e) => {
       const box = e.target;
-      if (box.dataset?.index === undefined) return;
-      if (box.classList.contains('unknown')) e.preventDefault();
-      else if (box.classList.contains('frozen')) {
-        e.preventDefault();
-        this.onFrozen(Number(box.dataset.index));
-      }
+      if (box.dataset?.index === undefined || !box.classList.contains('frozen')) return;
+      e.preventDefault();
+      this.onFrozen(Number(box.dataset.index));
     });
     scroller.addEventListener('focusin', (e) => {
       const box = e.target;
@@ -196,13 +192,13 @@ export class Grid {
   }
 
   #paint(box, i) {
-    const { checked, frozen, unknown = false } = this.view(i);
+    const { checked, frozen = false, unknown = false } = this.view(i);
     box.checked = checked;
     box.tabIndex = i === this.current ? 0 : -1;
     box.classList.toggle('marked', i === this.marked);
-    // Not yet known (its region's state is on the way): a placeholder, busy.
-    box.classList.toggle('unknown', unknown);
-    box.ariaBusy = unknown ? 'true' : null;
+    // Not known yet (its region's state is on the way): neither checked nor
+    // unchecked, for the eye (index.html) and for assistive technology.
+    box.indeterminate = unknown;
     if (box.classList.contains('frozen') === frozen) return;
     box.classList.toggle('frozen', frozen);
     if (frozen) {

@@ -53,7 +53,7 @@ test('scrolling to box 500,000 and back while another page toggles there and at 
         const unknown = board.seqAt(i) < 0n;
         if (unknown) audit.placeholders++;
         const shows = unknown || box.checked === (pending.get(i)?.checked ?? board.isChecked(i));
-        if (box.classList.contains('unknown') !== unknown || !shows) audit.wrong.push(i);
+        if (box.indeterminate !== unknown || !shows) audit.wrong.push(i);
       }
     };
     const onMessage = conn.onMessage;
