@@ -55,12 +55,16 @@ test('box 999,999 can be reached, checked, and is seen elsewhere', async () => {
   await a.press('#jump', 'Enter');
   await a.waitForSelector('input[data-index="999999"]');
   assert.equal(await a.evaluate(() => document.activeElement.dataset.index), '999999', 'jump focuses the box');
+  // Its state comes with the page's new subscription (until then the box is
+  // a placeholder and takes no keys).
+  await a.waitForFunction(() => window.omcb.board.seqAt(999_999) >= 0n);
   // Keyboard works: space toggles the focused box.
   await a.keyboard.press('Space');
   assert.equal(await box(a, 999999).isChecked(), true);
-  // The other page scrolls there by hand: the spacer really is a million boxes tall.
+  // The other page scrolls there by hand: the spacer really is a million boxes
+  // tall. It subscribes there and gets the box's state with the range Snapshot.
   await b.evaluate(() => { const g = document.getElementById('grid'); g.scrollTop = g.scrollHeight; });
-  await b.waitForFunction(isCheckedInDom, 999999, { timeout: 1000 });
+  await b.waitForFunction(isCheckedInDom, 999999, { timeout: 5000 });
   await a.waitForFunction(() => window.omcb.pending.size === 0);
   const stats = await (await fetch(`${server.url}/api/stats`)).json();
   assert.equal(stats.checked_count, before.checked_count + 1, '/api/stats counts the new box');

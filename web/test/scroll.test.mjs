@@ -2,9 +2,11 @@
 // subscribes to the boxes it shows (docs/PROTOCOL.md, "Viewport
 // subscriptions"). One page scrolls from the top to box 500,000 and back
 // while another toggles boxes in both places; in every range it showed, the
-// page's state matches GET /api/state, no box whose state it did not hold was
-// ever painted as a box (checked or not), and after its first range Snapshot
-// no full-board Batch reached it.
+// page's state matches GET /api/state, every box whose state it did not hold
+// was painted as a placeholder (indeterminate, never unchecked), scrolling
+// subscribes again only when it leaves the subscription's inner part and not
+// per scroll event, and after its first range Snapshot no full-board Batch
+// reached it.
 import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { browserSuite } from './suite.mjs';
@@ -33,7 +35,7 @@ async function until(page, fn, arg, what, ms = 15_000) {
   }
 }
 
-test('scrolling to box 500,000 and back while another page toggles there and at the top: each range shown matches /api/state, no unknown box shows as a box', async () => {
+test('scrolling to box 500,000 and back while another page toggles there and at the top: each range shown matches /api/state, a box without state is never shown unchecked, and the page subscribes only when it must', async () => {
   const page = await openBoard();
   // Audit every render: each box in the DOM shows its state from the page's
   // board (or its optimistic value), or the placeholder exactly when the
@@ -41,8 +43,13 @@ test('scrolling to box 500,000 and back while another page toggles there and at 
   // first range Snapshot (there must be none).
   await page.evaluate(() => {
     const { board, grid, pending, conn } = window.omcb;
-    const audit = { renders: 0, placeholders: 0, wrong: [], ranged: false, fullBatches: 0 };
+    const audit = { renders: 0, placeholders: 0, wrong: [], ranged: false, fullBatches: 0, subscribes: 0 };
     window.audit = audit;
+    const subscribe = conn.subscribe.bind(conn);
+    conn.subscribe = (...range) => {
+      audit.subscribes++;
+      subscribe(...range);
+    };
     const render = grid.render.bind(grid);
     grid.render = () => {
       render();
@@ -116,6 +123,27 @@ test('scrolling to box 500,000 and back while another page toggles there and at 
   }
 
   await check('at the top');
+  // Scrolling within the inner part of the subscription sends nothing; a
+  // burst of scroll events out of it sends one Subscribe, after the last.
+  const subscribes = () => page.evaluate(() => window.audit.subscribes);
+  const frames = () => page.evaluate(() => new Promise((ok) => requestAnimationFrame(() => requestAnimationFrame(ok))));
+  const before = await subscribes();
+  for (let k = 1; k <= 3; k++) {
+    await page.evaluate((k) => { const { grid } = window.omcb; grid.scroller.scrollTop = (k * grid.scroller.clientHeight) / 8; }, k);
+    await frames();
+  }
+  await page.waitForTimeout(300);
+  assert.equal(await subscribes(), before, 'three eighths of a screen down: still inside the subscription');
+  await page.evaluate(async () => {
+    const { grid } = window.omcb;
+    for (let k = 1; k <= 6; k++) {
+      grid.scroller.scrollTop = 28 * (200 + 40 * k);
+      await new Promise((ok) => requestAnimationFrame(ok));
+    }
+  });
+  await until(page, () => window.audit.subscribes > 0 && window.omcb.board.seqAt(window.omcb.grid.cols * 440) >= 0n, null, 'a subscription where the burst ended');
+  assert.ok((await subscribes()) - before < 6, `six scroll events, ${(await subscribes()) - before} Subscribes`);
+  await check('after a burst of scrolling');
   const target = await page.evaluate(() => {
     const { grid } = window.omcb;
     return Math.floor(500_000 / grid.cols) * 28 - grid.scroller.clientHeight / 2;
@@ -127,7 +155,7 @@ test('scrolling to box 500,000 and back while another page toggles there and at 
   for (const path of [[...Array(steps).keys()].map((k) => k + 1), [...Array(steps).keys()].map((k) => steps - 1 - k)]) {
     for (const k of path) {
       await page.evaluate((top) => { window.omcb.grid.scroller.scrollTop = top; }, Math.round((target * k) / steps));
-      await page.evaluate(() => new Promise((ok) => requestAnimationFrame(() => requestAnimationFrame(ok))));
+      await frames();
       if (stops.has(k) || k === 0) await check(`at step ${k}`);
     }
   }

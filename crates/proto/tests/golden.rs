@@ -197,7 +197,10 @@ fn vectors() -> Value {
     top.frozen.truncate(256);
     top.range_count = 2048;
     top.region_size = 2048;
-    server("range snapshot, the first region (range_first 0 is not on the wire)", Msg::Snapshot(top));
+    server(
+        "range snapshot, the first region (range_first 0 is not on the wire)",
+        Msg::Snapshot(top),
+    );
     for (region, checked) in [(0, vec![0, 2047]), (488, vec![999_424])] {
         server(
             &format!("region frame, region {region}"),
