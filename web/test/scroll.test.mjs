@@ -43,7 +43,7 @@ test('scrolling to box 500,000 and back while another page toggles there and at 
   // first range Snapshot (there must be none).
   await page.evaluate(() => {
     const { board, grid, pending, conn } = window.omcb;
-    const audit = { renders: 0, placeholders: 0, wrong: [], ranged: false, fullBatches: 0, subscribes: 0 };
+    const audit = { renders: 0, placeholders: 0, wrong: [], ranged: false, rangeSnapshots: 0, fullBatches: 0, subscribes: 0 };
     window.audit = audit;
     const subscribe = conn.subscribe.bind(conn);
     conn.subscribe = (...range) => {
@@ -63,9 +63,19 @@ test('scrolling to box 500,000 and back while another page toggles there and at 
         if (box.indeterminate !== unknown || !shows) audit.wrong.push(i);
       }
     };
+    // A new socket starts on the full stream until the server takes its
+    // Subscribe.
+    const onClose = conn.onClose;
+    conn.onClose = (code) => {
+      audit.ranged = false;
+      onClose(code);
+    };
     const onMessage = conn.onMessage;
     conn.onMessage = (m) => {
-      if (m.kind === 'snapshot' && m.rangeCount) audit.ranged = true;
+      if (m.kind === 'snapshot' && m.rangeCount) {
+        audit.ranged = true;
+        audit.rangeSnapshots++;
+      }
       if (audit.ranged && m.kind === 'batch' && m.region === undefined && !m.countsOnly) audit.fullBatches++;
       onMessage(m);
     };
@@ -159,6 +169,11 @@ test('scrolling to box 500,000 and back while another page toggles there and at 
       if (stops.has(k) || k === 0) await check(`at step ${k}`);
     }
   }
+  // A reconnect subscribes the new socket to the same boxes.
+  const snapshots = await page.evaluate(() => window.audit.rangeSnapshots);
+  await page.evaluate(() => window.omcb.conn.ws.close());
+  await until(page, (n) => window.omcb.conn.open && window.audit.rangeSnapshots > n, snapshots, 'a range Snapshot on the new socket');
+  await check('after a reconnect');
   assert.ok(shown.some(([a, b]) => a <= 500_000 && b > 500_000), `box 500,000 was shown: ${JSON.stringify(shown)}`);
   assert.ok(shown.at(-1)[0] === 0, 'back at the top');
   const audit = await page.evaluate(() => window.audit);
