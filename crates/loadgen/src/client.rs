@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use omcb_proto::v1::{
-    ClientMessage, Reason, Resync, ServerMessage, Snapshot, Toggle, client_message,
+    ClientMessage, Reason, Resync, ServerMessage, Snapshot, Subscribe, Toggle, client_message,
     server_message::Msg,
 };
+use omcb_proto::view::View;
 use omcb_proto::{Applied, Board};
 use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,6 +40,8 @@ pub struct Shared {
     pub refused: [AtomicU64; 6],
     pub frames: AtomicU64,
     pub bytes: AtomicU64,
+    /// Box changes applied from Batches and region frames.
+    pub changes: AtomicU64,
     pub reconnects: AtomicU64,
     /// Sockets that ended, by client (clients whose socket never ended are
     /// absent): a rolling upgrade must end each client's socket at most once
@@ -49,6 +52,8 @@ pub struct Shared {
     /// first message. A clean drain (1012, then one connect elsewhere) has none.
     pub failed_reconnects: AtomicU64,
     pub snapshots: AtomicU64,
+    /// Range Snapshots (viewport mode).
+    pub range_snapshots: AtomicU64,
     pub errors: AtomicU64,
     /// Snapshots a client got on a socket that already had one (a reset or a
     /// lag: the server replaced its state).
@@ -85,10 +90,12 @@ impl Shared {
             refused: Default::default(),
             frames: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             reconnects_by_client: Mutex::new(HashMap::new()),
             failed_reconnects: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
+            range_snapshots: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             mid_snapshots: AtomicU64::new(0),
             unanswered: AtomicU64::new(0),
@@ -110,6 +117,8 @@ impl Shared {
     pub fn reset_traffic_counters(&self) {
         self.frames.store(0, Ordering::Relaxed);
         self.bytes.store(0, Ordering::Relaxed);
+        self.changes.store(0, Ordering::Relaxed);
+        self.range_snapshots.store(0, Ordering::Relaxed);
         self.receipts.lock().expect("lock").clear();
     }
 
@@ -166,6 +175,8 @@ pub struct ClientAudit {
     pub seq: u64,
     pub epoch: u64,
     pub hash: Option<u64>,
+    /// Viewport mode: the client's regions and the range it last asked for.
+    pub view: Option<(View, std::ops::Range<u32>)>,
     /// First own box and the boxes.
     pub own_base: u32,
     pub own: Vec<OwnBox>,
@@ -226,6 +237,65 @@ pub struct ClientSpec {
     pub verify: bool,
     /// Own boxes `base .. base + n` (`--own-boxes`), if any.
     pub own: Option<(u32, u32)>,
+    /// Viewport mode (`--viewport`), if set.
+    pub viewport: Option<Viewport>,
+}
+
+/// A viewport client's window and how it scrolls.
+#[derive(Debug, Clone, Copy)]
+pub struct Viewport {
+    /// Boxes in the window.
+    pub count: u32,
+    /// Mean milliseconds between scrolls.
+    pub scroll_ms: u64,
+    /// Seed of its position and scrolls.
+    pub seed: u64,
+}
+
+/// Where a viewport client looks, and its moves.
+struct Window {
+    spec: Viewport,
+    rng: omcb_testkit::rng::XorShift64,
+    first: u32,
+    /// The regions of the last `Subscribe` sent (the rule's "range").
+    regions: Option<std::ops::Range<u32>>,
+}
+
+impl Window {
+    fn new(spec: Viewport) -> Self {
+        Self { spec, rng: omcb_testkit::rng::XorShift64::new(spec.seed), first: 0, regions: None }
+    }
+
+    /// When to scroll next: 50-150% of the mean from now.
+    fn next_scroll(&mut self) -> tokio::time::Instant {
+        let ms = self.spec.scroll_ms / 2 + self.rng.next_u64() % self.spec.scroll_ms.max(1);
+        tokio::time::Instant::now() + Duration::from_millis(ms)
+    }
+
+    /// Moves like a reader: mostly a small scroll, sometimes a jump.
+    fn scroll(&mut self, size: u32) {
+        let r = self.rng.next_u64();
+        let last = size.saturating_sub(self.spec.count);
+        self.first = if self.regions.is_none() || r % 10 == 0 {
+            (r >> 8) as u32 % last.max(1)
+        } else {
+            let by = 100 + (r >> 8) as u32 % 701;
+            if (r >> 40) % 2 == 0 {
+                self.first.saturating_sub(by)
+            } else {
+                self.first.saturating_add(by).min(last)
+            }
+        };
+    }
+
+    /// The `Subscribe` for the window now; the view forgets what it leaves.
+    fn subscribe(&mut self, size: u32, view: &mut View) -> ClientMessage {
+        self.regions =
+            omcb_proto::view::subscription(self.first, self.spec.count, size).ok().flatten();
+        view.subscribe(self.regions.as_ref());
+        let s = Subscribe { first: self.first, count: self.spec.count };
+        ClientMessage { msg: Some(client_message::Msg::Subscribe(s)) }
+    }
 }
 
 /// Starts a client task. A change on `drop` makes it drop its socket and
@@ -287,6 +357,8 @@ struct State {
     own: Vec<OwnBox>,
     /// Where the search for the next own box to flip starts.
     own_cursor: usize,
+    /// Viewport mode: the regions held, by the viewport rule.
+    view: Option<View>,
 }
 
 /// A toggle waiting for its answer: when it was sent, whether it is a
@@ -302,7 +374,8 @@ async fn client(
     seq_out: Arc<AtomicU64>,
     epoch_out: Arc<AtomicU64>,
 ) {
-    let ClientSpec { url, source, receiver, verify, own } = spec;
+    let ClientSpec { url, source, receiver, verify, own, viewport } = spec;
+    let mut window = viewport.map(Window::new);
     let (own_base, own_n) = own.unwrap_or((0, 0));
     let mut st = State {
         board: None,
@@ -314,12 +387,18 @@ async fn client(
         own_base,
         own: vec![OwnBox::default(); own_n as usize],
         own_cursor: 0,
+        view: window.as_ref().map(|_| View::new()),
     };
     let mut pending: Pending = HashMap::new();
     let mut next_id: u32 = 1;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let full = if st.connected_once {
+        let full = if window.is_some() {
+            // As the page does: deflated Snapshots (a sparse region is a
+            // few dozen bytes instead of 512), and no resume (its full
+            // Batches would be of no use to a client without the full board).
+            format!("{url}?snapshot=deflate")
+        } else if st.connected_once {
             format!("{url}?since={}&epoch={}", st.seq, st.epoch)
         } else {
             url.clone()
@@ -339,9 +418,36 @@ async fn client(
         };
         st.snapshot_on_socket = false;
         let mut healthy = false;
+        let mut scroll_at = window.as_mut().map(Window::next_scroll);
+        if let (Some(w), Some(view)) = (window.as_mut(), st.view.as_mut()) {
+            // Subscribe at once: the worker answers after the socket's start.
+            let size = shared.board_size.load(Ordering::Relaxed) as u32;
+            if size > 0 {
+                if w.regions.is_none() {
+                    w.scroll(size);
+                }
+                let msg = w.subscribe(size, view);
+                if ws.send(Message::Binary(msg.encode_to_vec().into())).await.is_err() {
+                    continue;
+                }
+            }
+        }
         loop {
             tokio::select! {
                 _ = drop.changed() => break,
+                () = tokio::time::sleep_until(scroll_at.unwrap_or_else(tokio::time::Instant::now)), if scroll_at.is_some() => {
+                    let (Some(w), Some(view)) = (window.as_mut(), st.view.as_mut()) else { continue };
+                    scroll_at = Some(w.next_scroll());
+                    let size = shared.board_size.load(Ordering::Relaxed) as u32;
+                    if size == 0 {
+                        continue;
+                    }
+                    w.scroll(size);
+                    let msg = w.subscribe(size, view);
+                    if ws.send(Message::Binary(msg.encode_to_vec().into())).await.is_err() {
+                        break;
+                    }
+                }
                 cmd = rx.recv() => match cmd {
                     None | Some(Cmd::Stop) => return,
                     Some(Cmd::Audit(tx)) => {
@@ -349,6 +455,7 @@ async fn client(
                             seq: st.seq,
                             epoch: st.epoch,
                             hash: st.board.as_ref().map(board_hash),
+                            view: st.view.clone().zip(window.as_ref().and_then(|w| w.regions.clone())),
                             own_base: st.own_base,
                             own: st.own.clone(),
                         });
@@ -384,9 +491,22 @@ async fn client(
                             shared.errors.fetch_add(1, Ordering::Relaxed);
                             continue;
                         };
+                        let first_snapshot = !st.connected_once;
                         if handle(msg, &mut st, verify, receiver, id, &shared, &mut pending) {
                             let resync = ClientMessage { msg: Some(client_message::Msg::Resync(Resync {})) };
                             let _ = ws.send(Message::Binary(resync.encode_to_vec().into())).await;
+                        }
+                        if first_snapshot && st.connected_once
+                            && let (Some(w), Some(view)) = (window.as_mut(), st.view.as_mut())
+                            && w.regions.is_none()
+                        {
+                            // The first socket's Subscribe waited for the board's size.
+                            let size = shared.board_size.load(Ordering::Relaxed) as u32;
+                            w.scroll(size);
+                            let msg = w.subscribe(size, view);
+                            if ws.send(Message::Binary(msg.encode_to_vec().into())).await.is_err() {
+                                break;
+                            }
                         }
                         seq_out.store(st.seq, Ordering::Relaxed);
                         epoch_out.store(st.epoch, Ordering::Relaxed);
@@ -456,6 +576,27 @@ async fn send_toggle(
     true
 }
 
+/// A Snapshot with its deflated bitsets (`?snapshot=deflate`) inflated;
+/// `None` when one does not inflate.
+fn inflated(mut s: Snapshot) -> Option<Snapshot> {
+    use std::io::Read as _;
+    for (z, plain) in
+        [(&mut s.checked_deflate, &mut s.checked), (&mut s.frozen_deflate, &mut s.frozen)]
+    {
+        if !z.is_empty() {
+            plain.clear();
+            flate2::read::DeflateDecoder::new(&z[..]).read_to_end(plain).ok()?;
+            z.clear();
+        }
+    }
+    Some(s)
+}
+
+/// Box changes a Batch (or region frame) carries.
+fn changes_in(b: &omcb_proto::v1::Batch) -> u64 {
+    (b.checked.len() + b.unchecked.len() + b.frozen.len()) as u64
+}
+
 /// Box `i`'s bit in a snapshot's bitset (Redis bit order).
 fn bit(bytes: &[u8], i: u32) -> bool {
     bytes.get((i >> 3) as usize).is_some_and(|b| b & (0x80 >> (i & 7)) != 0)
@@ -472,6 +613,47 @@ fn handle(
     pending: &mut Pending,
 ) -> bool {
     match msg {
+        Msg::Snapshot(s) if s.range_count > 0 => {
+            let Some(view) = st.view.as_mut() else {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                return false;
+            };
+            shared.range_snapshots.fetch_add(1, Ordering::Relaxed);
+            let epoch = s.epoch;
+            if inflated(s).and_then(|s| view.apply_snapshot(&s).ok()).is_none() {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            st.awaiting_snapshot = false;
+            st.epoch = epoch;
+            st.seq = view.counts_seq;
+            false
+        }
+        Msg::Batch(b) if b.region.is_some() || b.counts_only => {
+            let Some(view) = st.view.as_mut() else {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                return false;
+            };
+            match view.apply_batch(&b) {
+                Ok(Applied::Gap) if !st.awaiting_snapshot => {
+                    st.awaiting_snapshot = true;
+                    return true;
+                }
+                // No receipts: a region frame reaching a toggle's seq says
+                // nothing of when that toggle (elsewhere, mostly) was delivered.
+                Ok(Applied::Applied) if !b.counts_only => {
+                    shared.changes.fetch_add(changes_in(&b), Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            st.seq = view.counts_seq;
+            false
+        }
+        // Viewport mode: full Batches come only before the worker took the
+        // Subscribe, and the client keeps no full board to apply them to.
+        Msg::Batch(_) if st.view.is_some() => false,
         Msg::Snapshot(s) => {
             shared.snapshots.fetch_add(1, Ordering::Relaxed);
             if st.snapshot_on_socket {
@@ -495,7 +677,7 @@ fn handle(
             st.seq = s.seq;
             st.epoch = s.epoch;
             st.awaiting_snapshot = false;
-            if verify {
+            if verify && st.view.is_none() {
                 st.board = Board::from_snapshot(&s).ok();
             }
             false
@@ -514,6 +696,7 @@ fn handle(
                 shared.errors.fetch_add(1, Ordering::Relaxed);
             }
             st.seq = b.to_seq;
+            shared.changes.fetch_add(changes_in(&b), Ordering::Relaxed);
             if receiver {
                 shared.receipts.lock().expect("lock").push((id, b.to_seq, Instant::now()));
             }
@@ -823,6 +1006,26 @@ impl Audit {
     }
 }
 
+/// How a viewport client's regions differ from the board, if they do: it
+/// must hold exactly the regions it asked for last, each box as the board has it.
+fn view_differs(view: &View, regions: &std::ops::Range<u32>, truth: &Board) -> Option<String> {
+    if view.epoch != truth.epoch || !view.regions().eq(regions.clone()) {
+        return Some(format!(
+            "a viewport client holds regions {:?} at epoch {}, asked for {regions:?} at epoch {}",
+            view.regions().collect::<Vec<_>>(),
+            view.epoch,
+            truth.epoch
+        ));
+    }
+    let (first, count) = omcb_proto::view::boxes(regions, truth.size);
+    (first..first + count)
+        .find(|&i| {
+            view.is_checked(i) != Some(truth.is_checked(i))
+                || view.is_frozen(i) != Some(truth.is_frozen(i))
+        })
+        .map(|i| format!("a viewport client's box {i} differs from the board at seq {}", truth.seq))
+}
+
 /// Waits (up to `timeout` s) for every client to reach the truth's epoch and
 /// seq, then compares each verifying client's board with it and audits
 /// every own box against it.
@@ -889,7 +1092,17 @@ pub async fn converge(truth: &Truth, clients: &[ClientHandle], timeout: f64) -> 
         if a.seq == truth.seq && a.epoch == truth.epoch {
             audit.clients_at_truth += 1;
         }
-        if c.verify {
+        if let Some((view, regions)) = &a.view {
+            if c.verify {
+                audit.verified += 1;
+                match view_differs(view, regions, &truth) {
+                    None => audit.verified_equal += 1,
+                    Some(why) => {
+                        example.get_or_insert(why);
+                    }
+                }
+            }
+        } else if c.verify {
             audit.verified += 1;
             if a.hash == Some(want) && a.epoch == truth.epoch {
                 audit.verified_equal += 1;

@@ -115,6 +115,17 @@ pub struct Args {
     /// `ping-flood`: pings per second per socket (125-byte payloads).
     #[arg(long, default_value_t = 15000)]
     pub ping_rate: u64,
+    /// Viewport mode (docs/PROTOCOL.md, "Viewport subscriptions"): each
+    /// client subscribes to a window of this many boxes at a random place
+    /// and scrolls it like a reader (see `--scroll-ms`); 0 = every client
+    /// takes the full stream. Each verifying client checks its window at the end.
+    #[arg(long, default_value_t = 0)]
+    pub viewport: u32,
+    /// Viewport mode: mean milliseconds between one client's scrolls (each
+    /// 50-150% of it). Nine scrolls in ten move the window by 100-800 boxes,
+    /// up or down; one in ten jumps to a random place.
+    #[arg(long, default_value_t = 2000)]
+    pub scroll_ms: u64,
     /// Internal: this process is child K of --procs (its share of the work).
     #[arg(long, hide = true)]
     pub child: Option<usize>,
@@ -184,7 +195,9 @@ fn parent(args: &Args) -> anyhow::Result<()> {
             .args(["--sample-every", &args.sample_every.to_string()])
             .args(["--verify-clients", &share(args.verify_clients).to_string()])
             .args(["--converge-timeout", &args.converge_timeout.to_string()])
-            .args(["--own-boxes", &args.own_boxes.to_string(), "--board", &args.board]);
+            .args(["--own-boxes", &args.own_boxes.to_string(), "--board", &args.board])
+            .args(["--viewport", &args.viewport.to_string()])
+            .args(["--scroll-ms", &args.scroll_ms.to_string()]);
         if let Some(r) = &args.truth_redis {
             cmd.args(["--truth-redis", r]);
         }
@@ -240,7 +253,12 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         let receiver = i < args.receivers;
         let verify = args.verify_clients == 0 || i < args.verify_clients;
         let own = (args.own_boxes > 0).then(|| (global as u32 * args.own_boxes, args.own_boxes));
-        let spec = client::ClientSpec { url, source, receiver, verify, own };
+        let viewport = (args.viewport > 0).then(|| client::Viewport {
+            count: args.viewport,
+            scroll_ms: args.scroll_ms.max(1),
+            seed: (global as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ args.seed.unwrap_or(0),
+        });
+        let spec = client::ClientSpec { url, source, receiver, verify, own, viewport };
         clients.push(client::spawn(spec, shared.clone(), drop_rx.clone()));
         tokio::time::sleep_until((started + gap * (i as u32 + 1)).into()).await;
         progress.tick(&shared, &clients, "ramp");

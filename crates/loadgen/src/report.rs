@@ -30,6 +30,17 @@ pub struct Report {
     pub errors: u64,
     pub rx_bytes: u64,
     pub rx_frames: u64,
+    /// Box changes the clients applied from Batches and region frames (each
+    /// client counted): the "delivered changes" server CPU is divided by.
+    #[serde(default)]
+    pub rx_changes: u64,
+    /// `--viewport` (0: the full stream).
+    #[serde(default)]
+    pub viewport: u32,
+    /// Range Snapshots received (viewport mode: one per Subscribe that
+    /// brought new regions, and per resync).
+    #[serde(default)]
+    pub range_snapshots: u64,
     /// Toggle sent -> a sampled receiver applied the batch with it, µs.
     pub delivery_us: Vec<(u64, u64)>,
     /// Toggle sent -> its ToggleResult, µs.
@@ -86,7 +97,6 @@ impl Report {
         (traffic_start_ms, traffic_end_ms): (u64, u64),
         audit: Audit,
     ) -> Report {
-        let _ = args;
         // Delivery latency: for each sampled toggle and each receiving client,
         // the first batch that client applied reaching the toggle's seq.
         let mut delivery = histogram();
@@ -137,6 +147,9 @@ impl Report {
             errors: s.errors.load(Ordering::Relaxed),
             rx_bytes,
             rx_frames,
+            rx_changes: s.changes.load(Ordering::Relaxed),
+            viewport: args.viewport,
+            range_snapshots: s.range_snapshots.load(Ordering::Relaxed),
             delivery_us: pairs(&delivery),
             result_us: pairs(&s.result_latency.lock().expect("lock")),
             converged: audit.converged(),
@@ -176,6 +189,8 @@ impl Report {
         self.errors += o.errors;
         self.rx_bytes += o.rx_bytes;
         self.rx_frames += o.rx_frames;
+        self.rx_changes += o.rx_changes;
+        self.range_snapshots += o.range_snapshots;
         let mut d = from_pairs(&self.delivery_us);
         let _ = d.add(from_pairs(&o.delivery_us));
         self.delivery_us = pairs(&d);
@@ -230,6 +245,10 @@ impl Report {
             "toggle_result_ms": Self::percentiles_ms(&self.result_us),
             "bytes_per_client_per_s": self.per_client_per_s(self.rx_bytes),
             "frames_per_client_per_s": self.per_client_per_s(self.rx_frames),
+            "changes_per_client_per_s": self.per_client_per_s(self.rx_changes),
+            "delivered_changes": self.rx_changes,
+            "viewport": self.viewport,
+            "range_snapshots": self.range_snapshots,
             "delivered_toggle_events_per_s": self.toggles_accepted as f64 * self.clients as f64 / self.traffic_s.max(1e-9),
             "reconnects": self.reconnects,
             "reconnects_by_count": self.reconnects_by_count,
@@ -266,7 +285,7 @@ impl Report {
             )
         };
         format!(
-            "\n  clients connected       {} / {}\n  traffic                 {:.1} s, {} toggles sent ({:.0}/s), {} accepted, refused {:?}\n  toggle -> other clients {}\n  toggle -> its result    {}\n  received per client     {:.0} B/s in {:.1} frames/s\n  reconnects / snapshots  {} / {} (at most {} per client; {} attempts failed)\n  errors                  {}\n  converged               {} ({})\n",
+            "\n  clients connected       {} / {}\n  traffic                 {:.1} s, {} toggles sent ({:.0}/s), {} accepted, refused {:?}\n  toggle -> other clients {}\n  toggle -> its result    {}\n  received per client     {:.0} B/s in {:.1} frames/s, {:.1} changes/s ({})\n  reconnects / snapshots  {} / {} (at most {} per client; {} attempts failed)\n  errors                  {}\n  converged               {} ({})\n",
             self.clients_connected,
             self.clients,
             self.traffic_s,
@@ -278,6 +297,15 @@ impl Report {
             lat("toggle_result_ms"),
             s["bytes_per_client_per_s"].as_f64().unwrap_or(0.0),
             s["frames_per_client_per_s"].as_f64().unwrap_or(0.0),
+            s["changes_per_client_per_s"].as_f64().unwrap_or(0.0),
+            if self.viewport > 0 {
+                format!(
+                    "viewport of {} boxes, {} range snapshots",
+                    self.viewport, self.range_snapshots
+                )
+            } else {
+                "full stream".to_string()
+            },
             self.reconnects,
             self.snapshots,
             s["max_reconnects_per_client"],

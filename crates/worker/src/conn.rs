@@ -807,7 +807,11 @@ async fn snapshot_budget(app: &App, limits: &Limits, sink: &Sink, bytes: f64) ->
         None => {
             app.metrics.limited(Limiter::SnapshotAddress);
             app.metrics.bad_input_closed.increment(1);
-            tracing::debug!(code = u16::from(close::POLICY), why = "snapshot budget", "closing on bad input");
+            tracing::debug!(
+                code = u16::from(close::POLICY),
+                why = "snapshot budget",
+                "closing on bad input"
+            );
             sink.send(error_frame(Code::RateLimited, "too many snapshots; slow down"));
             sink.close(close::POLICY, "snapshot budget");
             false

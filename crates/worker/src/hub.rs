@@ -8,6 +8,14 @@
 //! tick, and per batch the time from its oldest change's commit to the last
 //! shard's last write (`omcb_delivery_seconds`).
 //!
+//! Each tick's batch also carries its region frames (docs/PROTOCOL.md,
+//! "Viewport subscriptions"): the changes of each 2,048-box region that had
+//! any, encoded once, chained per region ([`omcb_proto::view::Chains`]). A
+//! subscribed socket's sink takes those of its regions instead of the full
+//! batch; [`Hub::subscribe`] gives it the range Snapshots it needs, under the
+//! read lock like a start, so no region frame after them is missed. About
+//! once a second subscribed sockets also get the counts (`counts_only`).
+//!
 //! The fan-out runs in one task per shard of sockets (one shard per core):
 //! each published batch (or settings change, `Hub::set_freeze_after`) goes
 //! to every shard in order, and a shard offers it to
@@ -153,7 +161,10 @@ fn range_frame(board: &Board, regions: &Range<u32>, coding: SnapshotCoding) -> B
     if coding == SnapshotCoding::Deflate {
         deflate_bitsets(&mut snapshot);
     }
-    frames::frame(fastwebsockets::OpCode::Binary, &omcb_proto::encode_server(Msg::Snapshot(snapshot)))
+    frames::frame(
+        fastwebsockets::OpCode::Binary,
+        &omcb_proto::encode_server(Msg::Snapshot(snapshot)),
+    )
 }
 
 /// How often subscribed sockets get the counts while they move.

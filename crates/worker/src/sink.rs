@@ -20,6 +20,13 @@
 //! `hostile::a_trickling_reader_is_closed_by_the_send_timeout` and the unit
 //! tests below.
 //!
+//! A socket with a viewport subscription (docs/PROTOCOL.md) gets, instead
+//! of each full batch, the frames of the tick's regions in its range that
+//! continue their chains ([`omcb_proto::view::Subscriber`], the client's rule
+//! on the server's side), several in one write, and the counts frames; they
+//! count as batches for `--send-queue`, and its lag and resync snapshots are
+//! range Snapshots of its whole range.
+//!
 //! Frames come encoded from [`crate::frames`] and are written here rather
 //! than through fastwebsockets' `WebSocketWrite`, so that a batch framed once
 //! is the same bytes for every socket (why, and what it saved: that module's
@@ -250,7 +257,10 @@ impl Sink {
     /// subscribed, or a snapshot is due or queued and not yet begun, which
     /// the whole-range one replaces, so at most one waits), else the runs of
     /// regions the old range did not have.
-    pub fn plan_subscribe(&self, regions: &std::ops::Range<u32>) -> Option<Vec<std::ops::Range<u32>>> {
+    pub fn plan_subscribe(
+        &self,
+        regions: &std::ops::Range<u32>,
+    ) -> Option<Vec<std::ops::Range<u32>>> {
         let st = self.state.lock();
         let first_unbegun = usize::from(st.written > 0);
         let queued = st.queue.iter().skip(first_unbegun).any(|(_, k)| *k == Kind::Snapshot);

@@ -152,9 +152,11 @@ async fn viewport_sockets_converge_in_their_range_and_full_sockets_are_unchanged
         // the region frames of every tick before it, and one read before
         // that Snapshot means the Snapshot is at the end too.
         let deadline = std::time::Instant::now() + omcb_testkit::WAIT;
-        while !c.view.as_ref().is_some_and(|v| {
-            v.regions().eq(regions.clone()) && v.counts_seq >= board.seq
-        }) {
+        while !c
+            .view
+            .as_ref()
+            .is_some_and(|v| v.regions().eq(regions.clone()) && v.counts_seq >= board.seq)
+        {
             assert!(std::time::Instant::now() < deadline, "viewport {i} did not reach the end");
             c.next().await.expect("the socket stays open");
         }
