@@ -58,7 +58,13 @@ test('scrolling to box 500,000 and back while another page toggles there and at 
         if (box.hidden) continue;
         const i = Number(box.dataset.index);
         const unknown = board.seqAt(i) < 0n;
-        if (unknown) audit.placeholders++;
+        if (unknown) {
+          // The placeholder's look: not a checkbox at all, a filled square.
+          if (!audit.placeholders++) {
+            const style = getComputedStyle(box);
+            audit.look = { appearance: style.appearance, background: style.backgroundColor };
+          }
+        }
         const shows = unknown || box.checked === (pending.get(i)?.checked ?? board.isChecked(i));
         if (box.indeterminate !== unknown || !shows) audit.wrong.push(i);
       }
@@ -181,6 +187,8 @@ test('scrolling to box 500,000 and back while another page toggles there and at 
   console.log(`ranges checked: ${JSON.stringify(shown)}; renders ${audit.renders}, placeholders painted ${audit.placeholders}, toggles ${sent}`);
   assert.deepEqual(audit.wrong.slice(0, 10), [], 'every box painted shows the page\'s state, and a placeholder exactly when it has none');
   assert.ok(audit.placeholders > 0, 'boxes were shown before their state arrived (as placeholders)');
+  assert.equal(audit.look.appearance, 'none', 'a placeholder is not drawn as a checkbox');
+  assert.notEqual(audit.look.background, 'rgba(0, 0, 0, 0)', 'a placeholder is a filled square');
   assert.ok(audit.ranged, 'the page got range Snapshots');
   assert.equal(audit.fullBatches, 0, 'no full-board Batch after the first range Snapshot');
   assert.ok(sent > 50, `the other page toggled (${sent})`);
