@@ -1,6 +1,6 @@
 // Wires the page together: the board state, the socket, the grid, and the
 // optimistic clicks that make a toggle feel instant.
-import { Board } from './board.js';
+import { Board, covers, windowFor } from './board.js';
 import { Connection } from './conn.js';
 import { Grid } from './grid.js';
 import { Reason, decodeSnapshot } from './proto.js';
@@ -17,8 +17,25 @@ const byRequest = new Map(); // requestId -> index
 let nextRequest = 1;
 
 function view(i) {
+  if (board.seqAt(i) < 0n) return { unknown: true };
   const p = pending.get(i);
   return { checked: p ? p.checked : board.isChecked(i), frozen: board.isFrozen(i) };
+}
+
+// The page subscribes to the boxes it shows and a screen more above and
+// below (windowFor), and subscribes again once the screen leaves the inner
+// part of that (covers), 120 ms after the scrolling stops. A jump is a scroll
+// like any other.
+let sub = null;
+let followTimer = 0;
+function follow(...shown) {
+  if (covers(sub, ...shown)) return;
+  clearTimeout(followTimer);
+  followTimer = setTimeout(() => {
+    sub = windowFor(...shown);
+    conn.subscribe(sub.first, sub.count);
+    grid.refresh();
+  }, 120);
 }
 
 const grid = new Grid($('grid'), {
@@ -27,11 +44,13 @@ const grid = new Grid($('grid'), {
   onFrozen(index) {
     toast(`Box ${fmt.format(index)} is frozen: it was checked long enough and can no longer change.`);
   },
+  onView: follow,
   onFocusBox(index) {
     $('box-number').textContent = `Box ${fmt.format(index)}`;
   },
   onToggle(index, checked) {
-    if (board.isFrozen(index)) {
+    // Frozen, or not known yet (a click on a placeholder): it shows as it was.
+    if (board.isFrozen(index) || board.seqAt(index) < 0n) {
       grid.update([index]);
       return;
     }
@@ -112,7 +131,7 @@ function onToggleResult(r) {
   }
   const p = pending.get(index);
   if (!p || p.requestId !== r.requestId) return; // a later click on the same box owns it now
-  if (r.accepted && r.seq > board.seq) {
+  if (r.accepted && r.seq > board.seqAt(index)) {
     p.seq = r.seq; // keep showing it until the batch with this seq arrives
     return;
   }
@@ -125,7 +144,7 @@ function onToggleResult(r) {
 // Drops optimistic values the board has caught up with.
 function settle() {
   const done = [];
-  for (const [i, p] of pending) if (p.seq !== null && board.seq >= p.seq) done.push(i);
+  for (const [i, p] of pending) if (p.seq !== null && board.seqAt(i) >= p.seq) done.push(i);
   for (const i of done) pending.delete(i);
   return done;
 }
@@ -162,7 +181,7 @@ function onMessage(msg) {
       onToggleResult(msg);
       break;
     case 'error':
-      console.warn('server error', msg.code, msg.message);
+      console.warn(msg);
       toast(msg.message);
       break;
   }
@@ -256,7 +275,7 @@ async function loadState() {
     // clock and countdowns all start from it.
     if (!board.ready) onMessage({ kind: 'snapshot', ...snapshot });
   } catch (e) {
-    console.warn('no state over HTTP; the socket will send it', e);
+    console.warn('no /api/state', e);
   }
 }
 loadState().then(() => conn.start());

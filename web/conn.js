@@ -2,10 +2,11 @@
 // jitter, resumes with ?since=<seq>&epoch=<epoch> so a short outage (and a
 // page load, which takes the board from GET /api/state first) costs a few
 // batches instead of a snapshot, asks for deflated snapshot bitsets
-// (snapshot=deflate, docs/PROTOCOL.md) for when one is needed anyway, and
+// (snapshot=deflate, docs/PROTOCOL.md) for when one is needed anyway,
+// subscribes every socket to the page's last wanted range (`subscribe`), and
 // reports its state for the UI: 'live' only while the socket is open, the
 // board holds a state, and the browser is online.
-import { decodeServerMessage, encodeResync, encodeToggle, inflateSnapshot } from './proto.js';
+import { decodeServerMessage, encodeResync, encodeSubscribe, encodeToggle, inflateSnapshot } from './proto.js';
 
 const BASE_DELAY_MS = 500;
 const MAX_DELAY_MS = 30_000;
@@ -121,7 +122,10 @@ export class Connection {
     ws.binaryType = 'arraybuffer';
     this.ws = ws;
     this.resyncRequested = false;
-    ws.onopen = () => this.#maybeLive(ws);
+    ws.onopen = () => {
+      if (this.sub) ws.send(this.sub);
+      this.#maybeLive(ws);
+    };
     ws.onmessage = (ev) => {
       if (!(ev.data instanceof ArrayBuffer)) return;
       let msg;
@@ -130,7 +134,7 @@ export class Connection {
       } catch (e) {
         // One bad message must not take the page down; the convergence rule
         // notices any batch we could not read (a gap) and resyncs.
-        console.error('undecodable server message', e);
+        console.error('undecodable', e);
         return;
       }
       this.queue = this.queue.then(async () => {
@@ -138,7 +142,7 @@ export class Connection {
           try {
             await inflateSnapshot(msg);
           } catch (e) {
-            console.error('undecodable snapshot', e);
+            console.error('undecodable', e);
             return;
           }
           this.resyncRequested = false;
@@ -184,6 +188,14 @@ export class Connection {
     if (!this.open) return false;
     this.ws.send(encodeToggle(index, checked, requestId));
     return true;
+  }
+
+  // Wants the boxes [first, first + count) (the board forgets the others):
+  // sent now if open, and again on every socket after this one.
+  subscribe(first, count) {
+    this.board.subscribe(first, count);
+    this.sub = encodeSubscribe(first, count);
+    if (this.open) this.ws.send(this.sub);
   }
 
   // Asks for a snapshot after a gap, once until it arrives.

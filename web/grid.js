@@ -18,16 +18,18 @@ const OVERSCAN = 4; // rows kept beyond each edge of the view
 const MAX_DIRTY = 4096;
 
 export class Grid {
-  // view(index) -> {checked, frozen}; onToggle(index, checked) on user input;
-  // onFrozen(index) when a frozen box is clicked; onFocusBox(index) when a
-  // box takes focus.
-  constructor(scroller, { size, view, onToggle, onFrozen = () => {}, onFocusBox = () => {} }) {
+  // view(index) -> {checked, frozen, unknown}; onToggle(index, checked) on
+  // user input; onFrozen(index) when a frozen box is clicked; onFocusBox(index)
+  // when a box takes focus; onView(a, b, size) after each render, with the
+  // boxes [a, b) it put in the DOM.
+  constructor(scroller, { size, view, onToggle, onFrozen = () => {}, onFocusBox = () => {}, onView = () => {} }) {
     this.scroller = scroller;
     this.size = size;
     this.view = view;
     this.onToggle = onToggle;
     this.onFrozen = onFrozen;
     this.onFocusBox = onFocusBox;
+    this.onView = onView;
     this.current = 0; // the box with tabindex 0
     this.marked = -1; // the box of the last jump
     this.spacer = document.createElement('div');
@@ -156,6 +158,7 @@ export class Grid {
     // The grid keeps one Tab stop: when the current box scrolled away, the
     // first visible box takes its place.
     if (!this.#box(this.current)) this.#setCurrent(this.#firstVisible());
+    this.onView(first * this.cols, Math.min(this.size, (last + 1) * this.cols), this.size);
   }
 
   #newRow() {
@@ -189,10 +192,13 @@ export class Grid {
   }
 
   #paint(box, i) {
-    const { checked, frozen } = this.view(i);
+    const { checked, frozen = false, unknown = false } = this.view(i);
     box.checked = checked;
     box.tabIndex = i === this.current ? 0 : -1;
     box.classList.toggle('marked', i === this.marked);
+    // Not known yet (its region's state is on the way): neither checked nor
+    // unchecked, for the eye (index.html) and for assistive technology.
+    box.indeterminate = unknown;
     if (box.classList.contains('frozen') === frozen) return;
     box.classList.toggle('frozen', frozen);
     if (frozen) {

@@ -112,6 +112,11 @@ export function decodeSnapshot(bytes) {
       // see inflateSnapshot.
       case 10: if (w !== 2) return false; s.checkedDeflate = r.bytes(); return true;
       case 11: if (w !== 2) return false; s.frozenDeflate = r.bytes(); return true;
+      // Only on a range Snapshot (docs/PROTOCOL.md, "Viewport subscriptions"):
+      // its bitsets hold the boxes [rangeFirst, rangeFirst + rangeCount).
+      case 12: if (w !== 0) return false; s.rangeFirst = r.uint32(); return true;
+      case 13: if (w !== 0) return false; s.rangeCount = r.uint32(); return true;
+      case 14: if (w !== 0) return false; s.regionSize = r.uint32(); return true;
       default: return false;
     }
   });
@@ -121,10 +126,11 @@ export function decodeSnapshot(bytes) {
 // Inflates the bitsets a socket opened with `snapshot=deflate` sent as raw
 // DEFLATE (checked_deflate, frozen_deflate) into `checked` and `frozen`, with
 // the browser's own DecompressionStream. Each must inflate to exactly
-// ceil(size/8) bytes: more is refused as soon as it shows (a small message
-// cannot make us hold more than the board).
+// ceil(size/8) bytes (ceil(rangeCount/8) for a range Snapshot): more is
+// refused as soon as it shows (a small message cannot make us hold more than
+// the board).
 export async function inflateSnapshot(s) {
-  const bytes = Math.ceil(s.size / 8);
+  const bytes = Math.ceil((s.rangeCount || s.size) / 8);
   if (s.checkedDeflate) s.checked = await inflateRaw(s.checkedDeflate, bytes);
   if (s.frozenDeflate) s.frozen = await inflateRaw(s.frozenDeflate, bytes);
   delete s.checkedDeflate;
@@ -166,6 +172,10 @@ function decodeBatch(bytes) {
       case 5: return r.repeatedUint32(w, b.frozen);
       case 6: if (w !== 0) return false; b.checkedCount = r.uint32(); return true;
       case 7: if (w !== 0) return false; b.frozenCount = r.uint32(); return true;
+      // Only to a subscribed socket, and only when present: `region` marks a
+      // region frame (even region 0), `countsOnly` a counts frame.
+      case 8: if (w !== 0) return false; b.region = r.uint32(); return true;
+      case 9: if (w !== 0) return false; b.countsOnly = r.bool(); return true;
       default: return false;
     }
   });
@@ -249,23 +259,23 @@ class Writer {
   finish() { return Uint8Array.from(this.out); }
 }
 
-// Proto3 encoding: fields with default values are omitted, as prost does, so
-// the bytes equal the Rust side's byte for byte.
-export function encodeToggle(index, checked, requestId) {
-  const t = new Writer();
-  if (index) { t.key(1, 0); t.varint(index); }
-  if (checked) { t.key(2, 0); t.varint(1); }
-  if (requestId) { t.key(3, 0); t.varint(requestId); }
+// A ClientMessage with its oneof `field` set to a message whose varint
+// fields 1, 2, ... are `values`. Proto3 encoding: fields with default values
+// are omitted, as prost does, so the bytes equal the Rust side's byte for byte.
+function clientMessage(field, ...values) {
+  const inner = new Writer();
+  values.forEach((v, k) => {
+    if (v) { inner.key(k + 1, 0); inner.varint(v); }
+  });
   const m = new Writer();
-  m.bytes(1, t.finish());
+  m.bytes(field, inner.finish());
   return m.finish();
 }
 
-export function encodeResync() {
-  const m = new Writer();
-  m.bytes(2, new Uint8Array(0));
-  return m.finish();
-}
+export const encodeToggle = (index, checked, requestId) => clientMessage(1, index, checked ? 1 : 0, requestId);
+export const encodeResync = () => clientMessage(2);
+// The boxes [first, first + count) this socket wants (count 0: the full board).
+export const encodeSubscribe = (first, count) => clientMessage(3, first, count);
 
 // Delta-coded index lists (first value absolute, then differences >= 1).
 export function* deltaDecode(deltas) {

@@ -55,12 +55,16 @@ test('box 999,999 can be reached, checked, and is seen elsewhere', async () => {
   await a.press('#jump', 'Enter');
   await a.waitForSelector('input[data-index="999999"]');
   assert.equal(await a.evaluate(() => document.activeElement.dataset.index), '999999', 'jump focuses the box');
+  // Its state comes with the page's new subscription (until then the box is
+  // a placeholder and takes no keys).
+  await a.waitForFunction(() => window.omcb.board.seqAt(999_999) >= 0n);
   // Keyboard works: space toggles the focused box.
   await a.keyboard.press('Space');
   assert.equal(await box(a, 999999).isChecked(), true);
-  // The other page scrolls there by hand: the spacer really is a million boxes tall.
+  // The other page scrolls there by hand: the spacer really is a million boxes
+  // tall. It subscribes there and gets the box's state with the range Snapshot.
   await b.evaluate(() => { const g = document.getElementById('grid'); g.scrollTop = g.scrollHeight; });
-  await b.waitForFunction(isCheckedInDom, 999999, { timeout: 1000 });
+  await b.waitForFunction(isCheckedInDom, 999999, { timeout: 5000 });
   await a.waitForFunction(() => window.omcb.pending.size === 0);
   const stats = await (await fetch(`${server.url}/api/stats`)).json();
   assert.equal(stats.checked_count, before.checked_count + 1, '/api/stats counts the new box');
@@ -92,19 +96,27 @@ test('a flood of clicks: refusals are shown and reverted, and the page converges
   await page.waitForSelector('#toast:not([hidden])');
   assert.match(await page.locator('#toast').textContent(), /slow down/i);
   await page.waitForFunction(() => window.omcb.pending.size === 0);
-  // Every box on screen shows the board's value, and the board is the server's.
+  const snap = decodeSnapshot(new Uint8Array(await (await fetch(`${server.url}/api/state`)).arrayBuffer()));
+  // The page is subscribed to the boxes it shows: their counts come about
+  // once a second (docs/PROTOCOL.md, "Viewport subscriptions").
+  await page.waitForFunction((seq) => window.omcb.board.seq >= BigInt(seq), String(snap.seq));
+  // Every box on screen shows the board's value, and every box the page
+  // holds is the server's.
   const { shown, board } = await page.evaluate(() => {
     const shown = [];
     for (let i = 500; i < 620; i++) shown.push(document.querySelector(`input[data-index="${i}"]`).checked);
-    const { checked, seq } = window.omcb.board;
-    return { shown, board: { checked: Array.from(checked), seq: String(seq) } };
+    const { checked, seq, size } = window.omcb.board;
+    const held = [];
+    for (let i = 0; i < size; i++) if (window.omcb.board.seqAt(i) >= 0n) held.push(i);
+    return { shown, board: { checked: Array.from(checked), seq: String(seq), held } };
   });
   const accepted = shown.filter(Boolean).length;
   console.log(`flood: ${accepted} of 120 accepted, the rest refused and reverted`);
   assert.ok(accepted >= 40 && accepted < 120, `${accepted} accepted`);
-  const snap = decodeSnapshot(new Uint8Array(await (await fetch(`${server.url}/api/state`)).arrayBuffer()));
   assert.equal(board.seq, String(snap.seq), 'the page is at the server\'s seq');
-  assert.deepEqual(new Uint8Array(board.checked), snap.checked, 'bit for bit the server\'s board');
+  assert.ok(board.held.length >= 2048, 'the page holds the boxes it shows');
+  const bit = (bits, i) => (bits[i >> 3] & (0x80 >> (i & 7))) !== 0;
+  assert.deepEqual(board.held.filter((i) => bit(board.checked, i) !== bit(snap.checked, i)), [], 'every box held is the server\'s');
   for (let k = 0; k < 120; k++) {
     const i = 500 + k;
     assert.equal(shown[k], (snap.checked[i >> 3] & (0x80 >> (i & 7))) !== 0, `box ${i}`);

@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import {
-  decodeServerMessage, decodeSnapshot, encodeResync, encodeToggle, deltaDecode, DecodeError, inflateSnapshot,
+  decodeServerMessage, decodeSnapshot, encodeResync, encodeSubscribe, encodeToggle, deltaDecode, DecodeError, inflateSnapshot,
 } from '../proto.js';
 import { deflateRawSync } from 'node:zlib';
 
@@ -24,6 +24,10 @@ function normalize(v) {
 test('golden vectors exist for every message kind', () => {
   const kinds = new Set(vectors.map((v) => (v.kind === 'server' ? v.expected.kind : v.kind)));
   for (const k of ['snapshot', 'batch', 'toggleResult', 'error', 'client']) assert.ok(kinds.has(k), k);
+  // The viewport additions: a range Snapshot, region and counts frames, Subscribe.
+  for (const field of ['rangeCount', 'region', 'countsOnly', 'subscribe']) {
+    assert.ok(vectors.some((v) => field in v.expected), field);
+  }
 });
 
 for (const v of vectors) {
@@ -36,6 +40,9 @@ for (const v of vectors) {
     } else if (v.expected.toggle) {
       const t = v.expected.toggle;
       assert.equal(toHex(encodeToggle(t.index, t.checked, t.requestId)), v.hex);
+    } else if (v.expected.subscribe) {
+      const { first, count } = v.expected.subscribe;
+      assert.equal(toHex(encodeSubscribe(first, count)), v.hex);
     } else {
       assert.equal(toHex(encodeResync()), v.hex);
     }

@@ -17,12 +17,22 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn snapshot_json(s: &v1::Snapshot) -> Value {
-    json!({
+    let mut v = json!({
         "seq": s.seq.to_string(), "size": s.size, "checked": hex(&s.checked), "frozen": hex(&s.frozen),
         "checkedCount": s.checked_count, "frozenCount": s.frozen_count,
         "freezeAfterMs": s.freeze_after_ms.to_string(), "serverTimeMs": s.server_time_ms.to_string(),
         "epoch": s.epoch.to_string(),
-    })
+    });
+    // The viewport fields: web/proto.js sets them only when they are on the
+    // wire, and prost leaves out a range_first of 0.
+    if s.range_first > 0 {
+        v["rangeFirst"] = json!(s.range_first);
+    }
+    if s.range_count > 0 {
+        v["rangeCount"] = json!(s.range_count);
+        v["regionSize"] = json!(s.region_size);
+    }
+    v
 }
 
 fn expected(msg: &Msg) -> Value {
@@ -32,11 +42,20 @@ fn expected(msg: &Msg) -> Value {
             v["kind"] = json!("snapshot");
             v
         }
-        Msg::Batch(b) => json!({
-            "kind": "batch", "fromSeq": b.from_seq.to_string(), "toSeq": b.to_seq.to_string(),
-            "checked": b.checked, "unchecked": b.unchecked, "frozen": b.frozen,
-            "checkedCount": b.checked_count, "frozenCount": b.frozen_count,
-        }),
+        Msg::Batch(b) => {
+            let mut v = json!({
+                "kind": "batch", "fromSeq": b.from_seq.to_string(), "toSeq": b.to_seq.to_string(),
+                "checked": b.checked, "unchecked": b.unchecked, "frozen": b.frozen,
+                "checkedCount": b.checked_count, "frozenCount": b.frozen_count,
+            });
+            if let Some(r) = b.region {
+                v["region"] = json!(r);
+            }
+            if b.counts_only {
+                v["countsOnly"] = json!(true);
+            }
+            v
+        }
         Msg::ToggleResult(t) => json!({
             "kind": "toggleResult", "requestId": t.request_id, "accepted": t.accepted,
             "checked": t.checked, "reason": t.reason, "seq": t.seq.to_string(),
@@ -166,6 +185,49 @@ fn vectors() -> Value {
         }),
     );
     server("settings, sunset stopped", Msg::Settings(v1::Settings::default()));
+    // Viewport subscriptions: a range Snapshot of the board's last two
+    // regions (the last one short), region frames (region 0 present though
+    // 0) and a counts frame.
+    let mut range = board(1_000_000, 9, &[997_376, 999_999], &[999_999]).to_snapshot(11);
+    let (first, count) = (995_328, 1_000_000 - 995_328);
+    range.checked = range.checked[first / 8..].to_vec();
+    range.frozen = range.frozen[first / 8..].to_vec();
+    range.range_first = first as u32;
+    range.range_count = count as u32;
+    range.region_size = 2048;
+    server("range snapshot, the last two regions", Msg::Snapshot(range));
+    let mut top = board(1_000_000, 9, &[0, 2047], &[]).to_snapshot(11);
+    top.checked.truncate(256);
+    top.frozen.truncate(256);
+    top.range_count = 2048;
+    top.region_size = 2048;
+    server(
+        "range snapshot, the first region (range_first 0 is not on the wire)",
+        Msg::Snapshot(top),
+    );
+    for (region, checked) in [(0, vec![0, 2047]), (488, vec![999_424])] {
+        server(
+            &format!("region frame, region {region}"),
+            Msg::Batch(v1::Batch {
+                from_seq: 3,
+                to_seq: 40,
+                checked,
+                unchecked: vec![],
+                region: Some(region),
+                ..Default::default()
+            }),
+        );
+    }
+    server(
+        "counts frame",
+        Msg::Batch(v1::Batch {
+            to_seq: 41,
+            checked_count: 12,
+            frozen_count: 3,
+            counts_only: true,
+            ..Default::default()
+        }),
+    );
     // Bare snapshot, as GET /api/state serves it.
     let bare = board(64, 77, &[63], &[]).to_snapshot(5);
     out.push(json!({"name": "bare snapshot (/api/state)", "kind": "snapshot", "hex": hex(&bare.encode_to_vec()), "expected": snapshot_json(&bare)}));
@@ -178,6 +240,15 @@ fn vectors() -> Value {
         out.push(json!({
             "name": format!("toggle {index} {checked} {request_id}"), "kind": "client", "hex": hex(&msg.encode_to_vec()),
             "expected": {"toggle": {"index": index, "checked": checked, "requestId": request_id}},
+        }));
+    }
+    for (first, count) in [(0, 0), (0, 6144), (995_328, 65_536), (u32::MAX, 1)] {
+        let msg = ClientMessage {
+            msg: Some(client_message::Msg::Subscribe(v1::Subscribe { first, count })),
+        };
+        out.push(json!({
+            "name": format!("subscribe {first} {count}"), "kind": "client", "hex": hex(&msg.encode_to_vec()),
+            "expected": {"subscribe": {"first": first, "count": count}},
         }));
     }
     let resync = ClientMessage { msg: Some(client_message::Msg::Resync(v1::Resync {})) };
