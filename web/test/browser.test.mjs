@@ -68,7 +68,13 @@ test('box 999,999 can be reached, checked, and is seen elsewhere', async () => {
   await a.waitForFunction(() => window.omcb.pending.size === 0);
   const stats = await (await fetch(`${server.url}/api/stats`)).json();
   assert.equal(stats.checked_count, before.checked_count + 1, '/api/stats counts the new box');
-  assert.equal(await a.locator('#checked-count').textContent(), String(stats.checked_count));
+  // A subscribed page learns the counts from the counts frame, about once a
+  // second (docs/PROTOCOL.md, "Viewport subscriptions"): wait for it.
+  await a.waitForFunction(
+    (n) => document.getElementById('checked-count').textContent === String(n),
+    stats.checked_count,
+    { timeout: 5000 },
+  );
   await a.close();
   await b.close();
 });
