@@ -214,18 +214,9 @@ pub fn audit(
     let mut changes = Vec::new();
     let mut gaps: Vec<(u64, u64, u64)> = Vec::new();
     let mut boxes = std::collections::HashSet::new();
-    // Each epoch's first change in the window: the reader leaves out a gap
-    // whose block's changes are all earlier, and one that ends right before
-    // that change may hold changes of the window (see `check_gaps`).
-    let mut firsts: Vec<(u64, u64)> = Vec::new();
+    // The reader gives every gap that may hold changes of the window.
     for entry in reader.entries(filter) {
-        let entry = entry.map_err(|e| archive_error(&e))?;
-        if let Entry::Change(c) = entry
-            && firsts.last().is_none_or(|&(e, _)| e != c.epoch)
-        {
-            firsts.push((c.epoch, c.seq));
-        }
-        match entry {
+        match entry.map_err(|e| archive_error(&e))? {
             Entry::Change(c)
                 if origin.is_none_or(|o| o == c.origin) && index.is_none_or(|i| i == c.index) =>
             {
@@ -242,14 +233,6 @@ pub fn audit(
             }
             Entry::Change(_) => {}
             Entry::Gap { epoch, from_seq, to_seq } => gaps.push((epoch, from_seq, to_seq)),
-        }
-    }
-    for (epoch, first) in firsts {
-        if first > 1
-            && let Some((from, to)) = in_a_gap(root, epoch, first - 1)?
-            && !gaps.contains(&(epoch, from, to))
-        {
-            gaps.push((epoch, from, to));
         }
     }
     let gaps: Vec<serde_json::Value> = gaps
@@ -381,9 +364,8 @@ pub async fn plan(
     let board = store.snapshot().await.map_err(|e| format!("reading the board: {e}"))?;
     let (epoch, upto) = (board.epoch, board.seq);
     let root_owned: PathBuf = root.to_path_buf();
-    let root_for_window = root_owned.clone();
     let window =
-        tokio::task::spawn_blocking(move || read_window(&root_for_window, epoch, since_ms, upto))
+        tokio::task::spawn_blocking(move || read_window(&root_owned, epoch, since_ms, upto))
             .await
             .map_err(|e| format!("reading the archive: {e}"))??;
     let archived_to = window.archived_to;
@@ -393,9 +375,7 @@ pub async fn plan(
     let mut changes = window.changes.clone();
     changes.extend(tail.into_iter().filter(|c| c.ms >= since_ms));
     let first = changes.first().map_or(upto + 1, |c| c.seq);
-    tokio::task::spawn_blocking(move || check_gaps(&root_owned, epoch, &window, first, upto))
-        .await
-        .map_err(|e| format!("reading the archive: {e}"))??;
+    check_gaps(epoch, &window, first, upto)?;
     Ok(make_plan(who, origin, since_ms, &board, &changes, archived_to, from_log))
 }
 
@@ -474,51 +454,6 @@ fn read_window_once(
     Ok(window)
 }
 
-/// Whether seq `seq` of `epoch` is in a gap record of the archive (the
-/// reader leaves out a gap whose block's changes are all before the window,
-/// and such a gap may end just before the window's first change).
-fn in_a_gap(root: &Path, epoch: u64, seq: u64) -> Result<Option<(u64, u64)>, String> {
-    retry_torn_tail(|| {
-        let reader = Reader::open(root).map_err(|e| (e, false))?;
-        let segments = reader.segments_of(epoch).map_err(|e| (e, false))?;
-        let last_path = segments.last().map(|s| s.path.clone());
-        let in_last = |e: ArchiveError| {
-            let last = e.file().is_some() && e.file() == last_path.as_deref();
-            (e, last)
-        };
-        for seg in segments.iter().rev() {
-            let mut blocks = omcb_archive::read_blocks(&seg.path).peekable();
-            match blocks.peek() {
-                None => continue,
-                Some(Ok(b)) if b.header.first_seq > seq => continue,
-                Some(_) => {}
-            }
-            for block in blocks {
-                let block = block.map_err(in_last)?;
-                let h = block.header;
-                if (h.first_seq..=h.last_seq).contains(&seq) {
-                    let records =
-                        omcb_archive::decode_block(&h, &block.payload).map_err(|why| {
-                            in_last(ArchiveError::Corrupt {
-                                file: seg.path.clone(),
-                                offset: block.offset,
-                                why,
-                            })
-                        })?;
-                    return Ok(records.into_iter().find_map(|r| match r {
-                        omcb_archive::Record::Gap { from, to } if (from..=to).contains(&seq) => {
-                            Some((from, to))
-                        }
-                        _ => None,
-                    }));
-                }
-            }
-            return Ok(None);
-        }
-        Ok(None)
-    })
-}
-
 fn gap_in_window(epoch: u64, (from, to): (u64, u64)) -> String {
     format!(
         "the archive has a gap in the window: seqs {from}..={to} of epoch {epoch:016x} were \
@@ -532,25 +467,16 @@ fn gap_in_window(epoch: u64, (from, to): (u64, u64)) -> String {
 /// follow its clock). So with `first` the window's first seq (its first
 /// change, or the one after the board's seq when it has none), a gap that
 /// ends before `first - 1` is followed by a change before the window and is
-/// before it too; a gap up to `first - 1` or later may be in it.
-fn check_gaps(
-    root: &Path,
-    epoch: u64,
-    window: &Window,
-    first: u64,
-    upto: u64,
-) -> Result<(), String> {
+/// before it too; a gap up to `first - 1` or later may be in it. The
+/// reader gives every such gap ([`Reader::entries`] keeps a gap whose next
+/// change is in the window, wherever its block is), and this check sees
+/// the changes from the store's log too.
+fn check_gaps(epoch: u64, window: &Window, first: u64, upto: u64) -> Result<(), String> {
     let boundary = first.saturating_sub(1);
-    if let Some(&g) = window.gaps.iter().find(|g| g.1 >= boundary && g.0 <= upto) {
-        return Err(gap_in_window(epoch, g));
+    match window.gaps.iter().find(|g| g.1 >= boundary && g.0 <= upto) {
+        Some(&g) => Err(gap_in_window(epoch, g)),
+        None => Ok(()),
     }
-    if boundary >= 1
-        && boundary <= window.archived_to
-        && let Some(g) = in_a_gap(root, epoch, boundary)?
-    {
-        return Err(gap_in_window(epoch, g));
-    }
-    Ok(())
 }
 
 /// The changes after `after` up to `upto` of `epoch`, from the store's log
@@ -888,13 +814,13 @@ mod tests {
         let dir = archive(records);
         let w = read_window(dir.path(), 1, 3000, upto)?;
         let first = w.changes.first().map_or(upto + 1, |c| c.seq);
-        check_gaps(dir.path(), 1, &w, first, upto)?;
+        check_gaps(1, &w, first, upto)?;
         Ok(w.changes.iter().map(|c| c.seq).collect())
     }
 
     /// A gap in the window stops revert; one before it does not (the change
-    /// after it is before the window), also when the reader leaves it out;
-    /// one just before the window's first change may hold changes of the
+    /// after it is before the window), also in a block of its own; one
+    /// just before the window's first change may hold changes of the
     /// window and stops it too.
     #[test]
     fn only_a_gap_that_may_be_in_the_window_stops_revert() {
@@ -910,7 +836,8 @@ mod tests {
             .collect();
         assert_eq!(window(&between, 12).unwrap(), [11, 12]);
 
-        // The same with the gap in a block of its own the reader skips.
+        // The same with the gap in a block of its own; audit does not list
+        // it either.
         let skipped: Vec<_> = seqs(1, 5, 1000)
             .chain([(8, 0)])
             .chain(seqs(9, 10, 1000))
@@ -918,12 +845,15 @@ mod tests {
             .chain(seqs(11, 12, 5000))
             .collect();
         assert_eq!(window(&skipped, 12).unwrap(), [11, 12]);
+        let dir = archive(&skipped);
+        let report = audit(dir.path(), None, Some(7), None, 3000, None).unwrap();
+        assert_eq!(report["gaps"], serde_json::json!([]));
 
         let inside: Vec<_> = seqs(1, 10, 5000).chain([(15, 0)]).chain(seqs(16, 20, 6000)).collect();
         let e = window(&inside, 20).unwrap_err();
         assert!(e.contains("gap in the window: seqs 11..=15"), "{e}");
 
-        // At the end of a block of earlier changes, which the reader skips,
+        // At the end of a block whose changes are all before the window,
         // right before the window's first change.
         let boundary: Vec<_> =
             seqs(1, 10, 1000).chain([(15, 0), (0, 0)]).chain(seqs(16, 20, 5000)).collect();
