@@ -7,11 +7,17 @@
 //!   ([`OriginKey::origin`], the workers' own function), then a summary. It
 //!   shows what the archive holds: the last block interval's changes may
 //!   not be there yet. `--box N` lists who changed box N instead (or only
-//!   ADDR's changes of it): how an operator who sees a vandalised region
-//!   finds the origin behind it when no log names the address.
+//!   ADDR's changes of it); `--box-range A..B` (both included) limits any
+//!   audit to a region.
+//! - `omcb admin audit --top N --since T [--until T] [--box-range A..B]`
+//!   ([`top`]) lists the N origins with the most changes in the window
+//!   (and region), each with its distinct boxes, first and last time and
+//!   the range of boxes it touched: how an operator who sees a vandalised
+//!   region finds the origin behind it when no log names the address.
 //! - Wherever an address is asked for, an origin itself (16 hex digits, as
 //!   audit prints it) does too ([`Who`]): the archive holds no address, so
-//!   an origin found with `--box` can be audited and reverted as it is.
+//!   an origin found with `--top` or `--box` can be audited and reverted
+//!   as it is.
 //! - `omcb admin revert --origin ADDR --since T [--dry-run]` makes a
 //!   [`Plan`] and [`apply`]s it: through a worker's private listener
 //!   (`POST /admin/revert`, the embedded board, whose store has one writer),
