@@ -122,8 +122,15 @@ impl Reader {
 
     /// Every entry `filter` takes, in order, with every problem as an
     /// `Err` at its place (the iteration goes on after it where it can).
-    /// A gap is yielded when its block is read: always without a time
-    /// filter; with one, when its block holds no changes or some in range.
+    ///
+    /// A gap has no time. The store's seqs follow its clock, so the seqs a
+    /// gap lost were committed after the change before it and before the
+    /// change after it; with a time filter a gap is yielded unless the
+    /// change after it is before `since_ms` or the change before it is at
+    /// or after `until_ms`, wherever its block is. A gap with no change
+    /// after it (the epoch's end, or a problem the reader reports next) is
+    /// yielded with a `since_ms` filter, as it may be in the window; so is
+    /// one with no change before it with an `until_ms` filter.
     pub fn entries(&self, filter: Filter) -> Entries {
         let segments = match filter.epoch {
             Some(e) => self.segments_of(e),
@@ -139,6 +146,8 @@ impl Reader {
             current: None,
             ready: first_error.into_iter().map(Err).collect(),
             expect: None,
+            before_ms: None,
+            waiting: Vec::new(),
         }
     }
 }
@@ -313,33 +322,92 @@ pub struct Entries {
     /// `(epoch, next seq expected)`: blocks of an epoch must be contiguous
     /// from seq 1.
     expect: Option<(u64, u64)>,
+    /// The commit time of the epoch's last change read so far, or a time
+    /// no later than it (the earliest of a block read by its header only);
+    /// `None` before the epoch's first change.
+    before_ms: Option<u64>,
+    /// Gaps waiting for the change after them, whose time tells whether
+    /// they may be in the window (only with `since_ms`).
+    waiting: Vec<Entry>,
 }
 
 impl Entries {
+    /// Whether a gap after a change at `before_ms` may end in the window:
+    /// not when that change is at or after `until_ms`.
+    fn gap_may_be_before_until(&self, before_ms: Option<u64>) -> bool {
+        match (self.filter.until_ms, before_ms) {
+            (Some(u), Some(b)) => b < u,
+            _ => true,
+        }
+    }
+
+    /// The next change after the waiting gaps is at `after_ms` or earlier:
+    /// they are in the window unless that is before `since_ms`.
+    fn settle_waiting(&mut self, after_ms: u64) {
+        let before_window = self.filter.since_ms.is_some_and(|s| after_ms < s);
+        let waiting = std::mem::take(&mut self.waiting);
+        if !before_window {
+            self.ready.extend(waiting.into_iter().map(Ok));
+        }
+    }
+
+    /// The waiting gaps when nothing after them tells their time (the
+    /// epoch's end, a problem in the archive): they may be in the window.
+    fn release_waiting(&mut self) {
+        self.ready.extend(self.waiting.drain(..).map(Ok));
+    }
+
+    /// A gap record of the epoch: yielded now, dropped (a change at or
+    /// after `until` precedes it), or kept until the change after it says
+    /// whether it is before `since`.
+    fn gap(&mut self, gap: Entry) {
+        if !self.gap_may_be_before_until(self.before_ms) {
+            return;
+        }
+        if self.filter.since_ms.is_some() {
+            self.waiting.push(gap);
+        } else {
+            self.ready.push_back(Ok(gap));
+        }
+    }
+
+    /// A problem at its place: the waiting gaps come first.
+    fn problem(&mut self, e: ArchiveError) {
+        self.release_waiting();
+        self.ready.push_back(Err(e));
+    }
+
     fn fill(&mut self) -> bool {
         loop {
             let Some((epoch, blocks)) = self.current.as_mut() else {
-                let Some(seg) = self.segments.pop_front() else { return false };
+                let Some(seg) = self.segments.pop_front() else {
+                    self.release_waiting();
+                    return !self.ready.is_empty();
+                };
                 let blocks = read_blocks(&seg.path);
                 if self.expect.is_none_or(|(e, _)| e != seg.epoch) {
+                    self.release_waiting();
                     self.expect = Some((seg.epoch, 1));
+                    self.before_ms = None;
                 }
                 self.current = Some((seg.epoch, blocks));
                 continue;
             };
             let epoch = *epoch;
             let filter = self.filter;
-            let block = blocks.next_with(|h| !filter.takes_block(h));
+            // A block with gaps is read whatever its times: a gap at its
+            // end or start may reach into the window.
+            let block = blocks.next_with(|h| !filter.takes_block(h) && h.records == h.changes);
             let path = blocks.path.clone();
-            if blocks.epoch != 0 && blocks.epoch != epoch {
-                self.ready.push_back(Err(ArchiveError::Corrupt {
+            let header_epoch = blocks.epoch;
+            if header_epoch != 0 && header_epoch != epoch {
+                self.problem(ArchiveError::Corrupt {
                     file: path,
                     offset: 0,
                     why: format!(
-                        "the header says epoch {:016x}, the directory {epoch:016x}",
-                        blocks.epoch
+                        "the header says epoch {header_epoch:016x}, the directory {epoch:016x}"
                     ),
-                }));
+                });
                 self.current = None;
                 return true;
             }
@@ -350,68 +418,78 @@ impl Entries {
             let block = match block {
                 Ok(b) => b,
                 Err(e) => {
-                    self.ready.push_back(Err(e));
+                    self.problem(e);
                     return true;
                 }
             };
             let h = block.header;
             let (_, next) = self.expect.expect("set with the segment");
             if h.first_seq > next {
-                self.ready.push_back(Err(ArchiveError::Missing {
+                self.problem(ArchiveError::Missing {
                     file: path.clone(),
                     offset: block.offset,
                     epoch,
                     from_seq: next,
                     to_seq: h.first_seq - 1,
-                }));
+                });
             }
             if h.first_seq < next {
-                self.ready.push_back(Err(ArchiveError::Repeated {
+                self.problem(ArchiveError::Repeated {
                     file: path.clone(),
                     offset: block.offset,
                     epoch,
                     from_seq: h.first_seq,
                     to_seq: h.last_seq.min(next - 1),
-                }));
+                });
             }
             let skip_below = next.max(h.first_seq);
             self.expect = Some((epoch, next.max(h.last_seq + 1)));
             if block.payload.is_empty() {
-                // Outside the time filter: nothing to yield.
+                // Outside the time filter and no gap: nothing to yield. Its
+                // first change is no later than its latest, its last no
+                // earlier than its earliest.
+                if h.changes > 0 {
+                    self.settle_waiting(h.max_ms);
+                    self.before_ms = Some(h.min_ms);
+                }
                 if !self.ready.is_empty() {
                     return true;
                 }
                 continue;
             }
             match decode_block(&h, &block.payload) {
-                Err(why) => self.ready.push_back(Err(ArchiveError::Corrupt {
-                    file: path,
-                    offset: block.offset,
-                    why,
-                })),
+                Err(why) => {
+                    self.problem(ArchiveError::Corrupt { file: path, offset: block.offset, why });
+                    // Its changes are unknown: so is the time before a gap
+                    // after it.
+                    self.before_ms = None;
+                }
                 Ok(records) => {
                     for r in records {
                         match r {
-                            Record::Gap { from, to } if to >= skip_below => {
-                                self.ready.push_back(Ok(Entry::Gap {
-                                    epoch,
-                                    from_seq: from.max(skip_below),
-                                    to_seq: to,
-                                }));
+                            Record::Gap { from, to } if to >= skip_below => self.gap(Entry::Gap {
+                                epoch,
+                                from_seq: from.max(skip_below),
+                                to_seq: to,
+                            }),
+                            Record::Gap { .. } => {}
+                            Record::Change { seq, ms, index, op, origin } => {
+                                if seq < skip_below {
+                                    continue;
+                                }
+                                self.settle_waiting(ms);
+                                self.before_ms = Some(ms);
+                                if self.filter.takes_ms(ms) {
+                                    self.ready.push_back(Ok(Entry::Change(ArchivedChange {
+                                        epoch,
+                                        seq,
+                                        ms,
+                                        index,
+                                        op,
+                                        origin,
+                                    })));
+                                }
                             }
-                            Record::Change { seq, ms, index, op, origin }
-                                if seq >= skip_below && self.filter.takes_ms(ms) =>
-                            {
-                                self.ready.push_back(Ok(Entry::Change(ArchivedChange {
-                                    epoch,
-                                    seq,
-                                    ms,
-                                    index,
-                                    op,
-                                    origin,
-                                })));
-                            }
-                            _ => {}
                         }
                     }
                 }

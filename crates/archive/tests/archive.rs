@@ -380,3 +380,99 @@ fn any_flipped_bit_is_reported() {
         }
     }
 }
+
+/// The entries of a time window over an archive of `blocks` (each written
+/// as its own block; the changes' times are ms after `T0`).
+fn window(blocks: &[Vec<Record>], since: Option<u64>, until: Option<u64>) -> Vec<Entry> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Writer::open(dir.path(), EPOCH).unwrap();
+    for block in blocks {
+        for r in block {
+            w.push(*r).unwrap();
+        }
+        w.flush(T0).unwrap();
+    }
+    let f = Filter {
+        epoch: Some(EPOCH),
+        since_ms: since.map(|s| T0 + s),
+        until_ms: until.map(|u| T0 + u),
+    };
+    Reader::open(dir.path()).unwrap().entries(f).map(Result::unwrap).collect()
+}
+
+/// `(seqs, gaps)` of entries: the changes' seqs and the gaps' ranges.
+fn seqs_and_gaps(entries: &[Entry]) -> (Vec<u64>, Vec<(u64, u64)>) {
+    let mut seqs = Vec::new();
+    let mut gaps = Vec::new();
+    for e in entries {
+        match *e {
+            Entry::Change(c) => seqs.push(c.seq),
+            Entry::Gap { from_seq, to_seq, .. } => gaps.push((from_seq, to_seq)),
+        }
+    }
+    (seqs, gaps)
+}
+
+/// A gap has no time: it lies between the change before it and the change
+/// after it. With a time filter the reader yields every gap that may reach
+/// into the window, wherever its block is (a block whose changes are all
+/// outside the window still holds gaps that may be inside), and no gap that
+/// a change before the window follows or a change after the window precedes.
+#[test]
+fn a_time_window_yields_every_gap_that_may_reach_into_it_and_no_other() {
+    let gap = |from, to| Record::Gap { from, to };
+    let at = |from: u64, n: u64, ms: u64| changes(from, n, T0 + ms, 0);
+    let cat = |parts: &[Vec<Record>]| parts.concat();
+
+    // At the end of a block of changes before the window: the changes it
+    // lost may be in the window, since the next change is.
+    let blocks = [cat(&[at(1, 10, 1000), vec![gap(11, 15)]]), at(16, 5, 5000)];
+    let got = seqs_and_gaps(&window(&blocks, Some(3000), None));
+    assert_eq!(got, ((16..=20).collect(), vec![(11, 15)]));
+    // In a block of its own after them: the same.
+    let blocks = [at(1, 10, 1000), vec![gap(11, 15)], at(16, 5, 5000)];
+    assert_eq!(seqs_and_gaps(&window(&blocks, Some(3000), None)).1, [(11, 15)]);
+    // At the archive's end, nothing after it: it may be in the window.
+    let blocks = [cat(&[at(1, 10, 1000), vec![gap(11, 15)]])];
+    assert_eq!(seqs_and_gaps(&window(&blocks, Some(3000), None)), (vec![], vec![(11, 15)]));
+
+    // At the start of a block of changes after the window (`until`): the
+    // change before it is in the window, so it may be too.
+    let blocks = [at(1, 5, 1000), cat(&[vec![gap(6, 10)], at(11, 5, 5000)])];
+    let got = seqs_and_gaps(&window(&blocks, None, Some(3000)));
+    assert_eq!(got, ((1..=5).collect(), vec![(6, 10)]));
+
+    // Followed by a change before the window, in its block or a later one
+    // the reader skips: before the window, not yielded.
+    let before = [
+        cat(&[at(1, 5, 1000), vec![gap(6, 8)], at(9, 2, 1000)]),
+        vec![gap(11, 12)],
+        at(13, 2, 1000),
+        cat(&[vec![gap(15, 20)], at(21, 2, 2000), at(23, 2, 5000)]),
+    ];
+    assert_eq!(seqs_and_gaps(&window(&before, Some(3000), None)), (vec![23, 24], vec![]));
+    // Preceded by a change after the window: after it, not yielded.
+    let after = [
+        cat(&[at(1, 2, 1000), at(3, 2, 5000), vec![gap(5, 8)], at(9, 2, 5000)]),
+        vec![gap(11, 12)],
+        at(13, 2, 6000),
+    ];
+    assert_eq!(seqs_and_gaps(&window(&after, None, Some(3000))), (vec![1, 2], vec![]));
+    // Without a time filter every gap is there, in order.
+    let got = seqs_and_gaps(&window(&before, None, None));
+    assert_eq!(
+        got,
+        (
+            (1..=5).chain(9..=10).chain(13..=14).chain(21..=24).collect(),
+            vec![(6, 8), (11, 12), (15, 20)]
+        )
+    );
+    let got: Vec<u64> = window(&before, None, None)
+        .iter()
+        .map(|e| match *e {
+            Entry::Change(c) => c.seq,
+            Entry::Gap { from_seq, .. } => from_seq,
+        })
+        .collect();
+    assert!(got.is_sorted(), "{got:?}");
+}

@@ -219,17 +219,28 @@ pub enum AdminCommand {
     /// Print the board's settings (JSON).
     Settings,
     /// List what a client address did, from the change archive: each change
-    /// (time, epoch, seq, box, op, origin), then a summary. Reads the
-    /// archive directory only (no worker or Redis needed).
+    /// (time, epoch, seq, box, op, origin), then a summary; or with `--top N`
+    /// the N origins with the most changes. Reads the archive directory
+    /// only (no worker or Redis needed).
     Audit {
         /// The client's IP address (hashed with the origin key, as the
         /// workers do), or an origin (16 hex digits, as audit prints it).
-        #[arg(long, required_unless_present = "index")]
+        #[arg(long, required_unless_present_any = ["index", "top", "box_range"])]
         origin: Option<crate::audit::Who>,
         /// Only changes to this box (with no --origin: everyone's, to find
         /// who changed it).
         #[arg(long = "box", id = "index")]
         index: Option<u32>,
+        /// Only changes to boxes A..B (both included; `audit --top` prints
+        /// an origin's range this way).
+        #[arg(long)]
+        box_range: Option<crate::audit::BoxRange>,
+        /// Instead of the changes, the N origins with the most changes
+        /// (with their count, distinct boxes, first and last time, and the
+        /// range of boxes they touched): who drew, when only the damage is
+        /// known.
+        #[arg(long, conflicts_with = "origin", value_parser = clap::value_parser!(u64).range(1..))]
+        top: Option<u64>,
         /// From this time: RFC 3339 (`2026-11-26T05:00:00Z`) or a duration
         /// ago (`2h`).
         #[arg(long)]
@@ -354,11 +365,27 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     let key = |file: &Option<std::path::PathBuf>| {
         file.as_deref().map(crate::origin::OriginKey::read).transpose().map_err(anyhow::Error::msg)
     };
-    if let AdminCommand::Audit { origin, index, since, until, archive_dir, origin_key_file, json } =
-        &args.command
+    if let AdminCommand::Audit {
+        origin,
+        index,
+        box_range,
+        top,
+        since,
+        until,
+        archive_dir,
+        origin_key_file,
+        json,
+    } = &args.command
     {
         let since_ms = time("--since", since)?;
         let until_ms = until.as_deref().map(|u| time("--until", u)).transpose()?;
+        let scope = crate::audit::Scope { since_ms, until_ms, index: *index, range: *box_range };
+        if let Some(n) = top {
+            let n = usize::try_from(*n).unwrap_or(usize::MAX);
+            let report = crate::audit::top(archive_dir, n, &scope).map_err(anyhow::Error::msg)?;
+            print(&report, *json, crate::audit::render_top);
+            return Ok(());
+        }
         let key = key(origin_key_file)?;
         let hash =
             origin.map(|w| w.origin(key.as_ref())).transpose().map_err(anyhow::Error::msg)?;
@@ -366,8 +393,8 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             Some(crate::audit::Who::Address(ip)) => Some(ip.to_string()),
             _ => None,
         };
-        let report = crate::audit::audit(archive_dir, address, hash, *index, since_ms, until_ms)
-            .map_err(anyhow::Error::msg)?;
+        let report =
+            crate::audit::audit(archive_dir, address, hash, &scope).map_err(anyhow::Error::msg)?;
         print(&report, *json, crate::audit::render_audit);
         return Ok(());
     }

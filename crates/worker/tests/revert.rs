@@ -488,3 +488,116 @@ async fn the_revert_route_is_private_and_checks_its_body() {
     assert!(answer.contains("--archive-dir"), "{answer}");
     assert_eq!(w.stats().await["seq"], 0);
 }
+
+/// `omcb admin audit --top N` finds who drew when only the damage is known:
+/// three addresses draw different amounts; the top list orders their
+/// origins by changes, with distinct boxes, first and last time and the
+/// range of boxes each touched; `--box-range` keeps only the changes to a
+/// region (the top list then names who drew there), and restricts an
+/// audit of one origin the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_top_names_the_origins_that_drew_most_and_where() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let archive = dir.path().join("archive");
+    let args =
+        format!("{OPEN} --archive-dir {} --origin-key-file {}", archive.display(), key.display());
+    let w = Worker::start(&flags(&args));
+    let since = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    let mut a = connect_from(ip("127.0.0.2"), w.addr, "/ws").await;
+    let mut b = connect_from(ip("127.0.0.3"), w.addr, "/ws").await;
+    let mut c = connect_from(ip("127.0.0.4"), w.addr, "/ws").await;
+    // A: 70 changes to 60 boxes, 100..159. B: 30 to 30, 400..429. C: 6 to
+    // 6, five in B's region (430..434) and 999.
+    for i in 100..160 {
+        change(&mut a, i, true).await;
+    }
+    for i in 100..110 {
+        change(&mut a, i, false).await;
+    }
+    for i in 400..430 {
+        change(&mut b, i, true).await;
+    }
+    for i in (430..435).chain([999]) {
+        change(&mut c, i, true).await;
+    }
+    let hex = |a: &str| format!("{:016x}", origin_of(a));
+    let archive_dir = archive.display().to_string();
+    let top = |extra: &[&str]| {
+        let mut args = strings(&["audit", "--since", &since, "--archive-dir", &archive_dir]);
+        args.extend(strings(extra));
+        args
+    };
+    // The archive trails the store by up to its block interval.
+    let all = poll("the archive to hold every change", || async {
+        let r = admin_json(&top(&["--top", "10"])).ok()?;
+        (r["summary"]["changes"] == 106).then_some(r)
+    })
+    .await;
+    let row = |o: &serde_json::Value| {
+        (
+            o["origin"].as_str().unwrap().to_owned(),
+            o["changes"].as_u64().unwrap(),
+            o["boxes"].as_u64().unwrap(),
+            (o["box_range"]["first"].as_u64().unwrap(), o["box_range"]["last"].as_u64().unwrap()),
+        )
+    };
+    let rows: Vec<_> = all["origins"].as_array().unwrap().iter().map(row).collect();
+    assert_eq!(
+        rows,
+        [
+            (hex("127.0.0.2"), 70, 60, (100, 159)),
+            (hex("127.0.0.3"), 30, 30, (400, 429)),
+            (hex("127.0.0.4"), 6, 6, (430, 999)),
+        ],
+        "{all}"
+    );
+    assert_eq!(all["summary"]["origins"], 3);
+    for o in all["origins"].as_array().unwrap() {
+        assert!(o["first_ms"].as_u64() <= o["last_ms"].as_u64(), "{o}");
+    }
+    // A drew before B, B before C.
+    let origins = all["origins"].as_array().unwrap();
+    assert!(origins[0]["last_ms"].as_u64() <= origins[1]["first_ms"].as_u64(), "{all}");
+    assert!(origins[1]["last_ms"].as_u64() <= origins[2]["first_ms"].as_u64(), "{all}");
+
+    // The first N only.
+    let two = admin_json(&top(&["--top", "2"])).unwrap();
+    let rows: Vec<_> = two["origins"].as_array().unwrap().iter().map(row).collect();
+    assert_eq!(rows, all["origins"].as_array().unwrap()[..2].iter().map(row).collect::<Vec<_>>());
+    assert_eq!(two["summary"]["origins"], 3, "the summary counts every origin");
+
+    // Who drew over 400..499: B, then C's five; A not at all.
+    let region = admin_json(&top(&["--top", "5", "--box-range", "400..499"])).unwrap();
+    let rows: Vec<_> = region["origins"].as_array().unwrap().iter().map(row).collect();
+    assert_eq!(
+        rows,
+        [(hex("127.0.0.3"), 30, 30, (400, 429)), (hex("127.0.0.4"), 5, 5, (430, 434))],
+        "{region}"
+    );
+    assert_eq!(region["box_range"], serde_json::json!({ "first": 400, "last": 499 }));
+    let text = admin(&top(&["--top", "5", "--box-range", "400..499"])).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("top 5 origins by changes to boxes 400..499 from "), "{text}");
+    assert!(lines[2].starts_with(&hex("127.0.0.3")) && lines[2].ends_with("400..429"), "{text}");
+    assert!(lines[3].starts_with(&hex("127.0.0.4")) && lines[3].ends_with("430..434"), "{text}");
+    assert!(text.contains("summary: 35 changes by 2 origins"), "{text}");
+
+    // One origin's audit, limited to the region: C's five, not 999.
+    let of_c =
+        admin_json(&top(&["--origin", &hex("127.0.0.4"), "--box-range", "400..499"])).unwrap();
+    let boxes: Vec<u64> =
+        of_c["changes"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    assert_eq!(boxes, [430, 431, 432, 433, 434], "{of_c}");
+    // A region's changes, everyone's.
+    let everyone = admin_json(&top(&["--box-range", "425..430"])).unwrap();
+    assert_eq!(everyone["summary"]["changes"], 6, "{everyone}");
+
+    // Bad input is refused with the reason.
+    let e = admin(&top(&["--top", "5", "--box-range", "499..400"])).unwrap_err();
+    assert!(e.contains("the first box is after the last"), "{e}");
+    let e = admin(&top(&["--top", "0"])).unwrap_err();
+    assert!(e.contains("--top"), "{e}");
+    let e = admin(&top(&["--top", "5", "--origin", &hex("127.0.0.2")])).unwrap_err();
+    assert!(e.contains("cannot be used with"), "{e}");
+}
