@@ -43,7 +43,7 @@ use omcb_proto::v1::server_message::Msg;
 use omcb_proto::view::Chains;
 use omcb_proto::{BatchBuilder, Board, Change};
 use omcb_store::{ChangeFeed, FeedEvent, Store};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use prost::Message;
 use slab::Slab;
 use tokio::sync::{mpsc, watch};
@@ -187,6 +187,9 @@ pub enum Start {
     Snapshot,
     /// From the batches after the client's `since`.
     Resume,
+    /// From a range Snapshot of the subscription it asked for at connect
+    /// (`?first=&count=`).
+    Range,
 }
 
 /// How long a resuming client that is ahead of this worker's replica (it came
@@ -377,13 +380,28 @@ impl Hub {
     ///    the start is offered to the sink, and every one before it is inside
     ///    the start (the module's invariant).
     ///
+    /// A socket subscribed at connect (`view`, from `?first=&count=`) skips
+    /// all of that: under the read lock it starts with a range Snapshot of its
+    /// regions at the replica's seq ([`Start::Range`]), whatever `resume`
+    /// says, and is subscribed from then on, as after a `Subscribe`.
+    ///
     /// The socket leaves the fan-out when the returned [`Joined`] is dropped.
     pub async fn join(
         &self,
         sink: &Arc<Sink>,
         resume: Option<(u64, u64)>,
+        view: Option<Range<u32>>,
         coding: SnapshotCoding,
     ) -> (Joined<'_>, Start) {
+        if let Some(regions) = view {
+            let state = self.state.read();
+            let (epoch, seq) = (state.board.epoch, state.board.seq);
+            let frame = range_frame(&state.board, &regions, coding);
+            self.metrics.snapshot_bytes_connect.increment(frame.len() as u64);
+            let settings = self.start_settings(&state.board, false);
+            sink.start_subscribed(epoch, seq, regions, std::iter::once(frame).chain(settings));
+            return (self.add(sink, state), Start::Range);
+        }
         if let Some((epoch, since)) = resume {
             let mut rx = self.position.subscribe();
             let reached = |&(e, s): &(u64, u64)| e != epoch || s >= since;
@@ -427,12 +445,18 @@ impl Hub {
                 snapshot = Some(s);
                 continue;
             };
-            let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
-            let key = self.shards[shard].sinks.lock().insert(sink.clone());
-            drop(state);
-            return (Joined { hub: self, shard, key }, start);
+            return (self.add(sink, state), start);
         }
         unreachable!("the loop returns")
+    }
+
+    /// Adds a started socket to a shard of the fan-out, still under the read
+    /// lock `state` its start was taken under.
+    fn add(&self, sink: &Arc<Sink>, state: RwLockReadGuard<'_, State>) -> Joined<'_> {
+        let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
+        let key = self.shards[shard].sinks.lock().insert(sink.clone());
+        drop(state);
+        Joined { hub: self, shard, key }
     }
 
     /// The ring's batches after `since` of `epoch`, when the ring holds every
