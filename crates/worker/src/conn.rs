@@ -4,7 +4,8 @@
 //! Everything a socket sends goes through its [`Sink`]: the reader's replies,
 //! the hub's batches (written by the fan-out shards, see [`crate::hub`]) and the
 //! writer's snapshots and pings, in one order. The writer task starts the socket
-//! (snapshot or resumed batches, all of it in `Hub::join`), sends the snapshots a lagging, reset or
+//! (snapshot, resumed batches, or the range Snapshot of a socket subscribed at
+//! connect with `?first=&count=`, [`parse_view`]; all of it in `Hub::join`), sends the snapshots a lagging, reset or
 //! resyncing socket needs (deflated for a socket opened with
 //! `snapshot=deflate`, see [`SnapshotCoding`]), pings, drains a queue the
 //! kernel could not take at once, and closes a socket stuck for `--send-timeout`. Reading runs apart

@@ -13,7 +13,9 @@
 //! any, encoded once, chained per region ([`omcb_proto::view::Chains`]). A
 //! subscribed socket's sink takes those of its regions instead of the full
 //! batch; [`Hub::subscribe`] gives it the range Snapshots it needs, under the
-//! read lock like a start, so no region frame after them is missed. About
+//! read lock like a start, so no region frame after them is missed. A socket
+//! subscribed at connect (`/ws?first=&count=`) starts with its range
+//! Snapshot instead of the board ([`Hub::join`]). About
 //! once a second subscribed sockets also get the counts (`counts_only`).
 //!
 //! The fan-out runs in one task per shard of sockets (one shard per core):
@@ -25,7 +27,7 @@
 //!
 //! **Invariant:** the replica and the ring of recent batches change under the
 //! write lock, and a batch is queued to the shards before that lock is
-//! released; a socket starts (snapshot or resumed batches) and joins its shard
+//! released; a socket starts (snapshot, range Snapshot or resumed batches) and joins its shard
 //! under the read lock. So every batch after a socket's start reaches its sink,
 //! in order, and every batch before it is inside the start. Snapshots are
 //! encoded outside the lock, so one may be older than the replica when the
