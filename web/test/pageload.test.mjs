@@ -75,6 +75,40 @@ test('a first visit of a near-empty board costs under 10 KB in all (HTTP + socke
   await other.close();
 });
 
+test('a first visit of a busy board costs what a near-empty one does: the board outside the window never comes', async () => {
+  const busy = await startServer({
+    args: ['--toggle-rate', '100000', '--toggle-burst', '100000', '--abuse-burst', '100000',
+      '--ip-toggle-rate', '0', '--recv-frame-rate', '100000'],
+  });
+  try {
+    // 20,000 boxes (2%) scattered over the whole board (611,953 is prime to a
+    // million: no box twice), checked by another page:
+    // GET /api/state of it is 7.7 KB with its headers (the pattern is
+    // regular enough to compress; a random 2% is about 20 KB).
+    const N = 20_000;
+    const other = await browser.newPage();
+    await other.goto(busy.url);
+    await other.waitForFunction(() => window.omcb?.conn.open);
+    await other.evaluate((n) => {
+      for (let i = 0; i < n; i++) window.omcb.conn.sendToggle((i * 611_953) % 1_000_000, true, i + 1);
+    }, N);
+    for (const deadline = Date.now() + 60_000; ;) {
+      const stats = await (await fetch(`${busy.url}/api/stats`)).json();
+      if (stats.checked_count === N) break;
+      assert.ok(Date.now() < deadline, `the board has ${stats.checked_count} of ${N} checked`);
+      await new Promise((ok) => setTimeout(ok, 100));
+    }
+    await other.close();
+    const { page, load } = await countingPage(browser, busy.url);
+    const first = await load();
+    breakdown('first visit, 2% checked', first);
+    assert.ok(first.total < PAGE_LOAD_BUDGET, `first visit of a busy board ${first.total} B in all (9,355 B measured; 17,066 B when the page fetched GET /api/state first): ${JSON.stringify(first.http)}`);
+    await page.close();
+  } finally {
+    assert.equal(await busy.stop(), 0);
+  }
+});
+
 test('a snapshot on the socket comes deflated when the page asks for it, and the board is still exact', async () => {
   const { page, load, socket } = await countingPage(browser, server.url);
   await load();
