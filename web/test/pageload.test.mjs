@@ -84,7 +84,7 @@ test('a first visit of a busy board costs what a near-empty one does: the board 
     // 20,000 boxes (2%) scattered over the whole board (611,953 is prime to a
     // million: no box twice), checked by another page:
     // GET /api/state of it is 7.7 KB with its headers (the pattern is
-    // regular enough to compress; a random 2% is about 20 KB).
+    // regular enough to compress; a random 1% is 17.8 KB, docs/BENCHMARKS.md).
     const N = 20_000;
     const other = await browser.newPage();
     await other.goto(busy.url);
