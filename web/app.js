@@ -3,7 +3,7 @@
 import { Board, covers, windowFor } from './board.js';
 import { Connection } from './conn.js';
 import { Grid } from './grid.js';
-import { Reason, decodeSnapshot } from './proto.js';
+import { Reason } from './proto.js';
 
 const $ = (id) => document.getElementById(id);
 const board = new Board();
@@ -25,10 +25,16 @@ function view(i) {
 // The page subscribes to the boxes it shows and a screen more above and
 // below (windowFor), and subscribes again once the screen leaves the inner
 // part of that (covers), 120 ms after the scrolling stops. A jump is a scroll
-// like any other.
+// like any other. The first window (from the grid's first layout) is taken
+// at once: the socket opens with it (`conn.start` below).
 let sub = null;
 let followTimer = 0;
 function follow(...shown) {
+  if (!sub) {
+    sub = windowFor(...shown);
+    conn.subscribe(sub.first, sub.count);
+    return;
+  }
   if (covers(sub, ...shown)) return;
   clearTimeout(followTimer);
   followTimer = setTimeout(() => {
@@ -37,6 +43,9 @@ function follow(...shown) {
     grid.refresh();
   }, 120);
 }
+
+const wsUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
+const conn = new Connection({ url: wsUrl, board, onMessage, onState, onClose });
 
 const grid = new Grid($('grid'), {
   size: 1_000_000,
@@ -259,25 +268,9 @@ $('jump-form').addEventListener('submit', (e) => {
   else if (!grid.jumpTo(n)) toast(`There is no box ${fmt.format(n)}: type ${range}.`);
 });
 
-const wsUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
-const conn = new Connection({ url: wsUrl, board, onMessage, onState, onClose });
-
-// The board comes from GET /api/state: gzipped (about a kilobyte for a
-// near-empty board), revalidated with its ETag, micro-cached by nginx. The
-// socket then resumes from its seq and starts with batches. Without it (an
-// old worker, an error) the socket sends a snapshot instead.
-async function loadState() {
-  try {
-    const resp = await fetch('/api/state');
-    if (!resp.ok) throw new Error(`GET /api/state: ${resp.status}`);
-    const snapshot = decodeSnapshot(new Uint8Array(await resp.arrayBuffer()));
-    // As if it came on the socket: the grid, the counts and the sunset's
-    // clock and countdowns all start from it.
-    if (!board.ready) onMessage({ kind: 'snapshot', ...snapshot });
-  } catch (e) {
-    console.warn('no /api/state', e);
-  }
-}
-loadState().then(() => conn.start());
+// The socket opens subscribed to the window the grid shows (`?first=&count=`,
+// docs/PROTOCOL.md, "A page load"): its first frame is the range Snapshot of
+// that window, and the boxes show as placeholders until it is in.
+conn.start();
 // For tests and the curious: the state behind the page.
 window.omcb = { board, conn, grid, pending, settings, get sunset() { return sunset; } };

@@ -1,9 +1,8 @@
 // The WebSocket to the worker: reconnects with exponential backoff and full
-// jitter, resumes with ?since=<seq>&epoch=<epoch> so a short outage (and a
-// page load, which takes the board from GET /api/state first) costs a few
-// batches instead of a snapshot, asks for deflated snapshot bitsets
-// (snapshot=deflate, docs/PROTOCOL.md) for when one is needed anyway,
-// subscribes every socket to the page's last wanted range (`subscribe`), and
+// jitter, opens every socket subscribed to the page's last wanted range
+// (`subscribe`; /ws?first=&count=, docs/PROTOCOL.md), so each one starts with
+// a range Snapshot of it (a few hundred bytes for a near-empty board, no
+// full board), asks for deflated snapshot bitsets (snapshot=deflate), and
 // reports its state for the UI: 'live' only while the socket is open, the
 // board holds a state, and the browser is online.
 import { decodeServerMessage, encodeResync, encodeSubscribe, encodeToggle, inflateSnapshot } from './proto.js';
@@ -54,6 +53,7 @@ export class Connection {
     this.timer = null;
     this.stopped = false;
     this.resyncRequested = false;
+    this.view = null; // {first, count} every socket opens subscribed to (subscribe)
     this.lastCloseCode = null; // for the curious and for tests
     // Without a network there is nothing to retry: wait for it to come back.
     this.waitingForNetwork = false;
@@ -114,16 +114,16 @@ export class Connection {
 
   #open() {
     clearTimeout(this.timer);
-    const board = this.board;
-    // After a gap our seq is not a state worth resuming from: ask for a Snapshot.
-    const resume = board.ready && !board.awaitingSnapshot ? `since=${board.seq}&epoch=${board.epoch}&` : '';
+    const view = this.view;
+    const range = view ? `first=${view.first}&count=${view.count}&` : '';
     this.#setState(this.attempt === 0 ? 'connecting' : 'reconnecting', {});
-    const ws = new WebSocket(`${this.url}?${resume}snapshot=deflate`);
+    const ws = new WebSocket(`${this.url}?${range}snapshot=deflate`);
     ws.binaryType = 'arraybuffer';
     this.ws = ws;
     this.resyncRequested = false;
     ws.onopen = () => {
-      if (this.sub) ws.send(this.sub);
+      // The page scrolled while the socket was opening.
+      if (this.view !== view) ws.send(encodeSubscribe(this.view.first, this.view.count));
       this.#maybeLive(ws);
     };
     ws.onmessage = (ev) => {
@@ -191,11 +191,11 @@ export class Connection {
   }
 
   // Wants the boxes [first, first + count) (the board forgets the others):
-  // sent now if open, and again on every socket after this one.
+  // sent now if open, and every socket after this one opens with it.
   subscribe(first, count) {
     this.board.subscribe(first, count);
-    this.sub = encodeSubscribe(first, count);
-    if (this.open) this.ws.send(this.sub);
+    this.view = { first, count };
+    if (this.open) this.ws.send(encodeSubscribe(first, count));
   }
 
   // Asks for a snapshot after a gap, once until it arrives.

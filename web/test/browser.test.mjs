@@ -1,7 +1,7 @@
 // The board in real Chromium (Debian's, driven by playwright-core) against
 // the real omcb binary: two pages see each other's clicks, the last box of a
-// million is reachable and works, refusals revert, and a page survives a
-// server restart.
+// million is reachable and works, refusals revert, a page survives a
+// server restart, and every socket opens subscribed to the page's window.
 import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { decodeSnapshot } from '../proto.js';
@@ -161,4 +161,36 @@ test('a server restart: close 1012, reconnecting, live again with the board inta
     await page.close();
     assert.equal(await second.stop(), 0);
   }
+});
+
+test('every socket opens subscribed to the window of the moment: no GET /api/state, and a reconnect brings a range Snapshot of what the page shows', async () => {
+  const page = await suite.page({ viewport: { width: 1280, height: 800 } });
+  const sockets = [];
+  const paths = [];
+  page.on('websocket', (ws) => sockets.push(new URL(ws.url()).search));
+  page.on('request', (r) => paths.push(new URL(r.url()).pathname));
+  await page.goto(server.url);
+  await page.waitForSelector('#conn-state[data-state="live"]');
+  assert.match(sockets[0], /^\?first=0&count=\d+&snapshot=deflate$/, 'the first window, from the top');
+  await page.fill('#jump', '700000');
+  await page.press('#jump', 'Enter');
+  await page.waitForFunction(() => window.omcb.board.seqAt(700_000) >= 0n);
+  const sub = await page.evaluate(() => {
+    const { conn } = window.omcb;
+    window.snapshots = [];
+    const onMessage = conn.onMessage;
+    conn.onMessage = (msg) => {
+      if (msg.kind === 'snapshot') window.snapshots.push({ first: msg.rangeFirst, count: msg.rangeCount });
+      onMessage(msg);
+    };
+    conn.ws.close();
+    return conn.view;
+  });
+  assert.ok(sub.first <= 700_000 && 700_000 < sub.first + sub.count, JSON.stringify(sub));
+  await page.waitForFunction(() => window.snapshots.length > 0 && window.omcb.conn.open);
+  assert.deepEqual(sockets.slice(1), [`?first=${sub.first}&count=${sub.count}&snapshot=deflate`]);
+  assert.deepEqual(await page.evaluate(() => window.snapshots), [sub], 'one range Snapshot, of the window');
+  assert.ok(!paths.includes('/api/state'), JSON.stringify(paths));
+  await page.waitForSelector('#conn-state[data-state="live"]');
+  await page.close();
 });

@@ -5,6 +5,8 @@
 //
 //   node test/pageload-bench.mjs [OLD_WEB_DIR]
 //
+// PAGE_WEB_DIR=<dir> measures the page in <dir> as "today's" (e.g. this
+// page before a change: `git archive <commit> web | tar -x -C /tmp/x`).
 // OLD_WEB_DIR holds the old page's files (e.g. `git archive 29cab6c web`);
 // without it only today's page is measured. Note: today's worker strips,
 // bundles and compresses any --web-dir it serves, the old page's too, so the
@@ -61,7 +63,7 @@ try {
   await first.stop();
   for (const fraction of [0, 0.01, 0.1, 0.5]) {
     const checked = await fill(fraction);
-    const server = await startServer({ args: ['--redis', redisUrl] });
+    const server = await startServer({ args: ['--redis', redisUrl], web: process.env.PAGE_WEB_DIR });
     const row = { fraction, checked };
     try {
       const now = await countingPage(browser, server.url);
@@ -106,5 +108,5 @@ console.log('| board | before: socket | before: total | after: GET /api/state | 
 console.log('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
 for (const r of rows) {
   const b = r.before;
-  console.log(`| ${r.fraction * 100}% (${r.checked.toLocaleString('en')}) | ${b ? kb(b.socketBytes) : '-'} | ${b ? kb(b.total) : '-'} | ${kb(r.after.http['/api/state'])} | ${kb(r.after.socketBytes)} | ${kb(r.after.assetBytes)} | ${kb(r.after.total)} | ${kb(r.cached.total)} | ${kb(r.socketSnapshot)} |`);
+  console.log(`| ${r.fraction * 100}% (${r.checked.toLocaleString('en')}) | ${b ? kb(b.socketBytes) : '-'} | ${b ? kb(b.total) : '-'} | ${kb(r.after.http['/api/state'] ?? 0)} | ${kb(r.after.socketBytes)} | ${kb(r.after.assetBytes)} | ${kb(r.after.total)} | ${kb(r.cached.total)} | ${kb(r.socketSnapshot)} |`);
 }

@@ -68,15 +68,20 @@ test('the status says "live" only with a state in hand and a network', async () 
       window.liveLog.push({ ready: Boolean(window.omcb?.board.ready), online: navigator.onLine });
     }).observe(document, { subtree: true, attributes: true, attributeFilter: ['data-state'] });
   });
-  // Hold the state back (a slow network) until the page has had its chance to lie.
-  let release;
-  const held = new Promise((ok) => { release = ok; });
-  await page.route('**/api/state', async (route) => { await held; await route.continue(); });
+  // Hold the state back (a slow network: the socket is open, its first
+  // frame, the range Snapshot, not in) until the page has had its chance to lie.
+  await page.addInitScript(() => {
+    const held = new Promise((ok) => { window.releaseState = ok; });
+    window.WebSocket = class extends window.WebSocket {
+      set onmessage(f) { super.onmessage = (ev) => held.then(() => f(ev)); }
+    };
+  });
   await page.goto(server.url);
   await page.waitForLoadState('load');
+  await page.waitForFunction(() => window.omcb.conn.open);
   assert.notEqual(await page.locator('#conn-state').getAttribute('data-state'), 'live');
   assert.notEqual(await page.locator('#checked-count').textContent(), '0', 'no count before there is one');
-  release();
+  await page.evaluate(() => window.releaseState());
   await page.waitForSelector('#conn-state[data-state="live"]');
   assert.deepEqual(await page.evaluate(() => window.liveLog), [{ ready: true, online: true }]);
   // Offline: not live, within a moment, whatever the socket thinks.

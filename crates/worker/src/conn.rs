@@ -4,7 +4,8 @@
 //! Everything a socket sends goes through its [`Sink`]: the reader's replies,
 //! the hub's batches (written by the fan-out shards, see [`crate::hub`]) and the
 //! writer's snapshots and pings, in one order. The writer task starts the socket
-//! (snapshot or resumed batches, all of it in `Hub::join`), sends the snapshots a lagging, reset or
+//! (snapshot, resumed batches, or the range Snapshot of a socket subscribed at
+//! connect with `?first=&count=`, [`parse_view`]; all of it in `Hub::join`), sends the snapshots a lagging, reset or
 //! resyncing socket needs (deflated for a socket opened with
 //! `snapshot=deflate`, see [`SnapshotCoding`]), pings, drains a queue the
 //! kernel could not take at once, and closes a socket stuck for `--send-timeout`. Reading runs apart
@@ -99,6 +100,48 @@ pub fn parse_resume(query: Option<&str>) -> Option<(u64, u64)> {
     Some((epoch?, since?))
 }
 
+/// Why a `/ws?first=F&count=N` (a subscription at connect) was refused: the
+/// socket is not opened (HTTP 400, with this text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadView {
+    /// `first` without `count`, or the other way round.
+    #[error("first and count go together: /ws?first=F&count=N")]
+    Half,
+    /// A value that is not a whole number.
+    #[error("{0} must be a whole number, not {1:?}")]
+    NotANumber(&'static str, String),
+    /// Refused as a `Subscribe` with these fields would be.
+    #[error(transparent)]
+    Subscribe(#[from] SubscribeError),
+}
+
+/// The subscription a client asked for at connect (`/ws?first=F&count=N`,
+/// the fields of a `Subscribe`, docs/PROTOCOL.md): `Ok(None)` without one
+/// (or with `count=0`, the full board), else its regions, validated as a
+/// `Subscribe` is. A number too wide for 32 bits reads as 4294967295, as in
+/// a `Subscribe`, so it is refused the same way.
+pub fn parse_view(query: Option<&str>, size: u32) -> Result<Option<std::ops::Range<u32>>, BadView> {
+    let (mut first, mut count) = (None, None);
+    for pair in query.unwrap_or("").split('&') {
+        match pair.split_once('=') {
+            Some(("first", v)) => first = Some(("first", v)),
+            Some(("count", v)) => count = Some(("count", v)),
+            _ => {}
+        }
+    }
+    let number = |(name, v): (&'static str, &str)| {
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(BadView::NotANumber(name, v.chars().take(20).collect()));
+        }
+        Ok(v.parse::<u32>().unwrap_or(u32::MAX))
+    };
+    match (first, count) {
+        (None, None) => Ok(None),
+        (Some(f), Some(c)) => Ok(omcb_proto::view::subscription(number(f)?, number(c)?, size)?),
+        _ => Err(BadView::Half),
+    }
+}
+
 /// How the client wants its Snapshots' bitsets: `/ws?snapshot=deflate` asks
 /// for deflated ones; anything else (or nothing) gets plain bitsets.
 pub fn parse_snapshot_coding(query: Option<&str>) -> SnapshotCoding {
@@ -127,8 +170,10 @@ impl SocketSlot {
     /// budget it is refused outright (HTTP 429); over a connection cap it is
     /// admitted as `over_limit`, to be closed with 1013 (or refused with 429
     /// when `--max-connections` sockets are already waiting for their 1013).
-    pub fn take(app: Arc<App>, ip: IpAddr, resuming: bool) -> Result<Self, limits::Refused> {
-        let (mut hold, within) = app.addresses.socket(ip, resuming)?;
+    /// `snapshot` is the bytes of the Snapshot the socket starts with, charged
+    /// to the address's snapshot budget (`None` for a resume).
+    pub fn take(app: Arc<App>, ip: IpAddr, snapshot: Option<f64>) -> Result<Self, limits::Refused> {
+        let (mut hold, within) = app.addresses.socket(ip, snapshot)?;
         let max = app.config.max_connections;
         let admitted = within
             && app
@@ -178,6 +223,7 @@ pub async fn serve(
     slot: SocketSlot,
     upgraded: Upgraded,
     resume: Option<(u64, u64)>,
+    view: Option<std::ops::Range<u32>>,
     coding: SnapshotCoding,
 ) {
     // Take the TCP stream back from hyper: writes go through the sink (shared
@@ -211,7 +257,7 @@ pub async fn serve(
     }
     app.metrics.connections_opened.increment(1);
     let mut writer =
-        tokio::spawn(write_loop(app.clone(), sink.clone(), resume, coding).in_current_span());
+        tokio::spawn(write_loop(app.clone(), sink.clone(), resume, view, coding).in_current_span());
     let lingered = tokio::select! {
         lingered = read_loop(&app, &mut input, &sink, slot.address(), slot.origin, coding) => {
             // The reader queued whatever must still go out (an Error, a
@@ -464,12 +510,13 @@ async fn write_loop(
     app: Arc<App>,
     sink: Arc<Sink>,
     resume: Option<(u64, u64)>,
+    view: Option<std::ops::Range<u32>>,
     coding: SnapshotCoding,
 ) {
     // Leaves the fan-out however this task ends, aborted included.
-    let (_joined, start) = app.hub.join(&sink, resume, coding).await;
+    let (_joined, start) = app.hub.join(&sink, resume, view, coding).await;
     match start {
-        Start::Snapshot => app.metrics.snapshots_connect.increment(1),
+        Start::Snapshot | Start::Range => app.metrics.snapshots_connect.increment(1),
         Start::Resume => app.metrics.resumes.increment(1),
     }
     write_loop_inner(&app, &sink, coding).await;
@@ -795,7 +842,7 @@ async fn read_loop(
 
 /// Bytes a range Snapshot of `regions` costs the address's snapshot budget
 /// (its two bitsets, as [`limits::snapshot_bytes`] counts a full one).
-fn range_snapshot_bytes(regions: &std::ops::Range<u32>, size: u32) -> f64 {
+pub fn range_snapshot_bytes(regions: &std::ops::Range<u32>, size: u32) -> f64 {
     limits::snapshot_bytes(omcb_proto::view::boxes(regions, size).1)
 }
 

@@ -15,6 +15,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
+use omcb_proto::view::SubscribeError;
 
 use crate::app::App;
 use crate::conn::{self, SocketSlot};
@@ -84,8 +85,8 @@ async fn route(
     Ok(resp)
 }
 
-fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+fn plain(status: StatusCode, text: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(text.into()));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
@@ -261,6 +262,32 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
     }
     let resume = conn::parse_resume(req.uri().query());
     let coding = conn::parse_snapshot_coding(req.uri().query());
+    // A subscription at connect (`?first=&count=`) is refused as a
+    // `Subscribe` with those fields would be, but before the upgrade: the
+    // socket would start with what it did not ask for.
+    let size = app.hub.size();
+    let view = match conn::parse_view(req.uri().query(), size) {
+        Ok(view) => view,
+        Err(e) => {
+            match e {
+                conn::BadView::Subscribe(SubscribeError::TooLarge(_)) => {
+                    app.metrics.subscribes_too_large.increment(1);
+                }
+                conn::BadView::Subscribe(SubscribeError::OutOfRange { .. }) => {
+                    app.metrics.subscribes_out_of_range.increment(1);
+                }
+                conn::BadView::Half | conn::BadView::NotANumber(..) => {}
+            }
+            return plain(StatusCode::BAD_REQUEST, format!("{e}\n"));
+        }
+    };
+    // What the socket's start costs the address's snapshot budget: a range
+    // Snapshot when subscribed (whatever `since` says), nothing for a resume.
+    let snapshot = match (&view, resume) {
+        (Some(regions), _) => Some(conn::range_snapshot_bytes(regions, size)),
+        (None, Some(_)) => None,
+        (None, None) => Some(crate::limits::snapshot_bytes(size)),
+    };
     // Our own handle on the upgrade, taken before fastwebsockets', which
     // would build a `WebSocket` (and allocate its 8 KiB read buffer) that
     // `conn::serve` only takes apart again; fastwebsockets checks the request
@@ -279,7 +306,7 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
             return plain(StatusCode::BAD_REQUEST, "bad WebSocket upgrade request\n");
         }
     };
-    let slot = match SocketSlot::take(app.clone(), client, resume.is_some()) {
+    let slot = match SocketSlot::take(app.clone(), client, snapshot) {
         Ok(slot) => slot,
         Err(why) => {
             let reason = match why {
@@ -297,7 +324,7 @@ fn websocket(app: Arc<App>, req: &mut Request<Incoming>, client: IpAddr) -> Resp
     };
     let serve = async move {
         match upgrade.await {
-            Ok(upgraded) => conn::serve(app, slot, upgraded, resume, coding).await,
+            Ok(upgraded) => conn::serve(app, slot, upgraded, resume, view, coding).await,
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     };

@@ -13,7 +13,9 @@
 //! any, encoded once, chained per region ([`omcb_proto::view::Chains`]). A
 //! subscribed socket's sink takes those of its regions instead of the full
 //! batch; [`Hub::subscribe`] gives it the range Snapshots it needs, under the
-//! read lock like a start, so no region frame after them is missed. About
+//! read lock like a start, so no region frame after them is missed. A socket
+//! subscribed at connect (`/ws?first=&count=`) starts with its range
+//! Snapshot instead of the board ([`Hub::join`]). About
 //! once a second subscribed sockets also get the counts (`counts_only`).
 //!
 //! The fan-out runs in one task per shard of sockets (one shard per core):
@@ -25,7 +27,7 @@
 //!
 //! **Invariant:** the replica and the ring of recent batches change under the
 //! write lock, and a batch is queued to the shards before that lock is
-//! released; a socket starts (snapshot or resumed batches) and joins its shard
+//! released; a socket starts (snapshot, range Snapshot or resumed batches) and joins its shard
 //! under the read lock. So every batch after a socket's start reaches its sink,
 //! in order, and every batch before it is inside the start. Snapshots are
 //! encoded outside the lock, so one may be older than the replica when the
@@ -43,7 +45,7 @@ use omcb_proto::v1::server_message::Msg;
 use omcb_proto::view::Chains;
 use omcb_proto::{BatchBuilder, Board, Change};
 use omcb_store::{ChangeFeed, FeedEvent, Store};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use prost::Message;
 use slab::Slab;
 use tokio::sync::{mpsc, watch};
@@ -187,6 +189,9 @@ pub enum Start {
     Snapshot,
     /// From the batches after the client's `since`.
     Resume,
+    /// From a range Snapshot of the subscription it asked for at connect
+    /// (`?first=&count=`).
+    Range,
 }
 
 /// How long a resuming client that is ahead of this worker's replica (it came
@@ -377,13 +382,28 @@ impl Hub {
     ///    the start is offered to the sink, and every one before it is inside
     ///    the start (the module's invariant).
     ///
+    /// A socket subscribed at connect (`view`, from `?first=&count=`) skips
+    /// all of that: under the read lock it starts with a range Snapshot of its
+    /// regions at the replica's seq ([`Start::Range`]), whatever `resume`
+    /// says, and is subscribed from then on, as after a `Subscribe`.
+    ///
     /// The socket leaves the fan-out when the returned [`Joined`] is dropped.
     pub async fn join(
         &self,
         sink: &Arc<Sink>,
         resume: Option<(u64, u64)>,
+        view: Option<Range<u32>>,
         coding: SnapshotCoding,
     ) -> (Joined<'_>, Start) {
+        if let Some(regions) = view {
+            let state = self.state.read();
+            let (epoch, seq) = (state.board.epoch, state.board.seq);
+            let frame = range_frame(&state.board, &regions, coding);
+            self.metrics.snapshot_bytes_connect.increment(frame.len() as u64);
+            let settings = self.start_settings(&state.board, false);
+            sink.start_subscribed(epoch, seq, regions, std::iter::once(frame).chain(settings));
+            return (self.add(sink, state), Start::Range);
+        }
         if let Some((epoch, since)) = resume {
             let mut rx = self.position.subscribe();
             let reached = |&(e, s): &(u64, u64)| e != epoch || s >= since;
@@ -427,12 +447,18 @@ impl Hub {
                 snapshot = Some(s);
                 continue;
             };
-            let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
-            let key = self.shards[shard].sinks.lock().insert(sink.clone());
-            drop(state);
-            return (Joined { hub: self, shard, key }, start);
+            return (self.add(sink, state), start);
         }
         unreachable!("the loop returns")
+    }
+
+    /// Adds a started socket to a shard of the fan-out, still under the read
+    /// lock `state` its start was taken under.
+    fn add(&self, sink: &Arc<Sink>, state: RwLockReadGuard<'_, State>) -> Joined<'_> {
+        let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
+        let key = self.shards[shard].sinks.lock().insert(sink.clone());
+        drop(state);
+        Joined { hub: self, shard, key }
     }
 
     /// The ring's batches after `since` of `epoch`, when the ring holds every

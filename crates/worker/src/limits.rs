@@ -202,7 +202,6 @@ pub struct Addresses {
     budgets: Budgets,
     max_sockets: usize,
     max_http: usize,
-    snapshot_bytes: f64,
 }
 
 impl Addresses {
@@ -220,7 +219,6 @@ impl Addresses {
             },
             max_sockets: config.max_connections_per_ip,
             max_http: config.max_http_connections_per_ip,
-            snapshot_bytes: snapshot_bytes(config.board_size),
         }
     }
 
@@ -260,10 +258,11 @@ impl Addresses {
 
     /// A new WebSocket from `ip` (before its upgrade). Refused outright over
     /// the connect or snapshot budget (HTTP 429); admitted as `Refusing` over
-    /// `--max-connections-per-ip` (it gets its 1013 but holds no slot). A
-    /// socket that resumes (`?since=`) is not charged a snapshot up front.
-    pub fn socket(&self, ip: IpAddr, resuming: bool) -> Result<(Hold, bool), Refused> {
-        let bytes = self.snapshot_bytes;
+    /// `--max-connections-per-ip` (it gets its 1013 but holds no slot). The
+    /// socket is charged the `snapshot` bytes it starts with up front: a full
+    /// Snapshot's, a range Snapshot's for one subscribed at connect
+    /// (`?first=&count=`), none for one that resumes (`?since=`).
+    pub fn socket(&self, ip: IpAddr, snapshot: Option<f64>) -> Result<(Hold, bool), Refused> {
         let max = self.max_sockets;
         self.with_entry(ip, |entry, s| {
             let now = s.last_used;
@@ -271,7 +270,7 @@ impl Addresses {
                 return Err(Refused::Connects);
             }
             let over_cap = max > 0 && s.sockets >= max;
-            if !over_cap && !resuming {
+            if !over_cap && let Some(bytes) = snapshot {
                 // Charge the snapshot only to sockets that will get one.
                 if !s.snapshots.as_mut().is_none_or(|b| b.try_take_n(bytes, now)) {
                     return Err(Refused::Snapshots);
@@ -358,14 +357,14 @@ mod tests {
         let t = Addresses::new(&config("--ip-toggle-rate 0.001 --ip-toggle-burst 10"));
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let now = Instant::now();
-        let (one, _) = t.socket(ip, false).unwrap();
-        let (two, _) = t.socket(ip, false).unwrap();
+        let (one, _) = t.socket(ip, Some(1.0)).unwrap();
+        let (two, _) = t.socket(ip, Some(1.0)).unwrap();
         let taken = (0..20)
             .filter(|i| if i % 2 == 0 { &one } else { &two }.address().try_toggle(now))
             .count();
         assert_eq!(taken, 10, "two sockets share one budget");
         drop((one, two));
-        let (again, _) = t.socket(ip, false).unwrap();
+        let (again, _) = t.socket(ip, Some(1.0)).unwrap();
         assert!(!again.address().try_toggle(now), "reconnecting refills nothing");
     }
 
@@ -377,7 +376,7 @@ mod tests {
         for i in 0..10_000u32 {
             // Each used its one connect: not forgettable, yet evictable.
             let ip = IpAddr::from((1_000_000 + i).to_be_bytes());
-            let _ = t.socket(ip, true).unwrap();
+            let _ = t.socket(ip, None).unwrap();
             assert!(t.len() <= 100);
         }
         // Connected addresses were never evicted: their counts still hold.

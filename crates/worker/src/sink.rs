@@ -234,6 +234,20 @@ impl Sink {
         self.started_signal.notify_waiters();
     }
 
+    /// [`start`](Self::start) with a range Snapshot of `regions` (the
+    /// subscription the client asked for at connect), which is the socket's
+    /// subscription from then on.
+    pub fn start_subscribed(
+        &self,
+        epoch: u64,
+        seq: u64,
+        regions: std::ops::Range<u32>,
+        frames: impl IntoIterator<Item = Bytes>,
+    ) {
+        self.state.lock().sub = Some(Box::new(Subscriber::new(regions, seq)));
+        self.start(epoch, seq, frames);
+    }
+
     /// Waits until the socket's start is queued (`Hub::join`).
     pub async fn started(&self) {
         loop {

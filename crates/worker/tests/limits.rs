@@ -110,6 +110,16 @@ async fn connect_snapshots_are_budgeted_per_address() {
     let resume = format!("?since={}&epoch={}", s["seq"], s["epoch"]);
     let mut r = connect_from(&w, &resume, "198.51.100.1").await.unwrap();
     assert!(r.set(1, true).await.accepted);
+    // A socket subscribed at connect is charged its range Snapshot (65,536
+    // boxes: 16,448 bytes), not the board's: six fit in the ~100 KB left.
+    for i in 0..7 {
+        let c = connect_from(&w, "?first=0&count=65536", "198.51.100.1").await;
+        assert_eq!(
+            c.as_ref().err(),
+            if i < 6 { None } else { Some(&429) },
+            "subscribed socket {i}"
+        );
+    }
 }
 
 #[tokio::test]

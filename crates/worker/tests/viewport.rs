@@ -319,3 +319,119 @@ async fn a_subscribe_before_the_start_is_served_after_it() {
         assert_eq!(s.checked.len(), 212);
     }
 }
+
+/// A socket opened with `/ws?first=F&count=N` (a subscription at connect)
+/// starts with a range Snapshot of that range, deflated when it asked, never
+/// a full Snapshot, also when its `since` and `epoch` would let it resume;
+/// then it gets region and counts frames only and converges in its range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_subscribed_at_connect_starts_with_its_range_snapshot_and_converges() {
+    let w = Worker::start(&flags(OPEN));
+    let mut toggler = connect(&w.ws_url("")).await;
+    toggler.recv().await;
+    for i in [10, 5_000, 50_000] {
+        assert!(toggler.set(i, true).await.accepted);
+    }
+    let stats = w.stats_at(3).await;
+    let (epoch, seq) = (stats["epoch"].as_u64().unwrap(), stats["seq"].as_u64().unwrap());
+    // (query, first, count, deflated): the range Snapshot each one starts with.
+    let cases = [
+        ("?first=4096&count=100".to_owned(), 4_096, 100, false),
+        ("?first=49000&count=2000&snapshot=deflate".to_owned(), 49_000, 2_000, true),
+        (format!("?since={seq}&epoch={epoch}&first=0&count=2000&snapshot=deflate"), 0, 2_000, true),
+        ("?first=99999&count=65536".to_owned(), 99_999, 65_536, false),
+    ];
+    let mut sockets = Vec::new();
+    for (query, first, count, deflated) in cases {
+        let regions = view::subscription(first, count, SIZE).unwrap().unwrap();
+        let mut c = connect(&w.ws_url(&query)).await;
+        let mut v = View::new();
+        v.subscribe(Some(&regions));
+        c.view = Some(v);
+        let Msg::Snapshot(s) = c.next_any().await.unwrap() else {
+            panic!("{query}: a Snapshot first")
+        };
+        let (range_first, range_count) = view::boxes(&regions, SIZE);
+        assert_eq!(
+            (s.range_first, s.range_count, s.seq),
+            (range_first, range_count, seq),
+            "{query}"
+        );
+        assert_eq!(s.checked.is_empty(), deflated, "{query}: deflated only when asked");
+        assert_eq!(c.snapshots, 1);
+        assert_view_matches(&query, c.view.as_ref().unwrap(), regions.clone(), &truth(&w).await);
+        sockets.push((query, regions, c));
+    }
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .map(|(query, regions, mut c)| {
+            let mut stop = stop.subscribe();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = async { drop(stop.wait_for(|s| *s).await) } => return (query, regions, c),
+                        m = c.next() => match m.expect("the socket stays open") {
+                            Msg::Snapshot(s) => panic!("{query}: another Snapshot at {}", s.seq),
+                            Msg::Batch(b) => assert!(
+                                b.region.is_some() || b.counts_only,
+                                "{query}: a full Batch {}..={}", b.from_seq, b.to_seq
+                            ),
+                            _ => {}
+                        },
+                    }
+                }
+            })
+        })
+        .collect();
+    uniform_load(&mut toggler, 4_000, 11).await;
+    stop.send_replace(true);
+    let changes = w.metric(r#"omcb_toggles_total{outcome="changed"}"#).await as u64;
+    w.stats_at(changes).await;
+    let board = truth(&w).await;
+    for r in readers {
+        let (query, regions, mut c) = r.await.unwrap();
+        let deadline = std::time::Instant::now() + omcb_testkit::WAIT;
+        while c.view.as_ref().is_none_or(|v| v.counts_seq < board.seq) {
+            assert!(std::time::Instant::now() < deadline, "{query} did not reach the end");
+            c.next().await.expect("the socket stays open");
+        }
+        assert_eq!((c.gaps, c.snapshots), (0, 1), "{query}");
+        assert!(c.board.is_none(), "{query}: no full board");
+        assert_view_matches(&query, c.view.as_ref().unwrap(), regions, &board);
+    }
+    assert_eq!(w.metric(r#"omcb_snapshots_sent_total{reason="connect"}"#).await, 5.0);
+}
+
+/// A subscription at connect is validated as a `Subscribe` (the same cap,
+/// the same words) and a bad one is refused before the upgrade with HTTP
+/// 400, as are a half or a non-number; `count=0` is the full board.
+#[tokio::test]
+async fn a_bad_subscription_at_connect_is_refused_with_400() {
+    let w = Worker::start(&flags(OPEN));
+    let refused = [
+        ("?first=0&count=65537", "at most 65536 boxes"),
+        ("?first=0&count=4294967296", "at most 65536 boxes, not 4294967295"),
+        ("?first=100000&count=10", "outside a board of 100000"),
+        ("?first=99999999999&count=10", "box 4294967295 is outside"),
+        ("?first=0", "first and count go together"),
+        ("?count=10&snapshot=deflate", "first and count go together"),
+        ("?first=x&count=10", "first must be a whole number"),
+        ("?first=0&count=-1", "count must be a whole number"),
+        ("?first=0&count=", "count must be a whole number"),
+    ];
+    for (query, why) in refused {
+        let err = tokio_tungstenite::connect_async(w.ws_url(query)).await.expect_err(query);
+        let tokio_tungstenite::tungstenite::Error::Http(resp) = err else {
+            panic!("{query}: {err}")
+        };
+        assert_eq!(resp.status(), 400, "{query}");
+        let body = String::from_utf8(resp.body().clone().unwrap_or_default()).unwrap();
+        assert!(body.contains(why), "{query}: {body}");
+    }
+    assert_eq!(w.metric(r#"omcb_subscribes_total{result="too_large"}"#).await, 2.0);
+    assert_eq!(w.metric(r#"omcb_subscribes_total{result="out_of_range"}"#).await, 2.0);
+    let mut c = connect(&w.ws_url("?first=0&count=0")).await;
+    let Msg::Snapshot(s) = c.recv().await else { panic!("a Snapshot") };
+    assert_eq!((s.range_count, s.checked.len()), (0, 12_500), "count=0: the full board");
+}
