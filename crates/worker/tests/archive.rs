@@ -207,10 +207,7 @@ async fn an_embedded_worker_archives_every_change_and_resumes_after_a_restart() 
 #[tokio::test]
 async fn changes_trimmed_before_they_were_read_are_recorded_as_a_gap() {
     let redis = RedisServer::start().unwrap();
-    let config = omcb_store::BoardConfig { size: 1000, ..Default::default() };
-    let store = Store::Redis(
-        omcb_store::redis::RedisStore::connect(&redis.url(), "main", config).await.unwrap(),
-    );
+    let store = board_of_1000(&redis).await;
     let dir = tempfile::tempdir().unwrap();
     let mut archiver = Archiver::new(store.clone(), dir.path().to_path_buf(), YEAR);
     for i in 0..10 {
@@ -266,10 +263,7 @@ async fn the_archive_survives_its_writer_killed_twice_and_rebuilds_the_board() {
     );
     let test_started = std::time::Instant::now();
     let mut workers: Vec<Worker> = (0..3).map(|_| Worker::start(&flags(&args))).collect();
-    let config = omcb_store::BoardConfig { size: 1000, ..Default::default() };
-    let store = Store::Redis(
-        omcb_store::redis::RedisStore::connect(&redis.url(), "main", config).await.unwrap(),
-    );
+    let store = board_of_1000(&redis).await;
     let epoch = store.snapshot().await.unwrap().epoch;
     let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let clients = 32u64;
@@ -360,10 +354,7 @@ async fn the_archive_survives_its_writer_killed_twice_and_rebuilds_the_board() {
 #[tokio::test]
 async fn a_new_epoch_gets_its_own_directory_and_a_gap_for_the_seqs_it_continues_from() {
     let redis = RedisServer::start().unwrap();
-    let config = omcb_store::BoardConfig { size: 1000, ..Default::default() };
-    let store = Store::Redis(
-        omcb_store::redis::RedisStore::connect(&redis.url(), "main", config).await.unwrap(),
-    );
+    let store = board_of_1000(&redis).await;
     let dir = tempfile::tempdir().unwrap();
     let mut archiver = Archiver::new(store.clone(), dir.path().to_path_buf(), YEAR);
     for i in 0..5 {
@@ -390,4 +381,12 @@ async fn a_new_epoch_gets_its_own_directory_and_a_gap_for_the_seqs_it_continues_
     assert_eq!(every_seq_once(&entries, new, 8), [(1, 5)]);
     let reader = Reader::open(dir.path()).unwrap();
     assert_eq!(reader.epochs().unwrap(), [old, new]);
+}
+
+/// The fleet's board `main` of 1,000 boxes in `redis`, as a store of our own.
+async fn board_of_1000(redis: &RedisServer) -> Store {
+    let config = omcb_store::BoardConfig { size: 1000, ..Default::default() };
+    Store::Redis(
+        omcb_store::redis::RedisStore::connect(&redis.url(), "main", config).await.unwrap(),
+    )
 }

@@ -251,9 +251,9 @@ async fn revert_restores_one_address_boxes_on_a_fleet() {
     dry_run_then_revert(&addrs, &mut drawn, &target, &extra, &who, 0).await;
 }
 
-/// Waits until the archive holds the drawing's last change.
-async fn until_archived(archive: &Path, key: &Path, drawn: &Drawn) -> serde_json::Value {
-    let audit = strings(&[
+/// `omcb admin audit` of 127.0.0.2 (A) since the drawing began.
+fn audit_of_a(archive: &Path, key: &Path, drawn: &Drawn) -> Vec<String> {
+    strings(&[
         "audit",
         "--origin",
         "127.0.0.2",
@@ -263,7 +263,12 @@ async fn until_archived(archive: &Path, key: &Path, drawn: &Drawn) -> serde_json
         &archive.display().to_string(),
         "--origin-key-file",
         &key.display().to_string(),
-    ]);
+    ])
+}
+
+/// Waits until the archive holds the drawing's last change.
+async fn until_archived(archive: &Path, key: &Path, drawn: &Drawn) -> serde_json::Value {
+    let audit = audit_of_a(archive, key, drawn);
     // The archive trails the store by up to its block interval.
     poll("the archive to hold A's last change", || async {
         let r = admin_json(&audit).ok()?;
@@ -285,17 +290,7 @@ async fn audit_lists_exactly_what_an_address_did() {
         format!("{OPEN} --archive-dir {} --origin-key-file {}", archive.display(), key.display());
     let w = Worker::start(&flags(&args));
     let drawn = draw(&[w.addr]).await;
-    let audit = strings(&[
-        "audit",
-        "--origin",
-        "127.0.0.2",
-        "--since",
-        &drawn.since,
-        "--archive-dir",
-        &archive.display().to_string(),
-        "--origin-key-file",
-        &key.display().to_string(),
-    ]);
+    let audit = audit_of_a(&archive, &key, &drawn);
     let report = until_archived(&archive, &key, &drawn).await;
     let listed: Vec<(u64, u32, String)> = report["changes"]
         .as_array()
