@@ -9,7 +9,7 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
@@ -216,12 +216,7 @@ async fn dry_run_then_revert(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revert_restores_one_address_boxes_on_the_embedded_board() {
     let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let archive = dir.path().join("archive");
-    std::fs::create_dir_all(&archive).unwrap();
-    let args =
-        format!("{OPEN} --archive-dir {} --origin-key-file {}", archive.display(), key.display());
-    let w = Worker::start(&flags(&args));
+    let (w, key, archive) = archiving_worker(dir.path(), "");
     let mut drawn = draw(&[w.addr]).await;
     until_archived(&archive, &key, &drawn).await;
     let target = vec!["--worker".to_owned(), format!("http://{}", w.metrics)];
@@ -266,6 +261,20 @@ fn audit_of_a(archive: &Path, key: &Path, drawn: &Drawn) -> Vec<String> {
     ])
 }
 
+/// A worker (embedded, open to any origin) archiving to `DIR/archive` with
+/// the key in `DIR`, and `extra` flags: the worker, the key file, the archive.
+fn archiving_worker(dir: &Path, extra: &str) -> (Worker, PathBuf, PathBuf) {
+    let key = key_file(dir);
+    let archive = dir.join("archive");
+    std::fs::create_dir_all(&archive).unwrap();
+    let args = format!(
+        "{OPEN} {extra} --archive-dir {} --origin-key-file {}",
+        archive.display(),
+        key.display()
+    );
+    (Worker::start(&flags(&args)), key, archive)
+}
+
 /// Waits until the archive holds the drawing's last change.
 async fn until_archived(archive: &Path, key: &Path, drawn: &Drawn) -> serde_json::Value {
     let audit = audit_of_a(archive, key, drawn);
@@ -284,11 +293,7 @@ async fn until_archived(archive: &Path, key: &Path, drawn: &Drawn) -> serde_json
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_lists_exactly_what_an_address_did() {
     let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let archive = dir.path().join("archive");
-    let args =
-        format!("{OPEN} --archive-dir {} --origin-key-file {}", archive.display(), key.display());
-    let w = Worker::start(&flags(&args));
+    let (w, key, archive) = archiving_worker(dir.path(), "");
     let drawn = draw(&[w.addr]).await;
     let audit = audit_of_a(&archive, &key, &drawn);
     let report = until_archived(&archive, &key, &drawn).await;
@@ -429,14 +434,7 @@ async fn a_corrupt_segment_stops_audit_and_revert_with_file_and_offset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revert_lists_frozen_boxes_and_leaves_them() {
     let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let archive = dir.path().join("archive");
-    let args = format!(
-        "{OPEN} --freeze-after 1s --archive-dir {} --origin-key-file {}",
-        archive.display(),
-        key.display()
-    );
-    let w = Worker::start(&flags(&args));
+    let (w, _, _) = archiving_worker(dir.path(), "--freeze-after 1s");
     let since = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let mut a = connect_from(ip("127.0.0.2"), w.addr, "/ws").await;
     for i in 0..3 {
@@ -493,11 +491,7 @@ async fn the_revert_route_is_private_and_checks_its_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_top_names_the_origins_that_drew_most_and_where() {
     let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let archive = dir.path().join("archive");
-    let args =
-        format!("{OPEN} --archive-dir {} --origin-key-file {}", archive.display(), key.display());
-    let w = Worker::start(&flags(&args));
+    let (w, _, archive) = archiving_worker(dir.path(), "");
     let since = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let mut a = connect_from(ip("127.0.0.2"), w.addr, "/ws").await;
     let mut b = connect_from(ip("127.0.0.3"), w.addr, "/ws").await;
