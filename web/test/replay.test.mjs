@@ -67,7 +67,31 @@ async function record() {
   // boxes flipped back and forth (a change each time).
   const page = await suite.page();
   await page.goto(`${server.url}/favicon.ico`);
-  toggles = await page.evaluate(async (size) => {
+  const state = new Map();
+  const one = [];
+  for (let k = 1; k <= 600; k++) {
+    const index = (k * 7919) % 97 + (k % 3) * Math.floor(SIZE / 3);
+    const checked = !state.get(index);
+    state.set(index, checked);
+    one.push([{ index, checked }]);
+  }
+  // One at a time, spread over time so that the scrub bar has a span to scrub.
+  toggles = await sendToggles(page, one, { pauseEvery: 100, pauseMs: 100 });
+  await page.close();
+  const last = toggles[toggles.length - 1].seq;
+  // The archiver writes on its own schedule: wait until the archive has all.
+  await until('the archive to hold every toggle', async () => {
+    const index = await (await fetch(`${server.url}/replay/index.json`)).json();
+    return index.epochs.find((e) => e.epoch === epoch)?.last_seq >= last;
+  });
+}
+
+// Sends `batches` (arrays of {index, checked}) from `page`'s own socket: each
+// batch all at once, then waits for every answer in it (a refusal fails the
+// test), pausing pauseMs after every pauseEvery-th batch. Returns each
+// toggle with the seq of its change.
+function sendToggles(page, batches, { pauseEvery = 0, pauseMs = 0 } = {}) {
+  return page.evaluate(async ({ batches, pauseEvery, pauseMs }) => {
     const { encodeToggle, decodeServerMessage } = await import('/proto.js');
     const ws = new WebSocket(`ws://${location.host}/ws`);
     ws.binaryType = 'arraybuffer';
@@ -77,31 +101,24 @@ async function record() {
       if (m.kind === 'toggleResult') waiting.get(m.requestId)?.(m);
     };
     await new Promise((ok) => { ws.onopen = ok; });
-    const state = new Map();
     const out = [];
-    for (let k = 1; k <= 600; k++) {
-      const index = (k * 7919) % 97 + (k % 3) * Math.floor(size / 3);
-      const checked = !state.get(index);
-      const r = await new Promise((ok) => {
-        waiting.set(k, ok);
-        ws.send(encodeToggle(index, checked, k));
+    let id = 0;
+    for (const [n, batch] of batches.entries()) {
+      const sent = batch.map(({ index, checked }) => {
+        const rid = ++id;
+        const answer = new Promise((ok) => waiting.set(rid, ok)).then((r) => ({ index, checked, r }));
+        ws.send(encodeToggle(index, checked, rid));
+        return answer;
       });
-      if (!r.accepted) throw new Error(`toggle ${k} refused: ${r.reason}`);
-      state.set(index, checked);
-      out.push({ index, checked, seq: Number(r.seq) });
-      // Spread over time, so that the scrub bar has a span to scrub.
-      if (k % 100 === 0) await new Promise((ok) => setTimeout(ok, 100));
+      for (const { index, checked, r } of await Promise.all(sent)) {
+        if (!r.accepted) throw new Error(`toggle of box ${index} refused: ${r.reason}`);
+        out.push({ index, checked, seq: Number(r.seq) });
+      }
+      if (pauseEvery && (n + 1) % pauseEvery === 0) await new Promise((ok) => setTimeout(ok, pauseMs));
     }
     ws.close();
     return out;
-  }, SIZE);
-  await page.close();
-  const last = toggles[toggles.length - 1].seq;
-  // The archiver writes on its own schedule: wait until the archive has all.
-  await until('the archive to hold every toggle', async () => {
-    const index = await (await fetch(`${server.url}/replay/index.json`)).json();
-    return index.epochs.find((e) => e.epoch === epoch)?.last_seq >= last;
-  });
+  }, { batches, pauseEvery, pauseMs });
 }
 
 async function openReplay(query) {
@@ -201,36 +218,17 @@ test('at 10,000 changes a second, each frame applies its share and repaints only
   // box set to the value it has is accepted without a change).
   const writer = await suite.page();
   await writer.goto(`${server.url}/favicon.ico`);
-  const burst = await writer.evaluate(async (size) => {
-    const { encodeToggle, decodeServerMessage } = await import('/proto.js');
-    const ws = new WebSocket(`ws://${location.host}/ws`);
-    ws.binaryType = 'arraybuffer';
-    const waiting = new Map();
-    ws.onmessage = (e) => {
-      const m = decodeServerMessage(new Uint8Array(e.data));
-      if (m.kind === 'toggleResult') waiting.get(m.requestId)?.(m);
-    };
-    await new Promise((ok) => { ws.onopen = ok; });
-    const out = [];
-    let x = 1;
-    for (let chunk = 0; chunk < 20; chunk++) {
-      const sent = [];
-      for (let k = 0; k < 1000; k++) {
-        x = (x * 48271) % 2147483647;
-        const id = 10_000 + chunk * 1000 + k;
-        const index = x % size;
-        const checked = (x >> 8) % 2 === 0;
-        sent.push(new Promise((ok) => waiting.set(id, ok)).then((r) => ({ index, checked, r })));
-        ws.send(encodeToggle(index, checked, id));
-      }
-      for (const { index, checked, r } of await Promise.all(sent)) {
-        if (!r.accepted) throw new Error(`a toggle was refused: ${r.reason}`);
-        out.push({ index, checked, seq: Number(r.seq) });
-      }
+  const chunks = [];
+  let x = 1;
+  for (let chunk = 0; chunk < 20; chunk++) {
+    const toggles = [];
+    for (let k = 0; k < 1000; k++) {
+      x = (x * 48271) % 2147483647;
+      toggles.push({ index: x % SIZE, checked: (x >> 8) % 2 === 0 });
     }
-    ws.close();
-    return out;
-  }, SIZE);
+    chunks.push(toggles);
+  }
+  const burst = await sendToggles(writer, chunks);
   await writer.close();
   const all = toggles.concat(burst).sort((a, b) => a.seq - b.seq);
   const [first, last] = [burst[0].seq, Math.max(...burst.map((b) => b.seq))];
